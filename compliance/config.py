@@ -1,0 +1,121 @@
+"""Settings: the one place configuration is read (environment prefix ``COMPLIANCE_``).
+
+Values come, in order of precedence, from the process environment, then from the stack's
+``gateway.env`` (written by ``deploy/local/up`` with the generated demo credentials), then from the
+defaults below, which describe the local stack on loopback.
+
+Outside ``environment=development`` the settings refuse to start with a missing archive password or
+with an OIDC issuer that is not HTTPS, so a demo configuration cannot reach production unnoticed.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from compliance.errors import ConfigurationError
+
+#: The checkout's root: policies/, audit/ and deploy/ are found relative to it.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_stack_dir() -> Path:
+    return Path(os.environ.get("COMPLIANCE_STACK_DIR") or PROJECT_ROOT / ".stack")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COMPLIANCE_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    stack_dir: Path = Field(default_factory=default_stack_dir)
+
+    # --- the gateway's own HTTP listener (compliance serve)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    #: Site identity written into every audit event (AuditSourceIdentification).
+    audit_source_id: str = "compliance-gateway"
+    audit_enterprise_site_id: str = "demo-hospital"
+
+    # --- SQL database: audit outbox, export requests, key metadata
+    #: SQLAlchemy URL; empty means SQLite under the stack directory.
+    database_url: str = ""
+
+    # --- the archive behind the gateway (Orthanc with its DICOMweb plugin)
+    archive_url: str = "http://127.0.0.1:8042"
+    archive_dicomweb_path: str = "/dicom-web"
+    archive_username: str = "gateway"
+    archive_password: SecretStr = SecretStr("")
+    archive_timeout_seconds: float = 60.0
+    #: Connections kept open to the archive per gateway process.
+    archive_max_connections: int = 64
+
+    # --- OIDC (Keycloak)
+    oidc_issuer: str = "http://127.0.0.1:8180/realms/imaging"
+    #: Empty means ``{issuer}/protocol/openid-connect/certs``.
+    oidc_jwks_url: str = ""
+    oidc_audience: str = "compliance-gateway"
+    oidc_algorithms: list[str] = ["RS256", "ES256", "PS256"]
+    oidc_leeway_seconds: int = 30
+    #: Minimum time between two JWKS fetches triggered by unknown key ids (throttles kid-spraying).
+    oidc_jwks_min_refresh_seconds: float = 10.0
+    keycloak_url: str = "http://127.0.0.1:8180"
+    keycloak_realm: str = "imaging"
+    keycloak_cli_client_id: str = "compliance-cli"
+
+    # --- policy
+    rbac_policy_file: Path = PROJECT_ROOT / "policies" / "rbac.yaml"
+
+    # --- DICOMweb limits
+    stow_max_bytes: int = 256 * 1024 * 1024
+    qido_max_response_bytes: int = 64 * 1024 * 1024
+
+    # --- audit
+    elasticsearch_url: str = "http://127.0.0.1:9200"
+    audit_index_prefix: str = "compliance-audit"
+    #: Refuse the request when its audit event cannot be recorded (DESIGN.md: fail closed).
+    audit_fail_closed: bool = True
+    audit_ship_interval_seconds: float = 0.5
+    audit_ship_batch_size: int = 1000
+    #: Start the background shipper inside the gateway process.
+    audit_shipper_enabled: bool = True
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.environment != "development":
+            if not self.archive_password.get_secret_value():
+                raise ConfigurationError("COMPLIANCE_ARCHIVE_PASSWORD must be set outside development")
+            if not self.oidc_issuer.startswith("https://"):
+                raise ConfigurationError("COMPLIANCE_OIDC_ISSUER must be https:// outside development")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.stack_dir / 'compliance.db'}"
+
+    @property
+    def effective_jwks_url(self) -> str:
+        return self.oidc_jwks_url or f"{self.oidc_issuer.rstrip('/')}/protocol/openid-connect/certs"
+
+    @property
+    def archive_dicomweb_url(self) -> str:
+        return self.archive_url.rstrip("/") + self.archive_dicomweb_path
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, reading the stack's generated ``gateway.env`` when it exists."""
+    stack_dir = Path(str(overrides.get("stack_dir") or default_stack_dir()))
+    env_file = stack_dir / "gateway.env"
+    if env_file.is_file():
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    return Settings(**overrides)  # type: ignore[arg-type]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

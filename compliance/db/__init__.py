@@ -1,0 +1,1 @@
+"""SQL persistence: the declarative base, sessions and Alembic migrations."""

@@ -1,0 +1,1 @@
+"""deid domain."""
