@@ -1,0 +1,68 @@
+"""Request dependencies: the wired services and the authenticated principal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from compliance.audit.events import EventTypeCode, Outcome, security_alert_event
+from compliance.audit.recorder import AuditRecorder
+from compliance.auth.interfaces import Principal, TokenVerifier
+from compliance.auth.tokens import unverified_username
+from compliance.config import Settings
+from compliance.dicomweb.service import DicomwebService
+from compliance.errors import AuthenticationError
+
+
+@dataclass
+class Services:
+    """Everything the app factory builds once at start-up."""
+
+    settings: Settings
+    verifier: TokenVerifier
+    auditor: AuditRecorder
+    dicomweb: DicomwebService
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+async def authenticate(request: Request, services: ServicesDep) -> Principal:
+    """Verify the bearer token; audit every refusal as a 110113 Security Alert (node authentication)."""
+    header = request.headers.get("authorization")
+    token: str | None = None
+    try:
+        if not header:
+            raise AuthenticationError("a bearer token is required", reason="missing_token")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("the Authorization header must be 'Bearer <token>'", reason="invalid_request")
+        return await services.verifier.verify(token)
+    except AuthenticationError as exc:
+        await services.auditor.record(
+            security_alert_event(
+                user=None,
+                gateway_id=services.settings.audit_source_id,
+                alert_type=EventTypeCode.NODE_AUTHENTICATION,
+                description=f"refused credentials for {request.method} {request.url.path}: {exc.message}",
+                resource=str(request.url.path),
+                outcome=Outcome.MINOR_FAILURE,
+                source_address=client_address(request),
+                claimed_user=unverified_username(token) if token else None,
+            )
+        )
+        raise
+
+
+CurrentPrincipal = Annotated[Principal, Depends(authenticate)]

@@ -1,0 +1,101 @@
+"""DICOMweb routes under ``/dicom-web``: QIDO-RS, WADO-RS and STOW-RS through the gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from compliance.api.deps import CurrentPrincipal, ServicesDep, client_address
+from compliance.dicomweb.routing import Transaction, classify
+from compliance.dicomweb.service import RequestContext, response_headers
+from compliance.errors import NotFound, PayloadTooLarge, UpstreamError
+
+router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
+
+
+def _context(request: Request, principal, path: str) -> RequestContext:
+    return RequestContext(
+        principal=principal,
+        source_address=client_address(request),
+        method=request.method,
+        path="/" + path,
+        query=list(request.query_params.multi_items()),
+        raw_query=request.url.query,
+        headers={k: v for k, v in request.headers.items()},
+    )
+
+
+@router.get("/{path:path}")
+async def dicomweb_get(path: str, request: Request, principal: CurrentPrincipal, services: ServicesDep) -> Response:
+    route = classify("GET", "/" + path)
+    if route is None:
+        raise NotFound(f"no DICOMweb resource at /dicom-web/{path}")
+    ctx = _context(request, principal, path)
+    service = services.dicomweb
+    if route.transaction is Transaction.SEARCH:
+        result = await service.search(ctx, route)
+        if result.status_code >= 400:
+            _raise_for_upstream(result.status_code, path)
+        return Response(result.body, status_code=result.status_code, headers=result.headers)
+    upstream = await service.retrieve(ctx, route)
+    if upstream.status_code >= 400:
+        await upstream.aclose()
+        _raise_for_upstream(upstream.status_code, path)
+    return StreamingResponse(_stream(upstream), status_code=upstream.status_code, headers=response_headers(upstream))
+
+
+@router.post("/{path:path}")
+async def dicomweb_post(path: str, request: Request, principal: CurrentPrincipal, services: ServicesDep) -> Response:
+    route = classify("POST", "/" + path)
+    if route is None:
+        raise NotFound(f"no DICOMweb resource accepts POST at /dicom-web/{path}")
+    ctx = _context(request, principal, path)
+    service = services.dicomweb
+    await service.authorize(ctx, route)
+    limit = services.settings.stow_max_bytes
+    try:
+        body = await _read_body(request, limit)
+    except PayloadTooLarge as exc:
+        await service.audit_rejected_store(ctx, exc.message)
+        raise
+    result = await service.store(ctx, route, body)
+    if result.status_code >= 400 and result.status_code != 409:
+        _raise_for_upstream(result.status_code, path)
+    return Response(result.body, status_code=result.status_code, headers=result.headers)
+
+
+async def _stream(upstream: httpx.Response) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in upstream.aiter_raw():
+            yield chunk
+    finally:
+        await upstream.aclose()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes", detail={"limit_bytes": limit})
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes", detail={"limit_bytes": limit})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _raise_for_upstream(status: int, path: str) -> None:
+    if status == 404:
+        raise NotFound(f"the archive holds nothing at /dicom-web/{path}")
+    if status in (400, 406, 415):
+        # The request was understood by the gateway but refused by the archive as asked
+        # (for example an Accept it cannot produce): keep the client-side status.
+        from compliance.errors import InvalidRequest
+
+        raise InvalidRequest(f"the archive refused the request ({status})", detail={"archive_status": status})
+    raise UpstreamError(f"the archive answered {status}", detail={"archive_status": status})

@@ -1,0 +1,76 @@
+"""Maps the ComplianceError tree to HTTP/DICOMweb statuses with a JSON body. The only such place."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from compliance import errors as e
+
+log = logging.getLogger(__name__)
+
+STATUS: list[tuple[type[e.ComplianceError], int]] = [
+    # Most specific first.
+    (e.UnsupportedMediaType, 415),
+    (e.PayloadTooLarge, 413),
+    (e.InvalidRequest, 400),
+    (e.AuthenticationError, 401),
+    (e.PermissionDenied, 403),
+    (e.NotFound, 404),
+    (e.Gone, 410),
+    (e.Conflict, 409),
+    (e.UpstreamUnavailable, 503),
+    (e.UpstreamError, 502),
+    (e.AuditFailure, 503),
+    (e.IntegrityError, 500),
+    (e.ConfigurationError, 500),
+]
+
+
+def status_of(exc: e.ComplianceError) -> int:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_body(code: str, message: str, detail: dict | None = None) -> dict:
+    body: dict = {"error": code, "message": message}
+    if detail:
+        body["detail"] = detail
+    return body
+
+
+def www_authenticate(realm: str, exc: e.AuthenticationError | None) -> str:
+    """RFC 6750 section 3: no error attribute when no credentials were sent at all."""
+    if exc is None or exc.reason == "missing_token":
+        return f'Bearer realm="{realm}"'
+    description = exc.message.replace('"', "'")
+    return f'Bearer realm="{realm}", error="{exc.reason}", error_description="{description}"'
+
+
+def install(app: FastAPI, *, realm: str) -> None:
+    @app.exception_handler(e.ComplianceError)
+    async def _compliance_error(_request: Request, exc: e.ComplianceError) -> JSONResponse:
+        status = status_of(exc)
+        headers = {}
+        if isinstance(exc, e.AuthenticationError):
+            headers["WWW-Authenticate"] = www_authenticate(realm, exc)
+        if status >= 500:
+            log.error("%s: %s", type(exc).__name__, exc.message, exc_info=exc.__cause__ is not None)
+        return JSONResponse(error_body(exc.code, exc.message, exc.detail), status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_request", "the request is not valid",
+                                       {"errors": exc.errors()}), status_code=400)

@@ -1,0 +1,109 @@
+"""create_app(settings): wiring only. Every backend is built here once, at start-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI
+
+from compliance import __version__
+from compliance.api import dicomweb as dicomweb_routes
+from compliance.api import errors as error_handlers
+from compliance.api import health
+from compliance.api.deps import Services
+from compliance.audit.atna import AuditSource
+from compliance.audit.elasticsearch import ElasticsearchAuditSink
+from compliance.audit.events import application_activity_event
+from compliance.audit.interfaces import AuditSink
+from compliance.audit.outbox import AuditShipper, SqlAuditOutbox
+from compliance.audit.recorder import AuditRecorder
+from compliance.auth.interfaces import TokenVerifier
+from compliance.auth.tokens import JwksCache, OidcTokenVerifier
+from compliance.config import Settings, get_settings
+from compliance.db.session import make_engine
+from compliance.dicomweb.interfaces import ArchiveBackend
+from compliance.dicomweb.orthanc import OrthancArchive
+from compliance.dicomweb.service import DicomwebService
+from compliance.policy.rbac import RbacPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Overrides:
+    """Backends a test may substitute (a unit test of pure logic only; never an end-to-end test)."""
+
+    verifier: TokenVerifier | None = None
+    archive: ArchiveBackend | None = None
+    sink: AuditSink | None = None
+
+
+def create_app(settings: Settings | None = None, overrides: Overrides | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    overrides = overrides or Overrides()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.effective_database_url)
+        outbox = SqlAuditOutbox(engine)
+        source = AuditSource(source_id=settings.audit_source_id,
+                             enterprise_site_id=settings.audit_enterprise_site_id)
+        auditor = AuditRecorder(outbox, source, fail_closed=settings.audit_fail_closed)
+        sink = overrides.sink or ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
+        shipper = AuditShipper(outbox, sink, batch_size=settings.audit_ship_batch_size,
+                               interval_seconds=settings.audit_ship_interval_seconds)
+        http = httpx.AsyncClient(timeout=5.0)
+        verifier = overrides.verifier or OidcTokenVerifier(
+            issuer=settings.oidc_issuer,
+            audience=settings.oidc_audience,
+            jwks=JwksCache(settings.effective_jwks_url, client=http,
+                           min_refresh_seconds=settings.oidc_jwks_min_refresh_seconds),
+            algorithms=settings.oidc_algorithms,
+            leeway_seconds=settings.oidc_leeway_seconds,
+        )
+        archive = overrides.archive or OrthancArchive(
+            settings.archive_url,
+            settings.archive_dicomweb_path,
+            username=settings.archive_username,
+            password=settings.archive_password.get_secret_value(),
+            timeout=settings.archive_timeout_seconds,
+            max_connections=settings.archive_max_connections,
+            public_host=f"{settings.host}:{settings.port}",
+        )
+        policy = RbacPolicy.from_file(settings.rbac_policy_file)
+        dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
+                                   qido_max_response_bytes=settings.qido_max_response_bytes)
+        app.state.services = Services(settings=settings, verifier=verifier, auditor=auditor, dicomweb=dicomweb)
+        app.state.outbox = outbox
+        app.state.shipper = shipper
+        auditor.record_now(application_activity_event(start=True, gateway_id=settings.audit_source_id))
+        if settings.audit_shipper_enabled:
+            shipper.start()
+        try:
+            yield
+        finally:
+            try:
+                auditor.record_now(application_activity_event(start=False, gateway_id=settings.audit_source_id))
+            finally:
+                if settings.audit_shipper_enabled:
+                    shipper.stop()
+                outbox.close()
+                await archive.aclose()
+                await http.aclose()
+                engine.dispose()
+
+    app = FastAPI(title="Imaging compliance gateway", version=__version__, lifespan=lifespan,
+                  docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+    error_handlers.install(app, realm=settings.keycloak_realm)
+    app.include_router(health.router)
+    app.include_router(dicomweb_routes.router)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (one per worker process)."""
+    return create_app(get_settings())

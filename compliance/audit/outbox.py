@@ -1,0 +1,248 @@
+"""The durable audit outbox and the background shipper.
+
+Writing (request path): :class:`SqlAuditOutbox` appends each event's document in a database
+transaction that commits before the request's response starts. Concurrent requests of one process
+share commits (group commit): a single writer thread drains whatever events are waiting, inserts them
+in one transaction, commits once, then releases every waiting request. Each request still waits for
+the durable commit of its own event, so nothing is acknowledged that is not on disk; the fsync cost
+is paid once per group instead of once per request.
+
+Shipping (asynchronous): :class:`AuditShipper` reads pending rows in ``seq`` order and hands them to
+an :class:`~compliance.audit.interfaces.AuditSink` in batches. Delivery is at least once; the sink uses
+the event UUID as an idempotent document id, so a batch re-sent after a crash does not duplicate.
+Rows are marked shipped, never deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, insert, select, update
+
+from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable
+from compliance.audit.models import AuditOutboxRow
+from compliance.errors import AuditFailure
+
+log = logging.getLogger(__name__)
+
+_TABLE = AuditOutboxRow.__table__
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    uuid: str
+    event_code: str
+    occurred_at: datetime
+    document: dict[str, Any]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqlAuditOutbox:
+    """Appends audit documents durably; group-commits concurrent appends of one process."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = _utcnow, max_group: int = 500) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._max_group = max_group
+        self._queue: queue.Queue[tuple[OutboxEntry, Future[None]] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- writing -----------------------------------------------------------------------------
+    def append_now(self, entries: Sequence[OutboxEntry]) -> None:
+        """Insert and commit in the caller's thread (CLI, tests, start-up events)."""
+        if not entries:
+            return
+        now = self._clock()
+        rows = [
+            {
+                "uuid": e.uuid,
+                "event_code": e.event_code,
+                "occurred_at": e.occurred_at,
+                "document": json.dumps(e.document, ensure_ascii=False, separators=(",", ":")),
+                "recorded_at": now,
+                "attempts": 0,
+            }
+            for e in entries
+        ]
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(insert(_TABLE), rows)
+        except Exception as exc:  # any database failure means the event is not recorded
+            raise AuditFailure("the audit event could not be recorded") from exc
+
+    def submit(self, entry: OutboxEntry) -> Future[None]:
+        """Queue one entry for the group-commit writer; the future resolves once it is durable."""
+        self._ensure_writer()
+        fut: Future[None] = Future()
+        self._queue.put((entry, fut))
+        return fut
+
+    def _ensure_writer(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._writer_loop, name="audit-outbox-writer", daemon=True)
+                self._thread.start()
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            group = [item]
+            while len(group) < self._max_group:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                group.append(nxt)
+            try:
+                self.append_now([e for e, _ in group])
+            except AuditFailure as exc:
+                for _, fut in group:
+                    fut.set_exception(exc)
+            else:
+                for _, fut in group:
+                    fut.set_result(None)
+
+    def close(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=10)
+
+    # -- reading (shipper, status) ------------------------------------------------------------
+    def pending(self, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+        stmt = (
+            select(_TABLE.c.seq, _TABLE.c.uuid, _TABLE.c.document)
+            .where(_TABLE.c.shipped_at.is_(None))
+            .order_by(_TABLE.c.seq)
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return [(r.seq, r.uuid, json.loads(r.document)) for r in conn.execute(stmt)]
+
+    def mark_shipped(self, uuids: Sequence[str]) -> None:
+        if not uuids:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(_TABLE).where(_TABLE.c.uuid.in_(list(uuids))).values(shipped_at=self._clock())
+            )
+
+    def mark_failed(self, uuids: Sequence[str], error: str) -> None:
+        if not uuids:
+            return
+        with self._engine.begin() as conn:
+            conn.execute(
+                update(_TABLE)
+                .where(_TABLE.c.uuid.in_(list(uuids)))
+                .values(attempts=_TABLE.c.attempts + 1, last_error=error[:2000])
+            )
+
+    def backlog(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.count()).where(_TABLE.c.shipped_at.is_(None))).scalar_one())
+
+    def total(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(_TABLE)).scalar_one())
+
+
+class AuditShipper:
+    """Ships pending outbox rows to a sink in a background thread, at least once."""
+
+    def __init__(
+        self,
+        outbox: SqlAuditOutbox,
+        sink: AuditSink,
+        *,
+        batch_size: int = 1000,
+        interval_seconds: float = 0.5,
+        max_backoff_seconds: float = 30.0,
+    ) -> None:
+        self._outbox = outbox
+        self._sink = sink
+        self._batch = batch_size
+        self._interval = interval_seconds
+        self._max_backoff = max_backoff_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sink_ready = False
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, *, drain_seconds: float = 5.0) -> None:
+        """Stop after a last attempt to ship what is pending (bounded by ``drain_seconds``)."""
+        deadline = time.monotonic() + drain_seconds
+        while time.monotonic() < deadline:
+            try:
+                if self.ship_once() == 0:
+                    break
+            except Exception:  # leave the rest in the outbox: the next start ships it
+                break
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def ship_once(self) -> int:
+        """Ship one batch; return how many events were delivered. Raises AuditSinkUnavailable."""
+        if not self._sink_ready:
+            self._sink.ensure_ready()
+            self._sink_ready = True
+        batch = self._outbox.pending(self._batch)
+        if not batch:
+            return 0
+        result = self._sink.ship([(uuid, doc) for _, uuid, doc in batch])
+        self._outbox.mark_shipped(list(result.shipped))
+        if result.failed:
+            for uuid, reason in result.failed.items():
+                self._outbox.mark_failed([uuid], reason)
+            log.error("audit shipping rejected %d events: %s", len(result.failed),
+                      next(iter(result.failed.values())))
+        return len(result.shipped)
+
+    def _run(self) -> None:
+        backoff = self._interval
+        while not self._stop.is_set():
+            try:
+                shipped = self.ship_once()
+                self.last_error = None
+                backoff = self._interval
+                if shipped >= self._batch:
+                    continue  # more is waiting
+            except AuditSinkUnavailable as exc:
+                self.last_error = str(exc)
+                self._sink_ready = False
+                backoff = min(self._max_backoff, max(backoff * 2, 1.0))
+                log.warning("audit repository unavailable, retrying in %.1fs: %s", backoff, exc)
+            except Exception as exc:
+                self.last_error = repr(exc)
+                backoff = min(self._max_backoff, max(backoff * 2, 1.0))
+                log.exception("audit shipper failed, retrying in %.1fs", backoff)
+            self._wake.wait(timeout=backoff)
+            self._wake.clear()

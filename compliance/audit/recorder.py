@@ -1,0 +1,55 @@
+"""AuditRecorder: turns an AuditEvent into its outbox entry and waits until it is durable.
+
+This is the only way request handlers record audit events. With ``fail_closed`` (the default,
+DESIGN.md "fail closed") a failure to record raises :class:`~compliance.errors.AuditFailure` and the
+request is refused before any PHI leaves the gateway; otherwise the failure is logged loudly and the
+request proceeds (a per-deployment choice, documented in the README's configuration reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from compliance.audit.atna import AuditSource
+from compliance.audit.documents import to_document
+from compliance.audit.events import AuditEvent
+from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
+from compliance.errors import AuditFailure
+
+log = logging.getLogger(__name__)
+
+
+class AuditRecorder:
+    def __init__(self, outbox: SqlAuditOutbox, source: AuditSource, *, fail_closed: bool = True) -> None:
+        self._outbox = outbox
+        self.source = source
+        self._fail_closed = fail_closed
+
+    def entry(self, event: AuditEvent) -> OutboxEntry:
+        return OutboxEntry(
+            uuid=event.uuid,
+            event_code=event.event_id.code.code,
+            occurred_at=event.occurred_at,
+            document=to_document(event, self.source),
+        )
+
+    async def record(self, event: AuditEvent) -> None:
+        try:
+            entry = self.entry(event)
+            await asyncio.wrap_future(self._outbox.submit(entry))
+        except Exception as exc:
+            self._failed(event, exc)
+
+    def record_now(self, event: AuditEvent) -> None:
+        try:
+            self._outbox.append_now([self.entry(event)])
+        except Exception as exc:
+            self._failed(event, exc)
+
+    def _failed(self, event: AuditEvent, exc: Exception) -> None:
+        log.critical("AUDIT EVENT NOT RECORDED: %s %s (%s)", event.event_id.code.code, event.uuid, exc)
+        if self._fail_closed:
+            if isinstance(exc, AuditFailure):
+                raise exc
+            raise AuditFailure("the audit event could not be recorded") from exc

@@ -1,0 +1,3 @@
+"""Imports every domain's tables so ``Base.metadata`` is complete (Alembic, tests)."""
+
+from compliance.audit import models as audit_models  # noqa: F401

@@ -1,0 +1,198 @@
+"""The leak gate: no identifying value of the source may appear anywhere in the output.
+
+While the engine walks a source dataset it tells the ``IdentifierCollector`` every value it removes
+or replaces, and every value it keeps. Identifiers are of two strengths:
+
+- hard: person names (whole and each component of 3+ characters, every component group), IDs and
+  numbers (attributes whose keyword ends in ID/IDs/Number/Numbers), non-registry UIDs, dates
+  (YYYYMMDD). A hard identifier found in the output always blocks.
+- soft: free-text tokens (4+ characters, not in the stoplist, not a short number) of removed text.
+  A token that also occurs in a value the profile keeps is dropped: it is not identifying by itself.
+
+``scan`` renders every element of the output (file meta, nested sequences, private tags; bytes
+values are decoded as UTF-8, Latin-1 and the dataset's character set) and looks for the identifiers
+with one compiled expression, bounded so that an identifier never matches inside a longer word or
+number (a date is not found inside a 2.25 UID). Findings never carry the identifying value: only
+the element path, the kind and a short hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from pydicom.charset import convert_encodings
+from pydicom.dataset import Dataset
+from pydicom.valuerep import PersonName
+
+from compliance.deid.pseudonyms import is_standard_uid
+
+TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM",
+                      "UC", "UI", "UR", "UT"})
+BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+MAX_SCANNED_BYTES = 1 << 20
+_TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
+_ID_SUFFIXES = ("ID", "IDS", "NUMBER", "NUMBERS")
+STOPLIST = frozenset("""
+THE AND FOR WITH FROM THIS THAT NONE NULL UNKNOWN LEFT RIGHT BOTH HEAD NECK CHEST ABDOMEN PELVIS
+BRAIN SPINE KNEE HAND FOOT BODY WHOLE AXIAL CORONAL SAGITTAL ORIGINAL PRIMARY SECONDARY DERIVED
+IMAGE IMAGES SERIES STUDY SCAN SCOUT LOCALIZER CONTRAST WITHOUT ROUTINE PROTOCOL REPORT PATIENT
+PHYSICIAN DOCTOR HOSPITAL CLINIC MEDICAL CENTER CENTRE DEPARTMENT RADIOLOGY IMAGING NORMAL
+""".split())
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    kind: str
+    digest: str  # sha256 prefix of the identifying value: lets a steward match without exposing it
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "kind": self.kind, "value_sha256": self.digest}
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode("utf-8")).hexdigest()[:16]
+
+
+class IdentifierCollector:
+    def __init__(self) -> None:
+        self.hard: dict[str, str] = {}
+        self.soft: set[str] = set()
+        self.kept_tokens: set[str] = set()
+
+    # -- collection ---------------------------------------------------------------------------
+    def removed(self, vr: str, keyword: str, value: object) -> None:
+        for v in _strings(value):
+            v = v.strip().upper()
+            if not v:
+                continue
+            if vr == "PN":
+                self._name(v)
+            elif vr == "UI":
+                if not is_standard_uid(v) and len(v) >= 4:
+                    self.hard[v] = "uid"
+            elif vr in ("DA", "DT"):
+                if len(v) >= 8 and v[:8].isdigit():
+                    self.hard[v[:8]] = "date"
+            elif vr in ("TM", "DS", "IS", "AS", "CS") or vr in BYTES_VRS:
+                continue
+            elif keyword.upper().endswith(_ID_SUFFIXES) and len(v) >= 3:
+                self.hard[v] = "id"
+            else:
+                self.soft.update(t for t in _TOKEN.findall(v) if _soft_token(t))
+
+    def removed_bytes(self, value: bytes) -> None:
+        """Removed private/unknown binary: its printable text runs are soft tokens."""
+        if len(value) <= 4096:
+            text = value.decode("latin-1").upper()
+            self.soft.update(t for t in _TOKEN.findall(text) if _soft_token(t) and t.isascii())
+
+    def kept(self, value: object) -> None:
+        for v in _strings(value):
+            self.kept_tokens.update(_TOKEN.findall(v.upper()))
+
+    def _name(self, v: str) -> None:
+        self.hard[v] = "name"
+        for group in v.split("="):
+            for part in re.split(r"[\^\s,]+", group):
+                if len(part) >= 3 or (part and not part.isascii() and len(part) >= 2):
+                    self.hard[part] = "name"
+
+    # -- matching -----------------------------------------------------------------------------
+    def identifiers(self) -> dict[str, str]:
+        ids = {t: "token" for t in self.soft - self.kept_tokens - STOPLIST}
+        ids.update(self.hard)
+        return ids
+
+    def scrub_pattern(self) -> re.Pattern[str] | None:
+        return _compile(self.hard)
+
+
+def _soft_token(t: str) -> bool:
+    if len(t) < 4:
+        return False
+    return not (t.isdigit() and len(t) < 6)
+
+
+def _strings(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(x) for x in value if x is not None]  # type: ignore[union-attr]
+    if isinstance(value, (bytes, bytearray)):
+        return []
+    return [str(value)]
+
+
+def _compile(ids: dict[str, str]) -> re.Pattern[str] | None:
+    if not ids:
+        return None
+    alts = "|".join(re.escape(i) for i in sorted(ids, key=len, reverse=True))
+    return re.compile(r"(?<![A-Z0-9])(?:" + alts + r")(?![A-Z0-9])")
+
+
+def scan(dataset: Dataset, collector: IdentifierCollector) -> list[Finding]:
+    """Every element of ``dataset`` (and its file meta) against the collected identifiers."""
+    ids = collector.identifiers()
+    pattern = _compile(ids)
+    if pattern is None:
+        return []
+    encodings = ["utf-8", "latin-1"]
+    try:
+        encodings += [e for e in convert_encodings(dataset.get("SpecificCharacterSet") or "ISO_IR 6")
+                      if e not in encodings]
+    except Exception:  # noqa: S110 - an unknown charset only narrows what bytes we decode
+        pass
+    parts: list[str] = []
+    starts: list[int] = []
+    paths: list[str] = []
+    pos = 0
+
+    def add(path: str, text: str) -> None:
+        nonlocal pos
+        starts.append(pos)
+        paths.append(path)
+        parts.append(text)
+        pos += len(text) + 1
+
+    def walk(ds: Dataset, prefix: str) -> None:
+        for elem in ds.iterall() if False else ds:
+            path = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
+            vr = elem.VR
+            if vr == "SQ":
+                for i, item in enumerate(elem.value or []):
+                    walk(item, f"{path}[{i}].")
+            elif vr in BYTES_VRS or isinstance(elem.value, (bytes, bytearray)):
+                if elem.tag == 0x7FE00010 or not elem.value:
+                    continue
+                raw = bytes(elem.value[:MAX_SCANNED_BYTES])
+                for enc in encodings:
+                    try:
+                        add(path, raw.decode(enc, errors="ignore").upper())
+                    except LookupError:
+                        continue
+            elif elem.value is not None and elem.value != "":
+                v = elem.value
+                if isinstance(v, PersonName):
+                    add(path, str(v).upper())
+                else:
+                    add(path, "\\".join(_strings(v)).upper())
+
+    meta = getattr(dataset, "file_meta", None)
+    if meta is not None:
+        walk(meta, "meta:")
+    walk(dataset, "")
+    blob = "\n".join(parts)
+    findings: list[Finding] = []
+    seen: set[tuple[str, str]] = set()
+    for m in pattern.finditer(blob):
+        path = paths[bisect_right(starts, m.start()) - 1]
+        value = m.group(0)
+        if (path, value) in seen:
+            continue
+        seen.add((path, value))
+        findings.append(Finding(path, ids.get(value, "token"), _digest(value)))
+    return findings

@@ -1,0 +1,325 @@
+"""The DICOMweb proxy: decide, forward, audit, stream (DESIGN.md "The request path").
+
+For every request, in this order:
+
+1. the caller is already authenticated (``compliance.api.deps``); refused tokens are audited there;
+2. the permission of the transaction (``routing.PERMISSIONS``) is decided by the policy; a denial is
+   audited as a 110113 Security Alert and raised as :class:`PermissionDenied`;
+3. the request goes to the archive with the gateway's credentials (never the caller's token);
+4. the audit event is committed to the outbox *before* the first byte of the response goes back;
+   if it cannot be recorded the upstream response is dropped and the request fails (fail closed);
+5. the archive's response is streamed back unchanged (content type, multipart boundary), so
+   DICOMweb clients work against the gateway as they do against the archive.
+
+Event mapping (PS3.15 A.5.3): QIDO -> 110112 Query; WADO of whole instances -> 110104 Instances
+Transferred (archive to the requesting application); WADO of metadata, frames, bulk data, rendered
+or thumbnails -> 110103 Instances Accessed (Read); STOW -> 110107 Import; denial -> 110113.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import httpx
+
+from compliance.audit.events import (
+    Action,
+    EventTypeCode,
+    Outcome,
+    PatientRef,
+    StudyRef,
+    UserRef,
+    import_event,
+    instances_accessed_event,
+    instances_transferred_event,
+    query_event,
+    security_alert_event,
+)
+from compliance.audit.recorder import AuditRecorder
+from compliance.auth.interfaces import Principal
+from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary
+from compliance.dicomweb.orthanc import person_name
+from compliance.dicomweb.routing import Route, Transaction
+from compliance.dicomweb.stow import StowInstance, validate_stow
+from compliance.errors import ComplianceError, PermissionDenied, UpstreamError
+from compliance.policy.interfaces import PolicyDecisionPoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    principal: Principal
+    source_address: str | None
+    method: str
+    #: Path relative to the DICOMweb root, e.g. ``/studies/1.2.3/metadata``.
+    path: str
+    query: list[tuple[str, str]]
+    raw_query: str
+    headers: Mapping[str, str]
+
+    @property
+    def target(self) -> str:
+        return self.path + (f"?{self.raw_query}" if self.raw_query else "")
+
+    @property
+    def user(self) -> UserRef:
+        return user_ref(self.principal, self.source_address)
+
+
+@dataclass
+class BufferedResponse:
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def user_ref(principal: Principal, source_address: str | None) -> UserRef:
+    return UserRef(
+        user_id=principal.subject,
+        username=principal.username,
+        client_id=principal.client_id,
+        roles=tuple(sorted(principal.roles)),
+        source_address=source_address,
+    )
+
+
+def outcome_of(status: int) -> Outcome:
+    if status < 300:
+        return Outcome.SUCCESS
+    if status in (202,) or status < 500:
+        return Outcome.MINOR_FAILURE
+    return Outcome.SERIOUS_FAILURE
+
+
+#: Response headers passed back to the client from the archive.
+RESPONSE_HEADERS = ("content-type", "content-length", "etag", "last-modified", "warning", "content-location")
+
+
+def response_headers(upstream: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers.items() if k.lower() in RESPONSE_HEADERS}
+
+
+class DicomwebService:
+    def __init__(
+        self,
+        archive: ArchiveBackend,
+        policy: PolicyDecisionPoint,
+        auditor: AuditRecorder,
+        *,
+        gateway_id: str,
+        archive_id: str = "archive",
+        qido_max_response_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self._archive = archive
+        self._policy = policy
+        self._auditor = auditor
+        self._gateway_id = gateway_id
+        self._archive_id = archive_id
+        self._qido_max = qido_max_response_bytes
+
+    # -- authorization ------------------------------------------------------------------------
+    async def authorize(self, ctx: RequestContext, route: Route) -> None:
+        decision = self._policy.decide(ctx.principal, route.permission, route.study_uid)
+        if decision.allowed:
+            return
+        await self._auditor.record(
+            security_alert_event(
+                user=ctx.user,
+                gateway_id=self._gateway_id,
+                alert_type=EventTypeCode.USE_OF_RESTRICTED_FUNCTION,
+                description=f"denied {ctx.method} {ctx.target}: {decision.reason}",
+                resource=f"dicomweb:{ctx.target}",
+                outcome=Outcome.MINOR_FAILURE,
+            )
+        )
+        raise PermissionDenied(
+            f"{ctx.principal.username} may not {route.transaction.value} here",
+            detail={"permission": route.permission},
+        )
+
+    # -- QIDO-RS ------------------------------------------------------------------------------
+    async def search(self, ctx: RequestContext, route: Route) -> BufferedResponse:
+        await self.authorize(ctx, route)
+        upstream = await self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers)
+        try:
+            body = await _read_bounded(upstream, self._qido_max)
+        finally:
+            await upstream.aclose()
+        patients: dict[tuple[str | None, str | None], PatientRef] = {}
+        studies: dict[str, StudyRef] = {}
+        if upstream.status_code == 200 and body:
+            try:
+                items = json.loads(body)
+            except ValueError as exc:
+                raise UpstreamError("the archive returned a QIDO-RS response that is not JSON") from exc
+            for item in items if isinstance(items, list) else []:
+                pid = _value(item, "00100020")
+                pname = person_name(_value(item, "00100010"))
+                if pid is not None or pname is not None:
+                    patients.setdefault((pid, pname), PatientRef(patient_id=pid, name=pname))
+                suid = _value(item, "0020000D") or route.study_uid
+                if suid:
+                    studies.setdefault(suid, StudyRef(study_uid=suid, accession=_value(item, "00080050")))
+        if route.study_uid and upstream.status_code == 200:
+            # Series/instance-level results carry no patient attributes: name the study's patient.
+            summary = await self._archive.study_summary(route.study_uid)
+            if summary is not None:
+                patients.setdefault(
+                    (summary.patient_id, summary.patient_name),
+                    PatientRef(patient_id=summary.patient_id, name=summary.patient_name),
+                )
+                studies.setdefault(route.study_uid, StudyRef(study_uid=route.study_uid, accession=summary.accession))
+        await self._auditor.record(
+            query_event(
+                user=ctx.user,
+                gateway_id=self._gateway_id,
+                outcome=outcome_of(upstream.status_code),
+                outcome_description=None if upstream.status_code < 300 else f"archive status {upstream.status_code}",
+                query=f"{ctx.method} {ctx.target}".encode(),
+                sop_class_uid=None,
+                patients=tuple(patients.values()),
+                studies=tuple(studies.values()),
+            )
+        )
+        return BufferedResponse(upstream.status_code, response_headers(upstream), body)
+
+    # -- WADO-RS ------------------------------------------------------------------------------
+    async def retrieve(self, ctx: RequestContext, route: Route) -> httpx.Response:
+        """Return the archive's response with its body unread; the caller streams then closes it."""
+        await self.authorize(ctx, route)
+        assert route.study_uid is not None
+        results = await asyncio.gather(
+            self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers),
+            self._archive.study_summary(route.study_uid),
+            return_exceptions=True,
+        )
+        upstream, summary = results
+        if isinstance(upstream, BaseException) or isinstance(summary, BaseException):
+            if isinstance(upstream, httpx.Response):
+                await upstream.aclose()
+            err = upstream if isinstance(upstream, BaseException) else summary
+            assert isinstance(err, BaseException)
+            if isinstance(err, ComplianceError):
+                raise err
+            raise UpstreamError("the archive request failed") from err
+        try:
+            await self._auditor.record(self._retrieve_event(ctx, route, upstream.status_code, summary))
+        except BaseException:
+            await upstream.aclose()
+            raise
+        return upstream
+
+    def _retrieve_event(self, ctx: RequestContext, route: Route, status: int, summary: StudySummary | None):
+        patients = (PatientRef(patient_id=summary.patient_id, name=summary.patient_name),) if summary else ()
+        studies = (
+            StudyRef(study_uid=route.study_uid or "", accession=summary.accession if summary else None),
+        )
+        description = None if status < 300 else f"archive status {status}"
+        if route.transaction is Transaction.RETRIEVE:
+            return instances_transferred_event(
+                user=ctx.user,
+                gateway_id=self._gateway_id,
+                source_id=self._archive_id,
+                outcome=outcome_of(status),
+                outcome_description=description,
+                patients=patients,
+                studies=studies,
+            )
+        return instances_accessed_event(
+            user=ctx.user,
+            gateway_id=self._gateway_id,
+            action=Action.READ,
+            outcome=outcome_of(status),
+            outcome_description=description,
+            patients=patients,
+            studies=studies,
+        )
+
+    # -- STOW-RS ------------------------------------------------------------------------------
+    async def store(self, ctx: RequestContext, route: Route, body: bytes) -> BufferedResponse:
+        """Validate the whole request, forward it, audit the import. The caller has authorized."""
+        try:
+            instances = validate_stow(body, ctx.headers.get("content-type"), route.study_uid)
+        except ComplianceError as exc:
+            await self.audit_rejected_store(ctx, exc.message)
+            raise
+        upstream = await self._archive.send(
+            "POST", ctx.path, query=ctx.query, headers={**ctx.headers, "accept": "application/dicom+json"},
+            content=body,
+        )
+        try:
+            payload = await upstream.aread()
+        finally:
+            await upstream.aclose()
+        forget = getattr(self._archive, "forget", None)
+        for inst in instances:
+            if forget is not None:
+                forget(inst.study_uid)
+        await self._auditor.record(
+            import_event(
+                user=ctx.user,
+                gateway_id=self._gateway_id,
+                outcome=outcome_of(upstream.status_code),
+                outcome_description=None if upstream.status_code == 200 else f"archive status {upstream.status_code}",
+                patients=_patients_of(instances),
+                studies=_studies_of(instances),
+            )
+        )
+        return BufferedResponse(upstream.status_code, response_headers(upstream), payload)
+
+    async def audit_rejected_store(self, ctx: RequestContext, reason: str) -> None:
+        await self._auditor.record(
+            import_event(
+                user=ctx.user,
+                gateway_id=self._gateway_id,
+                outcome=Outcome.SERIOUS_FAILURE,
+                outcome_description=f"refused by the gateway: {reason}"[:1024],
+                patients=(),
+                studies=(),
+            )
+        )
+
+
+def _patients_of(instances: list[StowInstance]) -> tuple[PatientRef, ...]:
+    seen: dict[tuple[str | None, str | None], PatientRef] = {}
+    for i in instances:
+        seen.setdefault((i.patient_id, i.patient_name), PatientRef(patient_id=i.patient_id, name=i.patient_name))
+    return tuple(seen.values())
+
+
+def _studies_of(instances: list[StowInstance]) -> tuple[StudyRef, ...]:
+    counts: dict[str, dict[str, int]] = {}
+    accession: dict[str, str | None] = {}
+    for i in instances:
+        per = counts.setdefault(i.study_uid, {})
+        per[i.sop_class_uid] = per.get(i.sop_class_uid, 0) + 1
+        accession.setdefault(i.study_uid, i.accession)
+    return tuple(StudyRef(study_uid=s, sop_classes=c, accession=accession[s]) for s, c in counts.items())
+
+
+def _value(item: dict, tag: str) -> str | None:
+    el = item.get(tag) or {}
+    values = el.get("Value") or []
+    if not values:
+        return None
+    v = values[0]
+    return v if isinstance(v, str) else (person_name(v) if isinstance(v, dict) else str(v))
+
+
+async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in resp.aiter_raw():
+        total += len(chunk)
+        if total > limit:
+            raise UpstreamError(
+                "the query result is larger than this gateway returns; narrow the query or use limit/offset",
+                detail={"limit_bytes": limit},
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)

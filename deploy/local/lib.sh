@@ -1,0 +1,714 @@
+# shellcheck shell=bash
+# Shared functions for deploy/local/{up,down,status}. Sourced, never executed.
+#
+# Layout (all generated, nothing here is committed):
+#   $STACK                 ${COMPLIANCE_STACK_DIR:-<checkout>/.stack}
+#   $STACK/secrets.env     generated once, mode 0600, reused afterwards
+#   $STACK/gateway.env     what the gateway reads (mode 0600)
+#   $STACK/logs/           one log per component
+#   $STACK/run/            pid files and the lock serialising up/down
+#   $STACK/<component>/    state of each server
+#   $CACHE                 ${COMPLIANCE_CACHE_DIR:-$HOME/.cache/compliance-stack}: verified downloads
+
+LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEPLOY_DIR="$(cd "$LIB_DIR/.." && pwd)"
+CHECKOUT="$(cd "$LIB_DIR/../.." && pwd)"
+STACK="${COMPLIANCE_STACK_DIR:-$CHECKOUT/.stack}"
+CACHE="${COMPLIANCE_CACHE_DIR:-$HOME/.cache/compliance-stack}"
+STACK_USER="${COMPLIANCE_STACK_USER:-compliance-stack}"
+
+# shellcheck source=versions.env
+. "$LIB_DIR/versions.env"
+
+ALL_COMPONENTS=(orthanc keycloak elasticsearch postgres)
+
+ORTHANC_PORT=8042
+KEYCLOAK_PORT=8180
+ELASTICSEARCH_PORT=9200
+ELASTICSEARCH_TRANSPORT_PORT=9300
+POSTGRES_PORT=55432
+BIND=127.0.0.1
+
+# Start-up timeouts (seconds).
+ORTHANC_TIMEOUT=${COMPLIANCE_ORTHANC_TIMEOUT:-60}
+KEYCLOAK_TIMEOUT=${COMPLIANCE_KEYCLOAK_TIMEOUT:-300}
+ELASTICSEARCH_TIMEOUT=${COMPLIANCE_ELASTICSEARCH_TIMEOUT:-240}
+POSTGRES_TIMEOUT=${COMPLIANCE_POSTGRES_TIMEOUT:-60}
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+log()  { printf '[stack] %s\n' "$*" >&2; }
+warn() { printf '[stack] WARNING: %s\n' "$*" >&2; }
+die()  { printf '[stack] ERROR: %s\n' "$*" >&2; exit 1; }
+
+is_root() { [[ $EUID -eq 0 ]]; }
+
+now() { date +%s; }
+
+valid_component() {
+  local c
+  for c in "${ALL_COMPONENTS[@]}"; do [[ $c == "$1" ]] && return 0; done
+  return 1
+}
+
+# parse_components ARGS... -> sets COMPONENTS (defaults to all, validated, de-duplicated)
+parse_components() {
+  COMPONENTS=()
+  local c seen=" "
+  if [[ $# -eq 0 ]]; then set -- "${ALL_COMPONENTS[@]}"; fi
+  for c in "$@"; do
+    case $c in -h|--help) usage; exit 0 ;; esac
+    valid_component "$c" || die "unknown component '$c' (known: ${ALL_COMPONENTS[*]})"
+    [[ $seen == *" $c "* ]] && continue
+    seen+="$c "
+    COMPONENTS+=("$c")
+  done
+}
+
+# port_open PORT -> 0 when something accepts TCP connections on 127.0.0.1:PORT
+port_open() { (exec 3<>"/dev/tcp/$BIND/$1") 2>/dev/null; }
+
+# print the last 40 lines of the given log files
+show_logs() {
+  local f
+  for f in "$@"; do
+    [[ -f $f ]] || continue
+    printf '[stack] ----- last 40 lines of %s -----\n' "$f" >&2
+    tail -n 40 "$f" >&2 || true
+    printf '[stack] ----- end of %s -----\n' "$f" >&2
+  done
+}
+
+# wait_until TIMEOUT CMD... : poll CMD every second until it succeeds or TIMEOUT elapses
+wait_until() {
+  local timeout=$1; shift
+  local deadline=$(( $(now) + timeout ))
+  while (( $(now) < deadline )); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 1
+  done
+  "$@" >/dev/null 2>&1
+}
+
+# ---------------------------------------------------------------------------------------------
+# processes: every server runs as $STACK_USER (or as the invoking user when not root)
+
+# RUN_AS: command prefix dropping privileges; HOME points into the stack so nothing writes to /root
+set_run_as() {
+  if is_root; then
+    RUN_AS=(setpriv "--reuid=$STACK_USER" "--regid=$STACK_USER" --init-groups
+            env "HOME=$STACK/home" "USER=$STACK_USER" "LOGNAME=$STACK_USER")
+  else
+    RUN_AS=(env "HOME=$STACK/home")
+  fi
+}
+
+run_as() { "${RUN_AS[@]}" "$@"; }
+
+# own PATH... : give the stack user the given paths (no-op when not root)
+own() { if is_root; then chown -R "$STACK_USER:$STACK_USER" "$@"; fi; }
+
+pidfile() { printf '%s/run/%s.pid' "$STACK" "$1"; }
+
+# pid_of COMPONENT -> prints the pid when its process is alive (and looks like that component)
+pid_of() {
+  local comp=$1 f pid pattern
+  f=$(pidfile "$comp")
+  [[ -r $f ]] || return 1
+  pid=$(head -n1 "$f" 2>/dev/null | tr -dc '0-9')
+  [[ -n $pid ]] || return 1
+  kill -0 "$pid" 2>/dev/null || return 1
+  case $comp in
+    orthanc)       pattern='Orthanc' ;;
+    keycloak)      pattern='kc\.sh|keycloak|quarkus' ;;
+    elasticsearch) pattern='elasticsearch' ;;
+    postgres)      pattern='postgres' ;;
+  esac
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -Eq "$pattern" || return 1
+  printf '%s\n' "$pid"
+}
+
+# stop_pid COMPONENT TIMEOUT : SIGTERM the recorded pid, SIGKILL its process group after TIMEOUT
+stop_pid() {
+  local comp=$1 timeout=${2:-30} pid
+  if ! pid=$(pid_of "$comp"); then
+    rm -f "$(pidfile "$comp")"
+    return 0
+  fi
+  log "$comp: stopping pid $pid"
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$(( $(now) + timeout ))
+  while kill -0 "$pid" 2>/dev/null && (( $(now) < deadline )); do sleep 1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    warn "$comp: pid $pid still alive after ${timeout}s, sending SIGKILL to its process group"
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+    sleep 1
+  fi
+  rm -f "$(pidfile "$comp")"
+}
+
+# spawn COMPONENT LOGFILE CMD... : start CMD detached (own session) as the stack user, record its pid.
+# setsid does not fork here (a background job of a non-interactive shell is no group leader), and
+# setpriv/env exec, so $! is the server's own pid.
+spawn() {
+  local comp=$1 logf=$2; shift 2
+  printf '\n===== %s: starting %s =====\n' "$(date -Is)" "$comp" >>"$logf"
+  setsid "${RUN_AS[@]}" "$@" >>"$logf" 2>&1 </dev/null &
+  printf '%s\n' "$!" >"$(pidfile "$comp")"
+}
+
+# check_port_free COMPONENT PORT : fail clearly when a foreign process holds our port
+check_port_free() {
+  local comp=$1 port=$2
+  if port_open "$port"; then
+    die "$comp: port $port on $BIND is already in use by a process this stack did not start (another stack dir? a system service, e.g. the Debian '$comp' service?). Stop it first."
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# set-up: packages, user, directories, java, downloads, secrets
+
+need_cmd() { command -v "$1" >/dev/null 2>&1; }
+
+# ensure_packages PKG... : install missing Debian packages (apt-get update only when something is missing)
+ensure_packages() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  local SUDO=()
+  if ! is_root; then
+    need_cmd sudo || die "missing packages (${missing[*]}) and not root: install them first"
+    SUDO=(sudo)
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  # Keep the packaged services (orthanc, postgresql 'main' cluster) from starting on install:
+  # this stack runs its own instances on its own ports.
+  local made_policy=
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+    "${SUDO[@]}" chmod 0755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  local rc=0
+  "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q || rc=$?
+  if [[ $rc -eq 0 ]]; then
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" || rc=$?
+  fi
+  [[ -n $made_policy ]] && "${SUDO[@]}" rm -f /usr/sbin/policy-rc.d
+  [[ $rc -eq 0 ]] || die "apt-get failed (exit $rc) installing: ${missing[*]}"
+}
+
+packages_for_components() {
+  local pkgs="$DEBIAN_PACKAGES_BASE" c
+  for c in "$@"; do
+    case $c in
+      orthanc)  pkgs+=" $DEBIAN_PACKAGES_ORTHANC" ;;
+      postgres) pkgs+=" $DEBIAN_PACKAGES_POSTGRES" ;;
+    esac
+  done
+  printf '%s\n' "$pkgs"
+}
+
+ensure_user() {
+  is_root || { STACK_USER=$(id -un); return 0; }
+  if ! id -u "$STACK_USER" >/dev/null 2>&1; then
+    log "creating system user $STACK_USER"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin --comment "compliance local stack" "$STACK_USER"
+  fi
+}
+
+# stack_init : directories with the ownership model described in README.md
+stack_init() {
+  ensure_user
+  set_run_as
+  umask 022
+  mkdir -p "$STACK" "$STACK/logs" "$STACK/run" "$STACK/home"
+  chmod 0755 "$STACK" "$STACK/logs" "$STACK/run"
+  own "$STACK/home"; chmod 0700 "$STACK/home"
+  if is_root; then
+    # the unprivileged user must be able to reach into the stack dir
+    if ! run_as test -x "$STACK/run"; then
+      die "user $STACK_USER cannot traverse into $STACK (a parent directory is not world-executable); choose another COMPLIANCE_STACK_DIR or chmod o+x the parents"
+    fi
+  fi
+}
+
+lock_stack() {
+  exec 9>"$STACK/run/stack.lock"
+  if ! flock -w 900 9; then die "another up/down holds $STACK/run/stack.lock"; fi
+}
+
+# find_java : JAVA_HOME for the newest JDK >= JAVA_MIN_VERSION (COMPLIANCE_JAVA_HOME wins)
+find_java() {
+  if [[ -n ${COMPLIANCE_JAVA_HOME:-} ]]; then JAVA_HOME_21=$COMPLIANCE_JAVA_HOME; return 0; fi
+  local best= best_v=0 d v
+  for d in /usr/lib/jvm/*/; do
+    d=${d%/}
+    [[ -L $d ]] && continue
+    [[ -x $d/bin/java ]] || continue
+    v=
+    if [[ -r $d/release ]]; then
+      v=$(sed -n 's/^JAVA_VERSION="\([0-9]*\).*/\1/p' "$d/release")
+    fi
+    if [[ -z $v ]]; then
+      v=$("$d/bin/java" -version 2>&1 | sed -n '1s/.*version "\([0-9]*\).*/\1/p')
+    fi
+    [[ $v =~ ^[0-9]+$ ]] || continue
+    if (( v >= JAVA_MIN_VERSION && v > best_v )); then best=$d; best_v=$v; fi
+  done
+  [[ -n $best ]] || die "no JDK >= $JAVA_MIN_VERSION under /usr/lib/jvm (Keycloak 26 and Elasticsearch 9 need it); install one or set COMPLIANCE_JAVA_HOME"
+  JAVA_HOME_21=$best
+}
+
+sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# fetch_artifact ARTIFACT FILE SHA256 -> prints the verified path in $CACHE/downloads
+fetch_artifact() {
+  local artifact=$1 file=$2 sha=$3 dir="$CACHE/downloads"
+  mkdir -p "$dir"
+  local path="$dir/$file"
+  if [[ -f $path ]] && [[ $(sha256_of "$path") == "$sha" ]]; then
+    printf '%s\n' "$path"; return 0
+  fi
+  rm -f "$path"
+  log "downloading $artifact"
+  if need_cmd mvn; then
+    (cd "$dir" && mvn -q -B dependency:copy "-Dartifact=$artifact" "-DoutputDirectory=$dir" >&2) \
+      || warn "mvn dependency:copy failed for $artifact; trying Maven Central with curl"
+  fi
+  if [[ ! -f $path ]]; then
+    local g a v t
+    IFS=: read -r g a v t <<<"$artifact"
+    local url="https://repo1.maven.org/maven2/${g//.//}/$a/$v/$a-$v.$t"
+    curl -fSL --retry 3 -o "$path.part" "$url" >&2 || die "download failed: $url"
+    mv "$path.part" "$path"
+  fi
+  local got; got=$(sha256_of "$path")
+  if [[ $got != "$sha" ]]; then
+    mv "$path" "$path.bad"
+    die "checksum mismatch for $file: expected $sha, got $got (kept as $path.bad)"
+  fi
+  log "verified $file sha256 $sha"
+  printf '%s\n' "$path"
+}
+
+gen_secret() {
+  if need_cmd openssl; then openssl rand -hex 24
+  else python3 -c 'import secrets; print(secrets.token_hex(24))'; fi
+}
+
+SECRET_KEYS=(ORTHANC_GATEWAY_PASSWORD OIDC_CLIENT_SECRET KEYCLOAK_ADMIN_PASSWORD POSTGRES_PASSWORD)
+
+# ensure_secrets : generate missing secrets once into $STACK/secrets.env (0600), then load them
+ensure_secrets() {
+  local f="$STACK/secrets.env" k
+  ( umask 077; touch "$f" )
+  chmod 0600 "$f"
+  for k in "${SECRET_KEYS[@]}"; do
+    if ! grep -q "^$k=" "$f"; then
+      printf '%s=%s\n' "$k" "$(gen_secret)" >>"$f"
+    fi
+  done
+  load_secrets
+}
+
+load_secrets() {
+  local f="$STACK/secrets.env" k v
+  [[ -r $f ]] || return 1
+  while IFS='=' read -r k v; do
+    [[ $k =~ ^[A-Z_][A-Z0-9_]*$ ]] || continue
+    printf -v "SECRET_$k" '%s' "$v"
+  done <"$f"
+}
+
+write_gateway_env() {
+  local f="$STACK/gateway.env" tmp
+  tmp=$(umask 077; mktemp "$STACK/.gateway.env.XXXXXX")
+  cat >"$tmp" <<EOF
+COMPLIANCE_ARCHIVE_URL=http://$BIND:$ORTHANC_PORT
+COMPLIANCE_ARCHIVE_USERNAME=gateway
+COMPLIANCE_ARCHIVE_PASSWORD=$SECRET_ORTHANC_GATEWAY_PASSWORD
+COMPLIANCE_OIDC_ISSUER=http://$BIND:$KEYCLOAK_PORT/realms/imaging
+COMPLIANCE_OIDC_AUDIENCE=compliance-gateway
+COMPLIANCE_OIDC_CLIENT_SECRET=$SECRET_OIDC_CLIENT_SECRET
+COMPLIANCE_KEYCLOAK_URL=http://$BIND:$KEYCLOAK_PORT
+COMPLIANCE_KEYCLOAK_ADMIN_USERNAME=admin
+COMPLIANCE_KEYCLOAK_ADMIN_PASSWORD=$SECRET_KEYCLOAK_ADMIN_PASSWORD
+COMPLIANCE_ELASTICSEARCH_URL=http://$BIND:$ELASTICSEARCH_PORT
+COMPLIANCE_POSTGRES_URL=postgresql+psycopg://compliance:$SECRET_POSTGRES_PASSWORD@$BIND:$POSTGRES_PORT/compliance
+EOF
+  chmod 0600 "$tmp"
+  if [[ -f $f ]] && cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv -f "$tmp" "$f"; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Orthanc
+
+orthanc_url()  { printf 'http://%s:%s\n' "$BIND" "$ORTHANC_PORT"; }
+orthanc_logs() { printf '%s\n' "$STACK/logs/orthanc.log"; }
+
+orthanc_healthy() {
+  load_secrets || return 1
+  curl -fsS -m 5 -o /dev/null -u "gateway:$SECRET_ORTHANC_GATEWAY_PASSWORD" "$(orthanc_url)/system"
+}
+
+# render_orthanc_config OUT : template deploy/orthanc/orthanc.json -> OUT, with the plugin hook
+render_orthanc_config() {
+  local out=$1
+  STACK_ORTHANC_DIR="$STACK/orthanc" \
+  ORTHANC_GATEWAY_PASSWORD="$SECRET_ORTHANC_GATEWAY_PASSWORD" \
+  PYTHON_PLUGIN="${COMPLIANCE_ORTHANC_PYTHON_PLUGIN:-}" \
+  python3 - "$DEPLOY_DIR/orthanc/orthanc.json" "$out" <<'PY'
+import json, os, sys
+src, out = sys.argv[1], sys.argv[2]
+subst = {"@STACK_ORTHANC_DIR@": os.environ["STACK_ORTHANC_DIR"],
+         "@ORTHANC_GATEWAY_PASSWORD@": os.environ["ORTHANC_GATEWAY_PASSWORD"]}
+def fill(v):
+    if isinstance(v, str):
+        for k, r in subst.items():
+            v = v.replace(k, r)
+        return v
+    if isinstance(v, list):
+        return [fill(x) for x in v]
+    if isinstance(v, dict):
+        return {k: fill(x) for k, x in v.items()}
+    return v
+cfg = fill(json.load(open(src)))
+# ---- HOOK: storage-area plugin (orthanc-python). Enabled only by COMPLIANCE_ORTHANC_PYTHON_PLUGIN.
+script = os.environ.get("PYTHON_PLUGIN", "")
+if script:
+    script = os.path.abspath(script)
+    if not os.path.isfile(script):
+        sys.exit(f"COMPLIANCE_ORTHANC_PYTHON_PLUGIN={script}: no such file")
+    cfg["Plugins"].append("/usr/share/orthanc/plugins/libOrthancPython.so")
+    cfg["PythonScript"] = script
+    cfg["PythonVerbose"] = False
+# ---- end of hook
+with open(out, "w") as f:
+    json.dump(cfg, f, indent=2)
+    f.write("\n")
+PY
+}
+
+orthanc_up() {
+  local dir="$STACK/orthanc" conf="$STACK/orthanc/orthanc.json" logf
+  logf=$(orthanc_logs)
+  [[ -x /usr/sbin/Orthanc ]] || die "orthanc: /usr/sbin/Orthanc missing"
+  [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || die "orthanc: DICOMweb plugin missing"
+  mkdir -p "$dir/storage" "$dir/index" "$dir/tmp"
+  own "$dir"; chmod 0750 "$dir"
+  local tmp; tmp=$(mktemp "$dir/.orthanc.json.XXXXXX")
+  render_orthanc_config "$tmp" || { rm -f "$tmp"; die "orthanc: cannot render config"; }
+  chmod 0640 "$tmp"
+  if is_root; then chown "root:$STACK_USER" "$tmp"; fi
+  local changed=1
+  if [[ -f $conf ]] && cmp -s "$tmp" "$conf"; then changed=; fi
+  if pid_of orthanc >/dev/null; then
+    if [[ -z $changed ]] && orthanc_healthy >/dev/null 2>&1; then
+      rm -f "$tmp"; log "orthanc: already up"; return 0
+    fi
+    log "orthanc: configuration changed or unhealthy, restarting"
+    stop_pid orthanc 30
+  fi
+  mv -f "$tmp" "$conf"
+  check_port_free orthanc "$ORTHANC_PORT"
+  spawn orthanc "$logf" /usr/sbin/Orthanc "$conf"
+  if ! wait_until "$ORTHANC_TIMEOUT" orthanc_healthy || ! pid_of orthanc >/dev/null; then
+    show_logs "$logf"
+    die "orthanc: not healthy within ${ORTHANC_TIMEOUT}s"
+  fi
+  # fail closed: the REST API and DICOMweb must refuse anonymous requests
+  local code
+  code=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "$(orthanc_url)/dicom-web/studies")
+  if [[ $code != 401 ]]; then
+    stop_pid orthanc 30
+    die "orthanc: anonymous GET /dicom-web/studies answered $code, expected 401; stopped it"
+  fi
+}
+
+orthanc_down() { stop_pid orthanc 30; }
+
+# ---------------------------------------------------------------------------------------------
+# Keycloak
+
+keycloak_url()  { printf 'http://%s:%s\n' "$BIND" "$KEYCLOAK_PORT"; }
+keycloak_home() { printf '%s/keycloak/keycloak-%s\n' "$STACK" "$KEYCLOAK_VERSION"; }
+keycloak_logs() { printf '%s\n' "$STACK/logs/keycloak.log"; }
+REALM_FILE="$DEPLOY_DIR/keycloak/imaging-realm.json"
+
+keycloak_healthy() {
+  local body
+  body=$(curl -fsS -m 5 "$(keycloak_url)/realms/imaging/.well-known/openid-configuration") || return 1
+  [[ $body == *"\"issuer\":\"$(keycloak_url)/realms/imaging\""* ]]
+}
+
+keycloak_env() {
+  KC_ENV=(env "JAVA_HOME=$JAVA_HOME_21"
+          "KC_BOOTSTRAP_ADMIN_USERNAME=admin"
+          "KC_BOOTSTRAP_ADMIN_PASSWORD=$SECRET_KEYCLOAK_ADMIN_PASSWORD"
+          "COMPLIANCE_OIDC_CLIENT_SECRET=$SECRET_OIDC_CLIENT_SECRET")
+}
+
+keycloak_install() {
+  local home; home=$(keycloak_home)
+  [[ -x $home/bin/kc.sh ]] && return 0
+  local zip; zip=$(fetch_artifact "$KEYCLOAK_ARTIFACT" "$KEYCLOAK_ZIP" "$KEYCLOAK_SHA256")
+  log "keycloak: unpacking $KEYCLOAK_ZIP into $STACK/keycloak"
+  mkdir -p "$STACK/keycloak"
+  local tmp; tmp=$(mktemp -d "$STACK/keycloak/.unpack.XXXXXX")
+  unzip -q "$zip" -d "$tmp"
+  mv "$tmp/keycloak-$KEYCLOAK_VERSION" "$home"
+  rmdir "$tmp"
+  own "$STACK/keycloak"
+}
+
+# Realm (re-)import policy: the first start imports the realm (--import-realm). Afterwards,
+# when deploy/keycloak/imaging-realm.json changes (sha256 recorded in $STACK/keycloak/realm.sha256),
+# Keycloak is stopped and 'kc.sh import --override true' replaces the realm before it starts again.
+keycloak_up() {
+  local logf home want have
+  logf=$(keycloak_logs)
+  find_java
+  keycloak_install
+  home=$(keycloak_home)
+  keycloak_env
+  want=$(sha256_of "$REALM_FILE")
+  have=$(cat "$STACK/keycloak/realm.sha256" 2>/dev/null || true)
+  if pid_of keycloak >/dev/null && [[ $want == "$have" ]] && keycloak_healthy; then
+    log "keycloak: already up"; return 0
+  fi
+  mkdir -p "$home/data/import"
+  install -m 0640 "$REALM_FILE" "$home/data/import/imaging-realm.json"
+  own "$home/data"
+  if [[ -n $have && $want != "$have" ]]; then
+    log "keycloak: realm file changed since the last import, re-importing (kc.sh import --override true)"
+    stop_pid keycloak 60
+    printf '\n===== %s: kc.sh import --override true =====\n' "$(date -Is)" >>"$logf"
+    if ! (cd "$home" && run_as "${KC_ENV[@]}" bin/kc.sh import \
+            --file "$home/data/import/imaging-realm.json" --override true >>"$logf" 2>&1); then
+      show_logs "$logf"; die "keycloak: realm re-import failed"
+    fi
+    rm -f "$STACK/keycloak/realm.sha256"
+  fi
+  if pid_of keycloak >/dev/null; then
+    log "keycloak: running but unhealthy, restarting"
+    stop_pid keycloak 60
+  fi
+  check_port_free keycloak "$KEYCLOAK_PORT"
+  # The management interface (port 9000) only opens when health or metrics are enabled:
+  # both stay off, so the only listener is $BIND:$KEYCLOAK_PORT.
+  (cd "$home" && spawn keycloak "$logf" "${KC_ENV[@]}" bin/kc.sh start-dev \
+      --http-host="$BIND" --http-port="$KEYCLOAK_PORT" \
+      --hostname="http://$BIND:$KEYCLOAK_PORT" \
+      --health-enabled=false --metrics-enabled=false \
+      --import-realm)
+  if ! wait_until "$KEYCLOAK_TIMEOUT" keycloak_healthy || ! pid_of keycloak >/dev/null; then
+    show_logs "$logf"
+    die "keycloak: realm 'imaging' not served within ${KEYCLOAK_TIMEOUT}s"
+  fi
+  printf '%s\n' "$want" >"$STACK/keycloak/realm.sha256"
+}
+
+keycloak_down() { stop_pid keycloak 60; }
+
+# ---------------------------------------------------------------------------------------------
+# Elasticsearch (integ-test zip: no x-pack, hence no security; loopback only)
+
+elasticsearch_url()  { printf 'http://%s:%s\n' "$BIND" "$ELASTICSEARCH_PORT"; }
+elasticsearch_logs() { printf '%s\n' "$STACK/logs/elasticsearch.log" "$STACK/elasticsearch/logs/compliance-audit.log"; }
+
+elasticsearch_healthy() {
+  local body
+  body=$(curl -fsS -m 10 "$(elasticsearch_url)/_cluster/health?timeout=5s") || return 1
+  [[ $body == *'"status":"green"'* || $body == *'"status":"yellow"'* ]]
+}
+
+# ES home: read-only, root-owned, world-readable. In the cache when the stack user can read the
+# cache (not the case for /root/.cache: /root is 0700), otherwise under $STACK/dist.
+elasticsearch_install() {
+  local zip base
+  base="$CACHE/dist"
+  mkdir -p "$base"
+  if is_root && ! run_as test -r "$base" -a -x "$base"; then
+    base="$STACK/dist"
+  fi
+  ES_HOME="$base/elasticsearch-$ELASTICSEARCH_VERSION"
+  [[ -x $ES_HOME/bin/elasticsearch ]] && return 0
+  zip=$(fetch_artifact "$ELASTICSEARCH_ARTIFACT" "$ELASTICSEARCH_ZIP" "$ELASTICSEARCH_SHA256")
+  log "elasticsearch: unpacking into $ES_HOME (read-only)"
+  mkdir -p "$base"; chmod 0755 "$base"
+  local tmp; tmp=$(mktemp -d "$base/.unpack.XXXXXX")
+  unzip -q "$zip" -d "$tmp"
+  chmod -R u+rwX,go+rX,go-w "$tmp"
+  mv "$tmp/elasticsearch-$ELASTICSEARCH_VERSION" "$ES_HOME"
+  rmdir "$tmp"
+}
+
+elasticsearch_configure() {
+  local d="$STACK/elasticsearch"
+  mkdir -p "$d/config" "$d/data" "$d/logs" "$d/tmp" "$d/run"
+  if [[ ! -f $d/config/jvm.options ]]; then
+    cp -R "$ES_HOME/config/." "$d/config/"
+  fi
+  mkdir -p "$d/config/jvm.options.d"
+  cat >"$d/config/elasticsearch.yml" <<EOF
+# Generated by deploy/local/up; edits are overwritten.
+cluster.name: compliance-audit
+node.name: local
+path.data: $d/data
+path.logs: $d/logs
+network.host: $BIND
+http.port: $ELASTICSEARCH_PORT
+transport.port: $ELASTICSEARCH_TRANSPORT_PORT
+discovery.type: single-node
+cluster.routing.allocation.disk.threshold_enabled: false
+action.destructive_requires_name: true
+EOF
+  printf '%s\n' '# Generated by deploy/local/up' '-Xms1g' '-Xmx1g' >"$d/config/jvm.options.d/compliance.options"
+  own "$d"
+  chmod 0750 "$d"
+}
+
+elasticsearch_up() {
+  local logf d="$STACK/elasticsearch"
+  logf="$STACK/logs/elasticsearch.log"
+  find_java
+  elasticsearch_install
+  local before=
+  [[ -f $d/config/elasticsearch.yml ]] && before=$(cat "$d/config/elasticsearch.yml" "$d/config/jvm.options.d/compliance.options" 2>/dev/null)
+  elasticsearch_configure
+  local after; after=$(cat "$d/config/elasticsearch.yml" "$d/config/jvm.options.d/compliance.options")
+  if pid_of elasticsearch >/dev/null; then
+    if [[ $before == "$after" ]] && elasticsearch_healthy; then
+      log "elasticsearch: already up"; return 0
+    fi
+    log "elasticsearch: configuration changed or unhealthy, restarting"
+    stop_pid elasticsearch 60
+  fi
+  check_port_free elasticsearch "$ELASTICSEARCH_PORT"
+  check_port_free elasticsearch "$ELASTICSEARCH_TRANSPORT_PORT"
+  rm -f "$d/run/elasticsearch.pid"
+  printf '\n===== %s: starting elasticsearch =====\n' "$(date -Is)" >>"$logf"
+  # -d daemonises once the node has started (or fails); -p records the server JVM's pid.
+  if ! run_as env "ES_JAVA_HOME=$JAVA_HOME_21" "ES_PATH_CONF=$d/config" "ES_TMPDIR=$d/tmp" \
+        timeout "$ELASTICSEARCH_TIMEOUT" setsid "$ES_HOME/bin/elasticsearch" -d -p "$d/run/elasticsearch.pid" \
+        >>"$logf" 2>&1 </dev/null; then
+    show_logs $(elasticsearch_logs)
+    die "elasticsearch: failed to start"
+  fi
+  cp "$d/run/elasticsearch.pid" "$(pidfile elasticsearch)"
+  if ! wait_until "$ELASTICSEARCH_TIMEOUT" curl -fsS -m 70 \
+        "$(elasticsearch_url)/_cluster/health?wait_for_status=yellow&timeout=60s"; then
+    show_logs $(elasticsearch_logs)
+    die "elasticsearch: cluster not yellow/green within ${ELASTICSEARCH_TIMEOUT}s"
+  fi
+}
+
+elasticsearch_down() { stop_pid elasticsearch 60; }
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL
+
+postgres_url()  { printf 'postgresql://compliance@%s:%s/compliance\n' "$BIND" "$POSTGRES_PORT"; }
+postgres_logs() { printf '%s\n' "$STACK/logs/postgres.log"; }
+
+find_pg_bin() {
+  [[ -n ${PG_BIN:-} ]] && return 0
+  local best
+  best=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4,4n | tail -n1)
+  [[ -n $best && -x $best/pg_ctl ]] || die "postgres: no PostgreSQL server binaries under /usr/lib/postgresql"
+  PG_BIN=$best
+}
+
+postgres_healthy() {
+  find_pg_bin
+  load_secrets || return 1
+  "$PG_BIN/pg_isready" -q -h "$BIND" -p "$POSTGRES_PORT" -d compliance -U compliance || return 1
+  [[ $(PGPASSWORD="$SECRET_POSTGRES_PASSWORD" PGCONNECT_TIMEOUT=5 "$PG_BIN/psql" -X -A -t -q \
+        -h "$BIND" -p "$POSTGRES_PORT" -U compliance -d compliance -c 'select 1' 2>/dev/null) == 1 ]]
+}
+
+postgres_sync_pid() {
+  local pm="$STACK/postgres/data/postmaster.pid"
+  [[ -r $pm ]] && head -n1 "$pm" >"$(pidfile postgres)"
+}
+
+postgres_up() {
+  local d="$STACK/postgres" logf
+  logf=$(postgres_logs)
+  find_pg_bin
+  mkdir -p "$d/socket"
+  own "$d"; chmod 0700 "$d"
+  touch "$logf"; own "$logf"; chmod 0640 "$logf"
+  postgres_sync_pid || true
+  if pid_of postgres >/dev/null && postgres_healthy; then
+    log "postgres: already up"; return 0
+  fi
+  if [[ ! -s $d/data/PG_VERSION ]]; then
+    log "postgres: initdb into $d/data"
+    rm -rf "$d/data"
+    if ! run_as "$PG_BIN/initdb" -D "$d/data" --encoding=UTF8 --locale=C.UTF-8 \
+          --auth-local=peer --auth-host=scram-sha-256 >>"$logf" 2>&1; then
+      show_logs "$logf"; die "postgres: initdb failed"
+    fi
+    printf "\ninclude_if_exists = 'compliance.conf'\n" >>"$d/data/postgresql.conf"
+  fi
+  cat >"$d/data/compliance.conf" <<EOF
+# Generated by deploy/local/up; edits are overwritten.
+listen_addresses = '$BIND'
+port = $POSTGRES_PORT
+unix_socket_directories = '$d/socket'
+password_encryption = 'scram-sha-256'
+EOF
+  own "$d/data/compliance.conf"
+  if ! pid_of postgres >/dev/null; then
+    rm -f "$(pidfile postgres)"
+    check_port_free postgres "$POSTGRES_PORT"
+    if ! run_as "$PG_BIN/pg_ctl" -D "$d/data" -l "$logf" -w -t "$POSTGRES_TIMEOUT" start >/dev/null; then
+      show_logs "$logf"; die "postgres: failed to start within ${POSTGRES_TIMEOUT}s"
+    fi
+    postgres_sync_pid
+  fi
+  # role and database (idempotent); the password goes through stdin, never argv
+  local su=(run_as "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$d/socket" -p "$POSTGRES_PORT" -d postgres)
+  if ! "${su[@]}" -v "pw=$SECRET_POSTGRES_PASSWORD" >>"$logf" 2>&1 <<'SQL'
+SELECT 'CREATE ROLE compliance LOGIN' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'compliance') \gexec
+ALTER ROLE compliance WITH LOGIN NOSUPERUSER NOCREATEROLE PASSWORD :'pw';
+SELECT 'CREATE DATABASE compliance OWNER compliance ENCODING ''UTF8''' WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'compliance') \gexec
+ALTER DATABASE compliance OWNER TO compliance;
+SQL
+  then
+    show_logs "$logf"; die "postgres: creating role/database failed"
+  fi
+  if ! wait_until "$POSTGRES_TIMEOUT" postgres_healthy; then
+    show_logs "$logf"; die "postgres: not healthy within ${POSTGRES_TIMEOUT}s"
+  fi
+}
+
+postgres_down() {
+  local d="$STACK/postgres"
+  find_pg_bin
+  postgres_sync_pid || true
+  if pid_of postgres >/dev/null; then
+    log "postgres: stopping"
+    run_as "$PG_BIN/pg_ctl" -D "$d/data" -m fast -w -t 60 stop >/dev/null || stop_pid postgres 30
+  fi
+  rm -f "$(pidfile postgres)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+# component_state COMP -> prints up|unhealthy|down
+component_state() {
+  local comp=$1
+  [[ $comp == postgres ]] && { postgres_sync_pid 2>/dev/null || true; }
+  if ! pid_of "$comp" >/dev/null 2>&1; then
+    printf 'down\n'; return
+  fi
+  if "${comp}_healthy" >/dev/null 2>&1; then printf 'up\n'; else printf 'unhealthy\n'; fi
+}
