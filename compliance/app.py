@@ -80,14 +80,14 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
         app.state.services = Services(settings=settings, verifier=verifier, auditor=auditor, dicomweb=dicomweb)
         app.state.outbox = outbox
         app.state.shipper = shipper
-        auditor.record_now(application_activity_event(start=True, gateway_id=settings.audit_source_id))
+        auditor.record_now(application_activity_event("start", gateway_id=settings.audit_source_id))
         if settings.audit_shipper_enabled:
             shipper.start()
         try:
             yield
         finally:
             try:
-                auditor.record_now(application_activity_event(start=False, gateway_id=settings.audit_source_id))
+                auditor.record_now(application_activity_event("stop", gateway_id=settings.audit_source_id))
             finally:
                 if settings.audit_shipper_enabled:
                     shipper.stop()

@@ -38,7 +38,7 @@ def client_address(request: Request) -> str | None:
 
 
 async def authenticate(request: Request, services: ServicesDep) -> Principal:
-    """Verify the bearer token; audit every refusal as a 110113 Security Alert (node authentication)."""
+    """Verify the bearer token; audit every refusal as a 110113 Security Alert (authentication decision)."""
     header = request.headers.get("authorization")
     token: str | None = None
     try:
@@ -54,12 +54,12 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
             security_alert_event(
                 user=None,
                 gateway_id=services.settings.audit_source_id,
-                alert_type=EventTypeCode.NODE_AUTHENTICATION,
+                alert_type=EventTypeCode.AUTHENTICATION_DECISION,
                 description=f"refused credentials for {request.method} {request.url.path}: {exc.message}",
                 resource=str(request.url.path),
                 outcome=Outcome.MINOR_FAILURE,
                 source_address=client_address(request),
-                claimed_user=unverified_username(token) if token else None,
+                alternative_user_id=unverified_username(token) if token else None,
             )
         )
         raise

@@ -12,6 +12,7 @@ strings and free text reach the log byte for byte, whatever XML they contain.
 from __future__ import annotations
 
 import base64
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,10 +66,22 @@ def event_datetime(event: AuditEvent) -> str:
     return event.occurred_at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Characters XML 1.0 cannot carry at all. Caller-controlled strings (an unverified token claim, a
+# patient name from a bad header) must not be able to make the audit record itself fail.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _x(value: str) -> str:
+    return _NOT_XML.sub("\ufffd", value)
+
+
+def _sub(parent: etree._Element, tag: str, attrs: dict[str, str] | None = None) -> etree._Element:
+    return etree.SubElement(parent, tag, {k: _x(v) for k, v in (attrs or {}).items()})
+
+
 def _coded(parent: etree._Element, tag: str, code: Code) -> etree._Element:
-    return etree.SubElement(
-        parent, tag, {"csd-code": code.code, "codeSystemName": code.scheme, "originalText": code.display}
-    )
+    attrs = {"csd-code": code.code, "codeSystemName": code.scheme, "originalText": code.display}
+    return _sub(parent, tag, attrs)
 
 
 def _b64(value: bytes) -> str:
@@ -86,11 +99,11 @@ def _participant(root: etree._Element, p: ActiveParticipant) -> None:
         attrs["NetworkAccessPointID"] = p.network_access_point_id
         if p.network_access_point_type is not None:
             attrs["NetworkAccessPointTypeCode"] = str(int(p.network_access_point_type))
-    element = etree.SubElement(root, "ActiveParticipant", attrs)
+    element = _sub(root, "ActiveParticipant", attrs)
     for role in p.role_id_codes:
         _coded(element, "RoleIDCode", role)
     if p.media_type is not None:
-        _coded(etree.SubElement(element, "MediaIdentifier"), "MediaType", p.media_type)
+        _coded(_sub(element, "MediaIdentifier"), "MediaType", p.media_type)
 
 
 def _object(root: etree._Element, o: ParticipantObject) -> None:
@@ -103,39 +116,40 @@ def _object(root: etree._Element, o: ParticipantObject) -> None:
         attrs["ParticipantObjectDataLifeCycle"] = str(int(o.data_life_cycle))
     if o.sensitivity:
         attrs["ParticipantObjectSensitivity"] = o.sensitivity
-    element = etree.SubElement(root, "ParticipantObjectIdentification", attrs)
+    element = _sub(root, "ParticipantObjectIdentification", attrs)
     _coded(element, "ParticipantObjectIDTypeCode", o.id_type_code)
     if o.query is not None:
-        etree.SubElement(element, "ParticipantObjectQuery").text = _b64(o.query)
+        _sub(element, "ParticipantObjectQuery").text = _b64(o.query)
     else:
-        etree.SubElement(element, "ParticipantObjectName").text = o.name or ""
+        _sub(element, "ParticipantObjectName").text = _x(o.name or "")
     for detail_type, value in o.details:
-        etree.SubElement(element, "ParticipantObjectDetail", {"type": detail_type, "value": _b64(value)})
+        _sub(element, "ParticipantObjectDetail", {"type": detail_type, "value": _b64(value)})
     d = o.description
     if d is not None:
-        desc = etree.SubElement(element, "ParticipantObjectDescription")
+        desc = _sub(element, "ParticipantObjectDescription")
         for uid in d.mpps_uids:
-            etree.SubElement(desc, "MPPS", {"UID": uid})
+            _sub(desc, "MPPS", {"UID": uid})
         for number in d.accession_numbers:
-            etree.SubElement(desc, "Accession", {"Number": number})
+            _sub(desc, "Accession", {"Number": number})
         for sop in d.sop_classes:
-            sop_el = etree.SubElement(desc, "SOPClass", {"UID": sop.uid, "NumberOfInstances": str(sop.number_of_instances)})
+            sop_attrs = {"UID": sop.uid, "NumberOfInstances": str(sop.number_of_instances)}
+            sop_el = _sub(desc, "SOPClass", sop_attrs)
             for instance_uid in sop.instance_uids:
-                etree.SubElement(sop_el, "Instance", {"UID": instance_uid})
+                _sub(sop_el, "Instance", {"UID": instance_uid})
         if d.contains_studies:
-            contains = etree.SubElement(desc, "ParticipantObjectContainsStudy")
+            contains = _sub(desc, "ParticipantObjectContainsStudy")
             for uid in d.contains_studies:
-                etree.SubElement(contains, "StudyIDs", {"UID": uid})
+                _sub(contains, "StudyIDs", {"UID": uid})
         if d.encrypted is not None:
-            etree.SubElement(desc, "Encrypted").text = "true" if d.encrypted else "false"
+            _sub(desc, "Encrypted").text = "true" if d.encrypted else "false"
         if d.anonymized is not None:
-            etree.SubElement(desc, "Anonymized").text = "true" if d.anonymized else "false"
+            _sub(desc, "Anonymized").text = "true" if d.anonymized else "false"
 
 
 def to_atna_xml(event: AuditEvent, source: AuditSource) -> bytes:
     """Render ``event`` as an ``AuditMessage`` (PS3.15 A.5.1), UTF-8 with an XML declaration."""
     root = etree.Element("AuditMessage")
-    ident = etree.SubElement(
+    ident = _sub(
         root,
         "EventIdentification",
         {
@@ -148,7 +162,7 @@ def to_atna_xml(event: AuditEvent, source: AuditSource) -> bytes:
     for type_code in event.event_type_codes:
         _coded(ident, "EventTypeCode", type_code)
     if event.outcome_description:
-        etree.SubElement(ident, "EventOutcomeDescription").text = event.outcome_description
+        _sub(ident, "EventOutcomeDescription").text = _x(event.outcome_description)
     for purpose in event.purpose_of_use:
         _coded(ident, "PurposeOfUse", purpose)
     for participant in event.participants:
@@ -157,7 +171,7 @@ def to_atna_xml(event: AuditEvent, source: AuditSource) -> bytes:
     if source.enterprise_site_id:
         source_attrs["AuditEnterpriseSiteID"] = source.enterprise_site_id
     source_attrs["AuditSourceID"] = source.source_id
-    source_el = etree.SubElement(root, "AuditSourceIdentification", source_attrs)
+    source_el = _sub(root, "AuditSourceIdentification", source_attrs)
     for type_code in source.type_codes:
         _coded(source_el, "AuditSourceTypeCode", type_code)
     for obj in event.objects:

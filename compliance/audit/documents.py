@@ -56,7 +56,9 @@ def to_document(event: AuditEvent, source: AuditSource) -> dict[str, Any]:
     )
 
     patients = [
-        o for o in event.objects if o.type_code is ObjectType.PERSON and o.type_code_role is ObjectRole.PATIENT
+        o
+        for o in event.objects
+        if o.type_code is ObjectType.PERSON and o.type_code_role is ObjectRole.PATIENT
     ]
     studies = [o for o in event.objects if o.id_type_code == ObjectIDTypeCode.STUDY_INSTANCE_UID]
     sop_classes = [o.id for o in event.objects if o.id_type_code == ObjectIDTypeCode.SOP_CLASS_UID]
@@ -83,7 +85,9 @@ def to_document(event: AuditEvent, source: AuditSource) -> dict[str, Any]:
         "event.type_names": [c.display for c in event.event_type_codes],
         "user.id": person.user_id if person else None,
         "user.name": person.user_name if person else None,
-        "user.roles": [c.code for c in person.role_id_codes if c.scheme == REALM_ROLE_SCHEME] if person else [],
+        "user.roles": [c.code for c in person.role_id_codes if c.scheme == REALM_ROLE_SCHEME]
+        if person
+        else [],
         "user.unverified_claim": unverified_claim,
         "client.id": client.user_id if client else None,
         "source.address": source_address,

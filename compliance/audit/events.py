@@ -512,7 +512,9 @@ def study_object(
 def _single_patient(patients: Sequence[PatientRef], table: str) -> tuple[PatientRef, ...]:
     patients = tuple(patients)
     if len(patients) > 1:
-        raise ValueError(f"PS3.15 {table}: this message shall only include information about a single patient")
+        raise ValueError(
+            f"PS3.15 {table}: this message shall only include information about a single patient"
+        )
     return patients
 
 
@@ -864,7 +866,9 @@ def security_alert_event(
         participants.append(
             ActiveParticipant(
                 user_id=UNAUTHENTICATED_USER_ID,
-                alternative_user_id=(UNVERIFIED_PREFIX + alternative_user_id) if alternative_user_id else None,
+                alternative_user_id=(UNVERIFIED_PREFIX + alternative_user_id)
+                if alternative_user_id
+                else None,
                 network_access_point_id=source_address,
                 kind=ParticipantKind.UNVERIFIED,
             )

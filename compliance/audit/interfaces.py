@@ -51,6 +51,8 @@ class ShipResult:
     shipped: tuple[str, ...] = ()
     failed: Mapping[str, str] = field(default_factory=dict)
     retryable: bool = False
+    #: The failed uuids worth sending again (refused for load, not for content).
+    retryable_ids: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -131,7 +131,7 @@ def _compile(ids: dict[str, str]) -> re.Pattern[str] | None:
     if not ids:
         return None
     alts = "|".join(re.escape(i) for i in sorted(ids, key=len, reverse=True))
-    return re.compile(r"(?<![A-Z0-9])(?:" + alts + r")(?![A-Z0-9])")
+    return re.compile(r"(?<![A-Z0-9_])(?:" + alts + r")(?![A-Z0-9_])")
 
 
 def scan(dataset: Dataset, collector: IdentifierCollector) -> list[Finding]:
@@ -159,7 +159,7 @@ def scan(dataset: Dataset, collector: IdentifierCollector) -> list[Finding]:
         pos += len(text) + 1
 
     def walk(ds: Dataset, prefix: str) -> None:
-        for elem in ds.iterall() if False else ds:
+        for elem in ds:
             path = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
             vr = elem.VR
             if vr == "SQ":

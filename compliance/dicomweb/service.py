@@ -131,7 +131,7 @@ class DicomwebService:
             security_alert_event(
                 user=ctx.user,
                 gateway_id=self._gateway_id,
-                alert_type=EventTypeCode.USE_OF_RESTRICTED_FUNCTION,
+                alert_type=EventTypeCode.ACCESS_CONTROL_DECISION,
                 description=f"denied {ctx.method} {ctx.target}: {decision.reason}",
                 resource=f"dicomweb:{ctx.target}",
                 outcome=Outcome.MINOR_FAILURE,
@@ -160,7 +160,7 @@ class DicomwebService:
             for item in items if isinstance(items, list) else []:
                 pid = _value(item, "00100020")
                 pname = person_name(_value(item, "00100010"))
-                if pid is not None or pname is not None:
+                if pid:
                     patients.setdefault((pid, pname), PatientRef(patient_id=pid, name=pname))
                 suid = _value(item, "0020000D") or route.study_uid
                 if suid:
@@ -168,7 +168,7 @@ class DicomwebService:
         if route.study_uid and upstream.status_code == 200:
             # Series/instance-level results carry no patient attributes: name the study's patient.
             summary = await self._archive.study_summary(route.study_uid)
-            if summary is not None:
+            if summary is not None and summary.patient_id:
                 patients.setdefault(
                     (summary.patient_id, summary.patient_name),
                     PatientRef(patient_id=summary.patient_id, name=summary.patient_name),
@@ -215,7 +215,11 @@ class DicomwebService:
         return upstream
 
     def _retrieve_event(self, ctx: RequestContext, route: Route, status: int, summary: StudySummary | None):
-        patients = (PatientRef(patient_id=summary.patient_id, name=summary.patient_name),) if summary else ()
+        patients = (
+            (PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
+            if summary is not None and summary.patient_id
+            else ()
+        )
         studies = (
             StudyRef(study_uid=route.study_uid or "", accession=summary.accession if summary else None),
         )
@@ -288,7 +292,8 @@ class DicomwebService:
 def _patients_of(instances: list[StowInstance]) -> tuple[PatientRef, ...]:
     seen: dict[tuple[str | None, str | None], PatientRef] = {}
     for i in instances:
-        seen.setdefault((i.patient_id, i.patient_name), PatientRef(patient_id=i.patient_id, name=i.patient_name))
+        if i.patient_id:
+            seen.setdefault((i.patient_id, i.patient_name), PatientRef(patient_id=i.patient_id, name=i.patient_name))
     return tuple(seen.values())
 
 

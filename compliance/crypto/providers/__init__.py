@@ -1,0 +1,1 @@
+"""Key providers: where key-encryption keys live (``local`` keyring file, ``pkcs11`` token)."""

@@ -1,0 +1,414 @@
+"""The de-identification engine: PS3.15 Annex E applied by a profile, one dataset at a time.
+
+``Deidentifier(profile, project, secret_source).deidentify(dataset)`` walks the dataset once with
+pydicom (the fast path: no recipe interpretation per element), applying to each element:
+
+- a Table E.1-1 row (``profiles.resolve_row`` then ``profiles.resolve_compound``):
+  X remove; Z empty; D dummy of the VR; U remap UIDs; K keep; C clean (dates shifted by the
+  patient's offset, text with the patient's identifiers masked, sequences cleaned recursively);
+  PatientID, PatientName and AccessionNumber get keyed pseudonyms instead of Z/D;
+- curves (50xx) and overlays (60xx: the whole group, its data being removed) go;
+- private elements go unless the profile retains safe private and the (creator, group, element)
+  is on the safe list; private creators without a kept element go;
+- public attributes the table has no row for are kept when the data dictionary knows them
+  (the table lists what must be treated), removed when it does not (a newer edition's or an
+  unknown one) unless the profile keeps them; any non-registry UID is remapped; group lengths go;
+- inside a sequence resolved to D (Content Sequence, Graphic Annotation Sequence ...), every
+  free-text value the table does not list is replaced by a dummy; inside one resolved to C,
+  it is cleaned.
+
+Then it sets Patient Identity Removed, De-identification Method (Code Sequence: 113100 plus the
+option codes), Longitudinal Temporal Information Modified, rebuilds the file meta, treats burned-in
+text (``pixels``), and runs the leak gate over the whole output. The input dataset is consumed:
+it is modified in place and becomes the output.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from pydicom.datadict import get_entry
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from compliance.deid import pixels as pixel_mod
+from compliance.deid.interfaces import DeidInputError, PseudonymSecretSource
+from compliance.deid.leakgate import BYTES_VRS, Finding, IdentifierCollector, scan
+from compliance.deid.profiles import Profile, SafePrivate, resolve_compound
+from compliance.deid.pseudonyms import Pseudonymizer, is_standard_uid, shift_da, shift_dt
+
+PATIENT_ID, PATIENT_NAME, ACCESSION = 0x00100020, 0x00100010, 0x00080050
+PSEUDONYM_TAGS = frozenset({PATIENT_ID, PATIENT_NAME, ACCESSION})
+FREE_TEXT_VRS = frozenset({"AE", "AS", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+DUMMY: dict[str, Any] = {
+    "AE": "ANONYMIZED", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000",
+    "TM": "000000", "DS": "0", "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "PN": "ANONYMIZED",
+    "SH": "ANONYMIZED", "ST": "ANONYMIZED", "UC": "ANONYMIZED", "UT": "ANONYMIZED",
+    "UR": "urn:anonymized", "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
+    "AT": 0,
+}
+ENGINE_NAME = "compliance-deid"
+
+# Table lookup modes for sequences: how values the table does not list are treated inside them.
+_KEEP, _CLEAN, _DUMMY = 0, 1, 2
+
+
+@dataclass
+class Result:
+    dataset: Dataset | None
+    released: bool
+    reasons: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    pixels: str = "not at risk"
+
+
+@lru_cache(maxsize=8192)
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return str(get_entry(tag)[0]).split(" or ")[0]
+    except KeyError:
+        return None
+
+
+class _Walk:
+    """State for one dataset."""
+
+    def __init__(self, engine: Deidentifier, patient_key: str, scrub: re.Pattern[str] | None) -> None:
+        self.e = engine
+        self.profile = engine.profile
+        self.pz = engine.pseudonyms
+        self.patient_key = patient_key
+        self.offset = self.pz.date_offset_days(patient_key)
+        self.collector = IdentifierCollector()
+        self.scrub = scrub
+        self.notes: list[str] = []
+
+    # ------------------------------------------------------------------------------------------
+    def dataset(self, ds: Dataset, mode: int, depth: int = 0) -> None:
+        if depth > 64:
+            raise DeidInputError("sequences nested deeper than 64 levels")
+        private_kept_blocks: set[tuple[int, int]] = set()
+        creators: dict[tuple[int, int], str] = {}
+        for tag in list(ds.keys()):
+            t = int(tag)
+            group, elem_no = t >> 16, t & 0xFFFF
+            if elem_no == 0:
+                del ds[tag]
+                continue
+            if group & 1:
+                self.private(ds, tag, group, elem_no, creators, private_kept_blocks)
+                continue
+            if (t & 0xFF010000) in (0x50000000, 0x60000000):  # curves, overlays: Annex E patterns
+                self.remove(ds, tag)
+                continue
+            action = self.profile.actions.get(t)
+            if action is None:
+                self.unlisted(ds, tag, t, mode, depth)
+            else:
+                self.listed(ds, tag, t, action, depth)
+        # Private creators whose block kept nothing go (the loop above saw creators first).
+        for (group, block) in creators:
+            if (group, block) not in private_kept_blocks and (group << 16 | block) in ds:
+                del ds[group << 16 | block]
+
+    def element(self, ds: Dataset, tag: Any) -> DataElement | None:
+        try:
+            return ds[tag]
+        except Exception:  # an element pydicom cannot decode cannot be inspected: remove it
+            self.notes.append(f"removed undecodable element {int(tag):08X}")
+            del ds[tag]
+            return None
+
+    def remove(self, ds: Dataset, tag: Any) -> None:
+        el = self.element(ds, tag)
+        if el is not None:
+            self.collect_removed(el)
+            del ds[tag]
+
+    def collect_removed(self, el: DataElement) -> None:
+        if el.VR == "SQ":
+            for item in el.value or []:
+                for sub in item:
+                    self.collect_removed(sub)
+        elif el.VR in BYTES_VRS or isinstance(el.value, (bytes, bytearray)):
+            if el.value and len(el.value) <= 4096:
+                self.collector.removed_bytes(bytes(el.value))
+        else:
+            self.collector.removed(el.VR, el.keyword, el.value)
+
+    # ------------------------------------------------------------------------------------------
+    def private(self, ds: Dataset, tag: Any, group: int, elem_no: int,
+                creators: dict[tuple[int, int], str], kept: set[tuple[int, int]]) -> None:
+        if 0x0010 <= elem_no <= 0x00FF:
+            el = self.element(ds, tag)
+            if el is not None:
+                v = el.value
+                creators[(group, elem_no)] = (v.decode("latin-1") if isinstance(v, bytes) else str(v)).strip()
+            return
+        block = elem_no >> 8
+        creator = creators.get((group, block))
+        safe = self.profile.safe_private
+        if creator is not None and elem_no >= 0x1000 and SafePrivate(creator, group, elem_no & 0xFF) in safe:
+            el = self.element(ds, tag)
+            if el is None:
+                return
+            kept.add((group, block))
+            self.keep(ds, el, _CLEAN, 0)
+            return
+        self.remove(ds, tag)
+
+    def unlisted(self, ds: Dataset, tag: Any, t: int, mode: int, depth: int) -> None:
+        if _dictionary_vr(t) is None and t not in self.profile.keep:
+            self.remove(ds, tag)  # a newer edition's or unknown public attribute
+            return
+        el = self.element(ds, tag)
+        if el is None:
+            return
+        if mode == _DUMMY and el.VR in FREE_TEXT_VRS:
+            self.dummy(ds, el)
+        else:
+            self.keep(ds, el, mode, depth)
+
+    def keep(self, ds: Dataset, el: DataElement, mode: int, depth: int) -> None:
+        vr = el.VR
+        if vr == "SQ":
+            for item in el.value or []:
+                self.dataset(item, mode, depth + 1)
+        elif vr == "UI":
+            self.remap(el, only_nonstandard=True)
+        elif mode == _CLEAN and vr in FREE_TEXT_VRS:
+            self.clean(ds, el)
+        elif not (vr in BYTES_VRS or isinstance(el.value, (bytes, bytearray))):
+            self.collector.kept(el.value)
+
+    def listed(self, ds: Dataset, tag: Any, t: int, action: str, depth: int) -> None:
+        el = self.element(ds, tag)
+        if el is None:
+            return
+        empty = el.is_empty
+        row = self.profile.table.rows[t]
+        action = resolve_compound(action, row.std_comp_iod, empty)
+        vr = el.VR
+        if action == "X":
+            self.collect_removed(el)
+            del ds[tag]
+        elif t in PSEUDONYM_TAGS and action in ("Z", "D"):
+            self.pseudonym(el, t)
+        elif action == "Z":
+            self.collect_removed(el)
+            el.value = Sequence() if vr == "SQ" else (b"" if vr in BYTES_VRS else None)
+        elif action == "D":
+            if vr == "SQ":
+                for item in el.value or []:
+                    self.dataset(item, _DUMMY, depth + 1)
+            elif vr == "UI":
+                self.remap(el, only_nonstandard=False)
+            else:
+                self.dummy(ds, el)
+        elif action == "U":
+            if vr == "SQ":  # X/Z/U*: keep the references, their UIDs are remapped by their own rows
+                for item in el.value or []:
+                    self.dataset(item, _KEEP, depth + 1)
+            else:
+                self.remap(el, only_nonstandard=False)
+        elif action == "C":
+            if vr == "SQ":
+                for item in el.value or []:
+                    self.dataset(item, _CLEAN, depth + 1)
+            else:
+                self.clean(ds, el)
+        else:  # K
+            self.keep(ds, el, _KEEP, depth)
+
+    # ------------------------------------------------------------------------------------------
+    def pseudonym(self, el: DataElement, t: int) -> None:
+        self.collect_removed(el)
+        if el.is_empty:
+            return
+        if t == ACCESSION:
+            el.value = self.pz.accession_number(str(el.value))
+        elif t == PATIENT_ID:
+            el.value = self.pz.patient_id(str(el.value).strip())
+        else:
+            el.value = self.pz.patient_name(self.patient_key)
+
+    def dummy(self, ds: Dataset, el: DataElement) -> None:
+        self.collect_removed(el)
+        vr = el.VR
+        if vr in BYTES_VRS or vr not in DUMMY:
+            el.value = b"" if vr in BYTES_VRS else None
+        else:
+            el.value = DUMMY[vr]
+
+    def remap(self, el: DataElement, *, only_nonstandard: bool) -> None:
+        if self.profile.has("retain_uids") or el.is_empty:
+            if not el.is_empty:
+                self.collector.kept(el.value)
+            return
+        values = el.value if isinstance(el.value, (list, MultiValue)) else [el.value]
+        out = []
+        for v in values:
+            s = str(v).strip().rstrip("\x00")
+            if not s or is_standard_uid(s):
+                out.append(s)
+                continue
+            self.collector.removed("UI", el.keyword, s)
+            out.append(self.pz.uid(s))
+        el.value = out if len(out) > 1 else out[0]
+
+    def clean(self, ds: Dataset, el: DataElement) -> None:
+        vr = el.VR
+        if vr in ("DA", "DT"):
+            if not self.profile.has("retain_longitudinal_modified_dates"):
+                return self.dummy(ds, el)
+            self.collect_removed(el)
+            shift = shift_da if vr == "DA" else shift_dt
+            vals = [str(v) for v in (el.value if isinstance(el.value, MultiValue) else [el.value]) if v]
+            shifted = [shift(v, self.offset) for v in vals]
+            if any(s is None for s in shifted):
+                del ds[el.tag]
+                return
+            el.value = shifted if len(shifted) > 1 else (shifted[0] if shifted else None)
+        elif vr == "TM" or vr not in FREE_TEXT_VRS:
+            self.collector.kept(el.value)  # times of day are kept with shifted dates
+        elif vr == "PN":
+            self.dummy(ds, el)
+        else:
+            if self.scrub is not None and isinstance(el.value, str):
+                el.value = self.scrub.sub("***", el.value.upper()) if self.scrub.search(el.value.upper()) \
+                    else el.value
+            self.collector.kept(el.value)
+
+
+_IDENTIFYING_TOP = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthName",
+                    "PatientMotherBirthName", "AccessionNumber", "ReferringPhysicianName", "PatientBirthDate",
+                    "PatientAddress", "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy",
+                    "InstitutionName", "StudyID", "MedicalRecordLocator", "PatientTelephoneNumbers")
+
+
+class Deidentifier:
+    def __init__(self, profile: Profile, project: str, secret_source: PseudonymSecretSource,
+                 pixel_policy: pixel_mod.PixelPolicy | None = None) -> None:
+        self.profile = profile
+        self.project = project
+        self.pseudonyms = Pseudonymizer(secret_source.secret_for_project(project))
+        self.pixel_policy = pixel_policy or pixel_mod.load_pixel_policy()
+        self._needs_scrub = any(a == "C" for a in profile.actions.values())
+
+    def _scrub_pattern(self, ds: Dataset) -> re.Pattern[str] | None:
+        if not self._needs_scrub:
+            return None
+        c = IdentifierCollector()
+        for kw in _IDENTIFYING_TOP:
+            el = ds.get(kw)
+            if el is not None and not isinstance(el, Dataset):
+                try:
+                    value = ds[kw].value
+                    vr = ds[kw].VR
+                except Exception:  # noqa: S112 - undecodable: the walk removes it
+                    continue
+                c.removed(vr, kw if vr != "SH" else kw + "ID", value)
+        c.hard = {k: v for k, v in c.hard.items() if len(k) >= 3}
+        return c.scrub_pattern()
+
+    def deidentify(self, ds: Dataset) -> Result:
+        missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
+        if missing:
+            return Result(None, False, [f"missing required UID attributes: {', '.join(missing)}"])
+        try:
+            patient_key = str(ds.get("PatientID", "") or "").strip() or str(ds.get("PatientName", "") or "")
+        except Exception:
+            patient_key = ""
+        walk = _Walk(self, patient_key, self._scrub_pattern(ds))
+        reasons: list[str] = []
+
+        # Burned-in text: decided on the source header, before the walk removes Manufacturer etc.
+        risk = self.pixel_policy.at_risk(ds)
+        regions: list[dict[str, Any]] = []
+        if risk is not None and self.profile.has("clean_pixel_data"):
+            try:
+                regions = pixel_mod.matching_regions(ds, self.pixel_policy)
+            except Exception as exc:  # deid could not evaluate: fail closed below
+                reasons.append(f"pixel rules could not be evaluated: {type(exc).__name__}")
+
+        old_meta = getattr(ds, "file_meta", None)
+        if old_meta is not None:
+            for el in old_meta:
+                if el.tag not in (0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013):
+                    walk.collect_removed(el)
+        walk.dataset(ds, _KEEP)
+        self._mark(ds, cleaned_pixels=False)
+
+        pixel_state = "not at risk"
+        if risk is not None:
+            if not self.profile.has("clean_pixel_data"):
+                reasons.append(f"burned-in text risk ({risk}) and the profile has no Clean Pixel Data option")
+                pixel_state = "held back"
+            elif not regions:
+                reasons.append(f"burned-in text risk ({risk}) and no region rule in pixels.deid matches")
+                pixel_state = "held back"
+            else:
+                try:
+                    labels = pixel_mod.clean_regions(ds, regions)
+                    pixel_state = "cleaned: " + "; ".join(labels)
+                    ds.BurnedInAnnotation = "NO"
+                    self._mark(ds, cleaned_pixels=True)
+                except Exception as exc:
+                    reasons.append(f"pixel cleaning failed ({type(exc).__name__}: {exc})")
+                    pixel_state = "held back"
+                if not reasons and self.profile.ocr:
+                    text = pixel_mod.ocr_text(ds)
+                    if text is None:
+                        reasons.append("OCR gate required by the profile but tesseract is not installed")
+                    elif re.search(r"[A-Za-z0-9]{4,}", text):
+                        reasons.append("OCR found text in the cleaned pixels")
+
+        ts = ExplicitVRLittleEndian if pixel_state.startswith("cleaned") else (
+            old_meta.get("TransferSyntaxUID") if old_meta is not None else None) or ImplicitVRLittleEndian
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ts
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "COMPLIANCE_DEID"
+        ds.file_meta = meta
+        walk.collector.kept([self.pseudonyms.patient_name(patient_key), ds.DeidentificationMethod,
+                             "VERSION_NAME COMPLIANCE_DEID"])
+        walk.collector.kept([i.CodeMeaning for i in ds.DeidentificationMethodCodeSequence])
+
+        findings = scan(ds, walk.collector)
+        if findings:
+            reasons.append(f"leak gate: {len(findings)} identifying value(s) found in the output")
+        released = not reasons
+        return Result(ds if released else None, released, reasons + walk.notes if not released else walk.notes,
+                      findings, pixel_state)
+
+    def _mark(self, ds: Dataset, *, cleaned_pixels: bool) -> None:
+        """PS3.15 E.1.1 / PS3.3 C.7.1.1: record what was done (CID 7050 codes)."""
+        p = self.profile
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = f"{ENGINE_NAME} {p.name} (PS3.15 Annex E {p.table.edition})"[:64]
+        items = []
+        for opt in p.options:
+            if opt == "clean_pixel_data" and not cleaned_pixels:
+                continue
+            info = p.table.options[opt]
+            item = Dataset()
+            item.CodeValue = info["code"]
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = info["meaning"]
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        if p.has("retain_longitudinal_full_dates"):
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif p.has("retain_longitudinal_modified_dates"):
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"

@@ -1,0 +1,214 @@
+"""Integration fixtures: the real local stack (deploy/local/up), a gateway process of our own.
+
+The stack (Orthanc, Keycloak, Elasticsearch, PostgreSQL) must be running; ``deploy/local/test`` starts
+it. Each test session starts its own gateway (``compliance serve``) on a free port with a fresh
+database (SQLite by default; PostgreSQL when ``COMPLIANCE_TEST_DATABASE=postgres``) and a unique
+audit index prefix, so the suite never touches a demo gateway's data and can be run twice in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from compliance.config import PROJECT_ROOT, load_settings
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    settings_env: dict[str, str]
+    orthanc_url: str
+    orthanc_auth: tuple[str, str]
+    keycloak_url: str
+    es_url: str
+    postgres_url: str | None
+
+    def token(self, username: str, password: str | None = None) -> str:
+        resp = httpx.post(
+            f"{self.keycloak_url}/realms/imaging/protocol/openid-connect/token",
+            data={"grant_type": "password", "client_id": "compliance-cli", "username": username,
+                  "password": password or f"demo-{username}"},
+            timeout=30,
+        )
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["access_token"])
+
+
+@pytest.fixture(scope="session")
+def stack() -> Stack:
+    settings = load_settings()
+    env_file = settings.stack_dir / "gateway.env"
+    if not env_file.is_file():
+        pytest.fail(f"the local stack is not set up ({env_file} missing): run deploy/local/up", pytrace=False)
+    values = dict(
+        line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line and not line.startswith("#")
+    )
+    st = Stack(
+        settings_env=values,
+        orthanc_url=settings.archive_url,
+        orthanc_auth=(settings.archive_username, settings.archive_password.get_secret_value()),
+        keycloak_url=settings.keycloak_url,
+        es_url=settings.elasticsearch_url,
+        postgres_url=values.get("COMPLIANCE_POSTGRES_URL"),
+    )
+    for name, url, auth in [
+        ("Orthanc", f"{st.orthanc_url}/system", st.orthanc_auth),
+        ("Keycloak", f"{st.keycloak_url}/realms/imaging/.well-known/openid-configuration", None),
+        ("Elasticsearch", f"{st.es_url}/_cluster/health", None),
+    ]:
+        try:
+            httpx.get(url, auth=auth, timeout=10).raise_for_status()
+        except httpx.HTTPError as exc:
+            pytest.fail(f"{name} is not reachable at {url} ({exc}): run deploy/local/up", pytrace=False)
+    return st
+
+
+@dataclass
+class Gateway:
+    url: str
+    index_prefix: str
+    database_url: str
+    process: subprocess.Popen
+    log_path: Path
+    env: dict[str, str]
+
+
+def _database_url(stack: Stack, tmp: Path) -> str:
+    kind = os.environ.get("COMPLIANCE_TEST_DATABASE", "sqlite")
+    if kind == "postgres":
+        if not stack.postgres_url:
+            pytest.fail("COMPLIANCE_TEST_DATABASE=postgres but the stack has no PostgreSQL URL", pytrace=False)
+        return stack.postgres_url
+    return f"sqlite:///{tmp / 'gateway.db'}"
+
+
+def _reset_database(url: str) -> None:
+    from alembic import command
+
+    from compliance.db.migrate import alembic_config, upgrade
+
+    if url.startswith("postgresql"):
+        command.downgrade(alembic_config(url), "base")
+    upgrade(url)
+
+
+def start_gateway(stack: Stack, tmp: Path, *, database_url: str, index_prefix: str,
+                  extra_env: dict[str, str] | None = None) -> Gateway:
+    port = _free_port()
+    env = {
+        **os.environ,
+        **stack.settings_env,
+        "COMPLIANCE_PORT": str(port),
+        "COMPLIANCE_DATABASE_URL": database_url,
+        "COMPLIANCE_AUDIT_INDEX_PREFIX": index_prefix,
+        "COMPLIANCE_AUDIT_SHIP_INTERVAL_SECONDS": "0.2",
+        "COMPLIANCE_STOW_MAX_BYTES": str(8 * 1024 * 1024),
+        **(extra_env or {}),
+    }
+    log_path = tmp / f"gateway-{port}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compliance.cli", "serve", "--port", str(port)],
+        cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the gateway exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}", pytrace=False)
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return Gateway(url, index_prefix, database_url, proc, log_path, env)
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the gateway did not become healthy:\n{log_path.read_text()[-4000:]}", pytrace=False)
+
+
+def stop_gateway(gw: Gateway) -> None:
+    if gw.process.poll() is None:
+        gw.process.terminate()
+        try:
+            gw.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            gw.process.kill()
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    prefix = f"test-audit-{uuid.uuid4().hex[:10]}"
+    db = _database_url(stack, tmp)
+    _reset_database(db)
+    gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix)
+    try:
+        yield gw
+    finally:
+        stop_gateway(gw)
+        httpx.delete(f"{stack.es_url}/{prefix}-*", timeout=30)
+
+
+class AuditIndex:
+    """Reads the audit documents the gateway under test shipped to Elasticsearch."""
+
+    def __init__(self, es_url: str, prefix: str) -> None:
+        self.es_url = es_url
+        self.prefix = prefix
+
+    def search(self, **terms: str) -> list[dict]:
+        filters = [{"term": {field.replace("__", "."): value}} for field, value in terms.items()]
+        resp = httpx.post(
+            f"{self.es_url}/{self.prefix}-*/_search",
+            json={"query": {"bool": {"filter": filters}}, "size": 1000, "sort": [{"@timestamp": "asc"}]},
+            params={"ignore_unavailable": "true", "allow_no_indices": "true"},
+            timeout=30,
+        )
+        resp.raise_for_status()
+        return [hit["_source"] | {"_id": hit["_id"]} for hit in resp.json()["hits"]["hits"]]
+
+    def wait_for(self, expected: int, *, within: float = 30.0, **terms: str) -> list[dict]:
+        """Poll until at least ``expected`` documents match (shipping is asynchronous), then return all.
+
+        Waits for eventual delivery, bounded; the assertion on the count is the caller's.
+        """
+        deadline = time.monotonic() + within
+        docs: list[dict] = []
+        while time.monotonic() < deadline:
+            httpx.post(f"{self.es_url}/{self.prefix}-*/_refresh", params={"ignore_unavailable": "true",
+                       "allow_no_indices": "true"}, timeout=30)
+            docs = self.search(**terms)
+            if len(docs) >= expected:
+                # give a duplicate (if any) the chance to show up before the caller counts
+                time.sleep(0.5)
+                httpx.post(f"{self.es_url}/{self.prefix}-*/_refresh", timeout=30)
+                return self.search(**terms)
+            time.sleep(0.3)
+        return docs
+
+
+@pytest.fixture(scope="session")
+def audit(stack: Stack, gateway: Gateway) -> AuditIndex:
+    return AuditIndex(stack.es_url, gateway.index_prefix)
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=1)[:3000]

@@ -1,0 +1,171 @@
+"""ElasticsearchAuditSink against the real Elasticsearch of the local stack (deploy/local/up)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from compliance.audit.atna import AuditSource, validate_atna_xml
+from compliance.audit.documents import index_name, to_document
+from compliance.audit.elasticsearch import ElasticsearchAuditSink
+from compliance.audit.events import (
+    Action,
+    EventTypeCode,
+    Outcome,
+    PatientRef,
+    StudyRef,
+    UserRef,
+    instances_accessed_event,
+    query_event,
+    security_alert_event,
+)
+from compliance.audit.interfaces import AuditSinkUnavailable
+
+pytestmark = pytest.mark.integration
+
+URL = os.environ.get("COMPLIANCE_ELASTICSEARCH_URL", "http://127.0.0.1:9200")
+SOURCE = AuditSource("compliance-gateway-it", "it-site")
+USER = UserRef("it-sub", "itest", "it-client", ("radiologist",), "10.9.8.7")
+
+
+@pytest.fixture()
+def sink() -> Iterator[ElasticsearchAuditSink]:
+    prefix = f"it-audit-{uuid.uuid4().hex[:12]}"
+    sink = ElasticsearchAuditSink(URL, prefix, request_timeout=30)
+    try:
+        sink.client.info()
+    except Exception as exc:  # the stack is not running: say so, don't fake it
+        pytest.skip(f"Elasticsearch not reachable at {URL}: {exc}")
+    try:
+        yield sink
+    finally:
+        sink.client.indices.delete(index=f"{prefix}-*", allow_no_indices=True, ignore_unavailable=True)
+        _delete_template(sink)
+        sink.close()
+
+
+def _delete_template(sink: ElasticsearchAuditSink) -> None:
+    if sink.client.indices.exists_index_template(name=sink.template_name):
+        sink.client.indices.delete_index_template(name=sink.template_name)
+
+
+def _events(patient_id: str) -> list:
+    patient = PatientRef(patient_id, "Yamada^Tarou=山田^太郎 <&>")
+    study = StudyRef(f"2.25.{uuid.uuid4().int}", {"1.2.840.10008.5.1.4.1.1.2": 7}, "ACC-1")
+    return [
+        query_event(
+            user=USER, gateway_id="gw", outcome=Outcome.SUCCESS, query=b"PatientID=" + patient_id.encode(),
+            sop_class_uid=None, patients=[patient],
+        ),
+        instances_accessed_event(
+            user=USER, gateway_id="gw", action=Action.READ, outcome=Outcome.SUCCESS,
+            patients=[patient], studies=[study],
+        ),
+        security_alert_event(
+            user=None, gateway_id="gw", alert_type=EventTypeCode.AUTHENTICATION_DECISION,
+            description="bad token", resource="/dicom-web/studies", source_address="203.0.113.1",
+            alternative_user_id="claimed-user",
+        ),
+    ]
+
+
+def test_template_installed(sink: ElasticsearchAuditSink) -> None:
+    sink.ensure_ready()
+    sink.ensure_ready()  # idempotent
+    response = sink.client.indices.get_index_template(name=sink.template_name)
+    (entry,) = response["index_templates"]
+    assert entry["index_template"]["index_patterns"] == [f"{sink.index_prefix}-*"]
+    properties = entry["index_template"]["template"]["mappings"]["properties"]
+    assert properties["patient"]["properties"]["ids"]["type"] == "keyword"
+
+
+def test_ship_twice_is_idempotent_and_searchable(sink: ElasticsearchAuditSink) -> None:
+    sink.ensure_ready()
+    patient_id = f"IT-{uuid.uuid4().hex[:8]}"
+    events = _events(patient_id)
+    batch = [(e.uuid, to_document(e, SOURCE)) for e in events]
+
+    first = sink.ship(batch)
+    assert set(first.shipped) == {e.uuid for e in events}
+    assert not first.failed
+
+    # Tamper with the copy being re-delivered: the stored document must not change.
+    redelivered = [(doc_id, {**doc, "event.outcome_description": "overwritten"}) for doc_id, doc in batch]
+    second = sink.ship(redelivered)
+    assert set(second.shipped) == {e.uuid for e in events}
+    assert not second.failed
+    sink.refresh_for_tests()
+
+    for event in events:
+        hits = sink.client.search(
+            index=f"{sink.index_prefix}-*", query={"term": {"event.uuid": event.uuid}}
+        )["hits"]
+        assert hits["total"]["value"] == 1
+        assert hits["hits"][0]["_index"] == index_name(sink.index_prefix, event.occurred_at)
+        assert hits["hits"][0]["_source"]["event.outcome_description"] != "overwritten"
+
+    by_patient = sink.client.search(
+        index=f"{sink.index_prefix}-*", query={"term": {"patient.ids": patient_id}}
+    )["hits"]
+    assert by_patient["total"]["value"] == 2
+    assert {h["_source"]["event.id"] for h in by_patient["hits"]} == {"110112", "110103"}
+
+    roles = sink.client.search(
+        index=f"{sink.index_prefix}-*",
+        query={
+            "bool": {
+                "filter": [{"terms": {"user.roles": ["radiologist"]}}, {"term": {"event.id": "110103"}}]
+            }
+        },
+    )["hits"]
+    assert roles["total"]["value"] == 1
+
+    stored = sink.client.get(index=index_name(sink.index_prefix, events[1].occurred_at), id=events[1].uuid)
+    xml = stored["_source"]["atna.xml"].encode("utf-8")
+    validate_atna_xml(xml)
+    assert "山田".encode() in xml
+
+
+def test_index_follows_event_month(sink: ElasticsearchAuditSink) -> None:
+    sink.ensure_ready()
+    old = instances_accessed_event(
+        user=USER, gateway_id="gw", action=Action.READ, outcome=Outcome.SUCCESS,
+        patients=[], studies=[StudyRef("1.2.3")], occurred_at=datetime(2023, 12, 31, 23, 0, tzinfo=UTC),
+    )
+    result = sink.ship([(old.uuid, to_document(old, SOURCE))])
+    assert result.shipped == (old.uuid,)
+    assert sink.client.exists(index=f"{sink.index_prefix}-2023.12", id=old.uuid)
+
+
+def test_document_refused_for_content_is_failed_not_retryable(sink: ElasticsearchAuditSink) -> None:
+    sink.ensure_ready()
+    event = _events("IT-bad")[0]
+    bad = {**to_document(event, SOURCE), "event.outcome": "not-a-number"}
+    good_event = _events("IT-good")[0]
+    result = sink.ship([(event.uuid, bad), (good_event.uuid, to_document(good_event, SOURCE))])
+    assert result.shipped == (good_event.uuid,)
+    assert set(result.failed) == {event.uuid}
+    assert "400" in result.failed[event.uuid]
+    assert not result.retryable
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dead_port_raises_unavailable() -> None:
+    sink = ElasticsearchAuditSink(f"http://127.0.0.1:{_dead_port()}", "it-dead", request_timeout=2)
+    event = _events("IT-dead")[0]
+    with pytest.raises(AuditSinkUnavailable) as info:
+        sink.ship([(event.uuid, to_document(event, SOURCE))])
+    assert info.value.__cause__ is not None
+    with pytest.raises(AuditSinkUnavailable):
+        sink.ensure_ready()
+    sink.close()
