@@ -101,7 +101,6 @@ def deidentify_file(engine: Deidentifier, source: Path, output_dir: Path) -> dic
         buf = BytesIO()
         result.dataset.save_as(buf, enforce_file_format=True)
         data = buf.getvalue()
-        pydicom.dcmread(BytesIO(data))  # what we release must read back
         target = output_dir / f"{result.dataset.SOPInstanceUID}.dcm"
         write_atomic(target, data)
     except Exception as exc:  # truncated pixel data, odd encodings, values that cannot be written

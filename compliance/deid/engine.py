@@ -102,6 +102,9 @@ class _Walk:
             if elem_no == 0:
                 del ds[tag]
                 continue
+            if group in (0x0000, 0x0002):  # command/file meta elements do not belong in a data set
+                self.remove(ds, tag)
+                continue
             if group & 1:
                 self.private(ds, tag, group, elem_no, creators, private_kept_blocks)
                 continue
@@ -146,28 +149,46 @@ class _Walk:
     # ------------------------------------------------------------------------------------------
     def private(self, ds: Dataset, tag: Any, group: int, elem_no: int,
                 creators: dict[tuple[int, int], str], kept: set[tuple[int, int]]) -> None:
+        raw = ds.get_item(tag)
         if 0x0010 <= elem_no <= 0x00FF:
-            el = self.element(ds, tag)
-            if el is not None:
-                v = el.value
-                creators[(group, elem_no)] = (v.decode("latin-1") if isinstance(v, bytes) else str(v)).strip()
+            v = raw.value if raw is not None else None
+            if isinstance(v, bytes):
+                creators[(group, elem_no)] = v.decode("latin-1").strip(" \x00")
+            elif v is not None:
+                creators[(group, elem_no)] = str(v).strip()
             return
         block = elem_no >> 8
         creator = creators.get((group, block))
         safe = self.profile.safe_private
-        if creator is not None and elem_no >= 0x1000 and SafePrivate(creator, group, elem_no & 0xFF) in safe:
-            el = self.element(ds, tag)
-            if el is None:
-                return
+        if not (creator is not None and elem_no >= 0x1000 and SafePrivate(creator, group, elem_no & 0xFF) in safe):
+            # Fast path: a removed private element is not decoded; its bytes feed the leak gate.
+            if isinstance(raw, DataElement) or raw is None or raw.VR == "SQ" or raw.length == 0xFFFFFFFF:
+                self.remove(ds, tag)
+            else:
+                if raw.value and len(raw.value) <= 4096:
+                    self.collector.removed_bytes(raw.value)
+                del ds[tag]
+            return
+        el = self.element(ds, tag)
+        if el is not None:
             kept.add((group, block))
             self.keep(ds, el, _CLEAN, 0)
-            return
-        self.remove(ds, tag)
 
     def unlisted(self, ds: Dataset, tag: Any, t: int, mode: int, depth: int) -> None:
-        if _dictionary_vr(t) is None and t not in self.profile.keep:
+        dict_vr = _dictionary_vr(t)
+        if dict_vr is None and t not in self.profile.keep:
             self.remove(ds, tag)  # a newer edition's or unknown public attribute
             return
+        if mode == _KEEP:
+            # Fast path: a kept raw element stays undecoded (written back byte for byte); only its
+            # text feeds the leak gate's list of kept tokens.
+            raw = ds.get_item(tag)
+            if raw is not None and not isinstance(raw, DataElement):
+                vr = raw.VR or dict_vr
+                if vr not in ("SQ", "UI", "UN", None) and raw.length != 0xFFFFFFFF:
+                    if vr in FREE_TEXT_VRS or vr == "CS":
+                        self.collector.kept([raw.value.decode("latin-1")] if raw.value else [])
+                    return
         el = self.element(ds, tag)
         if el is None:
             return
@@ -293,6 +314,23 @@ _IDENTIFYING_TOP = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatient
                     "InstitutionName", "StudyID", "MedicalRecordLocator", "PatientTelephoneNumbers")
 
 
+def _truncated_pixels(ds: Dataset) -> str | None:
+    """Native (uncompressed) pixel data shorter than its header says: a truncated file."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if "PixelData" not in ds or (ts is not None and ts.is_compressed):
+        return None
+    try:
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * int(ds.get("NumberOfFrames", 1) or 1) + 7) // 8
+        actual = len(ds.PixelData)
+    except Exception:
+        return "pixel data or image pixel description unreadable"
+    if actual < expected:
+        return f"pixel data truncated ({actual} of {expected} bytes)"
+    return None
+
+
 class Deidentifier:
     def __init__(self, profile: Profile, project: str, secret_source: PseudonymSecretSource,
                  pixel_policy: pixel_mod.PixelPolicy | None = None) -> None:
@@ -322,6 +360,9 @@ class Deidentifier:
         missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
         if missing:
             return Result(None, False, [f"missing required UID attributes: {', '.join(missing)}"])
+        truncated = _truncated_pixels(ds)
+        if truncated:
+            return Result(None, False, [truncated])
         try:
             patient_key = str(ds.get("PatientID", "") or "").strip() or str(ds.get("PatientName", "") or "")
         except Exception:

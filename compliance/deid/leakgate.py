@@ -6,7 +6,7 @@ or replaces, and every value it keeps. Identifiers are of two strengths:
 - hard: person names (whole and each component of 3+ characters, every component group), IDs and
   numbers (attributes whose keyword ends in ID/IDs/Number/Numbers), non-registry UIDs, dates
   (YYYYMMDD). A hard identifier found in the output always blocks.
-- soft: free-text tokens (4+ characters, not in the stoplist, not a short number) of removed text.
+- soft: free-text tokens (4+ characters with a letter, not in the stoplist) of removed text.
   A token that also occurs in a value the profile keeps is dropped: it is not identifying by itself.
 
 ``scan`` renders every element of the output (file meta, nested sequences, private tags; bytes
@@ -24,6 +24,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
@@ -35,12 +36,7 @@ BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 MAX_SCANNED_BYTES = 1 << 20
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 _ID_SUFFIXES = ("ID", "IDS", "NUMBER", "NUMBERS")
-STOPLIST = frozenset("""
-THE AND FOR WITH FROM THIS THAT NONE NULL UNKNOWN LEFT RIGHT BOTH HEAD NECK CHEST ABDOMEN PELVIS
-BRAIN SPINE KNEE HAND FOOT BODY WHOLE AXIAL CORONAL SAGITTAL ORIGINAL PRIMARY SECONDARY DERIVED
-IMAGE IMAGES SERIES STUDY SCAN SCOUT LOCALIZER CONTRAST WITHOUT ROUTINE PROTOCOL REPORT PATIENT
-PHYSICIAN DOCTOR HOSPITAL CLINIC MEDICAL CENTER CENTRE DEPARTMENT RADIOLOGY IMAGING NORMAL
-""".split())
+STOPLIST = frozenset(["THE", "AND", "FOR", "WITH", "FROM", "THIS", "THAT", "NONE", "NULL", "UNKNOWN", "LEFT", "RIGHT", "BOTH", "HEAD", "NECK", "CHEST", "ABDOMEN", "PELVIS", "BRAIN", "SPINE", "KNEE", "HAND", "FOOT", "BODY", "WHOLE", "AXIAL", "CORONAL", "SAGITTAL", "ORIGINAL", "PRIMARY", "SECONDARY", "DERIVED", "IMAGE", "IMAGES", "SERIES", "STUDY", "SCAN", "SCOUT", "LOCALIZER", "CONTRAST", "WITHOUT", "ROUTINE", "PROTOCOL", "REPORT", "PATIENT", "PHYSICIAN", "DOCTOR", "HOSPITAL", "CLINIC", "MEDICAL", "CENTER", "CENTRE", "DEPARTMENT", "RADIOLOGY", "IMAGING", "NORMAL"])
 
 
 @dataclass(frozen=True)
@@ -112,9 +108,8 @@ class IdentifierCollector:
 
 
 def _soft_token(t: str) -> bool:
-    if len(t) < 4:
-        return False
-    return not (t.isdigit() and len(t) < 6)
+    # Numbers alone are not soft identifiers (IDs are hard, by keyword): too many kept values share them.
+    return len(t) >= 4 and not t.isdigit() and any(c.isalpha() for c in t)
 
 
 def _strings(value: object) -> list[str]:
@@ -159,8 +154,21 @@ def scan(dataset: Dataset, collector: IdentifierCollector) -> list[Finding]:
         pos += len(text) + 1
 
     def walk(ds: Dataset, prefix: str) -> None:
-        for elem in ds:
-            path = f"{prefix}({elem.tag.group:04X},{elem.tag.element:04X})"
+        for tag in ds.keys():
+            elem = ds.get_item(tag)
+            path = f"{prefix}({tag.group:04X},{tag.element:04X})"
+            if elem is None:
+                continue
+            if not isinstance(elem, DataElement):  # raw, undecoded: scan its bytes
+                if elem.VR == "SQ" or elem.length == 0xFFFFFFFF or (elem.VR is None and tag.group & 1):
+                    elem = ds[tag]
+                elif tag != 0x7FE00010 and elem.value:
+                    raw = bytes(elem.value[:MAX_SCANNED_BYTES])
+                    for enc in encodings[2:] if elem.VR in TEXT_VRS and len(encodings) > 2 else encodings:
+                        add(path, raw.decode(enc, errors="ignore").upper())
+                    continue
+                else:
+                    continue
             vr = elem.VR
             if vr == "SQ":
                 for i, item in enumerate(elem.value or []):
