@@ -111,9 +111,10 @@ def main() -> None:
     port = free_port()
     env = {**os.environ, "COMPLIANCE_PORT": str(port), "COMPLIANCE_DATABASE_URL": f"sqlite:///{db}",
            "COMPLIANCE_AUDIT_INDEX_PREFIX": "bench-audit"}
+    log = (tmp / "gateway.log").open("wb")
     gw = subprocess.Popen([sys.executable, "-m", "compliance.cli", "serve", "--port", str(port),
                            "--workers", str(args.workers)], cwd=ROOT, env=env,
-                          stdout=open(tmp / "gateway.log", "wb"), stderr=subprocess.STDOUT)
+                          stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):
@@ -161,15 +162,17 @@ def main() -> None:
     finally:
         gw.terminate()
         gw.wait(timeout=30)
+        log.close()
         httpx.delete(f"{settings.elasticsearch_url}/bench-audit-*", timeout=30)
     print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each")
     print(f"{'conc':>4} {'path':>8} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
     for r in results:
         for name in ("direct", "gateway"):
             m = r[name]
-            print(f"{r['concurrency']:>4} {name:>8} {m['rps']:>9.1f} {m['mbps']:>8.1f} {m['p50_ms']:>8.2f} {m['p95_ms']:>8.2f}")
-        print(f"{r['concurrency']:>4} {'ratio':>8} {r['throughput_ratio']:>9.2f}x  added p50 {r['added_p50_ms']:+.2f} ms,"
-              f" p95 {r['added_p95_ms']:+.2f} ms")
+            print(f"{r['concurrency']:>4} {name:>8} {m['rps']:>9.1f} {m['mbps']:>8.1f} "
+                  f"{m['p50_ms']:>8.2f} {m['p95_ms']:>8.2f}")
+        print(f"{r['concurrency']:>4} {'ratio':>8} {r['throughput_ratio']:>9.2f}x  "
+              f"added p50 {r['added_p50_ms']:+.2f} ms, p95 {r['added_p95_ms']:+.2f} ms")
     # wrk counts only completed requests; warm-up requests are audited too
     print(f"audit events recorded for gateway requests: {audited} (wrk counted {int(gw_requests)} in the timed runs)")
     print("JSON " + json.dumps({"benchmark": "gateway_overhead", "instance_bytes": len(data),

@@ -27,8 +27,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import func, select, update
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.crypto.interfaces import (
@@ -181,13 +181,14 @@ class KeyService:
     def status(self) -> KeyStatus:
         in_provider = set(self._provider.kek_ids())
         with self._sessions() as session:
-            counts = dict(
-                session.execute(
+            counts: dict[str, int] = {
+                kek_id: count
+                for kek_id, count in session.execute(
                     select(CryptoDataKey.kek_id, func.count())
                     .where(CryptoDataKey.destroyed_at.is_(None))
                     .group_by(CryptoDataKey.kek_id)
-                ).tuples()
-            )
+                )
+            }
             shredded = session.scalar(
                 select(func.count()).select_from(CryptoDataKey).where(CryptoDataKey.destroyed_at.is_not(None))
             )
@@ -217,9 +218,7 @@ class KeyService:
         now = self._clock()
         with self._sessions() as session, session.begin():
             session.execute(
-                update(CryptoKek)
-                .where(CryptoKek.state == "active")
-                .values(state="retired", retired_at=now)
+                update(CryptoKek).where(CryptoKek.state == "active").values(state="retired", retired_at=now)
             )
             # The retire must reach the database before the insert, or the one-active index trips.
             session.flush()
@@ -299,6 +298,9 @@ class KeyService:
         """Destroy the patient's data key(s); return how many were destroyed (0: none known)."""
         patient_key = self.patient_key(patient_id)
         with self._sessions() as session, session.begin():
+            if session.get_bind().dialect.name == "sqlite":
+                # Overwrite the freed bytes in the database file instead of leaving them in free pages.
+                session.execute(text("PRAGMA secure_delete = ON"))
             result = session.execute(
                 update(CryptoDataKey)
                 .where(CryptoDataKey.patient_key == patient_key, CryptoDataKey.destroyed_at.is_(None))

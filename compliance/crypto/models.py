@@ -69,9 +69,7 @@ class CryptoDataKey(Base):
     destroyed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
-        CheckConstraint(
-            "(wrapped_key IS NULL) = (destroyed_at IS NOT NULL)", name="shredded_has_no_key"
-        ),
+        CheckConstraint("(wrapped_key IS NULL) = (destroyed_at IS NOT NULL)", name="shredded_has_no_key"),
         # One live key per patient; after a shred, new data for the patient gets a new key.
         Index(
             "uq_crypto_data_key_live_patient",

@@ -54,8 +54,10 @@ unique per object, so the 2^32-segment nonce space (4 PiB at 1 MiB segments) is 
 Every failure to parse or authenticate raises :class:`DecryptionError` with one fixed message.
 Plaintext of a segment is released only after that segment's tag verified; a failure in a later
 segment therefore arrives after earlier, authentic plaintext, and callers must discard the whole
-object (abort the HTTP response, delete the output). Memory is bounded by about two segments,
-whatever the object size.
+object (abort the HTTP response, delete the output). ``encrypt_stream``/``decrypt_stream`` hold
+three reused segment buffers (current, one read ahead to detect the end, output), whatever the
+object size; their writer receives a memoryview valid only during ``write`` (the io.RawIOBase
+contract), so a writer must copy or write it out, not keep it.
 """
 
 from __future__ import annotations
@@ -109,11 +111,15 @@ UnwrapDataKey = Callable[["Header"], bytes]
 
 
 class Reader(Protocol):
+    """Anything with ``read``; ``readinto`` is used when present (files, BytesIO) to avoid copies."""
+
     def read(self, size: int = -1, /) -> bytes: ...
 
 
 class Writer(Protocol):
-    def write(self, data: bytes, /) -> object: ...
+    """Receives a view that is valid only during the call (the io.RawIOBase.write contract)."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -242,10 +248,25 @@ class _Segments:
             raise ValueError("object too large for the segment counter")
         return self._prefix + _SEGMENT_SUFFIX.pack(self.index, 1 if last else 0)
 
-    def seal(self, plaintext: bytes, last: bool) -> bytes:
+    def seal(self, plaintext: bytes | memoryview, last: bool) -> bytes:
         out = self._aead.encrypt(self._nonce(last), plaintext, self._aad)
         self.index += 1
         return out
+
+    def seal_into(self, plaintext: memoryview, last: bool, out: memoryview) -> int:
+        n = self._aead.encrypt_into(self._nonce(last), plaintext, self._aad, out[: len(plaintext) + TAG_SIZE])
+        self.index += 1
+        return int(n)
+
+    def open_into(self, segment: memoryview, last: bool, out: memoryview) -> int:
+        if len(segment) < TAG_SIZE or self.index >= _MAX_SEGMENTS:
+            raise _fail()
+        try:
+            n = self._aead.decrypt_into(self._nonce(last), segment, self._aad, out[: len(segment) - TAG_SIZE])
+        except InvalidTag:
+            raise _fail() from None
+        self.index += 1
+        return int(n)
 
     def open(self, segment: bytes, last: bool) -> bytes:
         if len(segment) < TAG_SIZE or self.index >= _MAX_SEGMENTS:
@@ -274,6 +295,24 @@ def _read_up_to(reader: Reader, n: int) -> bytes:
     return b"".join(parts)
 
 
+def _fill(reader: Reader, buffer: bytearray) -> int:
+    """Fill ``buffer`` from ``reader``; fewer bytes than its size only at the end of the input."""
+    readinto = getattr(reader, "readinto", None)
+    got = 0
+    with memoryview(buffer) as view:
+        while got < len(buffer):
+            if readinto is not None:
+                n = readinto(view[got:]) or 0
+            else:
+                data = reader.read(len(buffer) - got)
+                n = len(data)
+                view[got : got + n] = data
+            if not n:
+                break
+            got += n
+    return got
+
+
 def encrypt_stream(
     reader: Reader,
     writer: Writer,
@@ -294,25 +333,30 @@ def encrypt_stream(
     segments = _Segments(content_key, header, associated_data)
     writer.write(header.raw)
     written = header.size
-    current = _read_up_to(reader, segment_size)
-    while True:
-        # A segment is the last one when the input ends right after it: read one segment ahead.
-        if len(current) == segment_size:
-            following = _read_up_to(reader, segment_size)
-            last = not following
-        else:
-            following, last = b"", True
-        sealed = segments.seal(current, last)
-        writer.write(sealed)
-        written += len(sealed)
-        if last:
-            return written
-        current = following
+    # Two reused input buffers (the current segment and the one read ahead to learn whether the
+    # current one is the last): no allocation per segment on the input side.
+    # The output buffer is reused too: ``writer.write`` gets a view valid only during the call, the
+    # contract of io.RawIOBase.write (files, sockets and BytesIO all copy or write it out at once).
+    current, following = bytearray(segment_size), bytearray(segment_size)
+    output = bytearray(segment_size + TAG_SIZE)
+    filled = _fill(reader, current)
+    with memoryview(output) as out:
+        while True:
+            if filled == segment_size:
+                ahead = _fill(reader, following)
+                last = ahead == 0
+            else:
+                ahead, last = 0, True
+            with memoryview(current) as view:
+                n = segments.seal_into(view[:filled], last, out)
+            writer.write(out[:n])
+            written += n
+            if last:
+                return written
+            current, following, filled = following, current, ahead
 
 
-def decrypt_stream(
-    reader: Reader, writer: Writer, *, unwrap: UnwrapDataKey, associated_data: bytes
-) -> int:
+def decrypt_stream(reader: Reader, writer: Writer, *, unwrap: UnwrapDataKey, associated_data: bytes) -> int:
     """Decrypt an object from ``reader`` into ``writer``; return the plaintext bytes written.
 
     Each segment is written only after it authenticated. On :class:`DecryptionError` the writer
@@ -324,19 +368,24 @@ def decrypt_stream(
     segments = _Segments(_content_key(header, unwrap, associated_data), header, associated_data)
     chunk = header.segment_size + TAG_SIZE
     written = 0
-    current = _read_up_to(reader, chunk)
-    while True:
-        if len(current) == chunk:
-            following = _read_up_to(reader, chunk)
-            last = not following
-        else:
-            following, last = b"", True
-        plaintext = segments.open(current, last)
-        writer.write(plaintext)
-        written += len(plaintext)
-        if last:
-            return written
-        current = following
+    # Reused buffers as in encrypt_stream; the writer sees a view valid only during its call.
+    current, following = bytearray(chunk), bytearray(chunk)
+    output = bytearray(header.segment_size)
+    filled = _fill(reader, current)
+    with memoryview(output) as out:
+        while True:
+            if filled == chunk:
+                ahead = _fill(reader, following)
+                last = ahead == 0
+            else:
+                ahead, last = 0, True
+            with memoryview(current) as view:
+                n = segments.open_into(view[:filled], last, out)
+            writer.write(out[:n])
+            written += n
+            if last:
+                return written
+            current, following, filled = following, current, ahead
 
 
 class StreamEncryptor:
@@ -390,11 +439,16 @@ class StreamDecryptor:
         self._state = "open"  # open -> done | failed
         self.header: Header | None = None
 
+    @property
+    def segment_ciphertext_size(self) -> int:
+        """Bytes per full segment on the wire (0 until the header has been read)."""
+        return self._chunk
+
     def _guard(self) -> None:
         if self._state != "open":
             raise _fail()
 
-    def update(self, data: bytes) -> list[bytes]:
+    def update(self, data: bytes | memoryview) -> list[bytes]:
         self._guard()
         self._buffer += data
         try:
@@ -462,9 +516,16 @@ def iter_decrypt(
     """
     decryptor = StreamDecryptor(unwrap=unwrap, associated_data=associated_data)
     for chunk in chunks:
-        for plaintext in decryptor.update(chunk):
-            if plaintext:
-                yield plaintext
+        view = memoryview(chunk)
+        # Feed large chunks a segment at a time so each verified segment is released at once and
+        # the plaintext held back never exceeds one segment.
+        start = 0
+        while start < len(view):
+            step = decryptor.segment_ciphertext_size or MAX_HEADER_SIZE
+            for plaintext in decryptor.update(view[start : start + step]):
+                if plaintext:
+                    yield plaintext
+            start += step
     final = decryptor.finalize()
     if final:
         yield final

@@ -150,7 +150,11 @@ def validate_stow(body: bytes, content_type: str | None, study_uid: str | None =
             continue
         missing = [
             name
-            for name, value in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_instance), ("StudyInstanceUID", study))
+            for name, value in (
+                ("SOPClassUID", sop_class),
+                ("SOPInstanceUID", sop_instance),
+                ("StudyInstanceUID", study),
+            )
             if not value or not _UID.match(value) or len(value) > 64
         ]
         if missing:

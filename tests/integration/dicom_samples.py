@@ -39,7 +39,10 @@ def unique_instance(name: str = "CT_small.dcm", *, patient_id: str | None = None
 
 def parts_of_multipart(body: bytes, content_type: str) -> list[bytes]:
     """Split a multipart/related response into its part payloads (test helper, strict)."""
-    from compliance.dicomweb.stow import parse_content_type, split_parts
+    from python_multipart.multipart import parse_options_header
 
-    ct = content_type if "type=" in content_type else content_type + '; type="application/dicom"'
-    return [bytes(p) for _, p in split_parts(body, parse_content_type(ct))]
+    from compliance.dicomweb.stow import split_parts
+
+    media, params = parse_options_header(content_type)
+    assert media == b"multipart/related", content_type
+    return [bytes(p) for _, p in split_parts(body, params[b"boundary"])]

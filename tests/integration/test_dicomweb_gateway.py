@@ -162,7 +162,7 @@ def test_no_token_is_401_and_audited(gateway, audit: AuditIndex):
     bad = httpx.get(f"{gateway.url}/dicom-web/studies", headers=bearer("not.a.token"), timeout=30)
     assert bad.status_code == 401
     assert 'error="invalid_token"' in bad.headers["www-authenticate"]
-    docs = audit.wait_for(2, **{"event.id": "110113", "user.id": "unauthenticated"})
+    docs = audit.wait_for(2, **{"event.id": "110113", "participant.ids": "unauthenticated"})
     assert len(docs) >= 2, dump(docs)
     assert all(d["source.address"] == "127.0.0.1" for d in docs)
 

@@ -38,13 +38,16 @@ def sink() -> Iterator[ElasticsearchAuditSink]:
     prefix = f"it-audit-{uuid.uuid4().hex[:12]}"
     sink = ElasticsearchAuditSink(URL, prefix, request_timeout=30)
     try:
-        sink.client.info()
+        sink.client.cluster.health()
     except Exception as exc:  # the stack is not running: say so, don't fake it
         pytest.skip(f"Elasticsearch not reachable at {URL}: {exc}")
     try:
         yield sink
     finally:
-        sink.client.indices.delete(index=f"{prefix}-*", allow_no_indices=True, ignore_unavailable=True)
+        # Deleting by wildcard is refused by default (action.destructive_requires_name): name them.
+        names = list(sink.client.indices.get(index=f"{prefix}-*", allow_no_indices=True))
+        if names:
+            sink.client.indices.delete(index=",".join(names))
         _delete_template(sink)
         sink.close()
 

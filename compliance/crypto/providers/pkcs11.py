@@ -73,7 +73,12 @@ class Pkcs11KeyProvider:
         try:
             self._lib = pkcs11.lib(module_path)
             self._token = self._lib.get_token(token_label=token_label)
-            self._session = self._token.open(rw=True, user_pin=pin)
+            try:
+                self._session = self._token.open(rw=True, user_pin=pin)
+            except p11exc.UserAlreadyLoggedIn:
+                # PKCS#11 login state is per application and token: another session of this
+                # process is logged in, and a new session shares that login.
+                self._session = self._token.open(rw=True)
         except (p11exc.PKCS11Error, RuntimeError, OSError) as exc:
             raise KeyProviderError(
                 f"cannot open PKCS#11 token {token_label!r} with module {module_path}"
@@ -102,7 +107,7 @@ class Pkcs11KeyProvider:
                 keys = self._session.get_objects(
                     {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES}
                 )
-                labels = [key.label for key in keys]
+                labels = [key[Attribute.LABEL] for key in keys]
             except p11exc.PKCS11Error as exc:
                 raise KeyProviderError("the PKCS#11 token failed") from exc
         return sorted(label for label in labels if label and label.startswith(_KEK_PREFIX))

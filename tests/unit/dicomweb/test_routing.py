@@ -4,7 +4,7 @@ import pytest
 
 from compliance.dicomweb.routing import Transaction, classify
 
-S, SE, I = "1.2.840.113619.2.1", "1.2.840.113619.2.1.2", "1.2.840.113619.2.1.2.3"
+S, SE, INST = "1.2.840.113619.2.1", "1.2.840.113619.2.1.2", "1.2.840.113619.2.1.2.3"
 
 
 @pytest.mark.parametrize(
@@ -18,13 +18,13 @@ S, SE, I = "1.2.840.113619.2.1", "1.2.840.113619.2.1.2", "1.2.840.113619.2.1.2.3
         ("GET", f"/studies/{S}/series/{SE}/instances", Transaction.SEARCH, "dicomweb:study:search"),
         ("GET", f"/studies/{S}", Transaction.RETRIEVE, "dicomweb:study:read"),
         ("GET", f"/studies/{S}/series/{SE}", Transaction.RETRIEVE, "dicomweb:study:read"),
-        ("GET", f"/studies/{S}/series/{SE}/instances/{I}", Transaction.RETRIEVE, "dicomweb:study:read"),
+        ("GET", f"/studies/{S}/series/{SE}/instances/{INST}", Transaction.RETRIEVE, "dicomweb:study:read"),
         ("GET", f"/studies/{S}/metadata", Transaction.ACCESS, "dicomweb:study:read"),
         ("GET", f"/studies/{S}/series/{SE}/metadata", Transaction.ACCESS, "dicomweb:study:read"),
-        ("GET", f"/studies/{S}/series/{SE}/instances/{I}/metadata", Transaction.ACCESS, "dicomweb:study:read"),
-        ("GET", f"/studies/{S}/series/{SE}/instances/{I}/frames/1", Transaction.ACCESS, "dicomweb:study:read"),
-        ("GET", f"/studies/{S}/series/{SE}/instances/{I}/frames/1,2,3", Transaction.ACCESS, "dicomweb:study:read"),
-        ("GET", f"/studies/{S}/series/{SE}/instances/{I}/rendered", Transaction.ACCESS, "dicomweb:study:read"),
+        ("GET", f"/studies/{S}/series/{SE}/instances/{INST}/metadata", Transaction.ACCESS, "dicomweb:study:read"),
+        ("GET", f"/studies/{S}/series/{SE}/instances/{INST}/frames/1", Transaction.ACCESS, "dicomweb:study:read"),
+        ("GET", f"/studies/{S}/series/{SE}/instances/{INST}/frames/1,2,3", Transaction.ACCESS, "dicomweb:study:read"),
+        ("GET", f"/studies/{S}/series/{SE}/instances/{INST}/rendered", Transaction.ACCESS, "dicomweb:study:read"),
         ("GET", f"/studies/{S}/rendered", Transaction.ACCESS, "dicomweb:study:read"),
         ("GET", f"/studies/{S}/series/{SE}/thumbnail", Transaction.ACCESS, "dicomweb:study:read"),
         ("POST", "/studies", Transaction.STORE, "dicomweb:study:store"),
@@ -49,8 +49,8 @@ def test_transactions(method, path, transaction, permission):
         ("GET", "/studies/01.2"),
         ("GET", "/studies/1..2"),
         ("GET", "/studies/abc"),
-        ("GET", f"/studies/{S}/series/{SE}/instances/{I}/frames/0"),
-        ("GET", f"/studies/{S}/series/{SE}/instances/{I}/frames/"),
+        ("GET", f"/studies/{S}/series/{SE}/instances/{INST}/frames/0"),
+        ("GET", f"/studies/{S}/series/{SE}/instances/{INST}/frames/"),
         ("DELETE", f"/studies/{S}"),
         ("PUT", "/studies"),
         ("POST", f"/studies/{S}/series"),

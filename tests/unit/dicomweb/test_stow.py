@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -10,8 +11,8 @@ from compliance.demo import multipart_related
 from compliance.dicomweb.stow import StowPartRejected, validate_stow
 from compliance.errors import InvalidRequest, UnsupportedMediaType
 
-CT = open(get_testdata_file("CT_small.dcm"), "rb").read()
-MR = open(get_testdata_file("MR_small.dcm"), "rb").read()
+CT = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+MR = Path(get_testdata_file("MR_small.dcm")).read_bytes()
 
 
 def test_valid_request_lists_what_it_would_store():
@@ -31,7 +32,12 @@ def test_parts_without_their_own_content_type_default_to_the_type_parameter():
 
 @pytest.mark.parametrize(
     "content_type",
-    [None, "application/dicom", "multipart/form-data; boundary=b", 'multipart/related; type="application/dicom+json"; boundary=b'],
+    [
+        None,
+        "application/dicom",
+        "multipart/form-data; boundary=b",
+        'multipart/related; type="application/dicom+json"; boundary=b',
+    ],
 )
 def test_wrong_request_media_type_is_415(content_type):
     body, _ = multipart_related([CT])
