@@ -207,6 +207,7 @@ packages_for_components() {
     case $c in
       orthanc)  pkgs+=" $DEBIAN_PACKAGES_ORTHANC" ;;
       postgres) pkgs+=" $DEBIAN_PACKAGES_POSTGRES" ;;
+      keycloak|elasticsearch) need_cmd mvn || pkgs+=" $DEBIAN_PACKAGES_MAVEN" ;;
     esac
   done
   printf '%s\n' "$pkgs"
@@ -277,17 +278,16 @@ fetch_artifact() {
   fi
   rm -f "$path"
   log "downloading $artifact"
-  if need_cmd mvn; then
-    (cd "$dir" && mvn -q -B -Dstyle.color=never dependency:copy "-Dartifact=$artifact" "-DoutputDirectory=$dir" >&2) \
-      || warn "mvn dependency:copy failed for $artifact; trying Maven Central with curl"
+  # Maven resolves the artifact through the machine's configured repositories (and ~/.m2);
+  # the project never downloads by URL.
+  need_cmd mvn || die "Maven (mvn) is needed to fetch $artifact: apt-get install maven"
+  local out
+  if ! out=$(cd "$dir" && mvn -q -B -Dstyle.color=never dependency:copy \
+               "-Dartifact=$artifact" "-DoutputDirectory=$dir" 2>&1); then
+    printf '%s\n' "$out" | tail -n 20 >&2
+    die "mvn dependency:copy failed for $artifact"
   fi
-  if [[ ! -f $path ]]; then
-    local g a v t
-    IFS=: read -r g a v t <<<"$artifact"
-    local url="https://repo1.maven.org/maven2/${g//.//}/$a/$v/$a-$v.$t"
-    curl -fSL --retry 3 -o "$path.part" "$url" >&2 || die "download failed: $url"
-    mv "$path.part" "$path"
-  fi
+  [[ -f $path ]] || die "mvn dependency:copy did not produce $path"
   local got; got=$(sha256_of "$path")
   if [[ $got != "$sha" ]]; then
     mv "$path" "$path.bad"
