@@ -16,12 +16,19 @@ show (it never echoes the token):
 4. ``iss`` equals the configured issuer exactly; ``aud`` contains the gateway's audience;
    ``exp`` and ``nbf`` hold with a small leeway; ``exp``, ``iat``, ``iss``, ``sub`` are required.
 5. ``typ``, when present (Keycloak sets it), must be ``Bearer``: ID and refresh tokens are refused.
+
+A token that passed every check is remembered (keyed by its SHA-256) until its own ``exp``, so a
+viewer fetching hundreds of instances with one token pays for the signature check once. ``exp`` and
+``nbf`` are re-checked against the clock on every use; the cache is bounded and holds principals,
+never the tokens themselves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,6 +114,7 @@ class OidcTokenVerifier:
         algorithms: Sequence[str] = ("RS256", "ES256", "PS256"),
         leeway_seconds: int = 30,
         clock: Callable[[], float] = time.time,
+        cache_size: int = 10_000,
     ) -> None:
         bad = set(algorithms) - SUPPORTED_ALGORITHMS
         if bad:
@@ -117,8 +125,27 @@ class OidcTokenVerifier:
         self._algorithms = list(algorithms)
         self._leeway = leeway_seconds
         self._clock = clock
+        self._verified: OrderedDict[bytes, tuple[float, float | None, Principal]] = OrderedDict()
+        self._cache_size = cache_size
 
     async def verify(self, token: str) -> Principal:
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        hit = self._verified.get(digest)
+        if hit is not None:
+            exp, nbf, principal = hit
+            now = self._clock()
+            if exp + self._leeway > now and (nbf is None or nbf - self._leeway <= now):
+                self._verified.move_to_end(digest)
+                return principal
+            del self._verified[digest]
+        principal, exp, nbf = await self._verify_uncached(token)
+        if self._cache_size:
+            self._verified[digest] = (exp, nbf, principal)
+            while len(self._verified) > self._cache_size:
+                self._verified.popitem(last=False)
+        return principal
+
+    async def _verify_uncached(self, token: str) -> tuple[Principal, float, float | None]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -173,7 +200,7 @@ class OidcTokenVerifier:
         typ = claims.get("typ")
         if typ is not None and str(typ).lower() != "bearer":
             raise AuthenticationError("only access tokens are accepted")
-        return principal_from_claims(claims)
+        return principal_from_claims(claims), exp, nbf
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:

@@ -221,3 +221,23 @@ async def test_wall_clock_by_default():
 async def test_non_numeric_exp_refused():
     with pytest.raises(AuthenticationError):
         await make_verifier().verify(sign(claims(exp="tomorrow")))
+
+
+async def test_cached_token_still_expires():
+    now = [NOW]
+    v = make_verifier(clock=lambda: now[0])
+    token = sign(claims(exp=int(NOW) + 60))
+    assert (await v.verify(token)).username == "alice"
+    now[0] = NOW + 30
+    assert (await v.verify(token)).username == "alice"  # served from the cache
+    now[0] = NOW + 60 + 31
+    with pytest.raises(AuthenticationError, match="expired"):
+        await v.verify(token)
+
+
+async def test_a_refused_token_is_never_cached():
+    v = make_verifier()
+    forged = sign(claims(), key=OTHER_REALM_KEY, kid="rsa-1")
+    for _ in range(2):
+        with pytest.raises(AuthenticationError):
+            await v.verify(forged)
