@@ -6,13 +6,14 @@ import uuid
 from collections.abc import Callable, Sequence
 
 #: pydicom's bundled samples used as demo data: small, real, written by nobody here.
-DEMO_SAMPLES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "SC_rgb.dcm")
+DEMO_SAMPLES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "SC_rgb_rle.dcm")
 
 
-def demo_files(get_testdata_file: Callable[[str], str | None]) -> list[str]:
+def demo_files(get_testdata_file: Callable[..., str | None]) -> list[str]:
+    """The bundled sample files that ship inside pydicom's wheel (never downloaded)."""
     out = []
     for name in DEMO_SAMPLES:
-        path = get_testdata_file(name)
+        path = get_testdata_file(name, download=False)
         if path:
             out.append(str(path))
     return out

@@ -12,7 +12,10 @@ import httpx
 import pydicom
 import pytest
 
+from lxml import etree
+
 from compliance.audit.atna import validate_atna_xml
+from compliance.config import PROJECT_ROOT
 from compliance.demo import multipart_related
 
 from .conftest import AuditIndex, Gateway, Stack, dump
@@ -249,6 +252,18 @@ def test_dicomweb_client_works_unchanged(gateway, tokens):
     assert meta[0]["00100020"]["Value"] == [sample.patient_id]
 
 
+SHARED_XSD = PROJECT_ROOT.parent / "shared" / "standards" / "dicom-audit-message-2024d.xsd"
+
+
+def validate_against_shared_schema(xml: str) -> None:
+    """The independent 2024d rendering of PS3.15 A.5.1, where the team's shared folder exists."""
+    if not SHARED_XSD.is_file():
+        return
+    schema = etree.XMLSchema(etree.parse(str(SHARED_XSD)))
+    doc = etree.fromstring(xml.encode())
+    assert schema.validate(doc), schema.error_log
+
+
 def test_each_allowed_request_yields_exactly_one_event(gateway, tokens, audit: AuditIndex):
     sample = unique_instance()
     assert stow(gateway, tokens["tom"], sample).status_code == 200
@@ -266,5 +281,6 @@ def test_each_allowed_request_yields_exactly_one_event(gateway, tokens, audit: A
         seen[(d["event.id"], d["user.name"])] = seen.get((d["event.id"], d["user.name"]), 0) + 1
         assert d["patient.ids"] == [sample.patient_id]
         validate_atna_xml(d["atna.xml"].encode())
+        validate_against_shared_schema(d["atna.xml"])
     assert seen == expected, dump(docs)
     assert len({d["_id"] for d in docs}) == len(docs)
