@@ -112,7 +112,7 @@ def load_settings(**overrides: object) -> Settings:
     stack_dir = Path(str(overrides.get("stack_dir") or default_stack_dir()))
     env_file = stack_dir / "gateway.env"
     if env_file.is_file():
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type,call-arg]
     return Settings(**overrides)  # type: ignore[arg-type]
 
 

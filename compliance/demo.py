@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 DEMO_SAMPLES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "SC_rgb_rle.dcm")
 
 
-def demo_files(get_testdata_file: Callable[..., str | None]) -> list[str]:
+def demo_files(get_testdata_file: Callable[..., object]) -> list[str]:
     """The bundled sample files that ship inside pydicom's wheel (never downloaded)."""
     out = []
     for name in DEMO_SAMPLES:

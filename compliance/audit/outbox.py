@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Engine, Table, func, insert, select, update
 
 from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable
 from compliance.audit.models import AuditOutboxRow
@@ -34,7 +34,7 @@ from compliance.errors import AuditFailure
 
 log = logging.getLogger(__name__)
 
-_TABLE = AuditOutboxRow.__table__
+_TABLE: Table = AuditOutboxRow.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ class OrthancArchive:
             # the URLs it returns point at the gateway rather than at the hidden archive.
             out_headers["Forwarded"] = f"host={self._public_host};proto=http"
         request = self._client.build_request(
-            method, self._root + path, params=query or None, headers=out_headers, content=content
+            method, self._root + path, params=list(query) if query else None, headers=out_headers,  # type: ignore[arg-type]
+            content=content,
         )
         try:
             response = await self._client.send(request, stream=True)

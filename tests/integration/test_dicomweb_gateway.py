@@ -11,7 +11,6 @@ import io
 import httpx
 import pydicom
 import pytest
-
 from lxml import etree
 
 from compliance.audit.atna import validate_atna_xml
