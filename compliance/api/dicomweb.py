@@ -56,12 +56,12 @@ async def dicomweb_post(path: str, request: Request, principal: CurrentPrincipal
     service = services.dicomweb
     await service.authorize(ctx, route)
     limit = services.settings.stow_max_bytes
-    try:
-        body = await _read_body(request, limit)
-    except PayloadTooLarge as exc:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        exc = _too_large(limit)
         await service.audit_rejected_store(ctx, exc.message)
-        raise
-    result = await service.store(ctx, route, body)
+        raise exc
+    result = await service.store(ctx, route, _limited(request, limit))
     if result.status_code >= 400 and result.status_code != 409:
         _raise_for_upstream(result.status_code, path)
     return Response(result.body, status_code=result.status_code, headers=result.headers)
@@ -75,18 +75,18 @@ async def _stream(upstream: httpx.Response) -> AsyncIterator[bytes]:
         await upstream.aclose()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is larger than {limit} bytes", detail={"limit_bytes": limit})
-    chunks: list[bytes] = []
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is larger than {limit} bytes", detail={"limit_bytes": limit})
+
+
+async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body as it arrives; past ``limit`` bytes the upload is aborted with 413."""
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise PayloadTooLarge(f"the request body is larger than {limit} bytes", detail={"limit_bytes": limit})
-        chunks.append(chunk)
-    return b"".join(chunks)
+            raise _too_large(limit)
+        yield chunk
 
 
 def _raise_for_upstream(status: int, path: str) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -44,7 +44,7 @@ from compliance.auth.interfaces import Principal
 from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary
 from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
-from compliance.dicomweb.stow import StowInstance, validate_stow
+from compliance.dicomweb.stow import StowInstance, StowStreamValidator
 from compliance.errors import ComplianceError, PermissionDenied, UpstreamError
 from compliance.policy.interfaces import PolicyDecisionPoint
 
@@ -245,21 +245,51 @@ class DicomwebService:
         )
 
     # -- STOW-RS ------------------------------------------------------------------------------
-    async def store(self, ctx: RequestContext, route: Route, body: bytes) -> BufferedResponse:
-        """Validate the whole request, forward it, audit the import. The caller has authorized."""
+    async def store(self, ctx: RequestContext, route: Route, body: AsyncIterator[bytes]) -> BufferedResponse:
+        """Stream the request to the archive while validating it (``stow.StowStreamValidator``).
+
+        The archive only ever receives a complete body once every part has been validated; any
+        failure aborts the upload, so the archive stores nothing, and the attempt is audited.
+        The caller has authorized the request; ``body`` raises PayloadTooLarge past the limit.
+        """
         try:
-            instances = validate_stow(body, ctx.headers.get("content-type"), route.study_uid)
+            validator = StowStreamValidator(ctx.headers.get("content-type"), route.study_uid)
         except ComplianceError as exc:
             await self.audit_rejected_store(ctx, exc.message)
             raise
-        upstream = await self._archive.send(
-            "POST", ctx.path, query=ctx.query, headers={**ctx.headers, "accept": "application/dicom+json"},
-            content=body,
-        )
+        failure: list[ComplianceError] = []
+
+        async def validated_body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in body:
+                    out = validator.feed(chunk)
+                    if out:
+                        yield out
+                yield validator.finish()
+            except ComplianceError as exc:
+                failure.append(exc)
+                raise
+
+        headers = {k: v for k, v in ctx.headers.items() if k.lower() in ("content-type", "content-length")}
+        headers["accept"] = "application/dicom+json"
+        try:
+            upstream = await self._archive.send("POST", ctx.path, query=ctx.query, headers=headers,
+                                                content=validated_body())
+        except ComplianceError as exc:
+            if not failure or exc is not failure[0]:
+                raise
+            await self.audit_rejected_store(ctx, exc.message)
+            raise
+        except BaseException:
+            if failure:
+                await self.audit_rejected_store(ctx, failure[0].message)
+                raise failure[0] from None
+            raise
         try:
             payload = await upstream.aread()
         finally:
             await upstream.aclose()
+        instances = validator.instances
         forget = getattr(self._archive, "forget", None)
         for inst in instances:
             if forget is not None:

@@ -1,8 +1,7 @@
-"""Validation of STOW-RS request bodies (DICOM PS3.18 10.5) before anything reaches the archive.
+"""Validation of STOW-RS request bodies (DICOM PS3.18 10.5), streaming, before anything is stored.
 
 The gateway accepts ``multipart/related; type="application/dicom"`` (PS3.18 8.6.1.2.1): every part a
-PS3.10 file. The whole request is validated first and refused whole when any part is bad, so a bad
-request changes nothing in the archive:
+PS3.10 file. A request is refused whole when any part is bad, so a bad request changes nothing:
 
 * not multipart/related, or a ``type`` other than application/dicom (metadata + bulk data
   representations are not accepted here) -> :class:`UnsupportedMediaType` (415);
@@ -13,6 +12,15 @@ request changes nothing in the archive:
   to another study than the one in the URL -> :class:`StowPartRejected` (409, PS3.18 Table 10.5.3-1
   "none of the instances were stored"), with the reason per part.
 
+Streaming: :class:`StowStreamValidator` is fed the body chunk by chunk and returns the bytes that
+are safe to forward to the archive. A part's bytes are held back until its DICOM header (preamble,
+file meta, the identifying attributes before Pixel Data) has been read and checked; after that the
+rest of the part flows through. The last bytes of the body (at least the closing delimiter) are
+always withheld until :meth:`StowStreamValidator.finish` has seen a well-formed end and every part
+validated. The archive (Orthanc) processes a request only once its body is complete, so when
+validation fails the gateway aborts the upload and the archive stores nothing. Memory is bounded by
+the header cap per part, not by the size of the request.
+
 The multipart framing is parsed by python-multipart; DICOM parsing is pydicom's.
 """
 
@@ -20,17 +28,20 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from compliance.errors import Conflict, InvalidRequest, UnsupportedMediaType
+from compliance.errors import ComplianceError, Conflict, InvalidRequest, UnsupportedMediaType
 
 DICOM_MEDIA_TYPE = "application/dicom"
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+#: Try to read a part's DICOM header after this many bytes, then after each doubling, up to the cap.
+HEADER_FIRST_TRY = 64 * 1024
+HEADER_CAP = 16 * 1024 * 1024
 
 
 class StowPartRejected(Conflict):
@@ -70,7 +81,7 @@ def parse_content_type(content_type: str | None) -> bytes:
 
 
 def split_parts(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], memoryview]]:
-    """Split a multipart body into (headers, payload) without copying payloads."""
+    """Split a complete multipart body into (headers, payload) without copying payloads."""
     parts: list[tuple[dict[str, str], memoryview]] = []
     state: dict = {"ended": False}
     view = memoryview(body)
@@ -99,19 +110,11 @@ def split_parts(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], memo
     def on_end() -> None:
         state["ended"] = True
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        },
-    )
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_part_data": on_part_data, "on_part_end": on_part_end, "on_end": on_end,
+    })
     try:
-        # One write of the whole body: the parser's offsets are then offsets into ``body``.
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
@@ -123,21 +126,95 @@ def split_parts(body: bytes, boundary: bytes) -> list[tuple[dict[str, str], memo
     return parts
 
 
-def validate_stow(body: bytes, content_type: str | None, study_uid: str | None = None) -> list[StowInstance]:
-    """Validate a STOW-RS request; return what it would store, or raise (nothing is stored)."""
-    boundary = parse_content_type(content_type)
-    parts = split_parts(body, boundary)
-    instances: list[StowInstance] = []
-    failures: list[dict[str, object]] = []
-    for index, (headers, payload) in enumerate(parts):
-        part_type = parse_options_header(headers.get("content-type", DICOM_MEDIA_TYPE))[0].decode("latin-1")
-        if part_type.lower() != DICOM_MEDIA_TYPE:
-            raise UnsupportedMediaType(
-                f"part {index} has media type {part_type!r}; STOW-RS parts must be application/dicom",
-                detail={"part": index},
+@dataclass
+class _Part:
+    index: int
+    headers: dict[str, str] = field(default_factory=dict)
+    data_start: int | None = None
+    prefix: bytearray = field(default_factory=bytearray)
+    next_try: int = HEADER_FIRST_TRY
+    validated: bool = False
+
+
+class StowStreamValidator:
+    """Incremental STOW-RS validation; see the module docstring for the forwarding rule."""
+
+    def __init__(self, content_type: str | None, study_uid: str | None = None, *,
+                 header_cap: int = HEADER_CAP) -> None:
+        self._boundary = parse_content_type(content_type)
+        self._study_uid = study_uid
+        self._header_cap = header_cap
+        # Never forward the last bytes before finish(): the closing delimiter is within them.
+        self._reserve = len(self._boundary) + 16
+        self._received = 0  # bytes fed so far
+        self._released = 0  # bytes handed back for forwarding so far
+        self._held = bytearray()  # received but not yet released: [_released, _received)
+        self._part: _Part | None = None
+        self._ended = False
+        self._count = 0
+        self._base = 0
+        self._field = ""
+        self._error: ComplianceError | None = None
+        self.instances: list[StowInstance] = []
+        self.failures: list[dict[str, object]] = []
+        self._parser = MultipartParser(self._boundary, {
+            "on_part_begin": self._on_part_begin, "on_header_field": self._on_header_field,
+            "on_header_value": self._on_header_value, "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data, "on_part_end": self._on_part_end, "on_end": self._on_end,
+        })
+
+    # -- multipart callbacks ---------------------------------------------------------------------
+    def _on_part_begin(self) -> None:
+        self._part = _Part(index=self._count)
+        self._count += 1
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field = bytes(data[start:end]).decode("latin-1").lower()
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        assert self._part is not None
+        self._part.headers[self._field] = bytes(data[start:end]).decode("latin-1").strip()
+
+    def _on_headers_finished(self) -> None:
+        assert self._part is not None
+        ctype = self._part.headers.get("content-type", DICOM_MEDIA_TYPE)
+        media = parse_options_header(ctype)[0].decode("latin-1").lower()
+        if media != DICOM_MEDIA_TYPE and self._error is None:
+            self._error = UnsupportedMediaType(
+                f"part {self._part.index} has media type {media!r}; STOW-RS parts must be application/dicom",
+                detail={"part": self._part.index},
             )
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        assert part is not None
+        if part.data_start is None:
+            part.data_start = self._base + start
+        if part.validated:
+            return
+        room = self._header_cap - len(part.prefix)
+        part.prefix += data[start : start + max(0, min(room, end - start))]
+        if len(part.prefix) >= part.next_try:
+            self._try_header(part, complete=False)
+            part.next_try *= 2
+
+    def _on_part_end(self) -> None:
+        part = self._part
+        assert part is not None
+        if not part.validated:
+            self._try_header(part, complete=True)
+            if not part.validated and not any(f["part"] == part.index for f in self.failures):
+                self.failures.append({"part": part.index, "reason": "not a DICOM PS3.10 file"})
+        part.prefix = bytearray()
+        self._part = None
+
+    def _on_end(self) -> None:
+        self._ended = True
+
+    # -- the DICOM header check -----------------------------------------------------------------
+    def _try_header(self, part: _Part, *, complete: bool) -> None:
         try:
-            ds = pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True, force=False)
+            ds = pydicom.dcmread(io.BytesIO(bytes(part.prefix)), stop_before_pixels=True, force=False)
             sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
             sop_instance = str(ds.get("SOPInstanceUID", "") or "")
             study = str(ds.get("StudyInstanceUID", "") or "")
@@ -145,32 +222,87 @@ def validate_stow(body: bytes, content_type: str | None, study_uid: str | None =
             patient_id = str(ds.get("PatientID", "") or "") or None
             patient_name = str(ds.get("PatientName", "") or "") or None
             accession = str(ds.get("AccessionNumber", "") or "") or None
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
-            failures.append({"part": index, "reason": f"not a DICOM PS3.10 file ({type(exc).__name__})"})
-            continue
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, AttributeError, OSError,
+                IndexError, OverflowError) as exc:
+            if complete or len(part.prefix) >= self._header_cap:
+                self.failures.append({"part": part.index, "reason": f"not a DICOM PS3.10 file ({type(exc).__name__})"})
+                part.validated = False
+                part.next_try = 1 << 62
+            return
         missing = [
             name
-            for name, value in (
-                ("SOPClassUID", sop_class),
-                ("SOPInstanceUID", sop_instance),
-                ("StudyInstanceUID", study),
-            )
+            for name, value in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_instance),
+                                ("StudyInstanceUID", study))
             if not value or not _UID.match(value) or len(value) > 64
         ]
         if missing:
-            failures.append({"part": index, "reason": f"missing or invalid {', '.join(missing)}"})
-            continue
-        if study_uid is not None and study != study_uid:
-            failures.append(
-                {"part": index, "sop_instance_uid": sop_instance, "reason": "belongs to another study than the URL's"}
+            if complete or len(part.prefix) >= self._header_cap:
+                self.failures.append({"part": part.index, "reason": f"missing or invalid {', '.join(missing)}"})
+                part.next_try = 1 << 62
+            return  # the attributes may still be ahead in the stream
+        if self._study_uid is not None and study != self._study_uid:
+            self.failures.append({"part": part.index, "sop_instance_uid": sop_instance,
+                                  "reason": "belongs to another study than the URL's"})
+            part.next_try = 1 << 62
+            return
+        part.validated = True
+        self.instances.append(StowInstance(sop_class, sop_instance, study, series, patient_id, patient_name,
+                                           accession))
+
+    # -- feeding --------------------------------------------------------------------------------
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.failures:
+            raise StowPartRejected(
+                f"part {self.failures[0]['part']} is not an acceptable DICOM instance; nothing was stored",
+                detail={"failures": self.failures},
             )
-            continue
-        instances.append(
-            StowInstance(sop_class, sop_instance, study, series, patient_id, patient_name, accession)
-        )
-    if failures:
-        raise StowPartRejected(
-            f"{len(failures)} of {len(parts)} parts are not acceptable DICOM instances; nothing was stored",
-            detail={"failures": failures},
-        )
-    return instances
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Consume a chunk; return the bytes now safe to forward (possibly empty). Raises when invalid."""
+        if not chunk:
+            return b""
+        self._base = self._received
+        self._held += chunk
+        self._received += len(chunk)
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise InvalidRequest(f"the multipart body is malformed: {exc}") from exc
+        self._raise_if_failed()
+        safe = self._received - self._reserve
+        part = self._part
+        if part is not None and not part.validated and part.data_start is not None:
+            safe = min(safe, part.data_start)
+        return self._release(safe)
+
+    def finish(self) -> bytes:
+        """The body ended: check it was complete and valid, and return the withheld rest."""
+        try:
+            self._parser.finalize()
+        except MultipartParseError as exc:
+            raise InvalidRequest(f"the multipart body is malformed: {exc}") from exc
+        self._raise_if_failed()
+        if not self._ended:
+            raise InvalidRequest("the multipart body is truncated: no closing boundary")
+        if not self.instances:
+            raise InvalidRequest("the multipart body holds no parts")
+        return self._release(self._received)
+
+    def _release(self, upto: int) -> bytes:
+        if upto <= self._released:
+            return b""
+        n = upto - self._released
+        out = bytes(self._held[:n])
+        del self._held[:n]
+        self._released = upto
+        return out
+
+
+def validate_stow(body: bytes, content_type: str | None, study_uid: str | None = None) -> list[StowInstance]:
+    """Validate a whole STOW-RS body at once; return what it would store, or raise."""
+    validator = StowStreamValidator(content_type, study_uid)
+    validator.feed(body)
+    validator.finish()
+    return validator.instances

@@ -219,6 +219,25 @@ def test_body_over_the_limit_is_413(gateway, tokens, stack):
     assert not orthanc_has_study(stack, sample.study_uid)
 
 
+def test_chunked_body_crossing_the_limit_is_413_and_nothing_is_stored(gateway, tokens, stack, audit: AuditIndex):
+    """No Content-Length to refuse up front: the stream is cut at the limit and the upload aborted."""
+    sample = unique_instance()
+    big = sample.data + b"\x00" * (9 * 1024 * 1024)
+    body, ct = multipart_related([big])
+
+    def chunks():
+        for i in range(0, len(body), 256 * 1024):
+            yield body[i : i + 256 * 1024]
+
+    r = httpx.post(f"{gateway.url}/dicom-web/studies", content=chunks(),
+                   headers={**bearer(tokens["tom"]), "Content-Type": ct}, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"] == "payload_too_large"
+    assert not orthanc_has_study(stack, sample.study_uid)
+    docs = audit.wait_for(1, **{"event.id": "110107", "user.name": "tom", "event.outcome": 8})
+    assert any("larger than" in (d["event.outcome_description"] or "") for d in docs), dump(docs)
+
+
 def test_unknown_paths_are_not_proxied(gateway, tokens):
     for path in ("/dicom-web/tools/find", "/dicom-web/studies/abc", "/dicom-web/../system"):
         r = httpx.get(gateway.url + path, headers=bearer(tokens["alice"]), timeout=30)
