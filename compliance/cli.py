@@ -100,9 +100,15 @@ def audit_status() -> None:
     from compliance.audit.outbox import SqlAuditOutbox
     from compliance.db.session import make_engine
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     settings = get_settings()
     outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
-    typer.echo(json.dumps({"recorded": outbox.total(), "backlog": outbox.backlog()}))
+    try:
+        typer.echo(json.dumps({"recorded": outbox.total(), "backlog": outbox.backlog()}))
+    except SQLAlchemyError as exc:
+        _fail(f"cannot read the audit outbox ({type(exc).__name__}); is the database migrated? "
+              "run: compliance db upgrade")
 
 
 @audit_app.command("ship")
