@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import re
@@ -33,15 +32,12 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pydicom
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compliance.config import load_settings  # noqa: E402
-from compliance.demo import multipart_related  # noqa: E402
+from compliance.demo import multipart_related, synthetic_instance  # noqa: E402
 
 WRK_LUA = """
 done = function(summary, latency, requests)
@@ -53,23 +49,10 @@ end
 """
 
 
-def synthetic_instance() -> tuple[bytes, str, str, str]:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.Modality = "BENCH-0001", "Bench^Patient", "CT"
-    ds.Rows = ds.Columns = 512
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = np.random.default_rng(7).integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+def bench_instance() -> tuple[bytes, str, str, str]:
+    """One 512x512x16-bit CT (~0.5 MB) with noise pixels, so nothing compresses it away."""
+    noise = np.random.default_rng(7).integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
+    return synthetic_instance(patient_id="BENCH-0001", patient_name="Bench^Patient", pixel_fill=noise)
 
 
 def free_port() -> int:
@@ -133,7 +116,7 @@ def main() -> None:
             r.raise_for_status()
             return str(r.json()["access_token"])
 
-        data, study, series, instance = synthetic_instance()
+        data, study, series, instance = bench_instance()
         body, ct = multipart_related([data])
         r = httpx.post(f"{base}/dicom-web/studies", content=body, timeout=60,
                        headers={"Authorization": f"Bearer {token('tom')}", "Content-Type": ct})

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
 
 import httpx
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from compliance.demo import synthetic_instance
 
 from .conftest import Gateway, Stack
 
@@ -27,29 +25,9 @@ def peak_rss_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
-def big_instance(size_mb: int) -> tuple[bytes, str, str, str]:
-    frames = size_mb * 2  # 512 x 512 x 16 bit = 0.5 MiB per frame
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.Modality = f"BIG-{ds.SOPInstanceUID[-8:]}", "Big^Instance", "OT"
-    ds.Rows = ds.Columns = 512
-    ds.NumberOfFrames = frames
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.PixelData = bytes(512 * 512 * 2 * frames)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-
-
 def test_large_retrieve_streams_with_bounded_gateway_memory(stack: Stack, gateway: Gateway):
-    data, study, series, instance = big_instance(SIZE_MB)
+    data, study, series, instance = synthetic_instance(frames=SIZE_MB * 2, patient_id="BIG-0001",
+                                                      patient_name="Big^Instance")
     # Put it straight into the archive (the STOW limit of the test gateway is small on purpose).
     r = httpx.post(f"{stack.orthanc_url}/instances", content=data, auth=stack.orthanc_auth, timeout=300)
     assert r.status_code == 200, r.text
