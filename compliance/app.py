@@ -55,7 +55,8 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
         auditor = AuditRecorder(outbox, source, fail_closed=settings.audit_fail_closed)
         sink = overrides.sink or ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
         shipper = AuditShipper(outbox, sink, batch_size=settings.audit_ship_batch_size,
-                               interval_seconds=settings.audit_ship_interval_seconds)
+                               interval_seconds=settings.audit_ship_interval_seconds,
+                               max_backoff_seconds=settings.audit_ship_max_backoff_seconds)
         http = httpx.AsyncClient(timeout=5.0)
         verifier = overrides.verifier or OidcTokenVerifier(
             issuer=settings.oidc_issuer,

@@ -97,10 +97,10 @@ def db_upgrade(url: str = typer.Option(None, help="SQLAlchemy URL (default from 
 @audit_app.command("status")
 def audit_status() -> None:
     """How many audit events are recorded and how many still wait to be shipped."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from compliance.audit.outbox import SqlAuditOutbox
     from compliance.db.session import make_engine
-
-    from sqlalchemy.exc import SQLAlchemyError
 
     settings = get_settings()
     outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
@@ -129,6 +129,54 @@ def audit_ship() -> None:
     except AuditSinkUnavailable as exc:
         _fail(f"Elasticsearch is unavailable: {exc}; {outbox.backlog()} events wait in the outbox")
     typer.echo(json.dumps({"shipped": total, "backlog": outbox.backlog()}))
+
+
+@audit_app.command("verify")
+def audit_verify(
+    from_seq: int = typer.Option(1, "--from", help="First chain position to check."),
+    to_seq: int = typer.Option(None, "--to", help="Last chain position to check (default: all shipped)."),
+) -> None:
+    """Check the audit trail in Elasticsearch against its hash chain: 'intact' or the first broken place.
+
+    Exit status 0 when intact, 1 when anything was modified, deleted, inserted or reordered. The check
+    is itself recorded as a 110101 Audit Log Used event (actor: the operating-system user).
+    """
+    import getpass
+
+    from compliance.audit.atna import AuditSource
+    from compliance.audit.elasticsearch import ElasticsearchAuditSink
+    from compliance.audit.events import Outcome, UserRef, audit_log_used_event
+    from compliance.audit.interfaces import AuditSinkUnavailable
+    from compliance.audit.outbox import SqlAuditOutbox
+    from compliance.audit.recorder import AuditRecorder
+    from compliance.audit.verify import verify_repository
+    from compliance.db.session import make_engine
+
+    settings = get_settings()
+    outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
+    sink = ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
+    operator = getpass.getuser()
+    recorder = AuditRecorder(outbox, AuditSource(source_id=settings.audit_source_id,
+                                                 enterprise_site_id=settings.audit_enterprise_site_id))
+    try:
+        result = verify_repository(sink.client, settings.audit_index_prefix, outbox, from_seq=from_seq,
+                                   to_seq=to_seq)
+    except AuditSinkUnavailable as exc:
+        _fail(str(exc))
+    recorder.record_now(audit_log_used_event(
+        user=UserRef(user_id=f"os:{operator}", username=operator, client_id="compliance-cli"),
+        gateway_id=settings.audit_source_id,
+        outcome=Outcome.SUCCESS if result.intact else Outcome.MINOR_FAILURE,
+        audit_log_uri=f"{settings.elasticsearch_url}/{settings.audit_index_prefix}-*",
+        query=f"verify chain from {from_seq} to {to_seq or 'head'}".encode(),
+        outcome_description=result.summary()[:1024],
+    ))
+    typer.echo(result.summary())
+    for finding in result.findings:
+        typer.echo(json.dumps({"kind": finding.kind, "seq": finding.seq, "event": finding.uuid,
+                               "detail": finding.detail}))
+    if not result.intact:
+        raise typer.Exit(1)
 
 
 @demo_app.command("load")

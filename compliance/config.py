@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     audit_fail_closed: bool = True
     audit_ship_interval_seconds: float = 0.5
     audit_ship_batch_size: int = 1000
+    #: Longest wait between two attempts while the audit repository is unreachable.
+    audit_ship_max_backoff_seconds: float = 10.0
     #: Start the background shipper inside the gateway process.
     audit_shipper_enabled: bool = True
 

@@ -82,6 +82,14 @@ class ElasticsearchAuditSink:
                 template=template["template"],
                 meta=template.get("_meta"),
             )
+            # A template only shapes new indices: add fields introduced since (additive only, which
+            # Elasticsearch allows on live indices) to the existing monthly indices too.
+            self._client.indices.put_mapping(
+                index=f"{self.index_prefix}-*",
+                properties=template["template"]["mappings"]["properties"],
+                ignore_unavailable=True,
+                allow_no_indices=True,
+            )
         except _UNREACHABLE as exc:
             raise AuditSinkUnavailable(f"Elasticsearch at {self.url} is unreachable: {exc}") from exc
         except ApiError as exc:

@@ -28,13 +28,15 @@ from typing import Any
 
 from sqlalchemy import Engine, Table, func, insert, select, update
 
+from compliance.audit.chain import HASH, PREV, SEQ, extend
 from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable
-from compliance.audit.models import AuditOutboxRow
+from compliance.audit.models import AuditChainHead, AuditOutboxRow
 from compliance.errors import AuditFailure
 
 log = logging.getLogger(__name__)
 
 _TABLE: Table = AuditOutboxRow.__table__  # type: ignore[assignment]
+_HEAD: Table = AuditChainHead.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)
@@ -62,26 +64,55 @@ class SqlAuditOutbox:
 
     # -- writing -----------------------------------------------------------------------------
     def append_now(self, entries: Sequence[OutboxEntry]) -> None:
-        """Insert and commit in the caller's thread (CLI, tests, start-up events)."""
+        """Insert and commit in the caller's thread (CLI, tests, start-up events).
+
+        The chain head row is locked first (an UPDATE, so SQLite takes its write lock and PostgreSQL
+        a row lock at once), then the entries are linked to it and inserted, and the head moves, all
+        in one transaction: concurrent writers extend the chain one after the other.
+        """
         if not entries:
             return
         now = self._clock()
-        rows = [
-            {
-                "uuid": e.uuid,
-                "event_code": e.event_code,
-                "occurred_at": e.occurred_at,
-                "document": json.dumps(e.document, ensure_ascii=False, separators=(",", ":")),
-                "recorded_at": now,
-                "attempts": 0,
-            }
-            for e in entries
-        ]
+        documents = [dict(e.document) for e in entries]
         try:
             with self._engine.begin() as conn:
+                conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(id=1))
+                head = conn.execute(select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)).one()
+                new_seq, new_hash = extend(int(head.seq), str(head.hash), documents)
+                rows = [
+                    {
+                        "seq": doc[SEQ],
+                        "uuid": e.uuid,
+                        "event_code": e.event_code,
+                        "occurred_at": e.occurred_at,
+                        "document": json.dumps(doc, ensure_ascii=False, separators=(",", ":")),
+                        "recorded_at": now,
+                        "attempts": 0,
+                        "prev_hash": doc[PREV],
+                        "hash": doc[HASH],
+                    }
+                    for e, doc in zip(entries, documents, strict=True)
+                ]
                 conn.execute(insert(_TABLE), rows)
+                conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(seq=new_seq, hash=new_hash))
         except Exception as exc:  # any database failure means the event is not recorded
             raise AuditFailure("the audit event could not be recorded") from exc
+
+    def shipped_head(self) -> int:
+        """The highest chain position delivered to the repository (0 when none)."""
+        with self._engine.connect() as conn:
+            value = conn.execute(select(func.max(_TABLE.c.seq)).where(_TABLE.c.shipped_at.is_not(None))).scalar()
+        return int(value or 0)
+
+    def hash_at(self, seq: int) -> str | None:
+        with self._engine.connect() as conn:
+            value = conn.execute(select(_TABLE.c.hash).where(_TABLE.c.seq == seq)).scalar()
+        return None if value is None else str(value)
+
+    def chain_head(self) -> tuple[int, str]:
+        with self._engine.connect() as conn:
+            head = conn.execute(select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)).one()
+        return int(head.seq), str(head.hash)
 
     def submit(self, entry: OutboxEntry) -> Future[None]:
         """Queue one entry for the group-commit writer; the future resolves once it is durable."""

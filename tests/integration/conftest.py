@@ -121,6 +121,7 @@ def start_gateway(stack: Stack, tmp: Path, *, database_url: str, index_prefix: s
         "COMPLIANCE_DATABASE_URL": database_url,
         "COMPLIANCE_AUDIT_INDEX_PREFIX": index_prefix,
         "COMPLIANCE_AUDIT_SHIP_INTERVAL_SECONDS": "0.2",
+        "COMPLIANCE_AUDIT_SHIP_MAX_BACKOFF_SECONDS": "2",
         "COMPLIANCE_STOW_MAX_BYTES": str(8 * 1024 * 1024),
         **(extra_env or {}),
     }
@@ -185,7 +186,7 @@ class AuditIndex:
         resp.raise_for_status()
         return [hit["_source"] | {"_id": hit["_id"]} for hit in resp.json()["hits"]["hits"]]
 
-    def wait_for(self, expected: int, *, within: float = 30.0, **terms: str) -> list[dict]:
+    def wait_for(self, expected: int, *, within: float = 60.0, **terms: str) -> list[dict]:
         """Poll until at least ``expected`` documents match (shipping is asynchronous), then return all.
 
         Waits for eventual delivery, bounded; the assertion on the count is the caller's.

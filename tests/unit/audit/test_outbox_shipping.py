@@ -141,3 +141,45 @@ def test_background_thread_drains_and_stops(outbox):
     shipper.stop(drain_seconds=5)
     assert outbox.backlog() == 0
     assert not any(t.name == "audit-shipper" and t.is_alive() for t in threading.enumerate())
+
+
+def test_concurrent_writers_on_separate_connections_never_fork_the_chain(tmp_path):
+    """Four writers with their own engines (as four gateway processes would be) on one SQLite file."""
+    from compliance.audit.chain import GENESIS, verify_chain
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    upgrade(url)
+    writers = [SqlAuditOutbox(make_engine(url)) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def write(w: SqlAuditOutbox, base: int) -> None:
+        try:
+            for i in range(40):
+                w.append_now([entry(base + i)])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w, k * 1000)) for k, w in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    docs = [d for _, _, d in writers[0].pending(1000)]
+    assert len(docs) == 160
+    v = verify_chain(docs, start_prev=GENESIS, expected_first_seq=1, expected_last_seq=160)
+    assert v.intact, v.findings[:3]
+    assert writers[0].chain_head()[0] == 160
+    for w in writers:
+        w.close()
+
+
+def test_rows_carry_the_chain_in_columns_and_document(outbox, tmp_path):
+    outbox.append_now([entry(1), entry(2)])
+    con = sqlite3.connect(tmp_path / "o.db")
+    rows = con.execute("select seq, prev_hash, hash, document from audit_outbox order by seq").fetchall()
+    con.close()
+    assert rows[0][1] == "0" * 64
+    assert rows[1][1] == rows[0][2]
+    doc = json.loads(rows[1][3])
+    assert doc["chain.seq"] == 2 and doc["chain.hash"] == rows[1][2]
