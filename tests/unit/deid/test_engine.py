@@ -32,7 +32,8 @@ def _all_uids(ds: Dataset) -> list[str]:
     out = []
     for el in ds.iterall():
         if el.VR == "UI" and el.value:
-            out.extend(str(v) for v in (el.value if isinstance(el.value, list | pydicom.multival.MultiValue) else [el.value]))
+            values = el.value if isinstance(el.value, list | pydicom.multival.MultiValue) else [el.value]
+            out.extend(str(v) for v in values)
     return out
 
 
