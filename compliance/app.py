@@ -14,6 +14,7 @@ from compliance import __version__
 from compliance.api import dicomweb as dicomweb_routes
 from compliance.api import errors as error_handlers
 from compliance.api import health
+from compliance.api import metrics as metrics_routes
 from compliance.api.deps import Services
 from compliance.audit.atna import AuditSource
 from compliance.audit.elasticsearch import ElasticsearchAuditSink
@@ -32,7 +33,6 @@ from compliance.policy.rbac import RbacPolicy
 
 log = logging.getLogger(__name__)
 
-
 @dataclass
 class Overrides:
     """Backends a test may substitute (a unit test of pure logic only; never an end-to-end test)."""
@@ -40,7 +40,6 @@ class Overrides:
     verifier: TokenVerifier | None = None
     archive: ArchiveBackend | None = None
     sink: AuditSink | None = None
-
 
 def create_app(settings: Settings | None = None, overrides: Overrides | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -78,7 +77,8 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
         policy = RbacPolicy.from_file(settings.rbac_policy_file)
         dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
                                    qido_max_response_bytes=settings.qido_max_response_bytes)
-        app.state.services = Services(settings=settings, verifier=verifier, auditor=auditor, dicomweb=dicomweb)
+        app.state.services = Services(settings=settings, verifier=verifier, auditor=auditor, dicomweb=dicomweb,
+                                      policy=policy)
         app.state.outbox = outbox
         app.state.shipper = shipper
         auditor.record_now(application_activity_event("start", gateway_id=settings.audit_source_id))
@@ -101,9 +101,9 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
                   docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
     error_handlers.install(app, realm=settings.keycloak_realm)
     app.include_router(health.router)
+    app.include_router(metrics_routes.router)
     app.include_router(dicomweb_routes.router)
     return app
-
 
 def create_app_from_env() -> FastAPI:
     """Factory for ``uvicorn --factory`` (one per worker process)."""

@@ -14,6 +14,7 @@ from compliance.auth.tokens import unverified_username
 from compliance.config import Settings
 from compliance.dicomweb.service import DicomwebService
 from compliance.errors import AuthenticationError
+from compliance.policy.interfaces import PolicyDecisionPoint
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Services:
     verifier: TokenVerifier
     auditor: AuditRecorder
     dicomweb: DicomwebService
+    policy: PolicyDecisionPoint
 
 
 def get_services(request: Request) -> Services:

@@ -28,7 +28,6 @@ import httpx
 
 from compliance.audit.events import (
     Action,
-    EventTypeCode,
     Outcome,
     PatientRef,
     StudyRef,
@@ -37,7 +36,6 @@ from compliance.audit.events import (
     instances_accessed_event,
     instances_transferred_event,
     query_event,
-    security_alert_event,
 )
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
@@ -45,7 +43,8 @@ from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary
 from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
 from compliance.dicomweb.stow import StowInstance, StowStreamValidator
-from compliance.errors import ComplianceError, PermissionDenied, UpstreamError
+from compliance.errors import ComplianceError, UpstreamError
+from compliance.policy.enforce import enforce, user_ref
 from compliance.policy.interfaces import PolicyDecisionPoint
 
 log = logging.getLogger(__name__)
@@ -76,16 +75,6 @@ class BufferedResponse:
     status_code: int
     headers: dict[str, str]
     body: bytes
-
-
-def user_ref(principal: Principal, source_address: str | None) -> UserRef:
-    return UserRef(
-        user_id=principal.subject,
-        username=principal.username,
-        client_id=principal.client_id,
-        roles=tuple(sorted(principal.roles)),
-        source_address=source_address,
-    )
 
 
 def outcome_of(status: int) -> Outcome:
@@ -124,23 +113,10 @@ class DicomwebService:
 
     # -- authorization ------------------------------------------------------------------------
     async def authorize(self, ctx: RequestContext, route: Route) -> None:
-        decision = self._policy.decide(ctx.principal, route.permission, route.study_uid)
-        if decision.allowed:
-            return
-        await self._auditor.record(
-            security_alert_event(
-                user=ctx.user,
-                gateway_id=self._gateway_id,
-                alert_type=EventTypeCode.ACCESS_CONTROL_DECISION,
-                description=f"denied {ctx.method} {ctx.target}: {decision.reason}",
-                resource=f"dicomweb:{ctx.target}",
-                outcome=Outcome.MINOR_FAILURE,
-            )
-        )
-        raise PermissionDenied(
-            f"{ctx.principal.username} may not {route.transaction.value} here",
-            detail={"permission": route.permission},
-        )
+        await enforce(self._policy, self._auditor, ctx.principal, route.permission,
+                      action=f"{route.transaction.value} {ctx.method} {ctx.target}",
+                      resource=f"dicomweb:{ctx.target}", source_address=ctx.source_address,
+                      gateway_id=self._gateway_id)
 
     # -- QIDO-RS ------------------------------------------------------------------------------
     async def search(self, ctx: RequestContext, route: Route) -> BufferedResponse:

@@ -1,0 +1,35 @@
+"""Prometheus text metrics: the audit outbox backlog and the chain head. No PHI, counts only."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> str:
+    outbox = request.app.state.outbox
+    shipper = request.app.state.shipper
+
+    def read() -> tuple[int, int, int]:
+        return outbox.total(), outbox.backlog(), outbox.chain_head()[0]
+
+    recorded, backlog, head = await run_in_threadpool(read)
+    up = 0 if shipper.last_error else 1
+    return (
+        "# HELP compliance_audit_outbox_recorded Audit events recorded in the outbox.\n"
+        "# TYPE compliance_audit_outbox_recorded gauge\n"
+        f"compliance_audit_outbox_recorded {recorded}\n"
+        "# HELP compliance_audit_outbox_backlog Audit events not yet delivered to the repository.\n"
+        "# TYPE compliance_audit_outbox_backlog gauge\n"
+        f"compliance_audit_outbox_backlog {backlog}\n"
+        "# HELP compliance_audit_chain_head_seq Position of the last event in the hash chain.\n"
+        "# TYPE compliance_audit_chain_head_seq gauge\n"
+        f"compliance_audit_chain_head_seq {head}\n"
+        "# HELP compliance_audit_shipper_up 1 when the last shipping attempt reached the repository.\n"
+        "# TYPE compliance_audit_shipper_up gauge\n"
+        f"compliance_audit_shipper_up {up}\n"
+    )
