@@ -302,3 +302,22 @@ def test_each_allowed_request_yields_exactly_one_event(gateway, tokens, audit: A
         validate_against_shared_schema(d["atna.xml"])
     assert seen == expected, dump(docs)
     assert len({d["_id"] for d in docs}) == len(docs)
+
+
+def test_a_series_asked_for_under_another_study_is_never_served(gateway, tokens):
+    """The audit names the patient of the study in the URL; the archive must not serve another study's
+    data under it (Orthanc checks the hierarchy; this test guards that assumption)."""
+    a, b = unique_instance(), unique_instance()
+    assert stow(gateway, tokens["tom"], a).status_code == 200
+    assert stow(gateway, tokens["tom"], b).status_code == 200
+    h = {**bearer(tokens["alice"]), "Accept": "*/*"}
+    for path in (f"/studies/{a.study_uid}/series/{b.series_uid}",
+                 f"/studies/{a.study_uid}/series/{b.series_uid}/instances/{b.sop_instance_uid}",
+                 f"/studies/{a.study_uid}/series/{b.series_uid}/metadata",
+                 f"/studies/{a.study_uid}/series/{b.series_uid}/instances/{b.sop_instance_uid}/frames/1"):
+        r = httpx.get(f"{gateway.url}/dicom-web{path}", headers=h, timeout=30)
+        assert r.status_code == 404, (path, r.status_code)
+        assert b.patient_id not in r.text
+    r = httpx.get(f"{gateway.url}/dicom-web/studies/{a.study_uid}/series/{b.series_uid}/instances",
+                  headers={**bearer(tokens["alice"]), "Accept": DICOM_JSON}, timeout=30)
+    assert b.sop_instance_uid not in r.text
