@@ -92,3 +92,18 @@ async def test_denial_never_reaches_the_archive(tmp_path):
     assert archive.sent == []
     assert outbox.pending(10)[0][2]["event.id"] == "110113"
     outbox.close()
+
+
+async def test_fail_open_deployments_serve_and_log_loudly(tmp_path, caplog):
+    """AUDIT_FAIL_CLOSED=false is a per-deployment choice: the request proceeds, the loss is logged."""
+    outbox = SqlAuditOutbox(make_engine(f"sqlite:///{tmp_path / 'no-table.db'}"))
+    policy = RbacPolicy.from_mapping({"version": 1, "roles": {"clinician": ["dicomweb:study:read"]}})
+    auditor = AuditRecorder(outbox, AuditSource(source_id="gw", enterprise_site_id="site"), fail_closed=False)
+    archive = FakeArchive()
+    svc = DicomwebService(archive, policy, auditor, gateway_id="gw")
+    with caplog.at_level("CRITICAL"):
+        upstream = await svc.retrieve(ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
+    assert upstream.status_code == 200
+    assert "AUDIT EVENT NOT RECORDED" in caplog.text
+    await upstream.aclose()
+    outbox.close()
