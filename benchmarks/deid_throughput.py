@@ -31,10 +31,10 @@ def _engine(profile: str):  # type: ignore[no-untyped-def]
 
 
 def run_engine(files: list[Path], out: Path, profile: str) -> int:
-    from compliance.deid.batch import deidentify_file
+    from compliance.deid.batch import run_batch
 
     engine = _engine(profile)
-    return sum(deidentify_file(engine, f, out)["status"] == "released" for f in files)
+    return run_batch(engine, files, out).released
 
 
 def _worker(args: tuple[list[Path], Path, str]) -> int:

@@ -11,17 +11,21 @@ import httpx
 from fastapi import FastAPI
 
 from compliance import __version__
+from compliance.api import audit as audit_routes
 from compliance.api import dicomweb as dicomweb_routes
 from compliance.api import errors as error_handlers
+from compliance.api import exports as export_routes
 from compliance.api import health
 from compliance.api import metrics as metrics_routes
 from compliance.api.deps import Services
 from compliance.audit.atna import AuditSource
-from compliance.audit.elasticsearch import ElasticsearchAuditSink
+from compliance.audit.checkpoints import build_checkpointer
 from compliance.audit.events import application_activity_event
+from compliance.audit.fanout import build_audit_sink
 from compliance.audit.interfaces import AuditSink
 from compliance.audit.outbox import AuditShipper, SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
+from compliance.audit.reports import AuditReadServices
 from compliance.auth.interfaces import TokenVerifier
 from compliance.auth.tokens import JwksCache, OidcTokenVerifier
 from compliance.config import Settings, get_settings
@@ -52,10 +56,11 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
         source = AuditSource(source_id=settings.audit_source_id,
                              enterprise_site_id=settings.audit_enterprise_site_id)
         auditor = AuditRecorder(outbox, source, fail_closed=settings.audit_fail_closed)
-        sink = overrides.sink or ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
+        sink = overrides.sink or build_audit_sink(settings, engine)
         shipper = AuditShipper(outbox, sink, batch_size=settings.audit_ship_batch_size,
                                interval_seconds=settings.audit_ship_interval_seconds,
-                               max_backoff_seconds=settings.audit_ship_max_backoff_seconds)
+                               max_backoff_seconds=settings.audit_ship_max_backoff_seconds,
+                               checkpointer=build_checkpointer(settings, engine, sink))
         http = httpx.AsyncClient(timeout=5.0)
         verifier = overrides.verifier or OidcTokenVerifier(
             issuer=settings.oidc_issuer,
@@ -75,25 +80,51 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
             public_host=f"{settings.host}:{settings.port}",
         )
         policy = RbacPolicy.from_file(settings.rbac_policy_file)
+        archive_keys = None
+        if settings.archive_encrypted:
+            from compliance.archive.client import ArchiveKeyClient
+            from compliance.archive.operations import KeyOperations
+
+            archive_keys = KeyOperations(
+                ArchiveKeyClient(settings.archive_url, username=settings.archive_username,
+                                 password=settings.archive_password.get_secret_value(),
+                                 dicomweb_path=settings.archive_dicomweb_path),
+                auditor, gateway_id=settings.audit_source_id)
         dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
-                                   qido_max_response_bytes=settings.qido_max_response_bytes)
+                                   qido_max_response_bytes=settings.qido_max_response_bytes,
+                                   erasure=archive_keys.client if archive_keys else None)
+        from compliance.exports.workers import InProcessWorker, build_export_components, build_queue
+
+        exports = build_export_components(settings, engine, auditor, queue=build_queue(settings))
+        export_worker = (InProcessWorker(exports, interval_seconds=settings.exports_poll_interval_seconds)
+                         if settings.exports_worker_backend == "inprocess" else None)
         app.state.services = Services(settings=settings, verifier=verifier, auditor=auditor, dicomweb=dicomweb,
-                                      policy=policy)
+                                      policy=policy,
+                                      audit_read=AuditReadServices.from_settings(settings, engine=engine),
+                                      exports=exports, archive_keys=archive_keys)
         app.state.outbox = outbox
         app.state.shipper = shipper
         auditor.record_now(application_activity_event("start", gateway_id=settings.audit_source_id))
         if settings.audit_shipper_enabled:
             shipper.start()
+        if export_worker is not None:
+            export_worker.start()
         try:
             yield
         finally:
             try:
                 auditor.record_now(application_activity_event("stop", gateway_id=settings.audit_source_id))
             finally:
+                if export_worker is not None:
+                    export_worker.stop()
                 if settings.audit_shipper_enabled:
                     shipper.stop()
                 outbox.close()
+                if app.state.services.audit_read is not None:
+                    app.state.services.audit_read.close()
                 await archive.aclose()
+                if archive_keys is not None:
+                    await archive_keys.client.aclose()
                 await http.aclose()
                 engine.dispose()
 
@@ -103,6 +134,11 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
     app.include_router(health.router)
     app.include_router(metrics_routes.router)
     app.include_router(dicomweb_routes.router)
+    app.include_router(audit_routes.router)
+    app.include_router(export_routes.router)
+    from compliance.api import keys as key_routes
+
+    app.include_router(key_routes.router)
     return app
 
 def create_app_from_env() -> FastAPI:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from compliance.audit.events import EventTypeCode, Outcome, security_alert_event
 from compliance.audit.recorder import AuditRecorder
+from compliance.audit.reports import AuditReadServices
 from compliance.auth.interfaces import Principal, TokenVerifier
 from compliance.auth.tokens import unverified_username
 from compliance.config import Settings
@@ -26,6 +27,12 @@ class Services:
     auditor: AuditRecorder
     dicomweb: DicomwebService
     policy: PolicyDecisionPoint
+    #: The privacy officer's audit search, reports and review queue (compliance/api/audit.py).
+    audit_read: AuditReadServices | None = None
+    #: Research exports and re-identification (compliance/exports/workers.py ExportComponents).
+    exports: Any = None
+    #: Archive key operations (compliance/archive/operations.py KeyOperations); None when unencrypted.
+    archive_keys: Any = None
 
 
 def get_services(request: Request) -> Services:

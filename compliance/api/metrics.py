@@ -14,10 +14,13 @@ async def metrics(request: Request) -> str:
     outbox = request.app.state.outbox
     shipper = request.app.state.shipper
 
-    def read() -> tuple[int, int, int]:
-        return outbox.total(), outbox.backlog(), outbox.chain_head()[0]
+    checkpointer = getattr(shipper, "checkpointer", None)
 
-    recorded, backlog, head = await run_in_threadpool(read)
+    def read() -> tuple[int, int, int, int]:
+        last = checkpointer.store.last() if checkpointer is not None else None
+        return outbox.total(), outbox.backlog(), outbox.chain_head()[0], last.seq_to if last else 0
+
+    recorded, backlog, head, checkpointed = await run_in_threadpool(read)
     up = 0 if shipper.last_error else 1
     return (
         "# HELP compliance_audit_outbox_recorded Audit events recorded in the outbox.\n"
@@ -32,4 +35,10 @@ async def metrics(request: Request) -> str:
         "# HELP compliance_audit_shipper_up 1 when the last shipping attempt reached the repository.\n"
         "# TYPE compliance_audit_shipper_up gauge\n"
         f"compliance_audit_shipper_up {up}\n"
+        "# HELP compliance_audit_checkpoint_seq Last chain position covered by a signed checkpoint.\n"
+        "# TYPE compliance_audit_checkpoint_seq gauge\n"
+        f"compliance_audit_checkpoint_seq {checkpointed}\n"
+        "# HELP compliance_audit_checkpoint_up 1 when checkpoints are signed and the last attempt succeeded.\n"
+        "# TYPE compliance_audit_checkpoint_up gauge\n"
+        f"compliance_audit_checkpoint_up {int(checkpointer is not None and not checkpointer.last_error)}\n"
     )

@@ -23,18 +23,51 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 GENESIS = "0" * 64
 SEQ, PREV, HASH = "chain.seq", "chain.prev", "chain.hash"
 
 
-def canonical(document: Mapping[str, Any]) -> bytes:
+def _canonical_json(document: Mapping[str, Any]) -> bytes:
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def canonical(document: Mapping[str, Any]) -> bytes:
+    """Sorted keys, no whitespace, UTF-8 (orjson's output equals ``json.dumps``'s for the types an
+    audit document holds: str, int, bool, None, lists and dicts; tested). Anything orjson refuses
+    (a lone surrogate, an integer beyond 64 bits) takes the standard library's path."""
+    try:
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        return _canonical_json(document)
 
 
 def link_hash(prev: str, document: Mapping[str, Any]) -> str:
     """The chain hash of ``document`` (its own chain.hash and a search hit's ``_id`` are ignored)."""
     body = {k: v for k, v in document.items() if k not in (HASH, "_id")}
     return hashlib.sha256(prev.encode("ascii") + b"\n" + canonical(body)).hexdigest()
+
+
+def extend_serialized(head_seq: int, head_hash: str,
+                      documents: Iterable[dict[str, Any]]) -> tuple[int, str, list[str]]:
+    """:func:`extend`, also returning each linked document as JSON text (for storage).
+
+    The canonical serialization made for the hash is reused: the stored text is it with
+    ``chain.hash`` appended (valid JSON, the same document), so each event is serialized once.
+    """
+    seq, prev = head_seq, head_hash
+    texts: list[str] = []
+    for doc in documents:
+        seq += 1
+        doc[SEQ] = seq
+        doc[PREV] = prev
+        body = doc if HASH not in doc and "_id" not in doc else {k: v for k, v in doc.items()
+                                                                  if k not in (HASH, "_id")}
+        raw = canonical(body)
+        doc[HASH] = prev = hashlib.sha256(prev.encode("ascii") + b"\n" + raw).hexdigest()
+        texts.append(f'{raw[:-1].decode("utf-8")},"{HASH}":"{prev}"}}')
+    return seq, prev, texts
 
 
 def extend(head_seq: int, head_hash: str, documents: Iterable[dict[str, Any]]) -> tuple[int, str]:
@@ -50,7 +83,7 @@ def extend(head_seq: int, head_hash: str, documents: Iterable[dict[str, Any]]) -
 
 @dataclass(frozen=True)
 class Finding:
-    kind: str  # modified | deleted | inserted | reordered | duplicated
+    kind: str  # modified | deleted | inserted | reordered | duplicated | checkpoint
     seq: int | None
     uuid: str | None
     detail: str
@@ -63,6 +96,8 @@ class Verification:
     last_seq: int | None = None
     head_hash: str | None = None
     findings: list[Finding] = field(default_factory=list)
+    #: Signed checkpoints whose signature and Merkle root matched the repository's events.
+    checkpoints: int = 0
 
     @property
     def intact(self) -> bool:
@@ -71,7 +106,7 @@ class Verification:
     def summary(self) -> str:
         if self.intact:
             return (f"intact: {self.checked} events, seq {self.first_seq}..{self.last_seq}, "
-                    f"head {self.head_hash}")
+                    f"head {self.head_hash}, {self.checkpoints} signed checkpoint(s) verified")
         first = self.findings[0]
         return (f"BROKEN at seq {first.seq} ({first.kind}, event {first.uuid}): {first.detail}; "
                 f"{len(self.findings)} finding(s) in {self.checked} events")

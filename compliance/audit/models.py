@@ -46,3 +46,33 @@ class AuditChainHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
     hash: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class AuditCheckpoint(Base):
+    """A signed checkpoint: Ed25519 over the RFC 6962 Merkle root of events seq_from..seq_to.
+
+    ``seq_from`` is unique, so two gateway processes that race to sign the same range cannot both
+    succeed (compliance/audit/checkpoints.py); ``shipped_at`` marks it delivered to the repository.
+    """
+
+    __tablename__ = "audit_checkpoint"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq_from: Mapped[int] = mapped_column(BigInteger, unique=True, nullable=False)
+    seq_to: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    merkle_root: Mapped[str] = mapped_column(String(64), nullable=False)
+    head_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    key_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    signature: Mapped[str] = mapped_column(String(128), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    shipped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditOutboxDelivery(Base):
+    """Which sink already holds which event, when several sinks are configured (fan-out)."""
+
+    __tablename__ = "audit_outbox_delivery"
+
+    sink: Mapped[str] = mapped_column(String(32), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    delivered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

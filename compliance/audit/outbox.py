@@ -15,7 +15,6 @@ Rows are marked shipped, never deleted.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -26,9 +25,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Engine, Table, func, insert, select, update
 
-from compliance.audit.chain import HASH, PREV, SEQ, extend
+from compliance.audit.chain import HASH, PREV, SEQ, extend_serialized
 from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable
 from compliance.audit.models import AuditChainHead, AuditOutboxRow
 from compliance.errors import AuditFailure
@@ -78,20 +78,20 @@ class SqlAuditOutbox:
             with self._engine.begin() as conn:
                 conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(id=1))
                 head = conn.execute(select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)).one()
-                new_seq, new_hash = extend(int(head.seq), str(head.hash), documents)
+                new_seq, new_hash, texts = extend_serialized(int(head.seq), str(head.hash), documents)
                 rows = [
                     {
                         "seq": doc[SEQ],
                         "uuid": e.uuid,
                         "event_code": e.event_code,
                         "occurred_at": e.occurred_at,
-                        "document": json.dumps(doc, ensure_ascii=False, separators=(",", ":")),
+                        "document": text,
                         "recorded_at": now,
                         "attempts": 0,
                         "prev_hash": doc[PREV],
                         "hash": doc[HASH],
                     }
-                    for e, doc in zip(entries, documents, strict=True)
+                    for e, doc, text in zip(entries, documents, texts, strict=True)
                 ]
                 conn.execute(insert(_TABLE), rows)
                 conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(seq=new_seq, hash=new_hash))
@@ -167,7 +167,7 @@ class SqlAuditOutbox:
             .limit(limit)
         )
         with self._engine.connect() as conn:
-            return [(r.seq, r.uuid, json.loads(r.document)) for r in conn.execute(stmt)]
+            return [(r.seq, r.uuid, orjson.loads(r.document)) for r in conn.execute(stmt)]
 
     def mark_shipped(self, uuids: Sequence[str]) -> None:
         if not uuids:
@@ -207,8 +207,11 @@ class AuditShipper:
         batch_size: int = 1000,
         interval_seconds: float = 0.5,
         max_backoff_seconds: float = 30.0,
+        checkpointer: Any = None,
     ) -> None:
         self._outbox = outbox
+        #: Signs periodic checkpoints (compliance/audit/checkpoints.py AuditCheckpointer), optional.
+        self.checkpointer = checkpointer
         self._sink = sink
         self._batch = batch_size
         self._interval = interval_seconds
@@ -235,6 +238,8 @@ class AuditShipper:
                     break
             except Exception:  # leave the rest in the outbox: the next start ships it
                 break
+        if self.checkpointer is not None:
+            self.checkpointer.tick()
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -260,6 +265,8 @@ class AuditShipper:
     def _run(self) -> None:
         backoff = self._interval
         while not self._stop.is_set():
+            if self.checkpointer is not None:
+                self.checkpointer.tick()  # never raises: a failed signing is retried next round
             try:
                 shipped = self.ship_once()
                 self.last_error = None

@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -103,7 +104,11 @@ class DicomwebService:
         gateway_id: str,
         archive_id: str = "archive",
         qido_max_response_bytes: int = 64 * 1024 * 1024,
+        erasure: Any = None,
     ) -> None:
+        #: ``compliance.archive.client.ArchiveKeyClient`` when the archive is encrypted: WADO checks
+        #: the study's erasure state and explains archive read failures (410 / integrity alert).
+        self._erasure = erasure
         self._archive = archive
         self._policy = policy
         self._auditor = auditor
@@ -169,17 +174,23 @@ class DicomwebService:
         """Return the archive's response with its body unread; the caller streams then closes it."""
         await self.authorize(ctx, route)
         assert route.study_uid is not None
-        results = await asyncio.gather(
+        calls = [
             self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers),
             self._archive.study_summary(route.study_uid),
-            return_exceptions=True,
-        )
-        upstream, summary = results
-        if isinstance(upstream, BaseException) or isinstance(summary, BaseException):
+        ]
+        if self._erasure is not None:
+            calls.append(self._erasure.study_state(route.study_uid))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        upstream, summary = results[0], results[1]
+        state = results[2] if len(results) > 2 else None
+        if self._erasure is not None and isinstance(upstream, httpx.Response) and isinstance(state, str):
+            # Before the lookup's error: a study lookup may itself fail on a shredded or corrupted file.
+            await self._check_stored_objects(
+                ctx, route, upstream, None if isinstance(summary, BaseException) else summary, state)
+        if any(isinstance(r, BaseException) for r in results):
             if isinstance(upstream, httpx.Response):
                 await upstream.aclose()
-            err = upstream if isinstance(upstream, BaseException) else summary
-            assert isinstance(err, BaseException)
+            err = next(r for r in results if isinstance(r, BaseException))
             if isinstance(err, ComplianceError):
                 raise err
             raise UpstreamError("the archive request failed") from err
@@ -189,6 +200,47 @@ class DicomwebService:
             await upstream.aclose()
             raise
         return upstream
+
+    async def _check_stored_objects(self, ctx: RequestContext, route: Route, upstream: httpx.Response,
+                                    summary: Any, state: Any) -> None:
+        """Encrypted archive: 410 for a shredded patient's study; an integrity alert for a bad file.
+
+        Orthanc answers 5xx when the storage plugin refuses a file (it reads a study's files before
+        answering), so only then does the gateway ask the archive to verify the study's files and
+        tell erasure (410) from corruption (500 + 110113). Nothing of the upstream body is sent.
+        """
+        reason: str | None = None
+        if state == "shredded":
+            reason = "erased"
+        elif upstream.status_code >= 500:
+            report = await self._erasure.verify_study(route.study_uid or "")
+            results = {f.get("result") for f in report.get("failures", [])}
+            if "decryption_failed" in results or "missing" in results:
+                reason = "integrity"
+            elif "key_destroyed" in results:
+                reason = "erased"
+        if reason is None:
+            return
+        await upstream.aclose()
+        from compliance.archive.interfaces import ArchiveIntegrityError
+        from compliance.audit.events import EventTypeCode, security_alert_event
+        from compliance.crypto.interfaces import KeyDestroyed
+
+        study = route.study_uid or ""
+        if reason == "erased":
+            await self._auditor.record(self._retrieve_event(ctx, route, 410, summary))
+            raise KeyDestroyed("the study was permanently erased: its patient's data key was destroyed",
+                               detail={"study_uid": study, "reason": "crypto-shredded"})
+        patients = ((PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
+                    if summary is not None and summary.patient_id else ())
+        await self._auditor.record(security_alert_event(
+            user=ctx.user, gateway_id=self._gateway_id, alert_type=EventTypeCode.OBJECT_SECURITY_ATTRIBUTES_CHANGED,
+            description=f"integrity failure: a stored file of study {study} does not authenticate; not returned",
+            resource=f"dicomweb:{ctx.target}", outcome=Outcome.SERIOUS_FAILURE, source_address=ctx.source_address,
+            patients=patients, studies=(StudyRef(study_uid=study),)))
+        await self._auditor.record(self._retrieve_event(ctx, route, 500, summary))
+        raise ArchiveIntegrityError("a stored object of the study failed its integrity check and was not returned",
+                                    detail={"study_uid": study})
 
     def _retrieve_event(self, ctx: RequestContext, route: Route, status: int, summary: StudySummary | None):
         patients = (

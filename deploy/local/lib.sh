@@ -314,6 +314,15 @@ ensure_secrets() {
       printf '%s=%s\n' "$k" "$(gen_secret)" >>"$f"
     fi
   done
+  # The archive's patient index key (HMAC of patient ids in the archive key table; 32 bytes, hex),
+  # generated once, passed to Orthanc's storage plugin by environment only (compliance/archive/keystore.py).
+  if ! grep -q '^ARCHIVE_PATIENT_INDEX_KEY=' "$f"; then
+    printf 'ARCHIVE_PATIENT_INDEX_KEY=%s\n' "$(openssl rand -hex 32 2>/dev/null || python3 -c 'import secrets; print(secrets.token_hex(32))')" >>"$f"
+  fi
+  # The Ed25519 key that signs audit checkpoints (compliance/audit/checkpoints.py), generated once.
+  local ck="$STACK/audit-checkpoint-ed25519.pem"
+  [[ -s $ck ]] || ( umask 077; openssl genpkey -algorithm ed25519 -out "$ck" ) || die "cannot generate $ck"
+  chmod 0600 "$ck"
   load_secrets
 }
 
@@ -341,6 +350,7 @@ COMPLIANCE_KEYCLOAK_ADMIN_USERNAME=admin
 COMPLIANCE_KEYCLOAK_ADMIN_PASSWORD=$SECRET_KEYCLOAK_ADMIN_PASSWORD
 COMPLIANCE_ELASTICSEARCH_URL=http://$BIND:$ELASTICSEARCH_PORT
 COMPLIANCE_POSTGRES_URL=postgresql+psycopg://compliance:$SECRET_POSTGRES_PASSWORD@$BIND:$POSTGRES_PORT/compliance
+COMPLIANCE_ARCHIVE_ENCRYPTED=$( [[ -n $(orthanc_plugin_script) ]] && echo true || echo false )
 EOF
   chmod 0600 "$tmp"
   if [[ -f $f ]] && cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv -f "$tmp" "$f"; fi
@@ -350,6 +360,34 @@ EOF
 # Orthanc
 
 orthanc_url()  { printf 'http://%s:%s\n' "$BIND" "$ORTHANC_PORT"; }
+
+# The encrypted storage-area plugin (compliance/archive/orthanc_plugin.py) is on by default;
+# COMPLIANCE_ORTHANC_PYTHON_PLUGIN=none runs a plaintext archive (development of other parts only),
+# any other value names another plugin script.
+orthanc_plugin_script() {
+  local s=${COMPLIANCE_ORTHANC_PYTHON_PLUGIN-$CHECKOUT/compliance/archive/orthanc_plugin.py}
+  [[ $s == none ]] && s=
+  printf '%s\n' "$s"
+}
+
+# The archive's key store (compliance/archive/keystore.py), created as the stack user before Orthanc
+# starts: $STACK/archive-keys/ (0700) with the keyring (0600) and the key database, first KEK.
+# Debian's python3 (the one Orthanc embeds) runs it with the checkout and the venv's site-packages.
+orthanc_keys_env() {
+  export COMPLIANCE_STACK_DIR="$STACK"
+  export COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY="$SECRET_ARCHIVE_PATIENT_INDEX_KEY"
+}
+
+orthanc_key_store_up() {
+  local keys="$STACK/archive-keys"
+  mkdir -p "$keys"; chmod 0700 "$keys"; own "$keys"
+  ( orthanc_keys_env
+    cd "$STACK/orthanc"
+    run_as env "PYTHONPATH=$CHECKOUT:$CHECKOUT/.venv/lib/python3.11/site-packages" \
+      /usr/bin/python3 -m compliance.archive.setup ) >>"$(orthanc_logs)" 2>&1 \
+    || { show_logs "$(orthanc_logs)"; die "orthanc: cannot set up the archive key store in $keys"; }
+  log "orthanc: archive key store ready in $keys"
+}
 orthanc_logs() { printf '%s\n' "$STACK/logs/orthanc.log"; }
 
 orthanc_healthy() {
@@ -362,7 +400,7 @@ render_orthanc_config() {
   local out=$1
   STACK_ORTHANC_DIR="$STACK/orthanc" \
   ORTHANC_GATEWAY_PASSWORD="$SECRET_ORTHANC_GATEWAY_PASSWORD" \
-  PYTHON_PLUGIN="${COMPLIANCE_ORTHANC_PYTHON_PLUGIN:-}" \
+  PYTHON_PLUGIN="$(orthanc_plugin_script)" \
   python3 - "$DEPLOY_DIR/orthanc/orthanc.json" "$out" <<'PY'
 import json, os, sys
 src, out = sys.argv[1], sys.argv[2]
@@ -388,6 +426,12 @@ if script:
     cfg["Plugins"].append("/usr/share/orthanc/plugins/libOrthancPython.so")
     cfg["PythonScript"] = script
     cfg["PythonVerbose"] = False
+    # Encrypted archive: its own state directories (a plaintext archive's files are never mixed in),
+    # and no in-memory storage cache, so a shredded or corrupted file is never served from memory.
+    base = os.environ["STACK_ORTHANC_DIR"]
+    cfg["StorageDirectory"] = base + "/storage-encrypted"
+    cfg["IndexDirectory"] = base + "/index-encrypted"
+    cfg["MaximumStorageCacheSize"] = 0
 # ---- end of hook
 with open(out, "w") as f:
     json.dump(cfg, f, indent=2)
@@ -400,8 +444,14 @@ orthanc_up() {
   logf=$(orthanc_logs)
   [[ -x /usr/sbin/Orthanc ]] || die "orthanc: /usr/sbin/Orthanc missing"
   [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || die "orthanc: DICOMweb plugin missing"
-  mkdir -p "$dir/storage" "$dir/index" "$dir/tmp"
+  local plugin; plugin=$(orthanc_plugin_script)
+  if [[ -n $plugin ]]; then
+    mkdir -p "$dir/storage-encrypted" "$dir/index-encrypted" "$dir/tmp"
+  else
+    mkdir -p "$dir/storage" "$dir/index" "$dir/tmp"
+  fi
   own "$dir"; chmod 0750 "$dir"
+  [[ -n $plugin ]] && orthanc_key_store_up
   local tmp; tmp=$(mktemp "$dir/.orthanc.json.XXXXXX")
   render_orthanc_config "$tmp" || { rm -f "$tmp"; die "orthanc: cannot render config"; }
   chmod 0640 "$tmp"
@@ -417,7 +467,17 @@ orthanc_up() {
   fi
   mv -f "$tmp" "$conf"
   check_port_free orthanc "$ORTHANC_PORT"
-  spawn orthanc "$logf" /usr/sbin/Orthanc "$conf"
+  if [[ -n $plugin && ( -d $dir/storage || -d $dir/index ) ]]; then
+    # A plaintext archive left from before encryption was enabled: its files are plaintext PHI on
+    # disk (DESIGN.md invariant); the local demo archive is regenerated data, so remove it.
+    warn "orthanc: removing the plaintext demo archive ($dir/storage, $dir/index); the archive is encrypted now"
+    rm -rf "$dir/storage" "$dir/index"
+  fi
+  if [[ -n $plugin ]]; then
+    ( orthanc_keys_env; spawn orthanc "$logf" /usr/sbin/Orthanc "$conf" )
+  else
+    spawn orthanc "$logf" /usr/sbin/Orthanc "$conf"
+  fi
   if ! wait_until "$ORTHANC_TIMEOUT" orthanc_healthy || ! pid_of orthanc >/dev/null; then
     show_logs "$logf"
     die "orthanc: not healthy within ${ORTHANC_TIMEOUT}s"

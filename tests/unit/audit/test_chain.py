@@ -97,3 +97,57 @@ def test_any_field_change_breaks_the_chain(field):
     d = docs()
     d[7][field] = 99 if field == SEQ else "x"
     assert not verify_chain(d, start_prev=GENESIS, expected_first_seq=1).intact
+
+
+def test_serialized_extension_stores_the_same_document_it_hashed():
+    import json
+
+    from compliance.audit.chain import extend_serialized
+
+    plain = [{"event.uuid": f"u{i}", "user.name": "\u00e9l\u00e8ve \"q\"", "n": [i, None]} for i in range(5)]
+    twin = copy.deepcopy(plain)
+    head = extend(0, GENESIS, plain)
+    seq, last, texts = extend_serialized(0, GENESIS, twin)
+    assert (seq, last) == head
+    assert [json.loads(t) for t in texts] == plain == twin
+    assert verify_chain([json.loads(t) for t in texts], start_prev=GENESIS, expected_first_seq=1).intact
+
+
+@pytest.mark.parametrize("value", [
+    "plain", "\u00e9\u4e2d\U0001f600", 'quote " back \\ slash /', "ctl \x00\x01\x1f\x7f \n\r\t\b\f",
+    "\u2028\u2029", 0, -1, 2**63 - 1, True, False, None, [], {}, ["a", ["b", {"z": 1, "a": None}]],
+])
+def test_canonical_form_is_the_standard_librarys(value):
+    """The chain's bytes must not depend on which JSON library computed them (a verifier may lack orjson)."""
+    import json
+
+    from compliance.audit.chain import canonical
+
+    doc = {"z": value, "a": 1, "m": {"y": value, "b": [value]}}
+    assert canonical(doc) == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_canonical_form_of_real_audit_documents_is_the_standard_librarys():
+    import json
+
+    from compliance.audit.atna import AuditSource
+    from compliance.audit.chain import canonical
+    from compliance.audit.documents import to_document
+    from compliance.audit.events import Outcome, PatientRef, UserRef, query_event
+
+    source = AuditSource(source_id="gw", enterprise_site_id="site")
+    user = UserRef(user_id="s", username="\u00e9l\u00e8ve", client_id="c", roles=("r",), source_address="::1")
+    docs = [to_document(query_event(user=user, gateway_id="gw", outcome=Outcome.SUCCESS, query=b"PatientID=\x00\xff",
+                                    sop_class_uid=None, patients=[PatientRef("P1", "M\u00fcller^J\u00fcrgen")],
+                                    resource="/dicom-web/studies"), source)]
+    for doc in docs:
+        assert canonical(doc) == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_values_orjson_refuses_fall_back_to_the_standard_library():
+    import json
+
+    from compliance.audit.chain import canonical
+
+    doc = {"big": 2**70, "b": "x"}
+    assert canonical(doc) == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

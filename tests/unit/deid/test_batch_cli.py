@@ -95,3 +95,18 @@ def test_cli_refuses_unknown_profile_and_missing_secret(inputs: Path, tmp_path: 
     res = runner.invoke(app, ["--profile", "basic", "--project", "nope", str(inputs), str(tmp_path / "o")])
     assert res.exit_code == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_group_commit_writer_renames_only_after_commit(tmp_path):
+    from compliance.deid.batch import GroupCommitWriter
+
+    w = GroupCommitWriter()
+    w.write(tmp_path / "a.dcm", b"A" * 10)
+    w.write(tmp_path / "sub" / "b.dcm", b"B")
+    assert not (tmp_path / "a.dcm").exists() and not (tmp_path / "sub" / "b.dcm").exists()
+    w.commit()
+    assert (tmp_path / "a.dcm").read_bytes() == b"A" * 10 and (tmp_path / "sub" / "b.dcm").read_bytes() == b"B"
+    assert [p.name for p in tmp_path.rglob(".deid-*")] == []
+    w.write(tmp_path / "c.dcm", b"C")
+    w.abort()
+    assert not (tmp_path / "c.dcm").exists() and [p.name for p in tmp_path.rglob(".deid-*")] == []

@@ -1,0 +1,154 @@
+"""STOW-RS throughput into an encrypted Orthanc (the storage plugin) against a plaintext Orthanc.
+
+Both are started by this script, in the same run, from the stack's Orthanc template with their own
+temporary state directories and ports, identical except for the plugin (``PythonScript`` and
+``MaximumStorageCacheSize: 0``, as ``deploy/local/up`` renders it). The encrypted one gets its own
+temporary key store (local keyring, fresh patient index key), created as ``up`` does. Each round
+STOWs the same number of unique instances (unique patients, so every instance also creates a data
+key) directly to each archive, alternating which goes first; the best round per archive counts.
+
+    .venv/bin/python benchmarks/stow_encrypted.py [--instances 200] [--rounds 3] [--concurrency 1 4]
+
+Run as root, the archives run as the stack user (like deploy/local/up); otherwise as yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compliance.demo import multipart_related  # noqa: E402
+from tests.integration.dicom_samples import unique_instance  # noqa: E402
+
+USER = "compliance-stack"
+PASSWORD = secrets.token_hex(16)
+
+
+def _run_as() -> list[str]:
+    if os.geteuid() == 0:
+        return ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups"]
+    return []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_orthanc(base: Path, *, encrypted: bool) -> tuple[subprocess.Popen, str]:
+    cfg = json.loads((ROOT / "deploy/orthanc/orthanc.json").read_text())
+    port = _free_port()
+    for d in ("storage", "index", "tmp", "stack"):
+        (base / d).mkdir(parents=True)
+    cfg.update(HttpPort=port, RegisteredUsers={"gateway": PASSWORD}, StorageDirectory=str(base / "storage"),
+               IndexDirectory=str(base / "index"), TemporaryDirectory=str(base / "tmp"))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(base), "COMPLIANCE_STACK_DIR": str(base / "stack"),
+           "COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY": secrets.token_hex(32)}
+    if encrypted:
+        cfg["Plugins"].append("/usr/share/orthanc/plugins/libOrthancPython.so")
+        cfg.update(PythonScript=str(ROOT / "compliance/archive/orthanc_plugin.py"), PythonVerbose=False,
+                   MaximumStorageCacheSize=0)
+    (base / "orthanc.json").write_text(json.dumps(cfg))
+    if os.geteuid() == 0:
+        shutil.chown(base, USER, USER)
+        for p in base.rglob("*"):
+            shutil.chown(p, USER, USER)
+    if encrypted:
+        subprocess.run([*_run_as(), "env", f"PYTHONPATH={ROOT}:{ROOT}/.venv/lib/python3.11/site-packages",
+                        "/usr/bin/python3", "-m", "compliance.archive.setup"], env=env, cwd=base, check=True,
+                       capture_output=True)
+    log = open(base / "orthanc.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([*_run_as(), "/usr/sbin/Orthanc", str(base / "orthanc.json")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if httpx.get(f"{url}/system", auth=("gateway", PASSWORD), timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    proc.kill()
+    raise SystemExit(f"Orthanc did not start:\n{(base / 'orthanc.log').read_text()[-2000:]}")
+
+
+def stow_all(url: str, bodies: list[tuple[bytes, str]], concurrency: int) -> float:
+    with httpx.Client(auth=("gateway", PASSWORD), timeout=60,
+                      limits=httpx.Limits(max_connections=concurrency)) as client:
+        def one(item: tuple[bytes, str]) -> None:
+            r = client.post(f"{url}/dicom-web/studies", content=item[0],
+                            headers={"Content-Type": item[1], "Accept": "application/dicom+json"})
+            if r.status_code != 200:
+                raise SystemExit(f"STOW answered {r.status_code}: {r.text[:300]}")
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, bodies))
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--sample", default="CT_small.dcm")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="stow-bench-"))
+    os.chmod(tmp, 0o755)  # noqa: S103 - the archives run as the stack user and must traverse it
+    procs = []
+    try:
+        plain, plain_url = start_orthanc(tmp / "plain", encrypted=False)
+        procs.append(plain)
+        enc, enc_url = start_orthanc(tmp / "encrypted", encrypted=True)
+        procs.append(enc)
+        size = len(unique_instance(args.sample).data)
+        print(f"{args.instances} unique instances of {args.sample} ({size} bytes) per round, best of {args.rounds}")
+        print("| concurrency | archive | instances/s | MB/s |")
+        print("| --- | --- | --- | --- |")
+        ratios = {}
+        for c in args.concurrency:
+            best = {"plaintext": float("inf"), "encrypted": float("inf")}
+            for r in range(args.rounds):
+                order = [("plaintext", plain_url), ("encrypted", enc_url)]
+                if r % 2:
+                    order.reverse()
+                for name, url in order:
+                    bodies = [multipart_related([unique_instance(args.sample).data]) for _ in range(args.instances)]
+                    best[name] = min(best[name], stow_all(url, bodies, c))
+            for name in ("plaintext", "encrypted"):
+                rate = args.instances / best[name]
+                print(f"| {c} | {name} | {rate:.1f} | {rate * size / 1e6:.2f} |")
+            ratios[c] = best["plaintext"] / best["encrypted"]
+        for c, ratio in ratios.items():
+            print(f"concurrency {c}: encrypted/plaintext throughput = {ratio:.2f}x (target >= 0.9x)")
+        stored = [p for p in (tmp / "encrypted" / "storage").rglob("*") if p.is_file()]
+        assert stored and all(p.read_bytes()[:4] == b"CGSE" for p in stored), "encrypted archive stored plaintext"
+    finally:
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

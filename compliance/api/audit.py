@@ -1,0 +1,196 @@
+"""The privacy officer's API under ``/api/v1/audit``: search, reports, the alert review queue.
+
+Every route: the bearer token (``CurrentPrincipal``), then the decision (``audit:events:search`` for
+searching and the review queue, ``audit:reports:run`` for reports; a denial is 403 and a 110113
+alert, :func:`compliance.policy.enforce.enforce`), then the read, then a 110101 Audit Log Used event
+naming who asked and what (the query as its "Query" detail), recorded durably before the answer
+leaves. A read that fails (bad cursor, Elasticsearch down) is recorded too, with a failure outcome.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, client_address
+from compliance.audit.events import Outcome, audit_log_used_event
+from compliance.audit.queries import MAX_PAGE_SIZE, AuditSearch
+from compliance.audit.reports import MEDIA_TYPES, PDF_KINDS, AuditReadServices, ReportFormat, ReportKind, render
+from compliance.auth.interfaces import Principal
+from compliance.errors import ComplianceError, ConfigurationError, InvalidRequest
+from compliance.policy.enforce import enforce, user_ref
+
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+
+SEARCH = "audit:events:search"
+REPORTS = "audit:reports:run"
+
+T = TypeVar("T")
+
+
+def _reader(services: Services) -> AuditReadServices:
+    if services.audit_read is None:
+        raise ConfigurationError("the audit read services are not configured")
+    return services.audit_read
+
+
+async def _guard(request: Request, principal: Principal, services: Services, permission: str, action: str) -> None:
+    await enforce(services.policy, services.auditor, principal, permission, action=action,
+                  resource=f"api:{request.url.path}", source_address=client_address(request),
+                  gateway_id=services.settings.audit_source_id)
+
+
+async def _audited(request: Request, principal: Principal, services: Services, query: dict[str, Any],
+                   read: Callable[[], T], *, log_uri: str | None = None) -> T:
+    """Run ``read`` in a worker thread; record the 110101 event (success or failure) before returning."""
+    reader = _reader(services)
+    text = json.dumps({"request": f"{request.method} {request.url.path}", **query}, sort_keys=True,
+                      separators=(",", ":"), default=str)
+    outcome, description = Outcome.SUCCESS, None
+    try:
+        return await run_in_threadpool(read)
+    except ComplianceError as exc:
+        outcome = Outcome.MINOR_FAILURE if isinstance(exc, InvalidRequest) else Outcome.SERIOUS_FAILURE
+        description = exc.message[:1000]
+        raise
+    except Exception:
+        outcome, description = Outcome.SERIOUS_FAILURE, "internal error while reading the audit log"
+        raise
+    finally:
+        await services.auditor.record(audit_log_used_event(
+            user=user_ref(principal, client_address(request)),
+            gateway_id=services.settings.audit_source_id,
+            outcome=outcome,
+            audit_log_uri=log_uri or reader.audit_log_uri,
+            query=text.encode("utf-8"),
+            outcome_description=description,
+        ))
+
+
+# --------------------------------------------------------------------------- search
+
+Strs = Annotated[list[str] | None, Query()]
+
+
+@router.get("/events")
+async def search_events(
+    request: Request,
+    principal: CurrentPrincipal,
+    services: ServicesDep,
+    user: Strs = None,
+    patient: Strs = None,
+    study: Strs = None,
+    event_type: Strs = None,
+    outcome: Annotated[list[int] | None, Query()] = None,
+    source_address: Strs = None,
+    start: Annotated[datetime | None, Query(alias="from")] = None,
+    end: Annotated[datetime | None, Query(alias="to")] = None,
+    sort: Literal["asc", "desc"] = "desc",
+    size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 100,
+    cursor: Annotated[str | None, Query(max_length=2000)] = None,
+    include_xml: bool = False,
+) -> dict[str, Any]:
+    """Search the audit trail; page with ``cursor`` = the previous page's ``next_cursor``."""
+    await _guard(request, principal, services, SEARCH, "search the audit trail")
+    reader = _reader(services)
+    query = {"params": sorted(request.query_params.multi_items())}
+
+    def read() -> dict[str, Any]:
+        search = AuditSearch(users=tuple(user or ()), patients=tuple(patient or ()), studies=tuple(study or ()),
+                             event_types=tuple(event_type or ()), outcomes=tuple(outcome or ()),
+                             source_addresses=tuple(source_address or ()), start=start, end=end)
+        page = reader.queries.search(search, size=size, order=sort, cursor=cursor, include_xml=include_xml)
+        return {"events": page.events, "count": len(page.events), "total": page.total,
+                "total_is_exact": page.total_is_exact, "next_cursor": page.next_cursor}
+
+    return await _audited(request, principal, services, query, read)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@router.get("/reports/{kind}")
+async def run_report(
+    kind: ReportKind,
+    request: Request,
+    principal: CurrentPrincipal,
+    services: ServicesDep,
+    patient: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+    user: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+    start: Annotated[datetime | None, Query(alias="from")] = None,
+    end: Annotated[datetime | None, Query(alias="to")] = None,
+    format: ReportFormat = ReportFormat.JSON,  # noqa: A002 - the public parameter name
+) -> Response:
+    """One of the four reports as JSON, CSV or (patient access, disclosures) PDF."""
+    await _guard(request, principal, services, REPORTS, f"run the {kind.value} report")
+    reader = _reader(services)
+    if format is ReportFormat.PDF and kind not in PDF_KINDS:
+        raise InvalidRequest(f"PDF is offered for {', '.join(sorted(k.value for k in PDF_KINDS))} only")
+    query = {"report": kind.value, "params": sorted(request.query_params.multi_items())}
+
+    def read() -> tuple[bytes, int]:
+        report = reader.reports.run(kind, patient=patient, user=user, start=start, end=end)
+        return render(report, format), len(report.rows)
+
+    body, rows = await _audited(request, principal, services, query, read)
+    headers = {"X-Report-Rows": str(rows), "Cache-Control": "no-store"}
+    if format is not ReportFormat.JSON:
+        headers["Content-Disposition"] = f'attachment; filename="{kind.value}.{format.value}"'
+    return Response(body, media_type=MEDIA_TYPES[format], headers=headers)
+
+
+# --------------------------------------------------------------------------- review queue
+
+
+class AlertUpdate(BaseModel):
+    status: Literal["acknowledged"]
+    note: str | None = Field(default=None, max_length=4000)
+
+
+@router.get("/alerts")
+async def list_alerts(
+    request: Request,
+    principal: CurrentPrincipal,
+    services: ServicesDep,
+    status: Literal["open", "acknowledged"] | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[int | None, Query(ge=0)] = None,
+) -> dict[str, Any]:
+    """The detection findings awaiting (or past) review, oldest first; page with ``after`` = the last id."""
+    await _guard(request, principal, services, SEARCH, "read the audit review queue")
+    reader = _reader(services)
+
+    def read() -> dict[str, Any]:
+        items = reader.review.list(status=status, limit=limit, after_id=after)
+        return {"alerts": [i.to_json_obj() for i in items], "count": len(items),
+                "next_after": items[-1].id if len(items) == limit else None}
+
+    return await _audited(request, principal, services, {"review_queue": {"status": status, "after": after}},
+                          read, log_uri=reader.audit_log_uri + "#review-queue")
+
+
+@router.post("/alerts/{item_id}")
+async def update_alert(
+    item_id: int,
+    update: AlertUpdate,
+    request: Request,
+    principal: CurrentPrincipal,
+    services: ServicesDep,
+) -> JSONResponse:
+    """Acknowledge a finding (``{"status": "acknowledged", "note": "..."}``); 409 when already acknowledged."""
+    await _guard(request, principal, services, SEARCH, "review audit alerts")
+    reader = _reader(services)
+
+    def write() -> dict[str, Any]:
+        return reader.review.acknowledge(item_id, by=principal.username, note=update.note).to_json_obj()
+
+    item = await _audited(request, principal, services, {"acknowledge": item_id}, write,
+                          log_uri=reader.audit_log_uri + "#review-queue")
+    return JSONResponse(item)

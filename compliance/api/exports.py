@@ -1,0 +1,171 @@
+"""Research exports under ``/api/v1/exports`` (researchers, data stewards) and dual-control
+re-identification under ``/api/v1/exports/reidentifications`` (data stewards).
+
+Each route: the token (``CurrentPrincipal``), the permission (``enforce``: a denial is 403 and a
+110113 alert), then the service (``compliance.exports.service``) in a worker thread; the service
+records the audit event of the step (``compliance.exports.audit`` says which) before answering.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, client_address
+from compliance.auth.interfaces import Principal
+from compliance.errors import ConfigurationError
+from compliance.exports.service import NewExport
+from compliance.exports.workers import ExportComponents
+from compliance.policy.enforce import enforce, user_ref
+
+router = APIRouter(prefix="/api/v1/exports", tags=["exports"])
+
+
+class Cohort(BaseModel):
+    study_uids: list[str] = Field(default_factory=list, max_length=10_000)
+    filters: dict[str, str] | None = None
+
+
+class ExportRequestBody(BaseModel):
+    project: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    protocol: str = Field(min_length=1, max_length=128, description="protocol or IRB id")
+    purpose: str = Field(min_length=1, max_length=256)
+    profile: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    cohort: Cohort
+    destination: str = "bundle"
+
+
+class Decision(BaseModel):
+    comment: str = Field(min_length=1, max_length=2000)
+
+
+class ReidentificationBody(BaseModel):
+    project: str = Field(min_length=1, max_length=64)
+    kind: str = Field(min_length=1, max_length=32)
+    pseudonym: str = Field(min_length=1, max_length=128)
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+def _exports(services: Services) -> ExportComponents:
+    if services.exports is None:
+        raise ConfigurationError("research exports are not configured")
+    return services.exports  # type: ignore[no-any-return]
+
+
+async def _guard(request: Request, principal: Principal, services: Services, permission: str, action: str) -> None:
+    await enforce(services.policy, services.auditor, principal, permission, action=action,
+                  resource=f"api:{request.url.path}", source_address=client_address(request),
+                  gateway_id=services.settings.audit_source_id)
+
+
+def _may(services: Services, principal: Principal, permission: str, request: Request) -> bool:
+    return services.policy.decide(principal, permission, f"api:{request.url.path}").allowed
+
+
+async def _reader_scope(request: Request, principal: Principal, services: Services) -> bool:
+    """True: may read every request (steward); False: own requests only; else 403 (audited)."""
+    if _may(services, principal, "exports:request:read", request):
+        return True
+    await _guard(request, principal, services, "exports:request:read-own", "read export requests")
+    return False
+
+
+@router.post("", status_code=201)
+async def create_export(body: ExportRequestBody, request: Request, principal: CurrentPrincipal,
+                        services: ServicesDep) -> dict[str, Any]:
+    await _guard(request, principal, services, "exports:request:create", "request an export")
+    new = NewExport(project=body.project, protocol=body.protocol, purpose=body.purpose, profile=body.profile,
+                    study_uids=tuple(body.cohort.study_uids), filters=body.cohort.filters,
+                    destination=body.destination)
+    return await run_in_threadpool(_exports(services).service.create,
+                                   user_ref(principal, client_address(request)), new)
+
+
+@router.get("")
+async def list_exports(request: Request, principal: CurrentPrincipal, services: ServicesDep,
+                       state: Annotated[str | None, Query(max_length=16)] = None) -> dict[str, Any]:
+    everything = await _reader_scope(request, principal, services)
+    items = await run_in_threadpool(_exports(services).service.list, reader_id=principal.subject,
+                                    may_read_all=everything, state=state)
+    return {"items": items}
+
+
+# --------------------------------------------------------------------------- re-identification
+# (declared before /{request_id} routes so the literal segment wins)
+
+@router.post("/reidentifications", status_code=201)
+async def request_reidentification(body: ReidentificationBody, request: Request, principal: CurrentPrincipal,
+                                   services: ServicesDep) -> dict[str, Any]:
+    await _guard(request, principal, services, "exports:pseudonym:reidentify", "request a re-identification")
+    return await run_in_threadpool(
+        lambda: _exports(services).reidentification.request(
+            user_ref(principal, client_address(request)), project=body.project, kind=body.kind,
+            pseudonym=body.pseudonym, reason=body.reason))
+
+
+@router.post("/reidentifications/{request_id}/approve")
+async def approve_reidentification(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
+                                   services: ServicesDep) -> dict[str, Any]:
+    await _guard(request, principal, services, "exports:pseudonym:reidentify", "approve a re-identification")
+    return await run_in_threadpool(lambda: _exports(services).reidentification.decide(
+        request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment))
+
+
+@router.post("/reidentifications/{request_id}/reject")
+async def reject_reidentification(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
+                                  services: ServicesDep) -> dict[str, Any]:
+    await _guard(request, principal, services, "exports:pseudonym:reidentify", "reject a re-identification")
+    return await run_in_threadpool(lambda: _exports(services).reidentification.decide(
+        request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment))
+
+
+@router.post("/reidentifications/{request_id}/reveal")
+async def reveal_reidentification(request_id: str, request: Request, principal: CurrentPrincipal,
+                                  services: ServicesDep) -> dict[str, Any]:
+    await _guard(request, principal, services, "exports:pseudonym:reidentify", "reveal a re-identification")
+    return await run_in_threadpool(lambda: _exports(services).reidentification.reveal(
+        request_id, user_ref(principal, client_address(request))))
+
+
+# --------------------------------------------------------------------------- one export request
+
+@router.get("/{request_id}")
+async def get_export(request_id: str, request: Request, principal: CurrentPrincipal,
+                     services: ServicesDep) -> dict[str, Any]:
+    everything = await _reader_scope(request, principal, services)
+    return await run_in_threadpool(lambda: _exports(services).service.get(
+        request_id, reader_id=principal.subject, may_read_all=everything))
+
+
+@router.post("/{request_id}/approve")
+async def approve_export(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
+                         services: ServicesDep) -> dict[str, Any]:
+    await _guard(request, principal, services, "exports:request:approve", "approve an export")
+    return await run_in_threadpool(lambda: _exports(services).service.decide(
+        request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment))
+
+
+@router.post("/{request_id}/reject")
+async def reject_export(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
+                        services: ServicesDep) -> dict[str, Any]:
+    await _guard(request, principal, services, "exports:request:approve", "reject an export")
+    return await run_in_threadpool(lambda: _exports(services).service.decide(
+        request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment))
+
+
+@router.get("/{request_id}/bundle")
+async def download_bundle(request_id: str, request: Request, principal: CurrentPrincipal,
+                          services: ServicesDep) -> StreamingResponse:
+    await _guard(request, principal, services, "exports:bundle:download-own", "download an export bundle")
+    bundle = await run_in_threadpool(lambda: _exports(services).service.open_bundle(
+        request_id, user_ref(principal, client_address(request)), destination_uri=str(request.url)))
+    return StreamingResponse(bundle.chunks, media_type="application/zip", headers={
+        "Content-Length": str(bundle.size),
+        "Content-Disposition": f'attachment; filename="{bundle.filename}"',
+        "X-Content-SHA256": bundle.checksum_sha256,
+        "Cache-Control": "no-store",
+    })

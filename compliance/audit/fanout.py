@@ -1,0 +1,137 @@
+"""Several audit sinks at once, and the sink the settings ask for.
+
+:class:`FanOutAuditSink` is itself an :class:`~compliance.audit.interfaces.AuditSink`: it ships every
+batch to each configured sink and reports an event shipped only when every sink holds it, so the
+outbox keeps an event pending until the last sink has it. What each sink already received is kept
+in table ``audit_outbox_delivery`` (sink, uuid, delivered_at): while one sink is down, the batch
+at the head of the outbox still reaches the others, and a sink that has an event never gets it again
+from the retries (the syslog receiver has no idempotent ids, unlike Elasticsearch). The outbox
+drains in order, so a sink that stays down holds the others back after that batch; its backlog
+shows in ``compliance audit status`` and ``/metrics``. A crash between a sink's delivery and
+its row being written re-sends that batch to that sink: at least once.
+
+:func:`build_audit_sink` chooses from ``COMPLIANCE_AUDIT_SINKS`` (``elasticsearch``, ``syslog``, or
+both comma-separated); with one sink no fan-out (and no delivery rows) is involved.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, Table, insert, select
+
+from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable, ShipResult
+from compliance.audit.models import AuditOutboxDelivery
+from compliance.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from compliance.config import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FanOutAuditSink", "build_audit_sink", "SINK_NAMES"]
+
+_DELIVERY: Table = AuditOutboxDelivery.__table__  # type: ignore[assignment]
+SINK_NAMES = ("elasticsearch", "syslog")
+
+
+class FanOutAuditSink:
+    def __init__(self, sinks: Mapping[str, AuditSink], engine: Engine) -> None:
+        if not sinks:
+            raise ConfigurationError("at least one audit sink is needed")
+        self.sinks = dict(sinks)
+        self._engine = engine
+        self._ready: set[str] = set()
+        #: The last error per sink (None when its last attempt succeeded), for status and metrics.
+        self.errors: dict[str, str | None] = {name: None for name in self.sinks}
+
+    def ensure_ready(self) -> None:
+        # Readiness is checked per sink inside ship(): one sink being down must not stop the others.
+        return None
+
+    def _delivered(self, name: str, uuids: Sequence[str]) -> set[str]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(select(_DELIVERY.c.uuid).where(_DELIVERY.c.sink == name,
+                                                                _DELIVERY.c.uuid.in_(list(uuids))))
+            return {r.uuid for r in rows}
+
+    def _record(self, name: str, uuids: Sequence[str]) -> None:
+        if uuids:
+            now = datetime.now(UTC)
+            with self._engine.begin() as conn:
+                conn.execute(insert(_DELIVERY), [{"sink": name, "uuid": u, "delivered_at": now} for u in uuids])
+
+    def ship(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> ShipResult:
+        uuids = [u for u, _ in batch]
+        have_all = set(uuids)
+        failed: dict[str, str] = {}
+        retryable: list[str] = []
+        unavailable: list[str] = []
+        for name, sink in self.sinks.items():
+            done = self._delivered(name, uuids)
+            todo = [(u, d) for u, d in batch if u not in done]
+            if todo:
+                try:
+                    if name not in self._ready:
+                        sink.ensure_ready()
+                        self._ready.add(name)
+                    result = sink.ship(todo)
+                except AuditSinkUnavailable as exc:
+                    self._ready.discard(name)
+                    self.errors[name] = str(exc)
+                    unavailable.append(f"{name}: {exc}")
+                    have_all -= {u for u, _ in todo}
+                    continue
+                self._record(name, result.shipped)
+                self.errors[name] = None
+                done |= set(result.shipped)
+                for u, reason in result.failed.items():
+                    failed[u] = f"{name}: {reason}"
+                retryable.extend(result.retryable_ids)
+            have_all &= done
+        if unavailable and not have_all:
+            raise AuditSinkUnavailable("; ".join(unavailable))
+        if unavailable:
+            log.warning("audit sinks unavailable, their events stay pending: %s", "; ".join(unavailable))
+        return ShipResult(shipped=tuple(u for u in uuids if u in have_all), failed=failed,
+                          retryable=bool(retryable), retryable_ids=tuple(retryable))
+
+    def close(self) -> None:
+        for sink in self.sinks.values():
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+
+def sink_names(settings: Settings) -> list[str]:
+    names = [n.strip().lower() for n in settings.audit_sinks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SINK_NAMES]
+    if unknown or not names:
+        raise ConfigurationError(f"COMPLIANCE_AUDIT_SINKS: unknown or empty sink list {settings.audit_sinks!r} "
+                                 f"(choose from {', '.join(SINK_NAMES)})")
+    return list(dict.fromkeys(names))
+
+
+def build_audit_sink(settings: Settings, engine: Engine) -> AuditSink:
+    """The sink (or fan-out of sinks) the settings name."""
+    from compliance.audit.elasticsearch import ElasticsearchAuditSink
+
+    sinks: dict[str, AuditSink] = {}
+    for name in sink_names(settings):
+        if name == "elasticsearch":
+            sinks[name] = ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
+        elif name == "syslog":
+            from compliance.audit.syslog import SyslogTlsAuditSink
+
+            if settings.audit_syslog_ca_file is None:
+                raise ConfigurationError("the syslog audit sink needs COMPLIANCE_AUDIT_SYSLOG_CA_FILE (TLS only)")
+            sinks[name] = SyslogTlsAuditSink(
+                settings.audit_syslog_host, settings.audit_syslog_port, ca_file=settings.audit_syslog_ca_file,
+                cert_file=settings.audit_syslog_cert_file, key_file=settings.audit_syslog_key_file,
+                server_name=settings.audit_syslog_server_name or None, app_name=settings.audit_source_id)
+    if len(sinks) == 1:
+        return next(iter(sinks.values()))
+    return FanOutAuditSink(sinks, engine)

@@ -1,0 +1,264 @@
+"""``compliance audit search|report|detect``: the privacy officer's commands and the detection job.
+
+``search`` and ``report`` work two ways, and the read is audited as 110101 Audit Log Used either way:
+
+* through the gateway's API (``--gateway URL`` with ``--token`` or ``COMPLIANCE_TOKEN``, e.g.
+  ``--token "$(compliance token priya)"``): the gateway decides and audits, as for any client;
+* directly against Elasticsearch as a local operator (no ``--gateway``): the 110101 event names the
+  operating-system user, through the outbox like every event.
+
+``detect`` runs the detections once (``policies/detections.yaml``) over the events since the last
+run; schedule it with cron or a systemd timer (see :mod:`compliance.audit.detections`).
+
+:func:`register` adds the commands to the ``audit`` typer app, wherever that app lives.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+
+__all__ = ["register"]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _when(value: str | None, name: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"{name}: not an ISO 8601 time: {value!r}", 2)
+        raise
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _operator_recorder(settings: Any) -> Any:
+    from compliance.audit.atna import AuditSource
+    from compliance.audit.outbox import SqlAuditOutbox
+    from compliance.audit.recorder import AuditRecorder
+    from compliance.db.session import make_engine
+
+    outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
+    return AuditRecorder(outbox, AuditSource(source_id=settings.audit_source_id,
+                                             enterprise_site_id=settings.audit_enterprise_site_id))
+
+
+def _record_operator_read(settings: Any, query: dict[str, Any], ok: bool, note: str | None = None) -> None:
+    import getpass
+
+    from compliance.audit.events import Outcome, UserRef, audit_log_used_event
+
+    operator = getpass.getuser()
+    _operator_recorder(settings).record_now(audit_log_used_event(
+        user=UserRef(user_id=f"os:{operator}", username=operator, client_id="compliance-cli"),
+        gateway_id=settings.audit_source_id,
+        outcome=Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
+        audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{settings.audit_index_prefix}-*",
+        query=json.dumps(query, sort_keys=True, default=str).encode(),
+        outcome_description=note,
+    ))
+
+
+def _api_get(gateway: str, token: str, path: str, params: list[tuple[str, Any]]) -> Any:
+    import httpx
+
+    try:
+        resp = httpx.get(gateway.rstrip("/") + path, params=params, timeout=300,
+                         headers={"Authorization": f"Bearer {token}"})
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach the gateway at {gateway}: {type(exc).__name__}")
+        raise
+    if resp.status_code != 200:
+        _fail(f"the gateway answered {resp.status_code}: {resp.text[:500]}")
+    return resp
+
+
+def _params(**values: Any) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        for v in value if isinstance(value, list | tuple) else [value]:
+            out.append((key, str(v)))
+    return out
+
+
+def audit_search(
+    user: list[str] = typer.Option(None, "--user", help="User login name or subject (repeatable)."),  # noqa: B008 - typer's option declaration
+    patient: list[str] = typer.Option(None, "--patient", help="Patient ID (repeatable)."),  # noqa: B008 - typer's option declaration
+    study: list[str] = typer.Option(None, "--study", help="Study Instance UID (repeatable)."),  # noqa: B008 - typer's option declaration
+    event_type: list[str] = typer.Option(None, "--event-type", help="EventID or EventTypeCode, e.g. 110112."),  # noqa: B008 - typer's option declaration
+    outcome: list[int] = typer.Option(None, "--outcome", help="0, 4, 8 or 12 (repeatable)."),  # noqa: B008 - typer's option declaration
+    source_address: list[str] = typer.Option(None, "--source-address", help="Client address (repeatable)."),  # noqa: B008 - typer's option declaration
+    start: str = typer.Option(None, "--from", help="ISO 8601 start (inclusive); UTC if no offset."),
+    end: str = typer.Option(None, "--to", help="ISO 8601 end (exclusive)."),
+    sort: str = typer.Option("desc", help="asc or desc by time."),
+    size: int = typer.Option(100, help="Events per page (1-1000)."),
+    cursor: str = typer.Option(None, help="next_cursor of a previous page."),
+    gateway: str = typer.Option(None, help="Gateway base URL; without it, read Elasticsearch directly."),
+    token: str = typer.Option(None, envvar="COMPLIANCE_TOKEN", help="Bearer token for --gateway."),
+) -> None:
+    """Search the audit trail; prints one JSON page (events, total, next_cursor)."""
+    from compliance.config import get_settings
+
+    if gateway:
+        if not token:
+            _fail("--gateway needs --token or COMPLIANCE_TOKEN (e.g. $(compliance token priya))", 2)
+        resp = _api_get(gateway, token, "/api/v1/audit/events", _params(
+            user=user, patient=patient, study=study, event_type=event_type, outcome=outcome,
+            source_address=source_address, sort=sort, size=size, cursor=cursor,
+            **{"from": start, "to": end}))
+        typer.echo(json.dumps(resp.json(), indent=1))
+        return
+    from elasticsearch import Elasticsearch
+
+    from compliance.audit.queries import AuditQueryService, AuditSearch
+    from compliance.errors import ComplianceError
+
+    settings = get_settings()
+    query = {"command": "audit search", "user": user, "patient": patient, "study": study,
+             "event_type": event_type, "outcome": outcome, "source_address": source_address,
+             "from": start, "to": end, "sort": sort, "size": size, "cursor": cursor}
+    client = Elasticsearch(settings.elasticsearch_url, request_timeout=60)
+    try:
+        search = AuditSearch(users=tuple(user or ()), patients=tuple(patient or ()), studies=tuple(study or ()),
+                             event_types=tuple(event_type or ()), outcomes=tuple(outcome or ()),
+                             source_addresses=tuple(source_address or ()), start=_when(start, "--from"),
+                             end=_when(end, "--to"))
+        page = AuditQueryService(client, settings.audit_index_prefix).search(
+            search, size=size, order=sort, cursor=cursor)  # type: ignore[arg-type]
+    except ComplianceError as exc:
+        _record_operator_read(settings, query, False, exc.message[:1000])
+        _fail(exc.message)
+        raise
+    finally:
+        client.close()
+    _record_operator_read(settings, query, True)
+    typer.echo(json.dumps({"events": page.events, "count": len(page.events), "total": page.total,
+                           "next_cursor": page.next_cursor}, indent=1))
+
+def audit_report(
+    kind: str = typer.Argument(..., help="patient-access, user-activity, disclosures or security."),
+    patient: str = typer.Option(None, "--patient", help="Patient ID (patient-access, disclosures)."),
+    user: str = typer.Option(None, "--user", help="User login name or subject (user-activity)."),
+    start: str = typer.Option(None, "--from", help="ISO 8601 start; default six years back (patient "
+                              "reports) or 30 days."),
+    end: str = typer.Option(None, "--to", help="ISO 8601 end; default now."),
+    fmt: str = typer.Option("json", "--format", help="json, csv or pdf (pdf: patient-access, disclosures)."),
+    output: Path = typer.Option(None, "--output", help="Write to FILE instead of standard output."),  # noqa: B008 - typer's option declaration
+    gateway: str = typer.Option(None, help="Gateway base URL; without it, read Elasticsearch directly."),
+    token: str = typer.Option(None, envvar="COMPLIANCE_TOKEN", help="Bearer token for --gateway."),
+) -> None:
+    """Run a HIPAA report over the audit trail."""
+    from compliance.audit.reports import ReportFormat, ReportKind, render
+    from compliance.config import get_settings
+
+    try:
+        kind_ = ReportKind(kind)
+        fmt_ = ReportFormat(fmt)
+    except ValueError:
+        _fail(f"unknown report or format: {kind!r} / {fmt!r}", 2)
+        raise
+    if fmt_ is ReportFormat.PDF and output is None and sys.stdout.isatty():
+        _fail("a PDF needs --output FILE", 2)
+    if gateway:
+        if not token:
+            _fail("--gateway needs --token or COMPLIANCE_TOKEN (e.g. $(compliance token priya))", 2)
+        resp = _api_get(gateway, token, f"/api/v1/audit/reports/{kind_.value}", _params(
+            patient=patient, user=user, format=fmt_.value, **{"from": start, "to": end}))
+        body = resp.content
+    else:
+        from elasticsearch import Elasticsearch
+
+        from compliance.audit.queries import AuditQueryService
+        from compliance.audit.reports import ReportService
+        from compliance.errors import ComplianceError
+
+        settings = get_settings()
+        query = {"command": "audit report", "report": kind_.value, "patient": patient, "user": user,
+                 "from": start, "to": end, "format": fmt_.value}
+        client = Elasticsearch(settings.elasticsearch_url, request_timeout=300)
+        try:
+            service = ReportService(AuditQueryService(client, settings.audit_index_prefix),
+                                    organization=settings.organization_name)
+            report = service.run(kind_, patient=patient, user=user, start=_when(start, "--from"),
+                                 end=_when(end, "--to"))
+            body = render(report, fmt_)
+        except ComplianceError as exc:
+            _record_operator_read(settings, query, False, exc.message[:1000])
+            _fail(exc.message)
+            raise
+        finally:
+            client.close()
+        _record_operator_read(settings, query, True)
+    if output is not None:
+        output.write_bytes(body)
+        typer.echo(f"wrote {len(body)} bytes to {output}", err=True)
+    else:
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+
+def audit_detect(
+    since: str = typer.Option(None, help="Start of the window (default: where the last run ended)."),
+    until: str = typer.Option(None, help="End of the window (default: now minus settle_seconds)."),
+    policy_file: Path = typer.Option(None, "--policy", help="Detection policy (default from settings)."),  # noqa: B008 - typer's option declaration
+) -> None:
+    """Run the detections once over new audit events; findings become 110113 alerts and review items."""
+    from elasticsearch import Elasticsearch
+
+    from compliance.audit.detections import (
+        DetectionEngine,
+        DetectionJob,
+        DetectionPolicy,
+        KeycloakDirectory,
+        StaticDirectory,
+    )
+    from compliance.audit.queries import AuditQueryService
+    from compliance.audit.review import SqlReviewQueue
+    from compliance.config import get_settings
+    from compliance.db.session import make_engine
+    from compliance.errors import ComplianceError
+
+    settings = get_settings()
+    policy = DetectionPolicy.from_file(policy_file or settings.audit_detections_file)
+    directory: Any
+    if settings.keycloak_admin_username and settings.keycloak_admin_password.get_secret_value():
+        directory = KeycloakDirectory(settings.keycloak_url, settings.keycloak_realm,
+                                      admin_username=settings.keycloak_admin_username,
+                                      admin_password=settings.keycloak_admin_password.get_secret_value(),
+                                      admin_realm=settings.keycloak_admin_realm)
+    else:
+        typer.echo("warning: no Keycloak admin credentials: the disabled-account and family-name rules "
+                   "see no accounts", err=True)
+        directory = StaticDirectory()
+    client = Elasticsearch(settings.elasticsearch_url, request_timeout=120)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        queries = AuditQueryService(client, settings.audit_index_prefix)
+        job = DetectionJob(DetectionEngine(queries, policy, directory), policy, SqlReviewQueue(engine),
+                           _operator_recorder(settings), gateway_id=settings.audit_source_id)
+        run = job.run(since=_when(since, "--since"), until=_when(until, "--until"))
+    except ComplianceError as exc:
+        _fail(exc.message)
+        raise
+    finally:
+        client.close()
+        engine.dispose()
+    typer.echo(json.dumps(run.to_json_obj()))
+
+
+def register(audit_app: typer.Typer) -> None:
+    """Add ``search``, ``report`` and ``detect`` to the ``compliance audit`` command group."""
+    audit_app.command("search")(audit_search)
+    audit_app.command("report")(audit_report)
+    audit_app.command("detect")(audit_detect)

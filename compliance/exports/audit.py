@@ -1,0 +1,110 @@
+"""Audit events of the export workflow (built on :mod:`compliance.audit.events`).
+
+Which PS3.15 A.5.3 message each step is, and why:
+
+- request created, approved, rejected; job started, ready, failed; bundle expired:
+  **110109 Order Record** (action C for the creation, U for every state change). An export request
+  is an order for a disclosure; PS3.15 has no workflow event, and Order Record is the message for
+  "an order was created or modified" without being a disclosure itself. The request is the
+  participant object (system object, role 20 Job, id ``urn:compliance:export-request:<id>``) with
+  its project, protocol, purpose, profile and new state as details.
+- the job reads the cohort from the archive: **110104 DICOM Instances Transferred** (the builder in
+  ``compliance.audit.events``), one per study: identified instances leave the archive for the job.
+- the requester downloads the bundle: **110106 Export** (the builder). THE disclosure: recipient,
+  destination, purpose of use, and the SOURCE patient IDs and study UIDs, not the pseudonyms:
+  HIPAA 164.528 accounting of disclosures must let the hospital tell a patient that their data was
+  disclosed, which pseudonyms cannot do. The studies are flagged Anonymized.
+- a self-approval attempt: **110113 Security Alert** (110147 Access Control Decision), as every denial.
+- re-identification requested, approved, rejected: **110110 Patient Record**, action C / U; the
+  object is the request (its project, kind and pseudonym as details).
+- re-identification revealed: **110110 Patient Record**, action R, with the patient (the revealed
+  original): the identity was read, and the event names whom it was read about.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from compliance.audit.events import (
+    REALM_ROLE_SCHEME,
+    Action,
+    ActiveParticipant,
+    AuditEvent,
+    Code,
+    EventID,
+    ObjectIDTypeCode,
+    ObjectRole,
+    ObjectType,
+    Outcome,
+    ParticipantKind,
+    ParticipantObject,
+    PatientRef,
+    RoleIDCode,
+    StudyRef,
+    UserRef,
+    patient_object,
+    study_object,
+)
+
+EXPORT_REQUEST_URN = "urn:compliance:export-request:"
+REID_REQUEST_URN = "urn:compliance:reidentification:"
+
+
+def _participants(user: UserRef | None, gateway_id: str) -> tuple[ActiveParticipant, ...]:
+    if user is None:  # a worker acting on its own (job steps): the gateway is the requestor
+        return (ActiveParticipant(user_id=gateway_id, is_requestor=True, role_id_codes=(RoleIDCode.APPLICATION,),
+                                  kind=ParticipantKind.GATEWAY),)
+    person = ActiveParticipant(user_id=user.user_id, user_name=user.username, is_requestor=True,
+                               network_access_point_id=user.source_address,
+                               role_id_codes=tuple(Code(r, REALM_ROLE_SCHEME, r) for r in sorted(set(user.roles))),
+                               kind=ParticipantKind.PERSON)
+    out = [person]
+    if user.client_id:
+        out.append(ActiveParticipant(user_id=user.client_id, network_access_point_id=user.source_address,
+                                     role_id_codes=(RoleIDCode.APPLICATION,), kind=ParticipantKind.CLIENT))
+    out.append(ActiveParticipant(user_id=gateway_id, role_id_codes=(RoleIDCode.APPLICATION,),
+                                 kind=ParticipantKind.GATEWAY))
+    return tuple(out)
+
+
+def _details(details: dict[str, str | None]) -> tuple[tuple[str, bytes], ...]:
+    return tuple((k, v.encode("utf-8")) for k, v in details.items() if v)
+
+
+def export_request_event(*, user: UserRef | None, gateway_id: str, request_id: str, action: Action, step: str,
+                         details: dict[str, str | None], outcome: Outcome = Outcome.SUCCESS,
+                         description: str | None = None, studies: Sequence[StudyRef] = ()) -> AuditEvent:
+    obj = ParticipantObject(
+        id=EXPORT_REQUEST_URN + request_id,
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.JOB,
+        id_type_code=ObjectIDTypeCode.URI,
+        name=f"export request {request_id}",
+        details=_details({"Step": step, **details}),
+    )
+    return AuditEvent(event_id=EventID.ORDER_RECORD, action=action, outcome=outcome,
+                      occurred_at=_now(), participants=_participants(user, gateway_id),
+                      objects=(obj, *(study_object(s) for s in studies)),
+                      outcome_description=description or f"export request {step}")
+
+
+def reidentification_event(*, user: UserRef, gateway_id: str, request_id: str, action: Action, step: str,
+                           details: dict[str, str | None], outcome: Outcome = Outcome.SUCCESS,
+                           patients: Sequence[PatientRef] = (), description: str | None = None) -> AuditEvent:
+    obj = ParticipantObject(
+        id=REID_REQUEST_URN + request_id,
+        type_code=ObjectType.SYSTEM_OBJECT,
+        type_code_role=ObjectRole.JOB,
+        id_type_code=ObjectIDTypeCode.URI,
+        name=f"re-identification {request_id}",
+        details=_details({"Step": step, **details}),
+    )
+    return AuditEvent(event_id=EventID.PATIENT_RECORD, action=action, outcome=outcome, occurred_at=_now(),
+                      participants=_participants(user, gateway_id),
+                      objects=(obj, *(patient_object(p) for p in patients)),
+                      outcome_description=description or f"re-identification {step}")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,77 @@
+"""Dramatiq actors for export jobs (the task-queue backend, Redis as the broker).
+
+Start workers with::
+
+    COMPLIANCE_EXPORTS_WORKER_BACKEND=dramatiq dramatiq compliance.exports.dramatiq_actors --processes 2 --threads 1
+
+Each worker process builds its own database engine, audit outbox and key store from the same
+settings as the gateway; audit events go to the shared outbox and the gateway ships them. Delivery
+is at least once; the guarded claim makes a redelivered message a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_components: Any = None
+_actor: Any = None
+
+
+def _build() -> Any:
+    global _components
+    with _lock:
+        if _components is None:
+            from compliance.audit.atna import AuditSource
+            from compliance.audit.outbox import SqlAuditOutbox
+            from compliance.audit.recorder import AuditRecorder
+            from compliance.config import get_settings
+            from compliance.db.session import make_engine
+            from compliance.exports.workers import build_export_components
+
+            settings = get_settings()
+            engine = make_engine(settings.effective_database_url)
+            recorder = AuditRecorder(SqlAuditOutbox(engine),
+                                     AuditSource(source_id=settings.audit_source_id,
+                                                 enterprise_site_id=settings.audit_enterprise_site_id),
+                                     fail_closed=True)
+            _components = build_export_components(settings, engine, recorder)
+        return _components
+
+
+def run_export(request_id: str) -> None:
+    from compliance.exports.workers import run_claimed
+
+    state = run_claimed(_build(), request_id)
+    log.info("export %s: %s", request_id, state or "already claimed elsewhere")
+
+
+def configure(redis_url: str) -> Any:
+    """Set the broker and register the actor once per process; return the actor."""
+    global _actor
+    with _lock:
+        if _actor is None:
+            dramatiq.set_broker(RedisBroker(url=redis_url))
+            # Jobs are long; failures are recorded on the request (failed), so no automatic retries.
+            _actor = dramatiq.actor(run_export, queue_name="compliance-exports", max_retries=0,
+                                    time_limit=6 * 3600 * 1000)
+        return _actor
+
+
+def _configure_from_settings() -> None:
+    from compliance.config import get_settings
+
+    settings = get_settings()
+    if settings.exports_worker_backend == "dramatiq":
+        configure(settings.exports_redis_url)
+
+
+# Imported by the ``dramatiq`` command: the module must declare its actor at import.
+_configure_from_settings()

@@ -1,0 +1,88 @@
+"""Contracts and errors of the research-export domain.
+
+An export request moves through one state machine (``service.py`` enforces it)::
+
+    requested ──approve──> approved ──(a worker claims it)──> running ──> ready ──(expires_at)──> expired
+        │                                                        │
+        └──reject──> rejected                                    └──> failed
+
+A re-identification request (dual control, ``service.ReidentificationService``)::
+
+    requested ──approve (a DIFFERENT data steward)──> approved ──reveal (the requester, once)──> revealed
+        └──reject──> rejected
+
+Errors (subclasses of ``compliance.errors``)::
+
+    PermissionDenied
+    └── SelfApprovalRefused      the requester tried to approve their own request       -> 403
+    NotFound
+    └── ExportNotFound           no such request (or not the caller's)                   -> 404
+    Gone
+    └── BundleExpired            the bundle existed and has expired                       -> 410
+    Conflict
+    └── ExportStateConflict      the request is not in a state that allows the operation -> 409
+    InvalidRequest
+    └── InvalidExportRequest     a malformed cohort, profile, destination                 -> 400
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from compliance.errors import Conflict, Gone, InvalidRequest, NotFound, PermissionDenied
+
+STATES = ("requested", "approved", "rejected", "running", "ready", "failed", "expired")
+REID_STATES = ("requested", "approved", "rejected", "revealed")
+#: Kinds of pseudonyms the map records (what the engine replaces with keyed pseudonyms).
+PSEUDONYM_KINDS = ("patient_id", "accession", "study_uid", "series_uid", "sop_uid")
+
+
+class SelfApprovalRefused(PermissionDenied):
+    code = "self_approval_refused"
+
+
+class ExportNotFound(NotFound):
+    code = "export_not_found"
+
+
+class BundleExpired(Gone):
+    code = "bundle_expired"
+
+
+class ExportStateConflict(Conflict):
+    code = "export_state_conflict"
+
+
+class InvalidExportRequest(InvalidRequest):
+    code = "invalid_export_request"
+
+
+class ArchiveReader(Protocol):
+    """What an export job needs from the archive (the gateway's own credentials, never a user's)."""
+
+    def find_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        """(series UID, SOP instance UID) of every instance of the study (QIDO-RS)."""
+        ...
+
+    def find_studies(self, filters: dict[str, str]) -> list[str]:
+        """Study Instance UIDs matching QIDO-RS filters."""
+        ...
+
+    def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+        """One instance as a PS3.10 file (WADO-RS), in memory."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ExportQueue(Protocol):
+    """Where approved requests go: the SQL database polled in-process, or a real task queue."""
+
+    name: str
+
+    def enqueue(self, request_id: str) -> None: ...
+
+
+class ChunkSource(Protocol):
+    def __call__(self) -> Iterator[bytes]: ...

@@ -1,0 +1,353 @@
+"""The export job: archive -> de-identification -> leak gate -> zip -> encrypted bundle.
+
+No plaintext reaches the disk: instances are fetched (QIDO-RS, WADO-RS, with the gateway's own
+archive credentials) into memory, de-identified in memory (the engine's leak gate checks every
+element of every output), written into a zip that is streamed straight into the streaming AEAD
+(:mod:`compliance.crypto.streaming`, the project's bundle key, associated data = the request id)
+and only ciphertext is written, to ``<exports dir>/<id>.bundle`` (via a temporary name, fsynced).
+The sha256 recorded is that of the plaintext zip: it is what the requester downloads and verifies.
+
+Bundle layout::
+
+    dicom/<study pseudonym UID>/<series pseudonym UID>/<SOP instance pseudonym UID>.dcm
+    manifest.json           request, project, protocol, purpose, profile, files with their sha256
+    deid-report.json        one entry per instance: released / held_back (reasons, leak-gate findings
+                            without values) / error; instances are numbered, never named by source UIDs
+
+Before the bundle is sealed, manifest and report are checked against every source identifier of
+the cohort (patient IDs and names, accession numbers, source UIDs): they must contain none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom
+
+from compliance.audit.events import Outcome, PatientRef, StudyRef, UserRef, instances_transferred_event
+from compliance.audit.recorder import AuditRecorder
+from compliance.crypto.streaming import StreamEncryptor
+from compliance.deid.engine import Deidentifier
+from compliance.deid.profiles import load_profile
+from compliance.errors import UpstreamError, UpstreamUnavailable
+from compliance.exports.interfaces import ArchiveReader
+from compliance.exports.keys import ProviderPseudonymSecretSource, PseudonymMap, bundle_key_id
+from compliance.exports.service import ExportService, bundle_aad
+
+log = logging.getLogger(__name__)
+
+DICOM_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+class DicomwebArchiveReader:
+    """A synchronous DICOMweb client for jobs (workers have no event loop); Basic auth, the gateway's."""
+
+    def __init__(self, base_url: str, dicomweb_path: str, *, username: str, password: str,
+                 timeout: float = 60.0) -> None:
+        self._root = dicomweb_path.rstrip("/")
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), auth=httpx.BasicAuth(username, password),
+                                    timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def _get(self, path: str, *, params: list[tuple[str, str]] | None = None, accept: str) -> httpx.Response:
+        try:
+            resp = self._client.get(self._root + path, params=params, headers={"Accept": accept})
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable("the archive cannot be reached") from exc
+        if resp.status_code in (401, 403):
+            raise UpstreamError("the archive refused the gateway's credentials")
+        if resp.status_code not in (200, 204):
+            raise UpstreamError(f"the archive answered {resp.status_code} to {path.split('?')[0]}")
+        return resp
+
+    def find_studies(self, filters: dict[str, str]) -> list[str]:
+        resp = self._get("/studies", params=[*filters.items(), ("includefield", "0020000D")],
+                         accept="application/dicom+json")
+        items = resp.json() if resp.content else []
+        return [str(i["0020000D"]["Value"][0]) for i in items if i.get("0020000D", {}).get("Value")]
+
+    def find_instances(self, study_uid: str) -> list[tuple[str, str]]:
+        resp = self._get(f"/studies/{study_uid}/instances", accept="application/dicom+json")
+        items = resp.json() if resp.content else []
+        return sorted((str(i["0020000E"]["Value"][0]), str(i["00080018"]["Value"][0])) for i in items)
+
+    def retrieve_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+        resp = self._get(f"/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}", accept=DICOM_ACCEPT)
+        parts = multipart_parts(resp.headers.get("content-type", ""), resp.content)
+        if len(parts) != 1:
+            raise UpstreamError(f"the archive returned {len(parts)} parts for one instance")
+        return parts[0]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
+    """The bodies of a multipart/related response (RFC 2046), in memory."""
+    boundary = None
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        raise UpstreamError("the archive's response has no multipart boundary")
+    delimiter = b"--" + boundary.encode()
+    parts = []
+    for chunk in body.split(delimiter)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, sep, payload = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise UpstreamError("malformed multipart part from the archive")
+        parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
+    return parts
+
+
+class EncryptingFile:
+    """A write-only, non-seekable file for ``zipfile``: plaintext in, ciphertext to ``out``, sha256 kept."""
+
+    def __init__(self, out: io.BufferedWriter, encryptor: StreamEncryptor) -> None:
+        self._out = out
+        self._enc = encryptor
+        self._sha = hashlib.sha256()
+        self._pos = 0
+        out.write(encryptor.header.raw)
+
+    def write(self, data: bytes) -> int:
+        data = bytes(data)
+        self._sha.update(data)
+        self._pos += len(data)
+        for segment in self._enc.update(data):
+            self._out.write(segment)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self) -> tuple[int, str]:
+        self._out.write(self._enc.finalize())
+        return self._pos, self._sha.hexdigest()
+
+
+@dataclass
+class _Counters:
+    total: int = 0
+    processed: int = 0
+    released: int = 0
+    held_back: int = 0
+    errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Cohort:
+    patients: dict[str, str | None] = field(default_factory=dict)
+    studies: dict[str, dict[str, int]] = field(default_factory=dict)
+    identifiers: set[str] = field(default_factory=set)
+    pseudonyms: set[tuple[str, str, str]] = field(default_factory=set)
+
+
+_SOURCE_ATTRS = (("patient_id", "PatientID"), ("accession", "AccessionNumber"), ("study_uid", "StudyInstanceUID"),
+                 ("series_uid", "SeriesInstanceUID"), ("sop_uid", "SOPInstanceUID"))
+
+
+class ExportJob:
+    def __init__(self, service: ExportService, pseudonyms: PseudonymMap, auditor: AuditRecorder,
+                 archive_factory: Callable[[], ArchiveReader], *, bundles_dir: Path, archive_id: str,
+                 progress_every_seconds: float = 0.5) -> None:
+        self._service = service
+        self._map = pseudonyms
+        self._auditor = auditor
+        self._archive_factory = archive_factory
+        self._dir = bundles_dir
+        self._archive_id = archive_id
+        self._every = progress_every_seconds
+
+    def run(self, request_id: str) -> str:
+        """Run a claimed (running) request to ready or failed; return the final state."""
+        counters = _Counters()
+        try:
+            self._run(request_id, counters)
+            return "ready"
+        except Exception as exc:
+            log.exception("export job %s failed", request_id)
+            message = exc.message if hasattr(exc, "message") else f"{type(exc).__name__}"
+            self._service.fail(request_id, str(message), counters.as_dict())
+            return "failed"
+
+    def _run(self, request_id: str, c: _Counters) -> None:
+        row = self._service.load(request_id)
+        if row.state != "running":
+            raise RuntimeError(f"request {request_id} is {row.state}, not running")
+        engine = Deidentifier(load_profile(row.profile), row.project,
+                              ProviderPseudonymSecretSource(self._service.keys))
+        cohort_spec = json.loads(row.cohort)
+        requester = UserRef(user_id=row.requester_id, username=row.requester_name)
+        archive = self._archive_factory()
+        self._dir.mkdir(parents=True, exist_ok=True)
+        final = self._dir / f"{request_id}.bundle"
+        partial = self._dir / f".{request_id}.bundle.part"
+        try:
+            studies = cohort_spec.get("study_uids") or archive.find_studies(cohort_spec.get("filters") or {})
+            plan = [(s, series, sop) for s in studies for series, sop in archive.find_instances(s)]
+            if not plan:
+                raise _JobError("the cohort matched no instance in the archive")
+            c.total = len(plan)
+            self._service.progress(request_id, **c.as_dict())
+            encryptor = StreamEncryptor(data_key=self._service.keys.key(row.project, "bundle"),
+                                        key_id=bundle_key_id(row.project), associated_data=bundle_aad(request_id))
+            cohort = _Cohort()
+            report: list[dict[str, Any]] = []
+            files: list[dict[str, Any]] = []
+            last = time.monotonic()
+            with partial.open("wb") as out:
+                sink = EncryptingFile(out, encryptor)
+                with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
+                    transferred: dict[str, tuple[str | None, str | None, dict[str, int]]] = {}
+                    for n, (study, series, sop) in enumerate(plan, start=1):
+                        entry = self._one(engine, archive, zf, n, study, series, sop, cohort, transferred, files)
+                        report.append(entry)
+                        c.processed += 1
+                        setattr(c, entry["status"] if entry["status"] != "error" else "errors",
+                                getattr(c, entry["status"] if entry["status"] != "error" else "errors") + 1)
+                        if time.monotonic() - last >= self._every:
+                            self._service.progress(request_id, **c.as_dict())
+                            last = time.monotonic()
+                    self._audit_transfers(requester, row.purpose, transferred)
+                    if not c.released:
+                        raise _JobError("no instance passed de-identification and the leak gate")
+                    manifest = {
+                        "export_request": request_id, "project": row.project, "protocol": row.protocol,
+                        "purpose": row.purpose, "profile": row.profile,
+                        "created_at": datetime.now(UTC).isoformat(), "deidentification": "PS3.15 Annex E",
+                        "summary": {"instances": c.total, "released": c.released, "held_back": c.held_back,
+                                    "errors": c.errors},
+                        "files": files,
+                    }
+                    texts = {"manifest.json": _json(manifest),
+                             "deid-report.json": _json({"profile": row.profile, "project": row.project,
+                                                        "files": report})}
+                    for name, data in texts.items():
+                        _refuse_identifiers(name, data, cohort.identifiers)
+                        zf.writestr(name, data)
+                size, checksum = sink.finish()
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, final)
+            _fsync_dir(self._dir)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        finally:
+            archive.close()
+        self._map.record(row.project, cohort.pseudonyms)
+        self._service.finish(
+            request_id, bundle_path=final, bundle_size=size, checksum=checksum,
+            patients=[{"id": pid, "name": name} for pid, name in sorted(cohort.patients.items())],
+            studies=[{"uid": uid, "sop_classes": classes} for uid, classes in sorted(cohort.studies.items())],
+            counters=c.as_dict())
+
+    def _one(self, engine: Deidentifier, archive: ArchiveReader, zf: zipfile.ZipFile, n: int, study: str,
+             series: str, sop: str, cohort: _Cohort,
+             transferred: dict[str, tuple[str | None, str | None, dict[str, int]]],
+             files: list[dict[str, Any]]) -> dict[str, Any]:
+        entry: dict[str, Any] = {"instance": n}
+        cohort.identifiers.update((study, series, sop))
+        try:
+            ds = pydicom.dcmread(io.BytesIO(archive.retrieve_instance(study, series, sop)))
+        except (UpstreamError, UpstreamUnavailable):
+            raise
+        except Exception as exc:
+            return {**entry, "status": "error", "reasons": [f"unreadable: {type(exc).__name__}"]}
+        source = {kind: str(ds.get(attr, "") or "").strip() for kind, attr in _SOURCE_ATTRS}
+        patient_name = str(ds.get("PatientName", "") or "") or None
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        cohort.identifiers.update(v for v in (*source.values(), patient_name) if v and len(v) >= 3)
+        if source["patient_id"]:
+            cohort.patients.setdefault(source["patient_id"], patient_name)
+        pid_name_classes = transferred.setdefault(study, (source["patient_id"] or None, patient_name, {}))
+        pid_name_classes[2][sop_class] = pid_name_classes[2].get(sop_class, 0) + 1
+        try:
+            result = engine.deidentify(ds)
+        except Exception as exc:
+            return {**entry, "status": "error", "reasons": [f"could not de-identify: {type(exc).__name__}"]}
+        if not result.released or result.dataset is None:
+            return {**entry, "status": "held_back", "reasons": result.reasons, "pixels": result.pixels,
+                    "findings": [f.as_dict() for f in result.findings]}
+        out = result.dataset
+        buf = io.BytesIO()
+        out.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
+        target = {kind: str(out.get(attr, "") or "").strip() for kind, attr in _SOURCE_ATTRS}
+        for kind, original in source.items():
+            if original and target[kind] and target[kind] != original:
+                cohort.pseudonyms.add((kind, original, target[kind]))
+        name = f"dicom/{target['study_uid']}/{target['series_uid']}/{target['sop_uid']}.dcm"
+        zf.writestr(name, data)
+        classes = cohort.studies.setdefault(study, {})
+        classes[sop_class] = classes.get(sop_class, 0) + 1
+        files.append({"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+                      "sop_class_uid": sop_class})
+        return {**entry, "status": "released", "output": name, "pixels": result.pixels, "notes": result.reasons}
+
+    def _audit_transfers(self, requester: UserRef, purpose: str,
+                         transferred: dict[str, tuple[str | None, str | None, dict[str, int]]]) -> None:
+        for study, (pid, name, classes) in transferred.items():
+            self._auditor.record_now(instances_transferred_event(
+                user=requester, gateway_id=self._service.gateway_id, source_id=self._archive_id,
+                destination_id=f"{self._service.gateway_id}/export-job", outcome=Outcome.SUCCESS,
+                patients=[PatientRef(pid, name)] if pid else [], studies=[StudyRef(study, sop_classes=classes)],
+                purpose_of_use=[purpose],
+                outcome_description="read from the archive for an approved research export (de-identified in memory)"))
+
+
+class _JobError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _refuse_identifiers(name: str, data: bytes, identifiers: set[str]) -> None:
+    """A second gate over the files the job writes itself (the leak gate covered every DICOM file).
+
+    Bounded like the leak gate's expression, so an identifier never matches inside a longer token
+    (a digest, a pseudonym UID). Short all-digit identifiers are skipped: these files carry numbers
+    of their own (counts, sizes, instance numbers) and no source value is ever copied into them.
+    """
+    text = data.decode("utf-8").upper()
+    idents = [i.upper() for i in identifiers if not (i.isdigit() and len(i) < 8)]
+    if not idents:
+        return
+    pattern = re.compile(r"(?<![A-Z0-9_.])(?:" + "|".join(re.escape(i) for i in sorted(idents, key=len, reverse=True))
+                         + r")(?![A-Z0-9_])")
+    if pattern.search(text):
+        raise _JobError(f"{name} would contain a source identifier; the bundle was not released")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,432 @@
+"""State transitions of export and re-identification requests, with their invariants and audit.
+
+Invariants (also enforced by the database where it can: ``ck_export_request_not_self_approved``,
+``ck_export_reidentification_second_person``):
+
+- only a data steward approves or rejects (the route's permission check, ``exports:request:approve``);
+- the requester never approves their own export request (:class:`SelfApprovalRefused`, audited 110113);
+- a re-identification needs a data steward to ask and a DIFFERENT data steward to approve; only the
+  one who asked may reveal, and only once;
+- every transition is a guarded ``UPDATE ... WHERE state = <expected>``, so two stewards deciding at
+  once, or two workers claiming one job, cannot both succeed (the loser gets 409 / nothing);
+- the bundle is served to its requester only, while ``ready`` and before ``expires_at``.
+
+Audit mapping: see :mod:`compliance.exports.audit`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from compliance.audit.events import (
+    Action,
+    EventTypeCode,
+    Outcome,
+    PatientRef,
+    StudyRef,
+    UserRef,
+    export_event,
+    security_alert_event,
+)
+from compliance.audit.recorder import AuditRecorder
+from compliance.crypto.streaming import iter_decrypt
+from compliance.deid.profiles import load_profile
+from compliance.errors import ComplianceError
+from compliance.exports.audit import EXPORT_REQUEST_URN, export_request_event, reidentification_event
+from compliance.exports.interfaces import (
+    PSEUDONYM_KINDS,
+    BundleExpired,
+    ExportNotFound,
+    ExportQueue,
+    ExportStateConflict,
+    InvalidExportRequest,
+    SelfApprovalRefused,
+)
+from compliance.exports.keys import ProjectKeyStore, PseudonymMap, open_sealed, seal
+from compliance.exports.models import ExportPseudonym, ExportReidentification, ExportRequest
+
+log = logging.getLogger(__name__)
+
+_MAX_STUDIES = 10_000
+_QIDO_FILTER_KEYS = frozenset({"PatientID", "StudyDate", "ModalitiesInStudy", "AccessionNumber", "StudyDescription",
+                               "StudyInstanceUID", "00100020", "00080020", "00080061", "00080050", "0020000D"})
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes for timezone-aware columns; they were written in UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _iso(value: datetime | None) -> str | None:
+    value = _aware(value)
+    return value.isoformat() if value is not None else None
+
+
+def disclosure_aad(request_id: str) -> bytes:
+    return b"export disclosure v1\x00" + request_id.encode()
+
+
+@dataclass(frozen=True)
+class NewExport:
+    project: str
+    protocol: str
+    purpose: str
+    profile: str
+    study_uids: tuple[str, ...] = ()
+    filters: dict[str, str] | None = None
+    destination: str = "bundle"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    chunks: Iterator[bytes]
+    size: int
+    checksum_sha256: str
+    filename: str
+
+
+def view(row: ExportRequest) -> dict[str, Any]:
+    percent = 100.0 if row.state == "ready" else (
+        round(100.0 * row.processed / row.total, 1) if row.total else 0.0)
+    return {
+        "id": row.id, "state": row.state, "project": row.project, "protocol": row.protocol,
+        "purpose": row.purpose, "profile": row.profile, "cohort": json.loads(row.cohort),
+        "destination": json.loads(row.destination),
+        "requester": {"id": row.requester_id, "username": row.requester_name},
+        "approver": {"id": row.approver_id, "username": row.approver_name} if row.approver_id else None,
+        "comment": row.decision_comment,
+        "created_at": _iso(row.created_at), "decided_at": _iso(row.decided_at), "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at), "expires_at": _iso(row.expires_at),
+        "progress": {"percent": percent, "total": row.total, "processed": row.processed,
+                     "released": row.released, "held_back": row.held_back, "errors": row.errors},
+        "checksum_sha256": row.checksum_sha256, "bundle_size": row.bundle_size, "error": row.error,
+    }
+
+
+class ExportService:
+    def __init__(self, sessions: sessionmaker[Session], auditor: AuditRecorder, keys: ProjectKeyStore, *,
+                 gateway_id: str, queue: ExportQueue | None = None, bundle_ttl: timedelta = timedelta(days=7),
+                 clock: Callable[[], datetime] = _utcnow) -> None:
+        self._sessions = sessions
+        self._auditor = auditor
+        self.keys = keys
+        self.gateway_id = gateway_id
+        self.queue = queue
+        self.bundle_ttl = bundle_ttl
+        self._clock = clock
+
+    # -- audit ---------------------------------------------------------------------------------
+    def _order(self, user: UserRef | None, row: ExportRequest, action: Action, step: str,
+               outcome: Outcome = Outcome.SUCCESS, description: str | None = None) -> None:
+        self._auditor.record_now(export_request_event(
+            user=user, gateway_id=self.gateway_id, request_id=row.id, action=action, step=step, outcome=outcome,
+            description=description,
+            details={"Project": row.project, "Protocol": row.protocol, "Purpose": row.purpose, "Profile": row.profile,
+                     "State": row.state, "Requester": row.requester_name, "Comment": row.decision_comment}))
+
+    # -- researcher ----------------------------------------------------------------------------
+    def create(self, user: UserRef, new: NewExport) -> dict[str, Any]:
+        for name, value, limit in (("project", new.project, 64), ("protocol", new.protocol, 128),
+                                   ("purpose", new.purpose, 256)):
+            if not value.strip() or len(value) > limit:
+                raise InvalidExportRequest(f"{name} must be 1..{limit} characters")
+        if new.destination != "bundle":
+            raise InvalidExportRequest("only the 'bundle' destination is available")
+        try:
+            load_profile(new.profile)
+        except ComplianceError as exc:
+            raise InvalidExportRequest(f"unknown de-identification profile {new.profile!r}") from exc
+        if bool(new.study_uids) == bool(new.filters):
+            raise InvalidExportRequest("the cohort is either study_uids or QIDO-RS filters (exactly one)")
+        if len(new.study_uids) > _MAX_STUDIES:
+            raise InvalidExportRequest(f"at most {_MAX_STUDIES} studies per request")
+        for uid in new.study_uids:
+            if not uid or len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid):
+                raise InvalidExportRequest("study_uids must be DICOM UIDs")
+        if new.filters and not set(new.filters) <= _QIDO_FILTER_KEYS:
+            raise InvalidExportRequest(f"allowed QIDO-RS filters: {sorted(_QIDO_FILTER_KEYS)}")
+        cohort = {"study_uids": list(new.study_uids)} if new.study_uids else {"filters": dict(new.filters or {})}
+        row = ExportRequest(
+            id=str(uuid.uuid4()), state="requested", project=new.project, protocol=new.protocol,
+            purpose=new.purpose, profile=new.profile, cohort=json.dumps(cohort, sort_keys=True),
+            destination=json.dumps({"kind": new.destination}), requester_id=user.user_id,
+            requester_name=user.username or user.user_id, created_at=self._clock(),
+            total=0, processed=0, released=0, held_back=0, errors=0,
+        )
+        with self._sessions() as session, session.begin():
+            session.add(row)
+        self._order(user, row, Action.CREATE, "requested")
+        return view(row)
+
+    def get(self, request_id: str, *, reader_id: str, may_read_all: bool) -> dict[str, Any]:
+        with self._sessions() as session:
+            row = session.get(ExportRequest, request_id)
+            # Another researcher's request is "not found", not "forbidden": ids are not disclosed.
+            if row is None or not (may_read_all or row.requester_id == reader_id):
+                raise ExportNotFound("no such export request")
+            return view(row)
+
+    def list(self, *, reader_id: str, may_read_all: bool, state: str | None = None) -> list[dict[str, Any]]:
+        with self._sessions() as session:
+            q = select(ExportRequest).order_by(ExportRequest.created_at.desc()).limit(500)
+            if not may_read_all:
+                q = q.where(ExportRequest.requester_id == reader_id)
+            if state:
+                q = q.where(ExportRequest.state == state)
+            return [view(r) for r in session.scalars(q)]
+
+    # -- data steward --------------------------------------------------------------------------
+    def decide(self, request_id: str, steward: UserRef, *, approve: bool, comment: str) -> dict[str, Any]:
+        if not comment.strip():
+            raise InvalidExportRequest("a comment is required")
+        with self._sessions() as session:
+            row = session.get(ExportRequest, request_id)
+            if row is None:
+                raise ExportNotFound("no such export request")
+            if row.requester_id == steward.user_id:
+                self._auditor.record_now(security_alert_event(
+                    user=steward, gateway_id=self.gateway_id, alert_type=EventTypeCode.ACCESS_CONTROL_DECISION,
+                    description=f"refused self-{'approval' if approve else 'rejection'} of export request "
+                                f"{request_id}: the requester cannot decide their own request",
+                    resource=EXPORT_REQUEST_URN + request_id, outcome=Outcome.MINOR_FAILURE))
+                raise SelfApprovalRefused("the requester of an export cannot approve or reject it")
+        new_state = "approved" if approve else "rejected"
+        now = self._clock()
+        with self._sessions() as session, session.begin():
+            done = session.execute(
+                update(ExportRequest).where(ExportRequest.id == request_id, ExportRequest.state == "requested",
+                                            ExportRequest.requester_id != steward.user_id)
+                .values(state=new_state, approver_id=steward.user_id,
+                        approver_name=steward.username or steward.user_id, decision_comment=comment,
+                        decided_at=now)).rowcount
+        with self._sessions() as session:
+            row = session.get(ExportRequest, request_id)
+            assert row is not None
+        if not done:
+            raise ExportStateConflict(f"the export request is {row.state}, not requested")
+        self._order(steward, row, Action.UPDATE, new_state)
+        if approve and self.queue is not None:
+            self.queue.enqueue(request_id)
+        return view(row)
+
+    # -- workers -------------------------------------------------------------------------------
+    def claimable(self, limit: int = 10) -> list[str]:
+        with self._sessions() as session, session.begin():
+            q = select(ExportRequest.id).where(ExportRequest.state == "approved").order_by(
+                ExportRequest.decided_at).limit(limit)
+            if session.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            return list(session.scalars(q))
+
+    def claim(self, request_id: str, worker: str) -> bool:
+        """approved -> running, for exactly one worker (a guarded UPDATE on every database)."""
+        with self._sessions() as session, session.begin():
+            done = session.execute(
+                update(ExportRequest).where(ExportRequest.id == request_id, ExportRequest.state == "approved")
+                .values(state="running", worker=worker[:128], started_at=self._clock())).rowcount
+        if done:
+            row = self._row(request_id)
+            self._order(None, row, Action.UPDATE, "running", description=f"export job started on {worker}")
+        return bool(done)
+
+    def _row(self, request_id: str) -> ExportRequest:
+        with self._sessions() as session:
+            row = session.get(ExportRequest, request_id)
+            if row is None:
+                raise ExportNotFound("no such export request")
+            return row
+
+    def load(self, request_id: str) -> ExportRequest:
+        return self._row(request_id)
+
+    def progress(self, request_id: str, **counters: int) -> None:
+        with self._sessions() as session, session.begin():
+            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                                                        ExportRequest.state == "running").values(**counters))
+
+    def finish(self, request_id: str, *, bundle_path: Path, bundle_size: int, checksum: str,
+               patients: list[dict[str, str | None]], studies: list[dict[str, Any]], counters: dict[str, int]) -> None:
+        row = self._row(request_id)
+        disclosure = json.dumps({"patients": patients, "studies": studies}, sort_keys=True).encode()
+        sealed = seal(self.keys.key(row.project, "map"), disclosure, disclosure_aad(request_id))
+        now = self._clock()
+        with self._sessions() as session, session.begin():
+            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                                                        ExportRequest.state == "running").values(
+                state="ready", finished_at=now, expires_at=now + self.bundle_ttl, bundle_path=str(bundle_path),
+                bundle_size=bundle_size, checksum_sha256=checksum, disclosure_sealed=sealed, **counters))
+        self._order(None, self._row(request_id), Action.UPDATE, "ready")
+
+    def fail(self, request_id: str, error: str, counters: dict[str, int] | None = None) -> None:
+        with self._sessions() as session, session.begin():
+            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                                                        ExportRequest.state == "running").values(
+                state="failed", finished_at=self._clock(), error=error[:2000], **(counters or {})))
+        self._order(None, self._row(request_id), Action.UPDATE, "failed", outcome=Outcome.SERIOUS_FAILURE,
+                    description=f"export job failed: {error[:500]}")
+
+    def expire_due(self) -> int:
+        """ready bundles past ``expires_at`` -> expired; the encrypted file is deleted."""
+        now = self._clock()
+        with self._sessions() as session:
+            due = [(r.id, r.bundle_path) for r in session.scalars(
+                select(ExportRequest).where(ExportRequest.state == "ready", ExportRequest.expires_at <= now))]
+        expired = 0
+        for request_id, path in due:
+            with self._sessions() as session, session.begin():
+                done = session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                                                                   ExportRequest.state == "ready")
+                                       .values(state="expired")).rowcount
+            if done:
+                if path:
+                    Path(path).unlink(missing_ok=True)
+                self._order(None, self._row(request_id), Action.UPDATE, "expired")
+                expired += 1
+        return expired
+
+    # -- the bundle ----------------------------------------------------------------------------
+    def open_bundle(self, request_id: str, user: UserRef, *, destination_uri: str) -> Bundle:
+        """The requester's decrypted bundle, streamed; the 110106 Export is recorded before any byte."""
+        row = self._row(request_id)
+        if row.requester_id != user.user_id:
+            raise ExportNotFound("no such export request")
+        expires = _aware(row.expires_at)
+        if row.state == "expired" or (row.state == "ready" and expires is not None and expires <= self._clock()):
+            raise BundleExpired("the bundle has expired")
+        if row.state != "ready" or not row.bundle_path or row.disclosure_sealed is None:
+            raise ExportStateConflict(f"the export request is {row.state}; the bundle is not ready")
+        disclosure = json.loads(open_sealed(self.keys.key(row.project, "map"), row.disclosure_sealed,
+                                            disclosure_aad(row.id)))
+        path = Path(row.bundle_path)
+        fh = path.open("rb")  # opened before the audit: a missing file fails before a disclosure is recorded
+        self._auditor.record_now(export_event(
+            user=user, recipient=user.username or user.user_id, purpose=row.purpose,
+            patients=[PatientRef(p["id"], p.get("name")) for p in disclosure["patients"]],
+            studies=[StudyRef(s["uid"], sop_classes=s.get("sop_classes", {})) for s in disclosure["studies"]],
+            destination_uri=destination_uri, anonymized=True,
+            outcome_description=f"research export {row.id} (project {row.project}, protocol {row.protocol}, "
+                                f"profile {row.profile}) downloaded by its requester"))
+
+        def chunks() -> Iterator[bytes]:
+            with fh:
+                yield from iter_decrypt(iter(lambda: fh.read(1 << 20), b""),
+                                        unwrap=self.keys.unwrap_bundle_header,
+                                        associated_data=bundle_aad(row.id))
+
+        assert row.bundle_size is not None and row.checksum_sha256 is not None
+        return Bundle(chunks(), row.bundle_size, row.checksum_sha256, f"export-{row.id}.zip")
+
+
+def bundle_aad(request_id: str) -> bytes:
+    return b"export bundle v1\x00" + request_id.encode()
+
+
+class ReidentificationService:
+    """Dual control: steward A asks, a different steward B approves, A reveals once."""
+
+    def __init__(self, sessions: sessionmaker[Session], auditor: AuditRecorder, pseudonyms: PseudonymMap, *,
+                 gateway_id: str, clock: Callable[[], datetime] = _utcnow) -> None:
+        self._sessions = sessions
+        self._auditor = auditor
+        self._map = pseudonyms
+        self.gateway_id = gateway_id
+        self._clock = clock
+
+    def _event(self, user: UserRef, row: ExportReidentification, action: Action, step: str,
+               patients: list[PatientRef] | None = None) -> None:
+        self._auditor.record_now(reidentification_event(
+            user=user, gateway_id=self.gateway_id, request_id=row.id, action=action, step=step,
+            patients=patients or (),
+            details={"Project": row.project, "Kind": row.kind, "Pseudonym": row.pseudonym, "Reason": row.reason,
+                     "Requester": row.requester_name, "Approver": row.approver_name,
+                     "Comment": row.decision_comment}))
+
+    @staticmethod
+    def view(row: ExportReidentification) -> dict[str, Any]:
+        return {"id": row.id, "state": row.state, "project": row.project, "kind": row.kind,
+                "pseudonym": row.pseudonym, "reason": row.reason,
+                "requester": {"id": row.requester_id, "username": row.requester_name},
+                "approver": {"id": row.approver_id, "username": row.approver_name} if row.approver_id else None,
+                "comment": row.decision_comment, "created_at": _iso(row.created_at),
+                "decided_at": _iso(row.decided_at), "revealed_at": _iso(row.revealed_at)}
+
+    def request(self, user: UserRef, *, project: str, kind: str, pseudonym: str, reason: str) -> dict[str, Any]:
+        if kind not in PSEUDONYM_KINDS:
+            raise InvalidExportRequest(f"kind must be one of {list(PSEUDONYM_KINDS)}")
+        if not reason.strip():
+            raise InvalidExportRequest("a reason is required")
+        with self._sessions() as session:
+            if session.get(ExportPseudonym, (project, kind, pseudonym)) is None:
+                raise ExportNotFound("no such pseudonym in the project's map")
+        row = ExportReidentification(id=str(uuid.uuid4()), state="requested", project=project, kind=kind,
+                                     pseudonym=pseudonym, reason=reason, requester_id=user.user_id,
+                                     requester_name=user.username or user.user_id, created_at=self._clock())
+        with self._sessions() as session, session.begin():
+            session.add(row)
+        self._event(user, row, Action.CREATE, "requested")
+        return self.view(row)
+
+    def _row(self, request_id: str) -> ExportReidentification:
+        with self._sessions() as session:
+            row = session.get(ExportReidentification, request_id)
+            if row is None:
+                raise ExportNotFound("no such re-identification request")
+            return row
+
+    def decide(self, request_id: str, steward: UserRef, *, approve: bool, comment: str) -> dict[str, Any]:
+        if not comment.strip():
+            raise InvalidExportRequest("a comment is required")
+        row = self._row(request_id)
+        if row.requester_id == steward.user_id:
+            self._auditor.record_now(security_alert_event(
+                user=steward, gateway_id=self.gateway_id, alert_type=EventTypeCode.ACCESS_CONTROL_DECISION,
+                description=f"refused: the requester of re-identification {request_id} cannot be its second approver",
+                resource=f"urn:compliance:reidentification:{request_id}", outcome=Outcome.MINOR_FAILURE))
+            raise SelfApprovalRefused("re-identification needs a second, different data steward")
+        new_state = "approved" if approve else "rejected"
+        with self._sessions() as session, session.begin():
+            done = session.execute(update(ExportReidentification).where(
+                ExportReidentification.id == request_id, ExportReidentification.state == "requested",
+                ExportReidentification.requester_id != steward.user_id).values(
+                state=new_state, approver_id=steward.user_id, approver_name=steward.username or steward.user_id,
+                decision_comment=comment, decided_at=self._clock())).rowcount
+        row = self._row(request_id)
+        if not done:
+            raise ExportStateConflict(f"the re-identification request is {row.state}, not requested")
+        self._event(steward, row, Action.UPDATE, new_state)
+        return self.view(row)
+
+    def reveal(self, request_id: str, user: UserRef) -> dict[str, Any]:
+        row = self._row(request_id)
+        if row.requester_id != user.user_id:
+            raise ExportNotFound("no such re-identification request")
+        with self._sessions() as session, session.begin():
+            done = session.execute(update(ExportReidentification).where(
+                ExportReidentification.id == request_id, ExportReidentification.state == "approved",
+                ExportReidentification.requester_id == user.user_id).values(
+                state="revealed", revealed_at=self._clock())).rowcount
+        if not done:
+            raise ExportStateConflict(f"the re-identification request is {row.state}; it reveals once, when approved")
+        original = self._map.lookup(row.project, row.kind, row.pseudonym)
+        if original is None:
+            raise ExportNotFound("no such pseudonym in the project's map")
+        row = self._row(request_id)
+        patients = [PatientRef(original)] if row.kind == "patient_id" else []
+        self._event(user, row, Action.READ, "revealed", patients=patients)
+        return {**self.view(row), "original": original}

@@ -1,0 +1,148 @@
+"""Where export jobs run, chosen by ``COMPLIANCE_EXPORTS_WORKER_BACKEND``:
+
+- ``inprocess`` (default, one machine): a thread in the gateway polls the SQL database as the queue:
+  it selects approved requests (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and claims each with a
+  guarded ``UPDATE ... WHERE state = 'approved'``, so several gateway processes on one database
+  never run one request twice. It also expires bundles past their date.
+- ``dramatiq`` (at scale): approving a request sends a message to Dramatiq on Redis
+  (``COMPLIANCE_EXPORTS_REDIS_URL``); worker processes (``dramatiq compliance.exports.dramatiq_actors``)
+  claim the request with the same guarded UPDATE (a redelivered message is a no-op) and run the job.
+- ``none``: nothing runs jobs in this process (a gateway node behind which dedicated workers run).
+
+``build_export_components(settings, engine, auditor)`` builds the same services in the gateway and in
+a worker process, so both run the same job code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import Engine
+
+from compliance.audit.recorder import AuditRecorder
+from compliance.config import Settings
+from compliance.crypto.providers.local import LocalKeyProvider
+from compliance.db.session import make_session_factory
+from compliance.exports.interfaces import ExportQueue
+from compliance.exports.jobs import DicomwebArchiveReader, ExportJob
+from compliance.exports.keys import ProjectKeyStore, PseudonymMap
+from compliance.exports.service import ExportService, ReidentificationService
+
+log = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+class SqlPollingQueue:
+    """The in-process backend: the database is the queue, so enqueue has nothing to do."""
+
+    name = "inprocess"
+
+    def enqueue(self, request_id: str) -> None:
+        return None
+
+
+class DramatiqQueue:
+    name = "dramatiq"
+
+    def __init__(self, redis_url: str) -> None:
+        from compliance.exports import dramatiq_actors
+
+        self._actor = dramatiq_actors.configure(redis_url)
+
+    def enqueue(self, request_id: str) -> None:
+        self._actor.send(request_id)
+
+
+@dataclass
+class ExportComponents:
+    service: ExportService
+    reidentification: ReidentificationService
+    job: ExportJob
+    keys: ProjectKeyStore
+
+
+def build_export_components(settings: Settings, engine: Engine, auditor: AuditRecorder,
+                            queue: ExportQueue | None = None) -> ExportComponents:
+    sessions = make_session_factory(engine)
+    keyring = settings.exports_keyring_file or settings.stack_dir / "keys" / "exports-keyring.json"
+    development = settings.environment == "development"
+    provider = LocalKeyProvider(keyring, environment=settings.environment,
+                                explicit_path=settings.exports_keyring_file is not None,
+                                create_if_missing=development)
+    keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=development)
+    service = ExportService(sessions, auditor, keys, gateway_id=settings.audit_source_id, queue=queue,
+                            bundle_ttl=timedelta(hours=settings.exports_bundle_ttl_hours))
+    pseudonyms = PseudonymMap(sessions, keys)
+
+    def archive() -> DicomwebArchiveReader:
+        return DicomwebArchiveReader(settings.archive_url, settings.archive_dicomweb_path,
+                                     username=settings.archive_username,
+                                     password=settings.archive_password.get_secret_value(),
+                                     timeout=settings.archive_timeout_seconds)
+
+    job = ExportJob(service, pseudonyms, auditor, archive,
+                    bundles_dir=settings.exports_dir or settings.stack_dir / "exports",
+                    archive_id=settings.archive_dicomweb_url)
+    reid = ReidentificationService(sessions, auditor, pseudonyms, gateway_id=settings.audit_source_id)
+    return ExportComponents(service, reid, job, keys)
+
+
+def build_queue(settings: Settings) -> ExportQueue | None:
+    backend = settings.exports_worker_backend
+    if backend == "dramatiq":
+        return DramatiqQueue(settings.exports_redis_url)
+    if backend == "inprocess":
+        return SqlPollingQueue()
+    return None
+
+
+def run_claimed(components: ExportComponents, request_id: str) -> str | None:
+    """Claim ``request_id`` and run it; None when another worker has it (or it is no longer approved)."""
+    if not components.service.claim(request_id, worker_name()):
+        return None
+    return components.job.run(request_id)
+
+
+class InProcessWorker:
+    """A daemon thread: poll for approved requests, run them one at a time, expire old bundles."""
+
+    def __init__(self, components: ExportComponents, *, interval_seconds: float = 1.0) -> None:
+        self._c = components
+        self._interval = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="export-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run_once(self) -> int:
+        ran = 0
+        for request_id in self._c.service.claimable():
+            if self._stop.is_set():
+                break
+            if run_claimed(self._c, request_id) is not None:
+                ran += 1
+        self._c.service.expire_due()
+        return ran
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("export worker: polling failed; retrying")
+            self._stop.wait(self._interval)

@@ -1,0 +1,199 @@
+"""Detections on the real stack: `compliance audit detect` over seeded events, alerts, the review queue.
+
+Seeded activity (documents made by the real builders, in this module's own indices) for Monday
+3 March 2025 and the two weeks before; real Keycloak accounts (created for the test, one disabled,
+one sharing a patient's family name); the job runs as the CLI a cron would run, with an explicit
+window (the clock), and its findings are read back through the gateway's API as the privacy officer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from keycloak import KeycloakAdmin
+
+from compliance.audit.events import (
+    EventTypeCode,
+    Outcome,
+    PatientRef,
+    StudyRef,
+    UserRef,
+    instances_transferred_event,
+    security_alert_event,
+)
+from compliance.config import PROJECT_ROOT
+
+from .conftest import AuditIndex, Stack, _reset_database, start_gateway, stop_gateway
+from .test_privacy_officer_api import drop, seed
+
+pytestmark = pytest.mark.integration
+
+GW = "compliance-gateway"
+TAG = uuid.uuid4().hex[:6]
+FAMILY_USER = f"det-fam-{TAG}"
+DISABLED_USER = f"det-off-{TAG}"
+DOE = PatientRef("DET-PAT-1", "Doe^Jane")
+OTHER = PatientRef("DET-PAT-2", "Smith^John")
+VIP = PatientRef("VIP-DEMO-001", "Important^Person")
+STUDY = StudyRef("1.2.826.0.1.3680043.10.512.1")
+DAY = datetime(2025, 3, 3, tzinfo=UTC)  # a Monday
+
+
+def user(name: str, address: str = "10.0.0.1") -> UserRef:
+    return UserRef(f"sub-{name}", name, "ohif-viewer", ("clinician",), address)
+
+
+def access(who: str, when: datetime, patient: PatientRef = OTHER):
+    return instances_transferred_event(user=user(who), gateway_id=GW, source_id="orthanc", outcome=Outcome.SUCCESS,
+                                       patients=[patient], studies=[STUDY], occurred_at=when)
+
+
+def refused(address: str, when: datetime):
+    return security_alert_event(user=None, gateway_id=GW, alert_type=EventTypeCode.AUTHENTICATION_DECISION,
+                                description="refused credentials", resource="/dicom-web/studies",
+                                source_address=address, alternative_user_id="guess", occurred_at=when)
+
+
+def seeded_events() -> list:
+    events = [
+        access("alice", DAY + timedelta(hours=2, minutes=13)),      # after hours
+        access("alice", DAY + timedelta(hours=10)),                 # business hours
+        access(FAMILY_USER, DAY + timedelta(hours=10, minutes=5), DOE),
+        access("alice", DAY + timedelta(hours=10, minutes=6), DOE),  # alice is no Doe
+        access("rita", DAY + timedelta(hours=11), VIP),
+        access(DISABLED_USER, DAY + timedelta(hours=12)),
+    ]
+    for day in range(1, 15):  # the baselines: vol-user 2 a day, steady 60 a day
+        base = DAY - timedelta(days=day) + timedelta(hours=9)
+        events += [access("vol-user", base + timedelta(minutes=m)) for m in range(2)]
+        events += [access("steady", base + timedelta(seconds=20 * m)) for m in range(60)]
+    events += [access("vol-user", DAY + timedelta(hours=9, seconds=20 * m)) for m in range(60)]
+    events += [access("steady", DAY + timedelta(hours=9, seconds=20 * m)) for m in range(60)]
+    events += [refused("10.6.6.6", DAY + timedelta(hours=14, seconds=10 * i)) for i in range(12)]
+    events += [refused("10.7.7.7", DAY + timedelta(hours=15, seconds=10 * i)) for i in range(5)]
+    return events
+
+
+@pytest.fixture(scope="module")
+def keycloak_users(stack: Stack):
+    admin = KeycloakAdmin(server_url=stack.keycloak_url.rstrip("/") + "/",
+                          username=stack.settings_env["COMPLIANCE_KEYCLOAK_ADMIN_USERNAME"],
+                          password=stack.settings_env["COMPLIANCE_KEYCLOAK_ADMIN_PASSWORD"],
+                          realm_name="imaging", user_realm_name="master")
+    ids = [admin.create_user({"username": FAMILY_USER, "firstName": "Jo", "lastName": "Doe", "enabled": True,
+                              "email": f"{FAMILY_USER}@example.org"}),
+           admin.create_user({"username": DISABLED_USER, "firstName": "Ex", "lastName": "Employee", "enabled": False,
+                              "email": f"{DISABLED_USER}@example.org"})]
+    yield
+    for uid in ids:
+        admin.delete_user(uid)
+
+
+@pytest.fixture(scope="module")
+def det_gateway(stack: Stack, tmp_path_factory, keycloak_users):
+    tmp = tmp_path_factory.mktemp("detections")
+    prefix = f"test-det-{uuid.uuid4().hex[:10]}"
+    db = f"sqlite:///{tmp / 'detections.db'}"
+    _reset_database(db)
+    seed(stack.es_url, prefix, seeded_events())
+    gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix)
+    yield gw
+    stop_gateway(gw)
+    drop(stack.es_url, prefix)
+
+
+def detect(gw, *args: str) -> dict:
+    env = {**gw.env, "COMPLIANCE_DATABASE_URL": gw.database_url, "COMPLIANCE_AUDIT_INDEX_PREFIX": gw.index_prefix}
+    out = subprocess.run([sys.executable, "-m", "compliance.cli", "audit", "detect", *args], cwd=PROJECT_ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+WINDOW = ("--since", "2025-03-03T00:00:00Z", "--until", "2025-03-04T00:00:00Z")
+
+
+def test_detections_raise_alerts_into_the_review_queue(stack, det_gateway):
+    run = detect(det_gateway, *WINDOW)
+    assert run["findings"] == 6
+    assert len(run["opened"]) == 6
+    priya = {"Authorization": f"Bearer {stack.token('priya')}"}
+    resp = httpx.get(f"{det_gateway.url}/api/v1/audit/alerts", params={"status": "open"}, headers=priya, timeout=30)
+    assert resp.status_code == 200, resp.text
+    alerts = resp.json()["alerts"]
+    got = sorted((a["rule"], a["user"], a["patient"]) for a in alerts)
+    assert got == sorted([
+        ("after_hours", "alice", "DET-PAT-2"),
+        ("volume_spike", "vol-user", None),
+        ("same_family_name", FAMILY_USER, "DET-PAT-1"),
+        ("vip_access", "rita", "VIP-DEMO-001"),
+        ("disabled_account", DISABLED_USER, None),
+        ("failed_auth_burst", None, None),
+    ])
+    burst = next(a for a in alerts if a["rule"] == "failed_auth_burst")
+    assert "12 refused authentications from 10.6.6.6" in burst["summary"]
+    assert len(burst["evidence"]) == 12
+    after = next(a for a in alerts if a["rule"] == "after_hours")
+    assert "first at 02:13" in after["summary"] and len(after["evidence"]) == 1
+
+    # Each finding is a 110113 alert in the audit trail, recorded through the outbox and shipped.
+    index = AuditIndex(stack.es_url, det_gateway.index_prefix)
+    docs = _wait_alerts(index, 6)
+    assert sorted(d["event.uuid"] for d in docs) == sorted(a["alert_uuid"] for a in alerts)
+    vip = next(d for d in docs if "urn:compliance:detection:vip_access" in d["object.ids"])
+    assert (vip["user.name"], vip["patient.ids"], vip["event.type_codes"]) == ("rita", ["VIP-DEMO-001"], ["110132"])
+
+    # A second run over the same window finds the same and queues nothing new.
+    again = detect(det_gateway, *WINDOW)
+    assert (again["findings"], again["opened"]) == (6, [])
+
+
+def _wait_alerts(index: AuditIndex, expected: int) -> list[dict]:
+    """The detection alerts in the index (shipping is asynchronous: bounded wait, then return)."""
+    deadline = time.monotonic() + 30
+    docs: list[dict] = []
+    while time.monotonic() < deadline:
+        httpx.post(f"{index.es_url}/{index.prefix}-*/_refresh", timeout=30)
+        resp = httpx.post(f"{index.es_url}/{index.prefix}-*/_search", timeout=30, json={
+            "size": 100, "query": {"prefix": {"object.ids": "urn:compliance:detection:"}}})
+        docs = [h["_source"] for h in resp.json()["hits"]["hits"]]
+        if len(docs) >= expected:
+            break
+        time.sleep(0.3)
+    return docs
+
+
+def test_acknowledging_an_alert(stack, det_gateway):
+    priya = {"Authorization": f"Bearer {stack.token('priya')}"}
+    url = f"{det_gateway.url}/api/v1/audit/alerts"
+    detect(det_gateway, *WINDOW)
+    open_before = httpx.get(url, params={"status": "open"}, headers=priya, timeout=30).json()["alerts"]
+    assert open_before
+    target = open_before[0]["id"]
+    resp = httpx.post(f"{url}/{target}", json={"status": "acknowledged", "note": "reviewed with the manager"},
+                      headers=priya, timeout=30)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["status"], body["acknowledged_by"], body["note"]) == ("acknowledged", "priya",
+                                                                        "reviewed with the manager")
+    again = httpx.post(f"{url}/{target}", json={"status": "acknowledged"}, headers=priya, timeout=30)
+    assert again.status_code == 409
+    assert httpx.post(f"{url}/999999", json={"status": "acknowledged"}, headers=priya, timeout=30).status_code == 404
+    assert httpx.post(f"{url}/{target}", json={"status": "open"}, headers=priya, timeout=30).status_code == 400
+    open_after = httpx.get(url, params={"status": "open"}, headers=priya, timeout=30).json()["alerts"]
+    assert [a["id"] for a in open_after] == [a["id"] for a in open_before if a["id"] != target]
+    acked = httpx.get(url, params={"status": "acknowledged"}, headers=priya, timeout=30).json()["alerts"]
+    assert [a["id"] for a in acked] == [target]
+
+
+def test_a_run_without_a_window_starts_where_the_last_ended(det_gateway):
+    run = detect(det_gateway, "--until", "2025-03-05T00:00:00Z")
+    assert run["from"].startswith("2025-03-04T00:00:00")
+    assert run["opened"] == []

@@ -1,0 +1,91 @@
+"""The encrypted archive on the real stack: Orthanc with the storage plugin, behind the gateway.
+
+Asserts on bytes on disk (Orthanc's storage directory), on what the gateway returns, and on the audit
+documents in Elasticsearch.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from compliance.config import load_settings
+from compliance.crypto.streaming import MAGIC
+
+from .conftest import AuditIndex, Gateway, Stack, dump
+from .dicom_samples import Sample, parts_of_multipart, unique_instance
+from .test_dicomweb_gateway import bearer, stow
+
+pytestmark = pytest.mark.integration
+
+INSTANCE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def storage_dir():
+    return load_settings().stack_dir / "orthanc" / "storage-encrypted"
+
+
+def attachment_path(stack: Stack, sample: Sample):
+    auth = stack.orthanc_auth
+    found = httpx.post(f"{stack.orthanc_url}/tools/lookup", content=sample.sop_instance_uid, auth=auth, timeout=10)
+    instance = next(i["ID"] for i in found.json() if i["Type"] == "Instance")
+    info = httpx.get(f"{stack.orthanc_url}/instances/{instance}/attachments/dicom/info", auth=auth, timeout=10).json()
+    uuid = info["Uuid"]
+    return storage_dir() / uuid[:2] / uuid[2:4] / uuid
+
+
+def wado_instance(gw: Gateway, token: str, s: Sample) -> httpx.Response:
+    return httpx.get(f"{gw.url}/dicom-web/studies/{s.study_uid}/series/{s.series_uid}/instances/{s.sop_instance_uid}",
+                     headers={**bearer(token), "Accept": INSTANCE_ACCEPT}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tokens(stack: Stack) -> dict[str, str]:
+    return {u: stack.token(u) for u in ("alice", "tom", "ada")}
+
+
+def test_the_stack_runs_the_encrypted_archive(gateway: Gateway):
+    assert gateway.env.get("COMPLIANCE_ARCHIVE_ENCRYPTED") == "true", "deploy/local/up enables the plugin by default"
+
+
+def test_stored_files_are_encrypted_and_wado_returns_the_original(gateway, stack, tokens):
+    samples = [unique_instance("CT_small.dcm"), unique_instance("MR_small.dcm")]
+    for s in samples:
+        r = stow(gateway, tokens["tom"], s)
+        assert r.status_code == 200, r.text
+    files = [p for p in storage_dir().rglob("*") if p.is_file()]
+    assert files, "Orthanc's storage directory holds the stored files"
+    for s in samples:
+        assert attachment_path(stack, s) in files
+    needles = [n.encode() for s in samples for n in (s.patient_id, s.patient_name, s.patient_name.replace("^", " "))]
+    for path in files:
+        data = path.read_bytes()
+        assert data[:4] == MAGIC, f"{path} is not in the encrypted format"
+        assert data[128:132] != b"DICM", f"{path} is a plaintext DICOM file"
+        for needle in needles:
+            assert needle not in data, f"{path} contains {needle!r}"
+    for s in samples:
+        r = wado_instance(gateway, tokens["alice"], s)
+        assert r.status_code == 200, r.text[:500]
+        parts = parts_of_multipart(r.content, r.headers["content-type"])
+        assert parts == [s.data], "WADO-RS returns the original instance byte for byte"
+
+
+def test_a_corrupted_file_is_an_integrity_failure_never_returned(gateway, stack, tokens, audit: AuditIndex):
+    s = unique_instance()
+    assert stow(gateway, tokens["tom"], s).status_code == 200
+    path = attachment_path(stack, s)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    r = wado_instance(gateway, tokens["alice"], s)
+    assert r.status_code == 500, r.text[:500]
+    assert r.json()["error"] == "archive_integrity_failure"
+    assert s.data[132:400] not in r.content
+    metadata = httpx.get(f"{gateway.url}/dicom-web/studies/{s.study_uid}/metadata",
+                         headers={**bearer(tokens["alice"]), "Accept": "application/dicom+json"}, timeout=60)
+    assert metadata.status_code == 500 and metadata.json()["error"] == "archive_integrity_failure"
+    alerts = audit.wait_for(2, event__id="110113", study__uids=s.study_uid)
+    assert len(alerts) == 2, dump(alerts)
+    assert all("integrity failure" in (a.get("event.outcome_description") or "") for a in alerts), dump(alerts)
+    assert all(a["user.name"] == "alice" for a in alerts)

@@ -1,0 +1,172 @@
+"""Key operations on the real stack: rotate, rewrap, destroy the old KEK, shred a patient.
+
+Orthanc (with the storage plugin) and the gateway are restarted in between; every assertion is on
+what the gateway returns, on the key store's state, on the bytes on disk, or on the audit documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from compliance.config import PROJECT_ROOT, load_settings
+from compliance.crypto.streaming import read_header
+
+from .conftest import AuditIndex, Gateway, Stack, dump, start_gateway, stop_gateway
+from .dicom_samples import Sample, parts_of_multipart, unique_instance
+from .test_dicomweb_gateway import bearer, stow
+from .test_encrypted_storage import attachment_path, wado_instance
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tokens(stack: Stack) -> dict[str, str]:
+    return {u: stack.token(u) for u in ("alice", "tom", "ada")}
+
+
+def restart_orthanc() -> None:
+    for cmd in ("down", "up"):
+        subprocess.run([str(PROJECT_ROOT / "deploy/local" / cmd), "orthanc"], check=True, capture_output=True,
+                       timeout=180)
+
+
+def reads_back(gw: Gateway, token: str, s: Sample) -> bool:
+    r = wado_instance(gw, token, s)
+    return r.status_code == 200 and parts_of_multipart(r.content, r.headers["content-type"]) == [s.data]
+
+
+def keys_status(gw: Gateway, token: str) -> dict:
+    r = httpx.get(f"{gw.url}/api/v1/keys/status", headers=bearer(token), timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "compliance.cli", *args], env=gw.env, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_only_admins_operate_keys(gateway, tokens, audit: AuditIndex):
+    for method, path in [("GET", "/api/v1/keys/status"), ("POST", "/api/v1/keys/rotate"),
+                         ("POST", "/api/v1/patients/SOMEONE/shred")]:
+        r = httpx.request(method, gateway.url + path, headers=bearer(tokens["alice"]), timeout=30)
+        assert r.status_code == 403, r.text
+    assert keys_status(gateway, tokens["ada"])["keks"]
+
+
+def test_rotate_rewrap_destroy_with_restarts_everything_still_reads(gateway, stack, tokens, tmp_path,
+                                                                    audit: AuditIndex):
+    before = unique_instance()
+    assert stow(gateway, tokens["tom"], before).status_code == 200
+    old_active = next(k["id"] for k in keys_status(gateway, tokens["ada"])["keks"] if k["state"] == "active")
+
+    r = httpx.post(f"{gateway.url}/api/v1/keys/rotate", headers=bearer(tokens["ada"]), timeout=60)
+    assert r.status_code == 200, r.text
+    new_active = r.json()["active_kek_id"]
+    assert new_active != old_active
+    after = unique_instance("MR_small.dcm")
+    assert stow(gateway, tokens["tom"], after).status_code == 200
+    status = keys_status(gateway, tokens["ada"])
+    states = {k["id"]: k for k in status["keks"]}
+    assert states[old_active]["state"] == "retired" and states[old_active]["data_keys"] >= 1
+    assert states[new_active]["state"] == "active" and states[new_active]["data_keys"] >= 1
+
+    restart_orthanc()
+    stop_gateway(gateway)
+    gw = start_gateway(stack, tmp_path, database_url=gateway.database_url, index_prefix=gateway.index_prefix)
+    try:
+        assert reads_back(gw, tokens["alice"], before) and reads_back(gw, tokens["alice"], after)
+
+        # rewrap through the CLI (the operator on the host), then destroy the old KEK through the API
+        out = cli(gw, "keys", "rewrap")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["active_kek_id"] == new_active
+        r = httpx.post(f"{gw.url}/api/v1/keys/{old_active}/destroy", headers=bearer(tokens["ada"]), timeout=60)
+        assert r.status_code == 200, r.text
+        status = keys_status(gw, tokens["ada"])
+        old = next(k for k in status["keks"] if k["id"] == old_active)
+        assert old["state"] == "destroyed" and old["in_provider"] is False and old["data_keys"] == 0
+        assert old_active not in status["provider"]["kek_ids"]
+
+        restart_orthanc()
+        stop_gateway(gw)
+        gw = start_gateway(stack, tmp_path, database_url=gateway.database_url, index_prefix=gateway.index_prefix)
+        assert reads_back(gw, tokens["alice"], before) and reads_back(gw, tokens["alice"], after)
+
+        # destroying the active KEK is refused (409) and audited as a failed security configuration
+        r = httpx.post(f"{gw.url}/api/v1/keys/{new_active}/destroy", headers=bearer(tokens["ada"]), timeout=60)
+        assert r.status_code == 409, r.text
+    finally:
+        stop_gateway(gw)
+        # the session's gateway fixture is restarted for the tests that follow
+        restarted = start_gateway(stack, tmp_path, database_url=gateway.database_url,
+                                  index_prefix=gateway.index_prefix)
+        gateway.url, gateway.process, gateway.log_path = restarted.url, restarted.process, restarted.log_path
+    events = audit.wait_for(5, event__id="110113", user__name="ada")
+    descriptions = [e.get("event.outcome_description") or "" for e in events]
+    for op in ("archive keys rotate", f"archive keys destroy {old_active}"):
+        assert any(d.startswith(op) for d in descriptions), dump(descriptions)
+    os_user = audit.wait_for(1, event__id="110113", client__id="compliance-cli")
+    assert any((e.get("event.outcome_description") or "").startswith("archive keys rewrap") for e in os_user), \
+        dump(os_user)
+
+
+def test_shred_makes_the_patient_gone_and_undecryptable(gateway, stack, tokens, audit: AuditIndex):
+    s = unique_instance()
+    other = unique_instance("MR_small.dcm")
+    for x in (s, other):
+        assert stow(gateway, tokens["tom"], x).status_code == 200
+    path = attachment_path(stack, s)
+    key_id = read_header(path.read_bytes()[:1024]).key_id
+
+    r = httpx.post(f"{gateway.url}/api/v1/patients/{s.patient_id}/shred", headers=bearer(tokens["ada"]), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["destroyed"] == 1 and r.json()["state"] == "shredded"
+
+    r = wado_instance(gateway, tokens["alice"], s)
+    assert r.status_code == 410, r.text[:500]
+    body = r.json()
+    assert body["error"] == "key_destroyed" and body["detail"]["study_uid"] == s.study_uid
+    assert s.data[132:400] not in r.content
+    assert reads_back(gateway, tokens["alice"], other), "other patients are untouched"
+
+    # on disk: the file names a data key whose wrapped bytes no longer exist anywhere
+    assert path.is_file()
+    keys_db = load_settings().archive_keys_dir / "keys.db"
+    with contextlib.closing(sqlite3.connect(f"file:{keys_db}?mode=ro", uri=True)) as db:
+        wrapped, destroyed_at = db.execute(
+            "SELECT wrapped_key, destroyed_at FROM crypto_data_key WHERE id = ?", (key_id,)).fetchall()[0]
+    assert wrapped is None and destroyed_at is not None
+    uuid = path.name
+    verify = httpx.post(f"{stack.orthanc_url}/compliance/archive/verify", auth=stack.orthanc_auth, timeout=30,
+                        json={"attachments": [{"instance": "x", "uuid": uuid, "content_type": 1}]}).json()
+    assert [f["result"] for f in verify["failures"]] == ["key_destroyed"]
+
+    deleted = audit.wait_for(1, event__id="110105", study__uids=s.study_uid)
+    assert len(deleted) == 1, dump(deleted)
+    assert 'ParticipantObjectDataLifeCycle="15"' in deleted[0]["atna.xml"]
+    assert deleted[0]["user.name"] == "ada" and s.patient_id in deleted[0]["patient.ids"]
+
+
+def test_cli_shred_and_status(gateway, stack, tokens, audit: AuditIndex):
+    s = unique_instance()
+    assert stow(gateway, tokens["tom"], s).status_code == 200
+    out = cli(gateway, "shred", "--patient", s.patient_id)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["destroyed"] == 1
+    assert wado_instance(gateway, tokens["alice"], s).status_code == 410
+    out = cli(gateway, "keys", "status")
+    assert out.returncode == 0, out.stderr
+    assert any(k["state"] == "active" for k in json.loads(out.stdout)["keks"])
+    deleted = audit.wait_for(1, event__id="110105", study__uids=s.study_uid)
+    assert len(deleted) == 1 and deleted[0]["user.name"] == os.environ.get("USER", deleted[0]["user.name"])
+    assert Path(attachment_path(stack, s)).is_file()

@@ -1,0 +1,127 @@
+"""EncryptedFilesystemStorage and KeyControl outside Orthanc, on a real keyring and SQLite key store."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from compliance.archive.control import KeyControl
+from compliance.archive.keystore import open_key_store
+from compliance.archive.storage import NON_PATIENT_ID, EncryptedFilesystemStorage, patient_id_of
+from compliance.config import Settings
+from compliance.crypto.interfaces import DecryptionError, KeyDestroyed
+from compliance.crypto.streaming import MAGIC, read_header
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    settings = Settings(stack_dir=tmp_path / "stack", archive_patient_index_key="ab" * 32)
+    s = open_key_store(settings, create=True)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def storage(tmp_path: Path, store) -> EncryptedFilesystemStorage:
+    return EncryptedFilesystemStorage(tmp_path / "storage", store.keys, fsync=False)
+
+
+def dicom(patient_id: str = "PAT-1") -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PatientID = patient_id
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_set_up_creates_a_private_keyring_and_one_active_kek(tmp_path: Path, store):
+    keyring = tmp_path / "stack" / "archive-keys" / "keyring.json"
+    assert keyring.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "stack" / "archive-keys").stat().st_mode & 0o777 == 0o700
+    assert [k.state for k in store.keys.status().keks] == ["active"]
+
+
+def test_round_trip_and_nothing_in_plaintext_on_disk(storage: EncryptedFilesystemStorage, store):
+    data = dicom("PAT-XYZ-123")
+    u = str(uuid.uuid4())
+    storage.create(u, 1, data)
+    raw = storage.path_of(u).read_bytes()
+    assert raw[:4] == MAGIC and raw[128:132] != b"DICM" and b"PAT-XYZ-123" not in raw
+    assert storage.read(u, 1) == data
+    assert read_header(raw).key_id == store.keys.data_key_for_patient("PAT-XYZ-123").key_id
+
+
+def test_non_dicom_attachments_get_the_non_patient_key():
+    assert patient_id_of(b"not dicom", 1) == NON_PATIENT_ID
+    assert patient_id_of(b'{"0010,0020": {"Value": "P9"}}', 2) == "P9"
+    assert patient_id_of(b"anything", 9999) == NON_PATIENT_ID
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap_type"])
+def test_damaged_files_are_integrity_failures(storage: EncryptedFilesystemStorage, damage: str):
+    u = str(uuid.uuid4())
+    storage.create(u, 1, dicom())
+    path = storage.path_of(u)
+    raw = bytearray(path.read_bytes())
+    content_type = 1
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 1
+    elif damage == "truncate":
+        raw = raw[:-20]
+    else:
+        content_type = 3  # same bytes presented as another attachment type: associated data differs
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DecryptionError):
+        storage.read(u, content_type)
+    assert storage.integrity_failures == 1
+    assert storage.check(u, content_type) == "decryption_failed"
+
+
+def test_a_file_moved_to_another_uuid_does_not_decrypt(storage: EncryptedFilesystemStorage):
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    storage.create(a, 1, dicom())
+    storage.path_of(b).parent.mkdir(parents=True, exist_ok=True)
+    storage.path_of(a).rename(storage.path_of(b))
+    assert storage.check(b, 1) == "decryption_failed"
+
+
+def test_uuids_cannot_escape_the_root(storage: EncryptedFilesystemStorage):
+    for bad in ("../../etc/passwd", "ABCDEF01-0000-0000-0000-000000000000", ""):
+        with pytest.raises(ValueError):
+            storage.path_of(bad)
+
+
+def test_shred_rotate_rewrap_destroy_through_the_control_routes(storage: EncryptedFilesystemStorage, store):
+    u1, u2 = str(uuid.uuid4()), str(uuid.uuid4())
+    storage.create(u1, 1, dicom("SHRED-ME"))
+    storage.create(u2, 1, dicom("KEEP-ME"))
+    control = KeyControl(store.keys, storage)
+    old = control.handle("GET", "/compliance/keys/status", b"").body["keks"][0]["id"]
+    new = control.handle("POST", "/compliance/keys/rotate", b"{}").body["active_kek_id"]
+    assert control.handle("POST", "/compliance/keys/destroy", f'{{"kek_id": "{old}"}}'.encode()).status == 409
+    assert control.handle("POST", "/compliance/keys/rewrap", b"{}").body["rewrapped"] == 2
+    assert control.handle("POST", "/compliance/keys/destroy", f'{{"kek_id": "{old}"}}'.encode()).status == 200
+    assert control.handle("POST", "/compliance/keys/destroy", f'{{"kek_id": "{new}"}}'.encode()).status == 409
+    assert storage.read(u1, 1) and storage.read(u2, 1)
+
+    r = control.handle("POST", "/compliance/keys/shred", b'{"patient_id": "SHRED-ME"}')
+    assert r.body == {"destroyed": 1, "state": "shredded"}
+    assert control.handle("POST", "/compliance/keys/state", b'{"patient_id": "SHRED-ME"}').body == {"state": "shredded"}
+    assert control.handle("POST", "/compliance/keys/state", b'{"patient_id": "KEEP-ME"}').body == {"state": "live"}
+    with pytest.raises(KeyDestroyed):
+        storage.read(u1, 1)
+    assert storage.read(u2, 1) == dicom("KEEP-ME")
+    body = json.dumps({"attachments": [{"instance": "i1", "uuid": u1, "content_type": 1},
+                                       {"instance": "i2", "uuid": u2, "content_type": 1},
+                                       {"instance": "i3", "uuid": "../x", "content_type": 1}]}).encode()
+    verify = control.handle("POST", "/compliance/archive/verify", body).body
+    results = [(f["instance"], f["result"]) for f in verify["failures"]]
+    assert results == [("i1", "key_destroyed"), ("i3", "invalid_uuid")]
+    assert control.handle("POST", "/compliance/keys/shred", b"[]").status == 400
+    assert control.handle("POST", "/compliance/keys/nope", b"{}").status == 404
