@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
 
+from compliance.audit.cli import app as audit_app
+from compliance.audit.cli import record_cli_authentication
+from compliance.audit.report_cli import register as register_audit_reports
 from compliance.config import get_settings
+from compliance.crypto.cli import app as keys_app
+from compliance.crypto.cli import shred
+from compliance.deid.cli import app as deid_app
+from compliance.exports.cli import app as exports_app
 
 app = typer.Typer(help="Imaging compliance gateway.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
-audit_app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 demo_app = typer.Typer(help="Demo data (development only).", no_args_is_help=True)
+register_audit_reports(audit_app)  # compliance audit search|report|detect
 app.add_typer(db_app, name="db")
 app.add_typer(audit_app, name="audit")
 app.add_typer(demo_app, name="demo")
+app.add_typer(keys_app, name="keys")
+app.add_typer(deid_app, name="deid")
+app.add_typer(exports_app, name="exports")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -78,9 +87,17 @@ def token(
     try:
         tokens = oidc.token(username=username, password=password)
     except KeycloakError as exc:
+        # 110114 User Authentication, failed (only when Keycloak answered: an unreachable server
+        # authenticated no one).
+        record_cli_authentication(username, success=False, detail=f"Keycloak refused the login: {exc.response_code}")
         _fail(f"Keycloak refused the login for {username!r}: {exc.response_code} {exc.error_message!s}"[:500])
     except Exception as exc:  # connection errors from requests
         _fail(f"cannot reach Keycloak at {settings.keycloak_url}: {type(exc).__name__}")
+    import jwt
+
+    subject = jwt.decode(tokens["access_token"], options={"verify_signature": False}).get("sub")
+    record_cli_authentication(username, success=True, detail="access token issued by Keycloak (password grant)",
+                              user_id=subject)
     typer.echo(tokens["access_token"])
 
 
@@ -92,91 +109,6 @@ def db_upgrade(url: str = typer.Option(None, help="SQLAlchemy URL (default from 
     target = url or get_settings().effective_database_url
     upgrade(target)
     typer.echo("database schema is up to date")
-
-
-@audit_app.command("status")
-def audit_status() -> None:
-    """How many audit events are recorded and how many still wait to be shipped."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from compliance.audit.outbox import SqlAuditOutbox
-    from compliance.db.session import make_engine
-
-    settings = get_settings()
-    outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
-    try:
-        typer.echo(json.dumps({"recorded": outbox.total(), "backlog": outbox.backlog()}))
-    except SQLAlchemyError as exc:
-        _fail(f"cannot read the audit outbox ({type(exc).__name__}); is the database migrated? "
-              "run: compliance db upgrade")
-
-
-@audit_app.command("ship")
-def audit_ship() -> None:
-    """Ship every pending outbox event to Elasticsearch now (the gateway also does this by itself)."""
-    from compliance.audit.elasticsearch import ElasticsearchAuditSink
-    from compliance.audit.interfaces import AuditSinkUnavailable
-    from compliance.audit.outbox import AuditShipper, SqlAuditOutbox
-    from compliance.db.session import make_engine
-
-    settings = get_settings()
-    outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
-    shipper = AuditShipper(outbox, ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix))
-    total = 0
-    try:
-        while (n := shipper.ship_once()) > 0:
-            total += n
-    except AuditSinkUnavailable as exc:
-        _fail(f"Elasticsearch is unavailable: {exc}; {outbox.backlog()} events wait in the outbox")
-    typer.echo(json.dumps({"shipped": total, "backlog": outbox.backlog()}))
-
-
-@audit_app.command("verify")
-def audit_verify(
-    from_seq: int = typer.Option(1, "--from", help="First chain position to check."),
-    to_seq: int = typer.Option(None, "--to", help="Last chain position to check (default: all shipped)."),
-) -> None:
-    """Check the audit trail in Elasticsearch against its hash chain: 'intact' or the first broken place.
-
-    Exit status 0 when intact, 1 when anything was modified, deleted, inserted or reordered. The check
-    is itself recorded as a 110101 Audit Log Used event (actor: the operating-system user).
-    """
-    import getpass
-
-    from compliance.audit.atna import AuditSource
-    from compliance.audit.elasticsearch import ElasticsearchAuditSink
-    from compliance.audit.events import Outcome, UserRef, audit_log_used_event
-    from compliance.audit.interfaces import AuditSinkUnavailable
-    from compliance.audit.outbox import SqlAuditOutbox
-    from compliance.audit.recorder import AuditRecorder
-    from compliance.audit.verify import verify_repository
-    from compliance.db.session import make_engine
-
-    settings = get_settings()
-    outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
-    sink = ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
-    operator = getpass.getuser()
-    recorder = AuditRecorder(outbox, AuditSource(source_id=settings.audit_source_id,
-                                                 enterprise_site_id=settings.audit_enterprise_site_id))
-    try:
-        result = verify_repository(sink.client, settings.audit_index_prefix, outbox, from_seq=from_seq,
-                                   to_seq=to_seq)
-    except AuditSinkUnavailable as exc:
-        _fail(str(exc))
-    recorder.record_now(audit_log_used_event(
-        user=UserRef(user_id=f"os:{operator}", username=operator, client_id="compliance-cli"),
-        gateway_id=settings.audit_source_id,
-        outcome=Outcome.SUCCESS if result.intact else Outcome.MINOR_FAILURE,
-        audit_log_uri=f"{settings.elasticsearch_url}/{settings.audit_index_prefix}-*",
-        query=f"verify chain from {from_seq} to {to_seq or 'head'}".encode(),
-        outcome_description=result.summary()[:1024],
-    ))
-    typer.echo(result.summary())
-    for finding in result.findings:
-        typer.echo(json.dumps({"kind": finding.kind, "seq": finding.seq, "event": finding.uuid,
-                               "detail": finding.detail}))
-    if not result.intact:
-        raise typer.Exit(1)
 
 
 @demo_app.command("load")
@@ -213,15 +145,7 @@ def _token_for(username: str) -> str:
     return oidc.token(username=username, password=f"demo-{username}")["access_token"]
 
 
-def _register_optional_subapps() -> None:
-    try:
-        from compliance.deid.cli import app as deid_app
-    except ImportError:
-        return
-    app.add_typer(deid_app, name="deid")
-
-
-_register_optional_subapps()
+app.command("shred")(shred)
 
 
 if __name__ == "__main__":  # pragma: no cover

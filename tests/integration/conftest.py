@@ -154,6 +154,15 @@ def stop_gateway(gw: Gateway) -> None:
             gw.process.kill()
 
 
+def drop_prefix(stack: Stack, prefix: str) -> None:
+    """Delete a test's indices by name (the cluster refuses wildcard deletes) and its template."""
+    found = httpx.get(f"{stack.es_url}/{prefix}-*,{prefix}.checkpoints", timeout=30,
+                      params={"ignore_unavailable": "true", "allow_no_indices": "true"})
+    for index in found.json() if found.status_code == 200 else []:
+        httpx.delete(f"{stack.es_url}/{index}", timeout=30)
+    httpx.delete(f"{stack.es_url}/_index_template/{prefix}-events", timeout=30)
+
+
 @pytest.fixture(scope="session")
 def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("gateway")
@@ -165,7 +174,7 @@ def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield gw
     finally:
         stop_gateway(gw)
-        httpx.delete(f"{stack.es_url}/{prefix}-*", timeout=30)
+        drop_prefix(stack, prefix)
 
 
 class AuditIndex:

@@ -13,9 +13,11 @@ import pytest
 
 from compliance.config import PROJECT_ROOT
 
-from .conftest import AuditIndex, Stack, _reset_database, start_gateway, stop_gateway
+from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.integration
+
+
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def own_gateway(stack: Stack, tmp_path_factory):
     gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix)
     yield gw
     stop_gateway(gw)
-    httpx.delete(f"{stack.es_url}/{prefix}-*", timeout=30)
+    drop_prefix(stack, prefix)
 
 
 def verify(gw) -> tuple[int, str]:
@@ -103,3 +105,55 @@ def test_verify_refuses_clearly_when_elasticsearch_is_unreachable(own_gateway):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "cannot read the audit repository" in out.stderr
+
+
+def test_signed_checkpoints_catch_a_consistently_rechained_repository(stack: Stack, tmp_path):
+    """Someone with write access to Elasticsearch edits an event and recomputes every later link."""
+    from compliance.audit.chain import HASH, PREV, link_hash
+
+    prefix = f"test-verifycp-{uuid.uuid4().hex[:10]}"
+    db = f"sqlite:///{tmp_path / 'cp.db'}"
+    _reset_database(db)
+    gw = start_gateway(stack, tmp_path, database_url=db, index_prefix=prefix)
+    env = {**gw.env, "COMPLIANCE_DATABASE_URL": db, "COMPLIANCE_AUDIT_INDEX_PREFIX": prefix}
+    try:
+        token = stack.token("alice")
+        for i in range(10):
+            httpx.get(f"{gw.url}/dicom-web/studies", params={"PatientID": f"CP-{i}"},
+                      headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        audit = AuditIndex(stack.es_url, prefix)
+        assert len(audit.wait_for(10, **{"event.id": "110112"})) == 10
+        out = subprocess.run([sys.executable, "-m", "compliance.cli", "audit", "checkpoint"], cwd=PROJECT_ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        signed = json.loads(out.stdout)
+        assert signed["seq_from"] == 1 and signed["seq_to"] >= 11
+        # the signed checkpoint is in the repository too
+        httpx.post(f"{stack.es_url}/{prefix}.checkpoints/_refresh", timeout=30)
+        r = httpx.get(f"{stack.es_url}/{prefix}.checkpoints/_search", timeout=30).json()
+        assert r["hits"]["total"]["value"] >= 1
+        code, text = verify(gw)
+        assert code == 0, text
+        assert "signed checkpoint(s) verified" in text and " 0 signed" not in text, text
+
+        hits = httpx.post(f"{stack.es_url}/{prefix}-*/_search", timeout=30,
+                          json={"size": 1000, "sort": [{"chain.seq": "asc"}],
+                                "query": {"range": {"chain.seq": {"lte": signed["seq_to"]}}}}).json()["hits"]["hits"]
+        docs = [(h["_index"], h["_id"], h["_source"]) for h in hits]
+        _, _, fifth = docs[4]
+        fifth["user.name"] = "mallory"
+        prev = docs[3][2][HASH]
+        for idx, _id, src in docs[4:]:
+            src[PREV] = prev
+            src[HASH] = prev = link_hash(prev, src)
+            httpx.put(f"{stack.es_url}/{idx}/_doc/{_id}", json=src, timeout=30).raise_for_status()
+        httpx.post(f"{stack.es_url}/{prefix}-*/_refresh", timeout=30)
+        code, text = verify(gw)
+        assert code == 1, text
+        kinds = {(f["kind"], f["seq"]) for f in findings(text)}
+        assert ("checkpoint", 1) in kinds, text
+        # the re-chained range itself is internally consistent: only the checkpoint can tell
+        assert not any(k == "modified" and s is not None and s <= signed["seq_to"] for k, s in kinds), text
+    finally:
+        stop_gateway(gw)
+        drop_prefix(stack, prefix)

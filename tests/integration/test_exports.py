@@ -1,0 +1,285 @@
+"""Research exports end to end on the real stack: Keycloak tokens, Orthanc, the gateway, Elasticsearch.
+
+request (rob) -> self-approval refused -> approval (dana) -> the job (in-process worker) -> bundle
+download (rob only) -> the bundle's contents -> the 110106 Export in Elasticsearch with the SOURCE
+patient; then dual-control re-identification (dana asks, sam approves, dana reveals once); then the
+CLI; then the Dramatiq backend with two worker processes on a Redis started here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from compliance.config import PROJECT_ROOT
+from compliance.demo import multipart_related
+from tests.integration.conftest import (
+    AuditIndex,
+    _free_port,
+    _reset_database,
+    drop_prefix,
+    start_gateway,
+    stop_gateway,
+)
+from tests.integration.dicom_samples import unique_instance
+
+pytestmark = pytest.mark.integration
+
+
+def _auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _store(gateway_url: str, stack, samples) -> None:  # type: ignore[no-untyped-def]
+    body, ct = multipart_related([s.data for s in samples])
+    resp = httpx.post(f"{gateway_url}/dicom-web/studies", content=body,
+                      headers={**_auth(stack.token("tom")), "Content-Type": ct}, timeout=60)
+    assert resp.status_code == 200, resp.text
+
+
+def _wait_done(url: str, token_for, request_id: str, within: float = 180) -> dict:  # type: ignore[no-untyped-def]
+    """Poll the status until the job ends (bounded); the caller asserts on the state."""
+    deadline = time.monotonic() + within
+    status: dict = {}
+    while time.monotonic() < deadline:
+        resp = httpx.get(f"{url}/api/v1/exports/{request_id}", headers=_auth(token_for()), timeout=30)
+        assert resp.status_code == 200, resp.text
+        status = resp.json()
+        if status["state"] not in ("requested", "approved", "running"):
+            return status
+        time.sleep(0.5)
+    return status
+
+
+def _request(url: str, token: str, study_uid: str, project: str) -> dict:
+    resp = httpx.post(f"{url}/api/v1/exports", headers=_auth(token), timeout=30, json={
+        "project": project, "protocol": "IRB-2026-042", "purpose": "nodule detection research",
+        "profile": "basic", "cohort": {"study_uids": [study_uid]}})
+    assert resp.status_code == 201, resp.text
+    return resp.json()
+
+
+def test_export_end_to_end(stack, gateway, audit: AuditIndex):  # type: ignore[no-untyped-def]
+    ct = unique_instance("CT_small.dcm")
+    mr = unique_instance("MR_small.dcm", patient_id=ct.patient_id, patient_name=ct.patient_name,
+                         study_uid=ct.study_uid)
+    _store(gateway.url, stack, [ct, mr])
+    project = f"lung-{uuid.uuid4().hex[:8]}"
+    rob = stack.token("rob")
+    created = _request(gateway.url, rob, ct.study_uid, project)
+    rid = created["id"]
+    assert created["state"] == "requested" and created["requester"]["username"] == "rob"
+
+    # The requester cannot approve (researchers hold no approve permission; the service would refuse too).
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/{rid}/approve", headers=_auth(rob), json={"comment": "mine"},
+                      timeout=30)
+    assert resp.status_code == 403, resp.text
+    # A decision needs a comment.
+    dana = stack.token("dana")
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/{rid}/approve", headers=_auth(dana), json={}, timeout=30)
+    assert resp.status_code == 400
+    assert httpx.get(f"{gateway.url}/api/v1/exports/{rid}", headers=_auth(dana), timeout=30).json()["state"] \
+        == "requested"
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/{rid}/approve", headers=_auth(dana),
+                      json={"comment": "IRB-2026-042 approved"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["approver"]["username"] == "dana"
+    # Deciding twice is a conflict.
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/{rid}/reject", headers=_auth(dana),
+                      json={"comment": "changed my mind"}, timeout=30)
+    assert resp.status_code == 409, resp.text
+
+    status = _wait_done(gateway.url, lambda: stack.token("rob"), rid)
+    assert status["state"] == "ready", status
+    assert status["progress"]["total"] == 2 and status["progress"]["released"] == 2
+    assert status["progress"]["percent"] == 100.0
+
+    # Only the requester downloads.
+    resp = httpx.get(f"{gateway.url}/api/v1/exports/{rid}/bundle", headers=_auth(stack.token("dana")), timeout=30)
+    assert resp.status_code == 403
+    resp = httpx.get(f"{gateway.url}/api/v1/exports/{rid}/bundle", headers=_auth(stack.token("rob")), timeout=120)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "application/zip"
+    assert hashlib.sha256(resp.content).hexdigest() == resp.headers["x-content-sha256"] == status["checksum_sha256"]
+
+    zf = zipfile.ZipFile(io.BytesIO(resp.content))
+    names = zf.namelist()
+    dicoms = sorted(n for n in names if n.endswith(".dcm"))
+    assert "manifest.json" in names and "deid-report.json" in names and len(dicoms) == 2
+    manifest = json.loads(zf.read("manifest.json"))
+    assert manifest["export_request"] == rid and manifest["purpose"] == "nodule detection research"
+    assert {f["path"] for f in manifest["files"]} == set(dicoms)
+    for f in manifest["files"]:
+        assert hashlib.sha256(zf.read(f["path"])).hexdigest() == f["sha256"]
+    report = json.loads(zf.read("deid-report.json"))
+    assert [e["status"] for e in report["files"]] == ["released", "released"]
+    identifiers = [ct.patient_id, ct.patient_name.split("^")[1], ct.study_uid, ct.series_uid, ct.sop_instance_uid,
+                   mr.series_uid, mr.sop_instance_uid]
+    pseudonym_ids = set()
+    for name in names:
+        data = zf.read(name)
+        for ident in identifiers:
+            assert ident.encode() not in data, (name, ident)
+        if name.endswith(".dcm"):
+            ds = pydicom.dcmread(io.BytesIO(data))
+            assert ds.PatientIdentityRemoved == "YES"
+            pseudonym_ids.add(str(ds.PatientID))
+    assert len(pseudonym_ids) == 1  # one patient, one pseudonym across both files
+    bundle_dir = Path(gateway.env.get("COMPLIANCE_EXPORTS_DIR") or PROJECT_ROOT / ".stack" / "exports")
+    on_disk = (bundle_dir / f"{rid}.bundle").read_bytes()
+    assert on_disk[:4] == b"CGSE" and ct.patient_id.encode() not in on_disk and b"PK\x03\x04" not in on_disk
+
+    # The disclosure in Elasticsearch: 110106 with the recipient, purpose and the SOURCE patient.
+    exports = audit.wait_for(1, event__id="110106", **{"patient.ids": ct.patient_id})
+    assert len(exports) == 1, exports
+    doc = exports[0]
+    assert doc["recipient"] == "rob" and doc["user.name"] == "rob"
+    assert ct.study_uid in doc["study.uids"]
+    assert "nodule detection research" in json.dumps(doc)
+    alerts = audit.wait_for(1, event__id="110113", **{"user.name": "rob"})
+    assert any(rid in json.dumps(a) or "approve" in json.dumps(a) for a in alerts)
+    steps = audit.wait_for(4, event__id="110109")
+    assert len([s for s in steps if rid in json.dumps(s)]) >= 4
+
+    # Dual-control re-identification.
+    pseudonym = pseudonym_ids.pop()
+    body = {"project": project, "kind": "patient_id", "pseudonym": pseudonym, "reason": "incidental finding"}
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications", headers=_auth(stack.token("rob")),
+                      json=body, timeout=30)
+    assert resp.status_code == 403
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications", headers=_auth(stack.token("dana")),
+                      json=body, timeout=30)
+    assert resp.status_code == 201, resp.text
+    reid = resp.json()["id"]
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications/{reid}/approve",
+                      headers=_auth(stack.token("dana")), json={"comment": "me"}, timeout=30)
+    assert resp.status_code == 403, resp.text
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications/{reid}/reveal",
+                      headers=_auth(stack.token("dana")), timeout=30)
+    assert resp.status_code == 409
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications/{reid}/approve",
+                      headers=_auth(stack.token("sam")), json={"comment": "second steward agrees"}, timeout=30)
+    assert resp.status_code == 200, resp.text
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications/{reid}/reveal",
+                      headers=_auth(stack.token("sam")), timeout=30)
+    assert resp.status_code == 404
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications/{reid}/reveal",
+                      headers=_auth(stack.token("dana")), timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["original"] == ct.patient_id
+    resp = httpx.post(f"{gateway.url}/api/v1/exports/reidentifications/{reid}/reveal",
+                      headers=_auth(stack.token("dana")), timeout=30)
+    assert resp.status_code == 409
+    revealed = audit.wait_for(1, event__id="110110", **{"patient.ids": ct.patient_id})
+    assert len(revealed) == 1 and revealed[0]["user.name"] == "dana"
+
+
+def _cli(gateway_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compliance.cli", "exports", *args, "--gateway", gateway_url],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_export_cli(stack, gateway, tmp_path):  # type: ignore[no-untyped-def]
+    sample = unique_instance("CT_small.dcm")
+    _store(gateway.url, stack, [sample])
+    out = _cli(gateway.url, "request", "--user", "rob", "--project", "cli-proj", "--protocol", "IRB-1",
+               "--purpose", "method development", "--profile", "basic", "--study", sample.study_uid)
+    assert out.returncode == 0, out.stderr
+    rid = json.loads(out.stdout)["id"]
+    out = _cli(gateway.url, "approve", rid, "--user", "rob", "--comment", "self")
+    assert out.returncode == 1 and "403" in out.stderr
+    out = _cli(gateway.url, "approve", rid, "--user", "dana", "--comment", "ok")
+    assert out.returncode == 0, out.stderr
+    out = _cli(gateway.url, "status", rid, "--user", "rob", "--wait", "--interval", "0.3")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout[out.stdout.index("{"):])["state"] == "ready"
+    target = tmp_path / "bundle.zip"
+    out = _cli(gateway.url, "download", rid, str(target), "--user", "rob")
+    assert out.returncode == 0, out.stderr
+    assert len([n for n in zipfile.ZipFile(target).namelist() if n.endswith(".dcm")]) == 1
+
+
+@pytest.fixture
+def redis_url(tmp_path):  # type: ignore[no-untyped-def]
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (deploy/local/up installs it)", pytrace=False)
+    port = _free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    import socket
+
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_exports_on_dramatiq_workers(stack, gateway, redis_url, tmp_path):  # type: ignore[no-untyped-def]
+    """The task-queue backend: the gateway enqueues on approval, two Dramatiq worker processes run the jobs.
+
+    Its own SQLite database, so the session gateway's in-process worker cannot take these jobs.
+    """
+    db = f"sqlite:///{tmp_path / 'dramatiq.db'}"
+    _reset_database(db)
+    env = {"COMPLIANCE_EXPORTS_WORKER_BACKEND": "dramatiq", "COMPLIANCE_EXPORTS_REDIS_URL": redis_url,
+           "COMPLIANCE_EXPORTS_DIR": str(tmp_path / "bundles")}
+    prefix = f"test-audit-dq-{uuid.uuid4().hex[:8]}"
+    gw = start_gateway(stack, tmp_path, database_url=db, index_prefix=prefix, extra_env=env)
+    worker_env = {**gw.env, **env}
+    log = open(tmp_path / "dramatiq.log", "wb")  # noqa: SIM115
+    workers = subprocess.Popen([str(Path(sys.executable).with_name("dramatiq")), "compliance.exports.dramatiq_actors",
+                                "--processes", "2", "--threads", "1"], cwd=PROJECT_ROOT, env=worker_env,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        samples = [unique_instance("CT_small.dcm") for _ in range(2)]
+        _store(gw.url, stack, samples)
+        ids = [_request(gw.url, stack.token("rob"), s.study_uid, "dq-proj")["id"] for s in samples]
+        dana = stack.token("dana")
+        for rid in ids:
+            resp = httpx.post(f"{gw.url}/api/v1/exports/{rid}/approve", headers=_auth(dana), json={"comment": "ok"},
+                              timeout=30)
+            assert resp.status_code == 200, resp.text
+        finals = [_wait_done(gw.url, lambda: stack.token("rob"), rid) for rid in ids]
+        worker_log = (tmp_path / "dramatiq.log").read_text()[-3000:]
+        assert [f["state"] for f in finals] == ["ready", "ready"], (finals, worker_log)
+        # The jobs ran in the Dramatiq worker processes, not in the gateway.
+        from sqlalchemy import create_engine, text
+
+        with create_engine(db).connect() as conn:
+            ran_by = [r[0] for r in conn.execute(text("SELECT worker FROM export_request"))]
+        gateway_pid = str(gw.process.pid)
+        assert all(w and w.split(":")[1] != gateway_pid for w in ran_by), ran_by
+        resp = httpx.get(f"{gw.url}/api/v1/exports/{ids[0]}/bundle", headers=_auth(stack.token("rob")), timeout=60)
+        assert resp.status_code == 200 and zipfile.ZipFile(io.BytesIO(resp.content)).namelist()
+    finally:
+        os.killpg(workers.pid, signal.SIGTERM)
+        try:
+            workers.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(workers.pid, signal.SIGKILL)
+        log.close()
+        stop_gateway(gw)
+        drop_prefix(stack, prefix)
