@@ -174,12 +174,13 @@ class DicomwebService:
         """Return the archive's response with its body unread; the caller streams then closes it."""
         await self.authorize(ctx, route)
         assert route.study_uid is not None
-        calls = [
+        summary_task = asyncio.ensure_future(self._archive.study_summary(route.study_uid))
+        calls: list[Any] = [
             self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers),
-            self._archive.study_summary(route.study_uid),
+            summary_task,
         ]
         if self._erasure is not None:
-            calls.append(self._erasure.study_state(route.study_uid))
+            calls.append(self._study_state(route.study_uid, summary_task))
         results = await asyncio.gather(*calls, return_exceptions=True)
         upstream, summary = results[0], results[1]
         state = results[2] if len(results) > 2 else None
@@ -200,6 +201,20 @@ class DicomwebService:
             await upstream.aclose()
             raise
         return upstream
+
+    async def _study_state(self, study_uid: str, summary_task: asyncio.Future[Any]) -> str:
+        """The study's erasure state: one request to the key custodian once the patient is known.
+
+        The patient comes from the study lookup the audit event needs anyway (usually cached), so the
+        state costs a single call; without it the custodian client resolves the study itself.
+        """
+        try:
+            summary = await asyncio.shield(summary_task)
+        except Exception:  # noqa: BLE001 - the lookup's own error is reported by the caller
+            summary = None
+        if summary is not None and summary.patient_id:
+            return str(await self._erasure.patient_state(summary.patient_id))
+        return str(await self._erasure.study_state(study_uid))
 
     async def _check_stored_objects(self, ctx: RequestContext, route: Route, upstream: httpx.Response,
                                     summary: Any, state: Any) -> None:
