@@ -54,6 +54,7 @@ SECURITY_ALERT = "110113"
 EXPORT = "110106"
 EMERGENCY_OVERRIDE = "110127"
 USE_OF_RESTRICTED_FUNCTION = "110132"
+PATIENT_RECORD = "110110"
 ACCESS_CONTROL_DECISION = "110147"
 #: Subjects of the alerts raised by detections (compliance/audit/detections.py): internal review
 #: material, never an access or a disclosure, so the patient-facing reports leave them out.
@@ -356,6 +357,8 @@ class ReportService:
             {"bool": {"should": [
                 {"term": {"event.id": EXPORT}},
                 {"terms": {"event.type_codes": [EMERGENCY_OVERRIDE, USE_OF_RESTRICTED_FUNCTION]}},
+                # a pseudonym linked back to this patient (compliance/exports/audit.py: 110110, action R)
+                {"bool": {"filter": [{"term": {"event.id": PATIENT_RECORD}}, {"term": {"event.action": "R"}}]}},
             ], "minimum_should_match": 1}}, _NOT_A_DETECTION))
         rows, truncated = self._rows(search, DisclosureRow.from_document)
         return self._report(ReportKind.DISCLOSURES, "Accounting of disclosures of your medical images", rows,

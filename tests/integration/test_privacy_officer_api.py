@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 import zlib
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import httpx
@@ -41,6 +42,7 @@ from compliance.audit.events import (
     security_alert_event,
 )
 from compliance.config import PROJECT_ROOT
+from compliance.exports.audit import reidentification_event
 
 from .conftest import AuditIndex, Stack, _reset_database, start_gateway, stop_gateway
 
@@ -81,11 +83,11 @@ def seeded_events() -> dict[str, object]:
                                      patients=[P1, P2], studies=[S1, S2], occurred_at=at(6, 12)),
         "retrieve_p2": instances_transferred_event(user=ALICE, gateway_id=GW, source_id="orthanc", outcome=OK,
                                                    patients=[P2], studies=[S2], occurred_at=at(7, 13)),
-        "reidentify_p1": security_alert_event(user=DANA, gateway_id=GW,
-                                              alert_type=EventTypeCode.USE_OF_RESTRICTED_FUNCTION,
-                                              description="pseudonym R-77 re-identified under dual control",
-                                              resource="urn:compliance:pseudonym:R-77", outcome=Outcome.SUCCESS,
-                                              patients=[P1], occurred_at=at(8, 14)),
+        # exactly what the export workflow records when a steward reveals a pseudonym's patient
+        "reidentify_p1": replace(reidentification_event(
+            user=DANA, gateway_id=GW, request_id="R-77", action=Action.READ, step="revealed", patients=[P1],
+            details={"Project": "HRESCH-1", "Pseudonym": "R-77"},
+            description="pseudonym R-77 re-identified under dual control"), occurred_at=at(8, 14)),
         "bad_token": security_alert_event(user=None, gateway_id=GW, alert_type=EventTypeCode.AUTHENTICATION_DECISION,
                                           description="refused credentials", resource="/dicom-web/studies",
                                           source_address="10.9.9.9", alternative_user_id="mallory",
@@ -212,8 +214,8 @@ def test_user_activity_report(po_gateway, priya):
 def test_security_report_lists_denials_and_alerts(po_gateway, priya):
     body = report(po_gateway, priya, "security", **MARCH)
     assert [r["event_uuid"] for r in body["rows"]] == [
-        uuid_of("denied_p1"), uuid_of("reidentify_p1"), uuid_of("bad_token"), uuid_of("detection_p1")]
-    bad = body["rows"][2]
+        uuid_of("denied_p1"), uuid_of("bad_token"), uuid_of("detection_p1")]
+    bad = body["rows"][1]
     assert (bad["unverified_claim"], bad["source_address"], bad["resource"]) == ("mallory", "10.9.9.9",
                                                                                   "/dicom-web/studies")
 
