@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 
 __all__ = ["register"]
+
+T = TypeVar("T")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -67,6 +70,48 @@ def _record_operator_read(settings: Any, query: dict[str, Any], ok: bool, note: 
         query=json.dumps(query, sort_keys=True, default=str).encode(),
         outcome_description=note,
     ))
+
+
+def _read_directly(settings: Any, query: dict[str, Any], read: Callable[[Any], T], *, timeout: float) -> T:
+    """Run ``read`` on an audit query service over Elasticsearch; the read is audited either way.
+
+    The 110101 event is durable before anything read is printed: if it cannot be recorded, the
+    command fails and shows nothing.
+    """
+    from elasticsearch import Elasticsearch
+
+    from compliance.audit.queries import AuditQueryService
+    from compliance.errors import ComplianceError
+
+    client = Elasticsearch(settings.elasticsearch_url, request_timeout=timeout)
+    try:
+        result = read(AuditQueryService(client, settings.audit_index_prefix))
+    except ComplianceError as exc:
+        _record_operator_read(settings, query, False, exc.message[:1000])
+        _fail(exc.message)
+        raise
+    finally:
+        client.close()
+    _record_operator_read(settings, query, True)
+    return result
+
+
+def _write_output(output: Path, body: bytes) -> None:
+    """Write a report file whole or not at all (a temporary file renamed into place)."""
+    import os
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(body)
+            os.replace(tmp, output)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}")
 
 
 def _api_get(gateway: str, token: str, path: str, params: list[tuple[str, Any]]) -> Any:
@@ -120,32 +165,25 @@ def audit_search(
             **{"from": start, "to": end}))
         typer.echo(json.dumps(resp.json(), indent=1))
         return
-    from elasticsearch import Elasticsearch
-
-    from compliance.audit.queries import AuditQueryService, AuditSearch
-    from compliance.errors import ComplianceError
+    from compliance.audit.queries import AuditSearch
 
     settings = get_settings()
     query = {"command": "audit search", "user": user, "patient": patient, "study": study,
              "event_type": event_type, "outcome": outcome, "source_address": source_address,
              "from": start, "to": end, "sort": sort, "size": size, "cursor": cursor}
-    client = Elasticsearch(settings.elasticsearch_url, request_timeout=60)
-    try:
+    since, until = _when(start, "--from"), _when(end, "--to")
+
+    def read(queries: Any) -> Any:
+        # the search is validated here, inside the audited read: a refused query is recorded too
         search = AuditSearch(users=tuple(user or ()), patients=tuple(patient or ()), studies=tuple(study or ()),
                              event_types=tuple(event_type or ()), outcomes=tuple(outcome or ()),
-                             source_addresses=tuple(source_address or ()), start=_when(start, "--from"),
-                             end=_when(end, "--to"))
-        page = AuditQueryService(client, settings.audit_index_prefix).search(
-            search, size=size, order=sort, cursor=cursor)  # type: ignore[arg-type]
-    except ComplianceError as exc:
-        _record_operator_read(settings, query, False, exc.message[:1000])
-        _fail(exc.message)
-        raise
-    finally:
-        client.close()
-    _record_operator_read(settings, query, True)
+                             source_addresses=tuple(source_address or ()), start=since, end=until)
+        return queries.search(search, size=size, order=sort, cursor=cursor)
+
+    page = _read_directly(settings, query, read, timeout=60)
     typer.echo(json.dumps({"events": page.events, "count": len(page.events), "total": page.total,
                            "next_cursor": page.next_cursor}, indent=1))
+
 
 def audit_report(
     kind: str = typer.Argument(..., help="patient-access, user-activity, disclosures or security."),
@@ -178,35 +216,22 @@ def audit_report(
             patient=patient, user=user, format=fmt_.value, **{"from": start, "to": end}))
         body = resp.content
     else:
-        from elasticsearch import Elasticsearch
-
-        from compliance.audit.queries import AuditQueryService
         from compliance.audit.reports import ReportService
-        from compliance.errors import ComplianceError
 
         settings = get_settings()
         query = {"command": "audit report", "report": kind_.value, "patient": patient, "user": user,
                  "from": start, "to": end, "format": fmt_.value}
-        client = Elasticsearch(settings.elasticsearch_url, request_timeout=300)
-        try:
-            service = ReportService(AuditQueryService(client, settings.audit_index_prefix),
-                                    organization=settings.organization_name)
-            report = service.run(kind_, patient=patient, user=user, start=_when(start, "--from"),
-                                 end=_when(end, "--to"))
-            body = render(report, fmt_)
-        except ComplianceError as exc:
-            _record_operator_read(settings, query, False, exc.message[:1000])
-            _fail(exc.message)
-            raise
-        finally:
-            client.close()
-        _record_operator_read(settings, query, True)
+        since, until = _when(start, "--from"), _when(end, "--to")
+        body = _read_directly(settings, query, lambda queries: render(
+            ReportService(queries, organization=settings.organization_name).run(
+                kind_, patient=patient, user=user, start=since, end=until), fmt_), timeout=300)
     if output is not None:
-        output.write_bytes(body)
+        _write_output(output, body)
         typer.echo(f"wrote {len(body)} bytes to {output}", err=True)
     else:
         sys.stdout.buffer.write(body)
         sys.stdout.flush()
+
 
 def audit_detect(
     since: str = typer.Option(None, help="Start of the window (default: where the last run ended)."),

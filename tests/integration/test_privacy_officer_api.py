@@ -44,7 +44,7 @@ from compliance.audit.events import (
 from compliance.config import PROJECT_ROOT
 from compliance.exports.audit import reidentification_event
 
-from .conftest import AuditIndex, Stack, _reset_database, start_gateway, stop_gateway
+from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, start_gateway, stop_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -118,16 +118,6 @@ def seed(es_url: str, prefix: str, events) -> None:
     client.close()
 
 
-def drop(es_url: str, prefix: str) -> None:
-    """Delete this module's indices and template by name (the cluster refuses wildcard deletes)."""
-    client = Elasticsearch(es_url, request_timeout=60)
-    names = sorted(client.indices.get(index=f"{prefix}-*", allow_no_indices=True))
-    if names:
-        client.indices.delete(index=",".join(names))
-    client.options(ignore_status=404).indices.delete_index_template(name=f"{prefix}-events")
-    client.close()
-
-
 @pytest.fixture(scope="module")
 def po_gateway(stack: Stack, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("privacy")
@@ -138,7 +128,7 @@ def po_gateway(stack: Stack, tmp_path_factory):
     gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix)
     yield gw
     stop_gateway(gw)
-    drop(stack.es_url, prefix)
+    drop_prefix(stack, prefix)
 
 
 @pytest.fixture(scope="module")
