@@ -4,10 +4,22 @@ Both are started by this script, in the same run, from the stack's Orthanc templ
 temporary state directories and ports, identical except for the plugin (``PythonScript`` and
 ``MaximumStorageCacheSize: 0``, as ``deploy/local/up`` renders it). The encrypted one gets its own
 temporary key store (local keyring, fresh patient index key), created as ``up`` does. Each round
-STOWs the same number of unique instances (unique patients, so every instance also creates a data
-key) directly to each archive, alternating which goes first; the best round per archive counts.
+STOWs the same number of unique instances (by default unique patients, so every instance also
+creates a data key: the worst case) directly to each archive, alternating which goes first; the
+best round per archive counts.
 
     .venv/bin/python benchmarks/stow_encrypted.py [--instances 200] [--rounds 3] [--concurrency 1 4]
+        [--instances-per-patient 1] [--plugin-baseline]
+
+Durability is the same on both sides: plaintext Orthanc syncs every file it stores before recording
+it (``SyncStorageArea``, on by default since Orthanc 1.7.4: ``fdatasync``), and so does the plugin,
+plus the key database's durable commit of each new data key. Not the same: a storage area
+registered through orthanc-python 4.0 has no range reads, so Orthanc stores a second file per
+instance (``dicom-until-pixel-data``); the files each archive stored per instance are printed.
+``--plugin-baseline`` adds a third archive whose Python storage plugin writes plaintext the way
+Orthanc's own storage does (open at the final path, write, ``fdatasync``): the cost of the plugin
+route itself. ``--instances-per-patient N`` STOWs N instances per patient (one study), so one new
+data key per N instances.
 
 Run as root, the archives run as the stack user (like deploy/local/up); otherwise as yourself.
 """
@@ -37,6 +49,36 @@ from tests.integration.dicom_samples import unique_instance  # noqa: E402
 USER = "compliance-stack"
 PASSWORD = secrets.token_hex(16)
 
+#: ``--plugin-baseline``: plaintext through orthanc-python's storage area, written as Orthanc's own
+#: filesystem storage writes (the file at its final path, then fdatasync).
+PLAINTEXT_PLUGIN = """
+import json, os
+import orthanc
+ROOT = json.loads(orthanc.GetConfiguration())["StorageDirectory"]
+def _path(uuid):
+    return os.path.join(ROOT, uuid[0:2], uuid[2:4], uuid)
+def create(uuid, content_type, data):
+    path = _path(uuid)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+def read(uuid, content_type):
+    with open(_path(uuid), "rb") as fh:
+        return fh.read()
+def remove(uuid, content_type):
+    try:
+        os.unlink(_path(uuid))
+    except FileNotFoundError:
+        pass
+orthanc.RegisterStorageArea(create, read, remove)
+"""
+
 
 def _run_as() -> list[str]:
     if os.geteuid() == 0:
@@ -52,7 +94,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_orthanc(base: Path, *, encrypted: bool) -> tuple[subprocess.Popen, str]:
+def start_orthanc(base: Path, *, encrypted: bool, plugin_baseline: bool = False) -> tuple[subprocess.Popen, str]:
     cfg = json.loads((ROOT / "deploy/orthanc/orthanc.json").read_text())
     port = _free_port()
     for d in ("storage", "index", "tmp", "stack"):
@@ -61,10 +103,13 @@ def start_orthanc(base: Path, *, encrypted: bool) -> tuple[subprocess.Popen, str
                IndexDirectory=str(base / "index"), TemporaryDirectory=str(base / "tmp"))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(base), "COMPLIANCE_STACK_DIR": str(base / "stack"),
            "COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY": secrets.token_hex(32)}
-    if encrypted:
+    if encrypted or plugin_baseline:
+        script = ROOT / "compliance/archive/orthanc_plugin.py"
+        if plugin_baseline:
+            script = base / "plaintext_plugin.py"
+            script.write_text(PLAINTEXT_PLUGIN)
         cfg["Plugins"].append("/usr/share/orthanc/plugins/libOrthancPython.so")
-        cfg.update(PythonScript=str(ROOT / "compliance/archive/orthanc_plugin.py"), PythonVerbose=False,
-                   MaximumStorageCacheSize=0)
+        cfg.update(PythonScript=str(script), PythonVerbose=False, MaximumStorageCacheSize=0)
     (base / "orthanc.json").write_text(json.dumps(cfg))
     if os.geteuid() == 0:
         shutil.chown(base, USER, USER)
@@ -103,41 +148,70 @@ def stow_all(url: str, bodies: list[tuple[bytes, str]], concurrency: int) -> flo
         return time.perf_counter() - t0
 
 
+def bodies_for(args: argparse.Namespace) -> list[tuple[bytes, str]]:
+    out = []
+    for i in range(args.instances):
+        if i % args.instances_per_patient == 0:
+            patient, study = f"BENCH-{secrets.token_hex(6)}", None
+        sample = unique_instance(args.sample, patient_id=patient, study_uid=study)
+        study = sample.study_uid
+        out.append(multipart_related([sample.data]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--sample", default="CT_small.dcm")
+    ap.add_argument("--instances-per-patient", type=int, default=1,
+                    help="instances per patient (one study each); 1: every instance creates a data key")
+    ap.add_argument("--plugin-baseline", action="store_true",
+                    help="also measure plaintext through a Python storage plugin (the plugin route's own cost)")
     args = ap.parse_args()
+    if args.instances_per_patient < 1:
+        ap.error("--instances-per-patient must be at least 1")
     tmp = Path(tempfile.mkdtemp(prefix="stow-bench-"))
     os.chmod(tmp, 0o755)  # noqa: S103 - the archives run as the stack user and must traverse it
     procs = []
     try:
-        plain, plain_url = start_orthanc(tmp / "plain", encrypted=False)
+        archives = {}
+        plain, archives["plaintext"] = start_orthanc(tmp / "plain", encrypted=False)
         procs.append(plain)
-        enc, enc_url = start_orthanc(tmp / "encrypted", encrypted=True)
+        if args.plugin_baseline:
+            base, archives["plaintext-plugin"] = start_orthanc(tmp / "plaintext-plugin", encrypted=False,
+                                                               plugin_baseline=True)
+            procs.append(base)
+        enc, archives["encrypted"] = start_orthanc(tmp / "encrypted", encrypted=True)
         procs.append(enc)
         size = len(unique_instance(args.sample).data)
-        print(f"{args.instances} unique instances of {args.sample} ({size} bytes) per round, best of {args.rounds}")
+        print(f"{args.instances} unique instances of {args.sample} ({size} bytes) per round, "
+              f"{args.instances_per_patient} per patient, best of {args.rounds}")
         print("| concurrency | archive | instances/s | MB/s |")
         print("| --- | --- | --- | --- |")
         ratios = {}
         for c in args.concurrency:
-            best = {"plaintext": float("inf"), "encrypted": float("inf")}
+            best = dict.fromkeys(archives, float("inf"))
             for r in range(args.rounds):
-                order = [("plaintext", plain_url), ("encrypted", enc_url)]
+                order = list(archives.items())
                 if r % 2:
                     order.reverse()
                 for name, url in order:
-                    bodies = [multipart_related([unique_instance(args.sample).data]) for _ in range(args.instances)]
-                    best[name] = min(best[name], stow_all(url, bodies, c))
-            for name in ("plaintext", "encrypted"):
+                    best[name] = min(best[name], stow_all(url, bodies_for(args), c))
+            for name in archives:
                 rate = args.instances / best[name]
                 print(f"| {c} | {name} | {rate:.1f} | {rate * size / 1e6:.2f} |")
-            ratios[c] = best["plaintext"] / best["encrypted"]
-        for c, ratio in ratios.items():
-            print(f"concurrency {c}: encrypted/plaintext throughput = {ratio:.2f}x (target >= 0.9x)")
+            ratios[c] = {name: best["plaintext"] / best[name] for name in archives if name != "plaintext"}
+        for c, by_name in ratios.items():
+            for name, ratio in by_name.items():
+                target = " (target >= 0.9x)" if name == "encrypted" else ""
+                print(f"concurrency {c}: {name}/plaintext throughput = {ratio:.2f}x{target}")
+        stored_instances = args.instances * args.rounds * len(args.concurrency)
+        dirs = {"plaintext": "plain", "plaintext-plugin": "plaintext-plugin", "encrypted": "encrypted"}
+        for name in archives:
+            files = [p for p in (tmp / dirs[name] / "storage").rglob("*") if p.is_file()]
+            print(f"{name}: {len(files) / stored_instances:.2f} files stored per instance")
         stored = [p for p in (tmp / "encrypted" / "storage").rglob("*") if p.is_file()]
         assert stored and all(p.read_bytes()[:4] == b"CGSE" for p in stored), "encrypted archive stored plaintext"
     finally:

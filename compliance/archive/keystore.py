@@ -19,7 +19,11 @@ the key database itself, as the archive's operating-system user:
   ``COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY`` (hex, 32 bytes, generated once by ``deploy/local/up``
   into the stack's ``secrets.env``, mode 0600, and passed to Orthanc by environment).
 
-No plaintext data key is ever written anywhere; data keys are unwrapped in memory per operation.
+No plaintext data key is ever written anywhere. The key service is
+:class:`compliance.archive.keycache.ArchiveKeyService`: unwrapped data keys are kept in this
+process's memory in a bounded LRU (each use still checks the key is live, so a shred takes effect
+at once), and new data keys are group-committed, durably, before any object under them is
+acknowledged.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from compliance.archive.keycache import ArchiveKeyService
 from compliance.config import Settings
 from compliance.crypto.interfaces import KeyProvider
-from compliance.crypto.keys import KeyService
 from compliance.crypto.models import CryptoDataKey, CryptoKek
 from compliance.db.base import Base
 from compliance.db.session import make_engine, make_session_factory
@@ -79,11 +83,12 @@ def build_provider(settings: Settings, *, create_if_missing: bool = False) -> Ke
 
 @dataclass
 class ArchiveKeyStore:
-    keys: KeyService
+    keys: ArchiveKeyService
     provider: KeyProvider
     engine: Engine
 
     def close(self) -> None:
+        self.keys.close()
         close = getattr(self.provider, "close", None)
         if close is not None:
             close()
@@ -106,7 +111,8 @@ def open_key_store(settings: Settings, *, create: bool = False) -> ArchiveKeySto
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(db + suffix):
                     os.chmod(db + suffix, 0o600)
-    keys = KeyService(make_session_factory(engine), provider, patient_index_key=patient_index_key(settings))
+    keys = ArchiveKeyService(make_session_factory(engine), provider, patient_index_key=patient_index_key(settings),
+                             engine=engine)
     store = ArchiveKeyStore(keys, provider, engine)
     if create and not any(k.state == "active" for k in keys.status().keks):
         keys.rotate()

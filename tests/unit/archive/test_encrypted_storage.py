@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import uuid
 from pathlib import Path
 
@@ -125,3 +126,51 @@ def test_shred_rotate_rewrap_destroy_through_the_control_routes(storage: Encrypt
     assert results == [("i1", "key_destroyed"), ("i3", "invalid_uuid")]
     assert control.handle("POST", "/compliance/keys/shred", b"[]").status == 400
     assert control.handle("POST", "/compliance/keys/nope", b"{}").status == 404
+
+
+def test_large_objects_are_segmented_and_read_by_the_stream_decryptor(storage: EncryptedFilesystemStorage, store):
+    from compliance.archive.storage import associated_data
+    from compliance.crypto.streaming import SEGMENT_SIZE, decrypt_stream
+
+    for size in (0, 1, SEGMENT_SIZE, 2 * SEGMENT_SIZE, 2 * SEGMENT_SIZE + 17):
+        data = os.urandom(size)
+        u = str(uuid.uuid4())
+        storage.create(u, 7, data)  # a non-DICOM attachment type: the non-patient key
+        out = io.BytesIO()
+        with open(storage.path_of(u), "rb") as fh:
+            decrypt_stream(fh, out, unwrap=store.keys.unwrap_for_header, associated_data=associated_data(u, 7))
+        assert out.getvalue() == data
+        assert storage.read(u, 7) == data
+
+
+def test_objects_written_by_the_previous_writer_still_read(storage: EncryptedFilesystemStorage, store):
+    # The envelope the storage wrote before (encrypt_stream into the file): same format.
+    from compliance.archive.storage import associated_data
+    from compliance.crypto.streaming import encrypt_stream
+
+    data = dicom("OLD-FORMAT") + os.urandom(3 << 20)
+    u = str(uuid.uuid4())
+    key = store.keys.data_key_for_patient("OLD-FORMAT")
+    path = storage.path_of(u)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        encrypt_stream(io.BytesIO(data), fh, data_key=key.data_key, key_id=key.key_id,
+                       associated_data=associated_data(u, 1))
+    assert storage.read(u, 1) == data
+
+
+def test_an_existing_object_is_never_overwritten(storage: EncryptedFilesystemStorage):
+    u = str(uuid.uuid4())
+    storage.create(u, 1, dicom("FIRST"))
+    before = storage.path_of(u).read_bytes()
+    with pytest.raises(FileExistsError):
+        storage.create(u, 1, dicom("SECOND"))
+    assert storage.path_of(u).read_bytes() == before
+    assert storage.read(u, 1) == dicom("FIRST")
+
+
+def test_files_are_private_and_leave_no_temporary_files(storage: EncryptedFilesystemStorage):
+    u = str(uuid.uuid4())
+    storage.create(u, 1, dicom())
+    assert storage.path_of(u).stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in storage.path_of(u).parent.iterdir()] == [u]
