@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     exports_poll_interval_seconds: float = 1.0
     exports_bundle_ttl_hours: float = 168.0
     exports_redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The allow-list of research archives an export may be pushed to (STOW-RS); a request names one,
+    #: never a URL. A missing file means bundles only. Secrets are named there, read from the environment.
+    exports_destinations_file: Path = PROJECT_ROOT / "policies" / "export-destinations.yaml"
+    #: Instances (and at most this many bytes) per STOW-RS request when pushing to a destination.
+    exports_stow_batch_instances: int = 16
+    exports_stow_batch_max_bytes: int = 64 * 1024 * 1024
 
     # --- encryption at rest of the archive (compliance/archive/: Orthanc's storage plugin)
     #: The archive stores every file encrypted (the plugin is loaded); the gateway then checks a

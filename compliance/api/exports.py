@@ -8,11 +8,11 @@ records the audit event of the step (``compliance.exports.audit`` says which) be
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, client_address
@@ -30,13 +30,22 @@ class Cohort(BaseModel):
     filters: dict[str, str] | None = None
 
 
+class Destination(BaseModel):
+    """A destination of the server's allow-list, by name: never a URL (extra keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["bundle", "dicomweb"]
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+
+
 class ExportRequestBody(BaseModel):
     project: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     protocol: str = Field(min_length=1, max_length=128, description="protocol or IRB id")
     purpose: str = Field(min_length=1, max_length=256)
     profile: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     cohort: Cohort
-    destination: str = "bundle"
+    #: "bundle" (download), or {"kind": "dicomweb", "name": "<configured research archive>"}
+    destination: Literal["bundle"] | Destination = "bundle"
 
 
 class Decision(BaseModel):
@@ -78,9 +87,11 @@ async def _reader_scope(request: Request, principal: Principal, services: Servic
 async def create_export(body: ExportRequestBody, request: Request, principal: CurrentPrincipal,
                         services: ServicesDep) -> dict[str, Any]:
     await _guard(request, principal, services, "exports:request:create", "request an export")
+    destination: str | dict[str, Any] = (body.destination if isinstance(body.destination, str)
+                                         else body.destination.model_dump(exclude_none=True))
     new = NewExport(project=body.project, protocol=body.protocol, purpose=body.purpose, profile=body.profile,
                     study_uids=tuple(body.cohort.study_uids), filters=body.cohort.filters,
-                    destination=body.destination)
+                    destination=destination)
     return await run_in_threadpool(_exports(services).service.create,
                                    user_ref(principal, client_address(request)), new)
 
@@ -94,8 +105,16 @@ async def list_exports(request: Request, principal: CurrentPrincipal, services: 
     return {"items": items}
 
 
-# --------------------------------------------------------------------------- re-identification
-# (declared before /{request_id} routes so the literal segment wins)
+# --------------------------------------------------------------------------- destinations, re-identification
+# (declared before /{request_id} routes so the literal segments win)
+
+@router.get("/destinations")
+async def list_destinations(request: Request, principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
+    """Where an export may go: the bundle, and the research archives of the server's allow-list."""
+    await _reader_scope(request, principal, services)
+    bundle = {"name": "bundle", "kind": "bundle", "description": "encrypted zip, downloaded by the requester"}
+    return {"items": [bundle, *_exports(services).service.destinations.public()]}
+
 
 @router.post("/reidentifications", status_code=201)
 async def request_reidentification(body: ReidentificationBody, request: Request, principal: CurrentPrincipal,

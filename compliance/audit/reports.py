@@ -355,7 +355,8 @@ class ReportService:
     def disclosures(self, patient_id: str, start: datetime, end: datetime) -> Report:
         search = AuditSearch(patients=(patient_id,), start=start, end=end, extra_filters=(
             {"bool": {"should": [
-                {"term": {"event.id": EXPORT}},
+                # an export as it left (a push's failure follow-up, outcome 4/8, is no second disclosure)
+                {"bool": {"filter": [{"term": {"event.id": EXPORT}}, {"term": {"event.outcome": 0}}]}},
                 {"terms": {"event.type_codes": [EMERGENCY_OVERRIDE, USE_OF_RESTRICTED_FUNCTION]}},
                 # a pseudonym linked back to this patient (compliance/exports/audit.py: 110110, action R)
                 {"bool": {"filter": [{"term": {"event.id": PATIENT_RECORD}}, {"term": {"event.action": "R"}}]}},

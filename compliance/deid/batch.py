@@ -19,7 +19,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from compliance.deid.engine import Deidentifier
+from compliance.deid.writer import encode
 
 #: Files larger than this are refused as input (huge private blobs, runaway files).
 MAX_INPUT_BYTES = 2 << 30
@@ -188,9 +188,7 @@ def deidentify_file(engine: Deidentifier, source: Path, output_dir: Path,
         if not result.released or result.dataset is None:
             return {**entry, "status": "held_back", "reasons": result.reasons, "pixels": result.pixels,
                     "findings": [f.as_dict() for f in result.findings]}
-        buf = BytesIO()
-        result.dataset.save_as(buf, enforce_file_format=True)
-        data = buf.getvalue()
+        data = encode(result.dataset)
         target = output_dir / f"{result.dataset.SOPInstanceUID}.dcm"
         if writer is None:
             write_atomic(target, data)

@@ -18,9 +18,16 @@ pydicom (the fast path: no recipe interpretation per element), applying to each 
   it is cleaned.
 
 Then it sets Patient Identity Removed, De-identification Method (Code Sequence: 113100 plus the
-option codes), Longitudinal Temporal Information Modified, rebuilds the file meta, treats burned-in
-text (``pixels``), and runs the leak gate over the whole output. The input dataset is consumed:
-it is modified in place and becomes the output.
+option codes), Longitudinal Temporal Information Modified, rebuilds the file meta (the preamble is
+zeroed: it is no data element and the leak gate cannot judge it), treats burned-in text
+(``pixels``), and runs the leak gate over the whole output. The input dataset is consumed: it is
+modified in place and becomes the output.
+
+Speed (``benchmarks/deid_throughput.py``): elements are read without pydicom's conversion where
+that provably gives the same value (``rawvalues``), removed private elements are never decoded,
+replacements are stored as the raw bytes pydicom would write, and ``writer.encode`` writes the
+output. ``tests/unit/deid/test_fast_paths.py`` checks the result byte for byte, findings included,
+against the general path (every element converted, ``save_as``) under every profile.
 """
 
 from __future__ import annotations
@@ -30,9 +37,12 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from pydicom.charset import default_encoding
 from pydicom.datadict import get_entry
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -42,6 +52,7 @@ from compliance.deid.interfaces import DeidInputError, PseudonymSecretSource
 from compliance.deid.leakgate import BYTES_VRS, Finding, IdentifierCollector, scan
 from compliance.deid.profiles import Profile, SafePrivate, resolve_compound
 from compliance.deid.pseudonyms import Pseudonymizer, is_standard_uid, shift_da, shift_dt
+from compliance.deid.rawvalues import UNDEFINED, charset_of, default_conversion, keyword, peek, raw_value, vm
 
 PATIENT_ID, PATIENT_NAME, ACCESSION = 0x00100020, 0x00100010, 0x00080050
 PSEUDONYM_TAGS = frozenset({PATIENT_ID, PATIENT_NAME, ACCESSION})
@@ -77,6 +88,37 @@ def _dictionary_vr(tag: int) -> str | None:
         return None
 
 
+# --- Reading a raw element without converting it (see ``rawvalues``) ---------------------------
+# Most elements the walk treats are replaced or removed: pydicom's conversion to a DataElement is
+# wasted on them. The walk decodes such a raw value with pydicom's own converter and writes a
+# replacement as a raw element holding the bytes pydicom's writer would produce. Anything else
+# (sequences, UN, implicit VR, deferred values, customised pydicom hooks, character sets with code
+# extensions) takes the general path.
+
+
+@lru_cache(maxsize=128)
+def _encoded(vr: str, value: Any, little_endian: bool) -> bytes:
+    """The bytes pydicom's writer produces for a constant value (padding included)."""
+    fp = DicomBytesIO()
+    fp.is_little_endian = little_endian
+    fp.is_implicit_VR = True
+    write_data_element(fp, DataElement(0x00100010, vr, value))
+    return fp.getvalue()[8:]  # minus tag and length
+
+
+class _Light:
+    """An element the walk has read but not converted: what collecting and deciding need."""
+
+    __slots__ = ("VR", "keyword", "value", "is_empty", "raw")
+
+    def __init__(self, vr: str, keyword: str, value: Any, raw: RawDataElement) -> None:
+        self.VR = vr
+        self.keyword = keyword
+        self.value = value
+        self.is_empty = vm(value) == 0
+        self.raw = raw
+
+
 class _Walk:
     """State for one dataset."""
 
@@ -89,6 +131,9 @@ class _Walk:
         self.collector = IdentifierCollector()
         self.scrub = scrub
         self.notes: list[str] = []
+        self.light_ok = default_conversion()
+        #: per dataset being walked (innermost last): its character set, once known
+        self._charsets: list[Any] = []
 
     # ------------------------------------------------------------------------------------------
     def dataset(self, ds: Dataset, mode: int, depth: int = 0) -> None:
@@ -96,30 +141,70 @@ class _Walk:
             raise DeidInputError("sequences nested deeper than 64 levels")
         private_kept_blocks: set[tuple[int, int]] = set()
         creators: dict[tuple[int, int], str] = {}
-        for tag in list(ds.keys()):
-            t = int(tag)
-            group, elem_no = t >> 16, t & 0xFFFF
-            if elem_no == 0:
-                del ds[tag]
-                continue
-            if group in (0x0000, 0x0002):  # command/file meta elements do not belong in a data set
-                self.remove(ds, tag)
-                continue
-            if group & 1:
-                self.private(ds, tag, group, elem_no, creators, private_kept_blocks)
-                continue
-            if (t & 0xFF010000) in (0x50000000, 0x60000000):  # curves, overlays: Annex E patterns
-                self.remove(ds, tag)
-                continue
-            action = self.profile.actions.get(t)
-            if action is None:
-                self.unlisted(ds, tag, t, mode, depth)
-            else:
-                self.listed(ds, tag, t, action, depth)
+        elements = ds._dict
+        actions = self.profile.actions
+        safe = self.profile.safe_private
+        removed_bytes = self.collector.removed_bytes
+        self._charsets.append(None)
+        try:
+            for tag in list(elements):
+                t = int(tag)
+                group, elem_no = t >> 16, t & 0xFFFF
+                if elem_no == 0:
+                    del ds[tag]
+                    continue
+                if group in (0x0000, 0x0002):  # command/file meta elements do not belong in a data set
+                    self.remove(ds, tag)
+                    continue
+                if group & 1:
+                    if safe or 0x0010 <= elem_no <= 0x00FF:
+                        self.private(ds, tag, group, elem_no, creators, private_kept_blocks)
+                        continue
+                    # No safe list: every private data element goes (``private`` would decide the same).
+                    # Not decoded; its bytes feed the leak gate.
+                    raw = elements[tag]
+                    if (type(raw) is RawDataElement and raw.value is not None and raw.VR != "SQ"
+                            and raw.length != UNDEFINED):
+                        if raw.value and len(raw.value) <= 4096:
+                            removed_bytes(raw.value)
+                        del elements[tag]
+                    else:
+                        self.remove(ds, tag)
+                    continue
+                if (t & 0xFF010000) in (0x50000000, 0x60000000):  # curves, overlays: Annex E patterns
+                    self.remove(ds, tag)
+                    continue
+                action = actions.get(t)
+                if action is None:
+                    self.unlisted(ds, tag, t, mode, depth)
+                else:
+                    self.listed(ds, tag, t, action, depth)
+        finally:
+            self._charsets.pop()
         # Private creators whose block kept nothing go (the loop above saw creators first).
         for (group, block) in creators:
             if (group, block) not in private_kept_blocks and (group << 16 | block) in ds:
                 del ds[group << 16 | block]
+
+    def light(self, ds: Dataset, tag: Any) -> _Light | None:
+        """The element at ``tag`` read without conversion, or None (then the general path applies)."""
+        if not self.light_ok:
+            return None
+        charset = self._charsets[-1]
+        if charset is None:
+            charset = self._charsets[-1] = charset_of(ds)
+        found = raw_value(ds, tag, charset)
+        if found is None:
+            return None
+        raw, value = found
+        return _Light(raw.VR, keyword(int(tag)), value, raw)
+
+    @staticmethod
+    def set_raw(ds: Dataset, tag: Any, light: _Light, data: bytes) -> None:
+        """Replace a (public, non-pixel) element's value with already encoded bytes."""
+        raw = light.raw
+        ds._dict[tag] = RawDataElement(raw.tag, raw.VR, len(data), data, raw.value_tell, raw.is_implicit_VR,
+                                       raw.is_little_endian)
 
     def element(self, ds: Dataset, tag: Any) -> DataElement | None:
         try:
@@ -130,12 +215,17 @@ class _Walk:
             return None
 
     def remove(self, ds: Dataset, tag: Any) -> None:
+        light = self.light(ds, tag)
+        if light is not None:
+            self.collect_removed(light)
+            del ds[tag]
+            return
         el = self.element(ds, tag)
         if el is not None:
             self.collect_removed(el)
             del ds[tag]
 
-    def collect_removed(self, el: DataElement) -> None:
+    def collect_removed(self, el: DataElement | _Light) -> None:
         if el.VR == "SQ":
             for item in el.value or []:
                 for sub in item:
@@ -162,7 +252,7 @@ class _Walk:
         safe = self.profile.safe_private
         if not (creator is not None and elem_no >= 0x1000 and SafePrivate(creator, group, elem_no & 0xFF) in safe):
             # Fast path: a removed private element is not decoded; its bytes feed the leak gate.
-            if isinstance(raw, DataElement) or raw is None or raw.VR == "SQ" or raw.length == 0xFFFFFFFF:
+            if isinstance(raw, DataElement) or raw is None or raw.VR == "SQ" or raw.length == UNDEFINED:
                 self.remove(ds, tag)
             else:
                 if raw.value and len(raw.value) <= 4096:
@@ -182,13 +272,24 @@ class _Walk:
         if mode == _KEEP:
             # Fast path: a kept raw element stays undecoded (written back byte for byte); only its
             # text feeds the leak gate's list of kept tokens.
-            raw = ds.get_item(tag)
-            if raw is not None and not isinstance(raw, DataElement):
+            raw = ds._dict.get(tag)
+            if type(raw) is RawDataElement and raw.value is not None:
                 vr = raw.VR or dict_vr
-                if vr not in ("SQ", "UI", "UN", None) and raw.length != 0xFFFFFFFF:
+                if vr not in ("SQ", "UI", "UN", None) and raw.length != UNDEFINED:
                     if vr in FREE_TEXT_VRS or vr == "CS":
                         self.collector.kept([raw.value.decode("latin-1")] if raw.value else [])
                     return
+        light = self.light(ds, tag)
+        if light is not None:
+            if mode == _DUMMY and light.VR in FREE_TEXT_VRS:
+                self.dummy_light(ds, tag, light)
+            elif light.VR == "UI":
+                self.remap_light(ds, tag, light)
+            else:  # a value kept (or cleaned) as it is: what the general path does
+                el = self.element(ds, tag)
+                if el is not None:
+                    self.keep(ds, el, mode, depth)
+            return
         el = self.element(ds, tag)
         if el is None:
             return
@@ -210,6 +311,9 @@ class _Walk:
             self.collector.kept(el.value)
 
     def listed(self, ds: Dataset, tag: Any, t: int, action: str, depth: int) -> None:
+        light = self.light(ds, tag)
+        if light is not None and self.listed_light(ds, tag, t, action, light):
+            return
         el = self.element(ds, tag)
         if el is None:
             return
@@ -248,6 +352,31 @@ class _Walk:
         else:  # K
             self.keep(ds, el, _KEEP, depth)
 
+    def listed_light(self, ds: Dataset, tag: Any, t: int, action: str, light: _Light) -> bool:
+        """``listed`` for an unconverted (never a sequence) element; False: use the general path."""
+        row = self.profile.table.rows[t]
+        action = resolve_compound(action, row.std_comp_iod, light.is_empty)
+        if action == "X":
+            self.collect_removed(light)
+            del ds[tag]
+        elif t in PSEUDONYM_TAGS and action in ("Z", "D"):
+            return False
+        elif action == "Z":
+            self.collect_removed(light)
+            self.set_raw(ds, tag, light, b"")
+        elif action == "D":
+            if light.VR == "UI":
+                self.remap_light(ds, tag, light)
+            else:
+                self.dummy_light(ds, tag, light)
+        elif action == "U":
+            self.remap_light(ds, tag, light)
+        elif action == "C" or light.VR == "UI":
+            return False
+        else:  # K: kept as the general path keeps it
+            return False
+        return True
+
     # ------------------------------------------------------------------------------------------
     def pseudonym(self, el: DataElement, t: int) -> None:
         self.collect_removed(el)
@@ -268,21 +397,42 @@ class _Walk:
         else:
             el.value = DUMMY[vr]
 
+    def dummy_light(self, ds: Dataset, tag: Any, light: _Light) -> None:
+        self.collect_removed(light)
+        vr = light.VR
+        data = b"" if vr in BYTES_VRS or vr not in DUMMY else _encoded(vr, DUMMY[vr], light.raw.is_little_endian)
+        self.set_raw(ds, tag, light, data)
+
     def remap(self, el: DataElement, *, only_nonstandard: bool) -> None:
         if self.profile.has("retain_uids") or el.is_empty:
             if not el.is_empty:
                 self.collector.kept(el.value)
             return
-        values = el.value if isinstance(el.value, (list, MultiValue)) else [el.value]
+        el.value = self._remapped(el.keyword, el.value)
+
+    def _remapped(self, keyword: str, value: Any) -> Any:
+        values = value if isinstance(value, (list, MultiValue)) else [value]
         out = []
         for v in values:
             s = str(v).strip().rstrip("\x00")
             if not s or is_standard_uid(s):
                 out.append(s)
                 continue
-            self.collector.removed("UI", el.keyword, s)
+            self.collector.removed("UI", keyword, s)
             out.append(self.pz.uid(s))
-        el.value = out if len(out) > 1 else out[0]
+        return out if len(out) > 1 else out[0]
+
+    def remap_light(self, ds: Dataset, tag: Any, light: _Light) -> None:
+        if self.profile.has("retain_uids") or light.is_empty:
+            el = self.element(ds, tag)  # left as the general path leaves it
+            if el is not None:
+                self.remap(el, only_nonstandard=False)
+            return
+        out = self._remapped(light.keyword, light.value)
+        text = "\\".join(out) if isinstance(out, list) else out
+        if len(text) % 2:
+            text += "\x00"  # pydicom's write_UI padding
+        self.set_raw(ds, tag, light, text.encode(default_encoding))
 
     def clean(self, ds: Dataset, el: DataElement) -> None:
         vr = el.VR
@@ -314,6 +464,9 @@ _IDENTIFYING_TOP = ("PatientName", "PatientID", "OtherPatientIDs", "OtherPatient
                     "InstitutionName", "StudyID", "MedicalRecordLocator", "PatientTelephoneNumbers")
 
 
+_MISSING = object()  # int(_MISSING) raises, as ds.Rows does when Rows is absent
+
+
 def _truncated_pixels(ds: Dataset) -> str | None:
     """Native (uncompressed) pixel data shorter than its header says: a truncated file."""
     meta = getattr(ds, "file_meta", None)
@@ -321,9 +474,10 @@ def _truncated_pixels(ds: Dataset) -> str | None:
     if "PixelData" not in ds or (ts is not None and ts.is_compressed):
         return None
     try:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) * int(ds.get("SamplesPerPixel", 1) or 1)
-                    * int(ds.get("NumberOfFrames", 1) or 1) + 7) // 8
-        actual = len(ds.PixelData)
+        expected = (int(peek(ds, "Rows", _MISSING)) * int(peek(ds, "Columns", _MISSING))
+                    * int(peek(ds, "BitsAllocated", _MISSING)) * int(peek(ds, "SamplesPerPixel", 1) or 1)
+                    * int(peek(ds, "NumberOfFrames", 1) or 1) + 7) // 8
+        actual = len(peek(ds, "PixelData"))
     except Exception:
         return "pixel data or image pixel description unreadable"
     if actual < expected:
@@ -357,14 +511,14 @@ class Deidentifier:
         return c.scrub_pattern()
 
     def deidentify(self, ds: Dataset) -> Result:
-        missing = [k for k in REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
+        missing = [k for k in REQUIRED_UIDS if not str(peek(ds, k, "") or "").strip()]
         if missing:
             return Result(None, False, [f"missing required UID attributes: {', '.join(missing)}"])
         truncated = _truncated_pixels(ds)
         if truncated:
             return Result(None, False, [truncated])
         try:
-            patient_key = str(ds.get("PatientID", "") or "").strip() or str(ds.get("PatientName", "") or "")
+            patient_key = str(peek(ds, "PatientID", "") or "").strip() or str(peek(ds, "PatientName", "") or "")
         except Exception:
             patient_key = ""
         walk = _Walk(self, patient_key, self._scrub_pattern(ds))
@@ -385,6 +539,10 @@ class Deidentifier:
                 if el.tag not in (0x00020001, 0x00020002, 0x00020010, 0x00020012, 0x00020013):
                     walk.collect_removed(el)
         walk.dataset(ds, _KEEP)
+        if getattr(ds, "preamble", None):
+            # The 128-byte preamble is free for applications (a TIFF header, a vendor's text): it is
+            # not a data element, the leak gate cannot judge it, so it is never carried over.
+            ds.preamble = b"\x00" * 128
         self._mark(ds, cleaned_pixels=False)
 
         pixel_state = "not at risk"

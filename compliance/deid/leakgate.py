@@ -24,7 +24,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from pydicom.charset import convert_encodings
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import PersonName
 
@@ -63,8 +63,28 @@ def _digest(value: str) -> str:
 class IdentifierCollector:
     def __init__(self) -> None:
         self.hard: dict[str, str] = {}
-        self.soft: set[str] = set()
-        self.kept_tokens: set[str] = set()
+        self._soft: set[str] = set()
+        self._kept_tokens: set[str] = set()
+        # Tokenised together when first needed (one regular-expression pass instead of one per value;
+        # a token never spans the newline that joins them, so the tokens are the same).
+        self._pending_bytes: list[bytes] = []
+        self._pending_kept: list[str] = []
+
+    @property
+    def soft(self) -> set[str]:
+        if self._pending_bytes:
+            text = b"\n".join(self._pending_bytes).decode("latin-1").upper()
+            self._pending_bytes = []
+            self._soft.update(t for t in _TOKEN.findall(text) if _soft_token(t) and t.isascii())
+        return self._soft
+
+    @property
+    def kept_tokens(self) -> set[str]:
+        if self._pending_kept:
+            text = "\n".join(self._pending_kept).upper()
+            self._pending_kept = []
+            self._kept_tokens.update(_TOKEN.findall(text))
+        return self._kept_tokens
 
     # -- collection ---------------------------------------------------------------------------
     def removed(self, vr: str, keyword: str, value: object) -> None:
@@ -85,17 +105,15 @@ class IdentifierCollector:
             elif keyword.upper().endswith(_ID_SUFFIXES) and len(v) >= 3:
                 self.hard[v] = "id"
             else:
-                self.soft.update(t for t in _TOKEN.findall(v) if _soft_token(t))
+                self._soft.update(t for t in _TOKEN.findall(v) if _soft_token(t))
 
     def removed_bytes(self, value: bytes) -> None:
         """Removed private/unknown binary: its printable text runs are soft tokens."""
         if len(value) <= 4096:
-            text = value.decode("latin-1").upper()
-            self.soft.update(t for t in _TOKEN.findall(text) if _soft_token(t) and t.isascii())
+            self._pending_bytes.append(value)
 
     def kept(self, value: object) -> None:
-        for v in _strings(value):
-            self.kept_tokens.update(_TOKEN.findall(v.upper()))
+        self._pending_kept.extend(_strings(value))
 
     def _name(self, v: str) -> None:
         self.hard[v] = "name"
@@ -136,11 +154,14 @@ def _compile(ids: dict[str, str]) -> re.Pattern[str] | None:
     return re.compile(r"(?<![A-Z0-9_])(?:" + alts + r")(?![A-Z0-9_])")
 
 
+def _path(prefix: str, t: int) -> str:
+    return f"{prefix}({t >> 16:04X},{t & 0xFFFF:04X})"
+
+
 def scan(dataset: Dataset, collector: IdentifierCollector) -> list[Finding]:
     """Every element of ``dataset`` (and its file meta) against the collected identifiers."""
     ids = collector.identifiers()
-    pattern = _compile(ids)
-    if pattern is None:
+    if not ids:
         return []
     encodings = ["utf-8", "latin-1"]
     try:
@@ -150,61 +171,71 @@ def scan(dataset: Dataset, collector: IdentifierCollector) -> list[Finding]:
         pass
     parts: list[str] = []
     starts: list[int] = []
-    paths: list[str] = []
+    #: (prefix, tag) per part; the element path is only spelled out for a finding
+    paths: list[tuple[str, int]] = []
     pos = 0
 
-    def add(path: str, text: str) -> None:
+    def add(prefix: str, t: int, text: str) -> None:
         nonlocal pos
         starts.append(pos)
-        paths.append(path)
+        paths.append((prefix, t))
         parts.append(text)
         pos += len(text) + 1
 
     def walk(ds: Dataset, prefix: str) -> None:
+        elements = ds._dict
         for tag in ds.keys():
-            elem = ds.get_item(tag)
-            path = f"{prefix}({tag.group:04X},{tag.element:04X})"
+            elem = elements.get(tag)
+            if type(elem) is RawDataElement and elem.value is None:
+                elem = ds.get_item(tag)  # a deferred value is read (and converted)
             if elem is None:
                 continue
+            t = int(tag)
             if not isinstance(elem, DataElement):  # raw, undecoded: scan its bytes
-                if elem.VR == "SQ" or elem.length == 0xFFFFFFFF or (elem.VR is None and tag.group & 1):
+                if elem.VR == "SQ" or elem.length == 0xFFFFFFFF or (elem.VR is None and t >> 16 & 1):
                     elem = ds[tag]
-                elif tag != 0x7FE00010 and elem.value:
+                elif t != 0x7FE00010 and elem.value:
                     raw = bytes(elem.value[:MAX_SCANNED_BYTES])
                     for enc in encodings[2:] if elem.VR in TEXT_VRS and len(encodings) > 2 else encodings:
-                        add(path, raw.decode(enc, errors="ignore").upper())
+                        add(prefix, t, raw.decode(enc, errors="ignore").upper())
                     continue
                 else:
                     continue
             vr = elem.VR
             if vr == "SQ":
                 for i, item in enumerate(elem.value or []):
-                    walk(item, f"{path}[{i}].")
+                    walk(item, f"{_path(prefix, t)}[{i}].")
             elif vr in BYTES_VRS or isinstance(elem.value, (bytes, bytearray)):
-                if elem.tag == 0x7FE00010 or not elem.value:
+                if t == 0x7FE00010 or not elem.value:
                     continue
                 raw = bytes(elem.value[:MAX_SCANNED_BYTES])
                 for enc in encodings:
                     try:
-                        add(path, raw.decode(enc, errors="ignore").upper())
+                        add(prefix, t, raw.decode(enc, errors="ignore").upper())
                     except LookupError:
                         continue
             elif elem.value is not None and elem.value != "":
                 v = elem.value
                 if isinstance(v, PersonName):
-                    add(path, str(v).upper())
+                    add(prefix, t, str(v).upper())
                 else:
-                    add(path, "\\".join(_strings(v)).upper())
+                    add(prefix, t, "\\".join(_strings(v)).upper())
 
     meta = getattr(dataset, "file_meta", None)
     if meta is not None:
         walk(meta, "meta:")
     walk(dataset, "")
     blob = "\n".join(parts)
+    # Only identifiers that occur in the text at all can match; compiling the expression over those
+    # alone finds exactly the same matches (an absent alternative never matches anywhere) and spares
+    # compiling one over every identifier of the source, a new expression for every file.
+    pattern = _compile({i: k for i, k in ids.items() if i in blob})
+    if pattern is None:
+        return []
     findings: list[Finding] = []
     seen: set[tuple[str, str]] = set()
     for m in pattern.finditer(blob):
-        path = paths[bisect_right(starts, m.start()) - 1]
+        path = _path(*paths[bisect_right(starts, m.start()) - 1])
         value = m.group(0)
         if (path, value) in seen:
             continue

@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset, FileDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from compliance.deid.profiles import policies_dir
+from compliance.deid.rawvalues import peek
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,11 @@ class PixelPolicy:
         """The reason this instance may carry burned-in text, or None."""
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
             return None
-        bia = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+        bia = str(peek(ds, "BurnedInAnnotation", "") or "").strip().upper()
         if self.burned_in_yes and bia == "YES":
             return "BurnedInAnnotation is YES"
-        sop = str(ds.get("SOPClassUID", "") or "")
-        modality = str(ds.get("Modality", "") or "").upper()
+        sop = str(peek(ds, "SOPClassUID", "") or "")
+        modality = str(peek(ds, "Modality", "") or "").upper()
         for kind in self.kinds:
             if sop in kind.sop_classes or modality in kind.modalities:
                 if bia == "NO" and kind.trust_no:
@@ -135,7 +136,9 @@ def clean_regions(ds: Dataset, matches: list[dict[str, Any]]) -> list[str]:
     photometric = str(ds.PhotometricInterpretation)
     if samples == 3 and photometric.startswith("YBR"):
         photometric = "RGB"  # pixel_array converted YBR to RGB
-    ds.set_pixel_data(out, photometric, int(ds.BitsStored))
+    # Keep the (pseudonymised) SOP Instance UID: pydicom would otherwise mint a random one, breaking
+    # repeatable pseudonyms and every reference to this instance.
+    ds.set_pixel_data(out, photometric, int(ds.BitsStored), generate_instance_uid=False)
     if hasattr(ds, "file_meta"):
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return applied

@@ -3,7 +3,8 @@
 Every command talks to the gateway (``--gateway``, default the configured listener) with a Keycloak
 access token: ``--token``/``COMPLIANCE_TOKEN``, else a password grant for ``--user`` on the CLI
 client (password from ``COMPLIANCE_TOKEN_PASSWORD``, the demo password in development, else a prompt).
-Exit codes: 0 done, 1 the gateway refused or the job failed, 2 bad usage.
+Exit codes: 0 done, 1 the gateway refused, the job failed or a push reached its destination only in part,
+2 bad usage.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import typer
 
 from compliance.config import get_settings
 
-app = typer.Typer(help="Research exports (request, approve, reject, status, download).", no_args_is_help=True,
+app = typer.Typer(help="Research exports (request, approve, reject, status, download, destinations).",
+                  no_args_is_help=True,
                   add_completion=False)
 
 Gateway = Annotated[str | None, typer.Option("--gateway", help="gateway base URL")]
@@ -69,6 +71,9 @@ def request(
     filter_: Annotated[list[str] | None, typer.Option("--filter", help="QIDO-RS filter KEY=VALUE (repeatable)")]
     = None,
     profile: Annotated[str, typer.Option(help="de-identification profile (policies/deid/)")] = "research",
+    destination: Annotated[str, typer.Option(
+        help="'bundle' (download), or the name of a research archive of the allow-list "
+             "(see: compliance exports destinations)")] = "bundle",
     gateway: Gateway = None, user: User = None, token: Token = None,
 ) -> None:
     """Request an export of a cohort; prints the request (JSON)."""
@@ -77,8 +82,16 @@ def request(
         typer.echo("error: give --study UIDs or --filter KEY=VALUE (one of them)", err=True)
         raise typer.Exit(2)
     cohort = {"study_uids": list(study or [])} if study else {"filters": filters}
-    body = {"project": project, "protocol": protocol, "purpose": purpose, "profile": profile, "cohort": cohort}
+    body = {"project": project, "protocol": protocol, "purpose": purpose, "profile": profile, "cohort": cohort,
+            "destination": "bundle" if destination == "bundle" else {"kind": "dicomweb", "name": destination}}
     typer.echo(json.dumps(_call("POST", f"{_base(gateway)}/api/v1/exports", _token(user, token), json=body),
+                          indent=1))
+
+
+@app.command()
+def destinations(gateway: Gateway = None, user: User = None, token: Token = None) -> None:
+    """List where exports may go: the bundle and the configured research archives (JSON)."""
+    typer.echo(json.dumps(_call("GET", f"{_base(gateway)}/api/v1/exports/destinations", _token(user, token)),
                           indent=1))
 
 
@@ -125,8 +138,9 @@ def status(
                 current = _call("GET", url, bearer)
             bar.update(max(0, 100 - shown) if current["state"] == "ready" else 0)
     typer.echo(json.dumps(current, indent=1))
-    if current["state"] in ("failed", "rejected", "expired"):
-        raise typer.Exit(1)
+    delivery = current.get("delivery") or {}
+    if current["state"] in ("failed", "rejected", "expired") or delivery.get("failed") or delivery.get("unconfirmed"):
+        raise typer.Exit(1)  # failed, or pushed to a destination only in part
 
 
 @app.command()

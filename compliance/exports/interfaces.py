@@ -22,12 +22,13 @@ Errors (subclasses of ``compliance.errors``)::
     Conflict
     └── ExportStateConflict      the request is not in a state that allows the operation -> 409
     InvalidRequest
-    └── InvalidExportRequest     a malformed cohort, profile, destination                 -> 400
+    └── InvalidExportRequest     a malformed cohort, profile, destination (or one not on    -> 400
+                                 the server's allow-list, policies/export-destinations.yaml)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from compliance.errors import Conflict, Gone, InvalidRequest, NotFound, PermissionDenied
@@ -82,6 +83,16 @@ class ExportQueue(Protocol):
     name: str
 
     def enqueue(self, request_id: str) -> None: ...
+
+
+class StowClient(Protocol):
+    """Pushes released instances to a DICOMweb destination (``destinations.DicomwebStowClient``)."""
+
+    def store(self, instances: Sequence[tuple[str, bytes]]) -> dict[str, tuple[str, str | None]]:
+        """(SOP Instance UID, PS3.10 bytes) in one STOW-RS request -> per UID (stored|failed|unconfirmed, reason)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class ChunkSource(Protocol):

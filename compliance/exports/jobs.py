@@ -1,4 +1,4 @@
-"""The export job: archive -> de-identification -> leak gate -> zip -> encrypted bundle.
+"""The export job: archive -> de-identification -> leak gate -> encrypted bundle, or STOW-RS to an archive.
 
 No plaintext reaches the disk: instances are fetched (QIDO-RS, WADO-RS, with the gateway's own
 archive credentials) into memory, de-identified in memory (the engine's leak gate checks every
@@ -16,6 +16,11 @@ Bundle layout::
 
 Before the bundle is sealed, manifest and report are checked against every source identifier of
 the cohort (patient IDs and names, accession numbers, source UIDs): they must contain none.
+
+A request whose destination is a DICOMweb research archive (``destinations.py``) gets no bundle:
+each released file (de-identified, through the leak gate) is STOWed to the archive in batches as
+the job goes, the outcome of every file is kept in the request's ``delivery`` (checked against the
+source identifiers like the report), and one 110106 Export names the archive as the recipient.
 """
 
 from __future__ import annotations
@@ -37,14 +42,32 @@ from typing import Any
 import httpx
 import pydicom
 
-from compliance.audit.events import Outcome, PatientRef, StudyRef, UserRef, instances_transferred_event
+from compliance.audit.events import (
+    Outcome,
+    PatientRef,
+    StudyRef,
+    UserRef,
+    export_event,
+    instances_transferred_event,
+)
 from compliance.audit.recorder import AuditRecorder
 from compliance.crypto.streaming import StreamEncryptor
 from compliance.deid.engine import Deidentifier
 from compliance.deid.profiles import load_profile
+from compliance.deid.writer import encode
 from compliance.errors import UpstreamError, UpstreamUnavailable
-from compliance.exports.interfaces import ArchiveReader
+from compliance.exports.destinations import (
+    DICOMWEB,
+    FAILED,
+    STORED,
+    UNCONFIRMED,
+    DestinationRegistry,
+    DicomwebDestination,
+    DicomwebStowClient,
+)
+from compliance.exports.interfaces import ArchiveReader, InvalidExportRequest, StowClient
 from compliance.exports.keys import ProviderPseudonymSecretSource, PseudonymMap, bundle_key_id
+from compliance.exports.models import ExportRequest
 from compliance.exports.service import ExportService, bundle_aad
 
 log = logging.getLogger(__name__)
@@ -163,15 +186,44 @@ class _Cohort:
     identifiers: set[str] = field(default_factory=set)
     pseudonyms: set[tuple[str, str, str]] = field(default_factory=set)
 
+    def disclosed(self, p: _Processed) -> None:
+        """Count an instance that left (in the bundle, or stored at a destination) for the disclosure."""
+        if p.patient_id:
+            self.patients.setdefault(p.patient_id, p.patient_name)
+        classes = self.studies.setdefault(p.study, {})
+        classes[p.sop_class] = classes.get(p.sop_class, 0) + 1
+
+    def disclosure(self) -> tuple[list[dict[str, str | None]], list[dict[str, Any]]]:
+        return ([{"id": pid, "name": name} for pid, name in sorted(self.patients.items())],
+                [{"uid": uid, "sop_classes": classes} for uid, classes in sorted(self.studies.items())])
+
+
+@dataclass
+class _Processed:
+    """One instance of the plan after de-identification: its report entry, and the file if released."""
+
+    entry: dict[str, Any]
+    study: str
+    patient_id: str | None = None
+    patient_name: str | None = None
+    sop_class: str = ""
+    data: bytes | None = None
+    path: str = ""
+    sop_instance_uid: str = ""
+
 
 _SOURCE_ATTRS = (("patient_id", "PatientID"), ("accession", "AccessionNumber"), ("study_uid", "StudyInstanceUID"),
                  ("series_uid", "SeriesInstanceUID"), ("sop_uid", "SOPInstanceUID"))
+
+_Transferred = dict[str, tuple[str | None, str | None, dict[str, int]]]
 
 
 class ExportJob:
     def __init__(self, service: ExportService, pseudonyms: PseudonymMap, auditor: AuditRecorder,
                  archive_factory: Callable[[], ArchiveReader], *, bundles_dir: Path, archive_id: str,
-                 progress_every_seconds: float = 0.5) -> None:
+                 progress_every_seconds: float = 0.5, destinations: DestinationRegistry | None = None,
+                 stow_client_factory: Callable[[DicomwebDestination], StowClient] = DicomwebStowClient,
+                 stow_batch_instances: int = 16, stow_batch_max_bytes: int = 64 << 20) -> None:
         self._service = service
         self._map = pseudonyms
         self._auditor = auditor
@@ -179,38 +231,61 @@ class ExportJob:
         self._dir = bundles_dir
         self._archive_id = archive_id
         self._every = progress_every_seconds
+        self._destinations = destinations or DestinationRegistry()
+        self._stow_client_factory = stow_client_factory
+        self._stow_batch = max(1, stow_batch_instances)
+        self._stow_bytes = stow_batch_max_bytes
 
     def run(self, request_id: str) -> str:
         """Run a claimed (running) request to ready or failed; return the final state."""
         counters = _Counters()
         try:
-            self._run(request_id, counters)
-            return "ready"
+            return self._run(request_id, counters)
         except Exception as exc:
             log.exception("export job %s failed", request_id)
             message = exc.message if hasattr(exc, "message") else f"{type(exc).__name__}"
             self._service.fail(request_id, str(message), counters.as_dict())
             return "failed"
 
-    def _run(self, request_id: str, c: _Counters) -> None:
+    def _run(self, request_id: str, c: _Counters) -> str:
         row = self._service.load(request_id)
         if row.state != "running":
             raise RuntimeError(f"request {request_id} is {row.state}, not running")
-        engine = Deidentifier(load_profile(row.profile), row.project,
-                              ProviderPseudonymSecretSource(self._service.keys))
+        destination = json.loads(row.destination)
+        if destination.get("kind") == DICOMWEB:
+            return self._run_push(row, destination.get("name", ""), c)
+        self._run_bundle(row, c)
+        return "ready"
+
+    def _plan(self, row: ExportRequest, archive: ArchiveReader, c: _Counters) -> list[tuple[str, str, str]]:
         cohort_spec = json.loads(row.cohort)
+        studies = cohort_spec.get("study_uids") or archive.find_studies(cohort_spec.get("filters") or {})
+        plan = [(s, series, sop) for s in studies for series, sop in archive.find_instances(s)]
+        if not plan:
+            raise _JobError("the cohort matched no instance in the archive")
+        c.total = len(plan)
+        self._service.progress(row.id, **c.as_dict())
+        return plan
+
+    def _engine(self, row: ExportRequest) -> Deidentifier:
+        return Deidentifier(load_profile(row.profile), row.project, ProviderPseudonymSecretSource(self._service.keys))
+
+    def _count(self, c: _Counters, entry: dict[str, Any]) -> None:
+        c.processed += 1
+        name = entry["status"] if entry["status"] != "error" else "errors"
+        setattr(c, name, getattr(c, name) + 1)
+
+    # -- destination: the encrypted bundle -----------------------------------------------------
+    def _run_bundle(self, row: ExportRequest, c: _Counters) -> None:
+        request_id = row.id
+        engine = self._engine(row)
         requester = UserRef(user_id=row.requester_id, username=row.requester_name)
         archive = self._archive_factory()
         self._dir.mkdir(parents=True, exist_ok=True)
         final = self._dir / f"{request_id}.bundle"
         partial = self._dir / f".{request_id}.bundle.part"
         try:
-            studies = cohort_spec.get("study_uids") or archive.find_studies(cohort_spec.get("filters") or {})
-            plan = [(s, series, sop) for s in studies for series, sop in archive.find_instances(s)]
-            if not plan:
-                raise _JobError("the cohort matched no instance in the archive")
-            c.total = len(plan)
-            self._service.progress(request_id, **c.as_dict())
+            plan = self._plan(row, archive, c)
             encryptor = StreamEncryptor(data_key=self._service.keys.key(row.project, "bundle"),
                                         key_id=bundle_key_id(row.project), associated_data=bundle_aad(request_id))
             cohort = _Cohort()
@@ -220,13 +295,16 @@ class ExportJob:
             with partial.open("wb") as out:
                 sink = EncryptingFile(out, encryptor)
                 with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
-                    transferred: dict[str, tuple[str | None, str | None, dict[str, int]]] = {}
+                    transferred: _Transferred = {}
                     for n, (study, series, sop) in enumerate(plan, start=1):
-                        entry = self._one(engine, archive, zf, n, study, series, sop, cohort, transferred, files)
-                        report.append(entry)
-                        c.processed += 1
-                        setattr(c, entry["status"] if entry["status"] != "error" else "errors",
-                                getattr(c, entry["status"] if entry["status"] != "error" else "errors") + 1)
+                        p = self._one(engine, archive, n, study, series, sop, cohort, transferred)
+                        if p.data is not None:
+                            zf.writestr(p.path, p.data)
+                            cohort.disclosed(p)
+                            files.append({"path": p.path, "sha256": hashlib.sha256(p.data).hexdigest(),
+                                          "size": len(p.data), "sop_class_uid": p.sop_class})
+                        report.append(p.entry)
+                        self._count(c, p.entry)
                         if time.monotonic() - last >= self._every:
                             self._service.progress(request_id, **c.as_dict())
                             last = time.monotonic()
@@ -258,54 +336,156 @@ class ExportJob:
         finally:
             archive.close()
         self._map.record(row.project, cohort.pseudonyms)
-        self._service.finish(
-            request_id, bundle_path=final, bundle_size=size, checksum=checksum,
-            patients=[{"id": pid, "name": name} for pid, name in sorted(cohort.patients.items())],
-            studies=[{"uid": uid, "sop_classes": classes} for uid, classes in sorted(cohort.studies.items())],
-            counters=c.as_dict())
+        patients, studies = cohort.disclosure()
+        self._service.finish(request_id, bundle_path=final, bundle_size=size, checksum=checksum,
+                             patients=patients, studies=studies, counters=c.as_dict())
 
-    def _one(self, engine: Deidentifier, archive: ArchiveReader, zf: zipfile.ZipFile, n: int, study: str,
-             series: str, sop: str, cohort: _Cohort,
-             transferred: dict[str, tuple[str | None, str | None, dict[str, int]]],
-             files: list[dict[str, Any]]) -> dict[str, Any]:
-        entry: dict[str, Any] = {"instance": n}
+    # -- destination: a DICOMweb research archive (STOW-RS) ------------------------------------
+    def _run_push(self, row: ExportRequest, name: str, c: _Counters) -> str:
+        """De-identify, gate, and STOW released instances in batches; the status reports each file.
+
+        ``ready``: at least one instance was stored (``delivery`` says which were not, and why);
+        ``failed``: none was.
+
+        The disclosure is audited before it happens: each batch's 110106 Export (the destination as
+        recipient, the source patients and studies of the batch) is durable in the outbox before the
+        batch is sent, so a job killed mid-push never leaves a disclosure unaudited. A batch the
+        destination refused or never received whole is followed by a second 110106 with a failure
+        outcome naming what was not stored: the trail may over-report an attempt, never under-report.
+        """
+        request_id = row.id
+        try:
+            dest = self._destinations.get(name)
+        except InvalidExportRequest as exc:  # removed from the allow-list since the request was made
+            raise _JobError(f"the destination {name!r} is no longer configured") from exc
+        if not dest.allows(row.project):
+            raise _JobError(f"project {row.project!r} may no longer export to {name!r}")
+        engine = self._engine(row)
+        requester = UserRef(user_id=row.requester_id, username=row.requester_name)
+        archive = self._archive_factory()
+        client: StowClient | None = None
+        cohort = _Cohort()
+        files: list[dict[str, Any]] = []
+        tally = {STORED: 0, FAILED: 0, UNCONFIRMED: 0}
+        batch: list[_Processed] = []
+
+        def disclosure_event(sent: list[_Processed], outcome: Outcome, description: str) -> Any:
+            part = _Cohort()
+            for p in sent:
+                part.disclosed(p)
+            patients, studies = part.disclosure()
+            return export_event(
+                user=requester, recipient=dest.name, purpose=row.purpose,
+                patients=[PatientRef(p["id"], p.get("name")) for p in patients if p["id"]],
+                studies=[StudyRef(s["uid"], sop_classes=s["sop_classes"]) for s in studies],
+                destination_uri=dest.stow_url, anonymized=True, outcome=outcome,
+                outcome_description=(f"research export {row.id} (project {row.project}, protocol {row.protocol}, "
+                                     f"profile {row.profile}) to {dest.name} ({dest.stow_url}): {description}"))
+
+        def flush() -> None:
+            assert client is not None
+            # durable before a byte leaves (raises, and nothing is sent, if it cannot be recorded)
+            self._auditor.record_now(disclosure_event(batch, Outcome.SUCCESS, f"{len(batch)} instances sent"))
+            outcomes = client.store([(p.sop_instance_uid, p.data or b"") for p in batch])
+            not_stored: list[_Processed] = []
+            for p in batch:
+                status, reason = outcomes.get(p.sop_instance_uid, (UNCONFIRMED, "no outcome for the instance"))
+                tally[status] += 1
+                p.entry["status"] = status
+                if reason:
+                    p.entry["reason"] = reason
+                if status != FAILED:  # stored, or may have been: a disclosure either way
+                    cohort.disclosed(p)
+                if status != STORED:
+                    not_stored.append(p)
+            if not_stored:
+                reasons = "; ".join(sorted({str(p.entry.get("reason")) for p in not_stored}))[:500]
+                self._auditor.record_now(disclosure_event(
+                    not_stored, Outcome.SERIOUS_FAILURE if len(not_stored) == len(batch) else Outcome.MINOR_FAILURE,
+                    f"{len(not_stored)} of {len(batch)} instances sent were not confirmed stored ({reasons})"))
+            batch.clear()
+
+        try:
+            plan = self._plan(row, archive, c)
+            client = self._stow_client_factory(dest)
+            transferred: _Transferred = {}
+            last = time.monotonic()
+            for n, (study, series, sop) in enumerate(plan, start=1):
+                p = self._one(engine, archive, n, study, series, sop, cohort, transferred)
+                self._count(c, p.entry)
+                # digests of identifying values stay out of the status (a bundle's report has them); no bundle path
+                entry = {k: v for k, v in p.entry.items() if k not in ("findings", "output")}
+                p.entry = entry
+                files.append(entry)
+                if p.data is not None:
+                    entry["sop_instance_uid"] = p.sop_instance_uid
+                    batch.append(p)
+                    if len(batch) >= self._stow_batch or sum(len(b.data or b"") for b in batch) >= self._stow_bytes:
+                        flush()
+                if time.monotonic() - last >= self._every:
+                    self._service.progress(request_id, **c.as_dict())
+                    last = time.monotonic()
+            if batch:
+                flush()
+            self._audit_transfers(requester, row.purpose, transferred)
+            if not c.released:
+                raise _JobError("no instance passed de-identification and the leak gate")
+        finally:
+            archive.close()
+            if client is not None:
+                client.close()
+        delivery = {"destination": dest.public(), "stow_url": dest.stow_url, "instances": c.total,
+                    "released": c.released, "stored": tally[STORED], "failed": tally[FAILED],
+                    "unconfirmed": tally[UNCONFIRMED], "files": files}
+        _refuse_identifiers("the delivery report", _json(delivery), cohort.identifiers)
+        self._map.record(row.project, cohort.pseudonyms)
+        patients, studies = cohort.disclosure()
+        if not tally[STORED]:
+            self._service.fail(request_id, f"no instance was stored at {dest.name}: "
+                               + "; ".join(sorted({str(f.get("reason")) for f in files if f.get("reason")}))[:1500],
+                               c.as_dict(), delivery=delivery)
+            return "failed"
+        self._service.finish_delivery(request_id, delivery=delivery, patients=patients, studies=studies,
+                                      counters=c.as_dict())
+        return "ready"
+
+    def _one(self, engine: Deidentifier, archive: ArchiveReader, n: int, study: str, series: str, sop: str,
+             cohort: _Cohort, transferred: _Transferred) -> _Processed:
+        p = _Processed(entry={"instance": n}, study=study)
         cohort.identifiers.update((study, series, sop))
         try:
             ds = pydicom.dcmread(io.BytesIO(archive.retrieve_instance(study, series, sop)))
         except (UpstreamError, UpstreamUnavailable):
             raise
         except Exception as exc:
-            return {**entry, "status": "error", "reasons": [f"unreadable: {type(exc).__name__}"]}
+            p.entry.update(status="error", reasons=[f"unreadable: {type(exc).__name__}"])
+            return p
         source = {kind: str(ds.get(attr, "") or "").strip() for kind, attr in _SOURCE_ATTRS}
         patient_name = str(ds.get("PatientName", "") or "") or None
         sop_class = str(ds.get("SOPClassUID", "") or "")
+        p.patient_id, p.patient_name, p.sop_class = source["patient_id"] or None, patient_name, sop_class
         cohort.identifiers.update(v for v in (*source.values(), patient_name) if v and len(v) >= 3)
-        if source["patient_id"]:
-            cohort.patients.setdefault(source["patient_id"], patient_name)
         pid_name_classes = transferred.setdefault(study, (source["patient_id"] or None, patient_name, {}))
         pid_name_classes[2][sop_class] = pid_name_classes[2].get(sop_class, 0) + 1
         try:
             result = engine.deidentify(ds)
         except Exception as exc:
-            return {**entry, "status": "error", "reasons": [f"could not de-identify: {type(exc).__name__}"]}
+            p.entry.update(status="error", reasons=[f"could not de-identify: {type(exc).__name__}"])
+            return p
         if not result.released or result.dataset is None:
-            return {**entry, "status": "held_back", "reasons": result.reasons, "pixels": result.pixels,
-                    "findings": [f.as_dict() for f in result.findings]}
+            p.entry.update(status="held_back", reasons=result.reasons, pixels=result.pixels,
+                           findings=[f.as_dict() for f in result.findings])
+            return p
         out = result.dataset
-        buf = io.BytesIO()
-        out.save_as(buf, enforce_file_format=True)
-        data = buf.getvalue()
+        data = encode(out)
         target = {kind: str(out.get(attr, "") or "").strip() for kind, attr in _SOURCE_ATTRS}
         for kind, original in source.items():
             if original and target[kind] and target[kind] != original:
                 cohort.pseudonyms.add((kind, original, target[kind]))
-        name = f"dicom/{target['study_uid']}/{target['series_uid']}/{target['sop_uid']}.dcm"
-        zf.writestr(name, data)
-        classes = cohort.studies.setdefault(study, {})
-        classes[sop_class] = classes.get(sop_class, 0) + 1
-        files.append({"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
-                      "sop_class_uid": sop_class})
-        return {**entry, "status": "released", "output": name, "pixels": result.pixels, "notes": result.reasons}
+        p.path = f"dicom/{target['study_uid']}/{target['series_uid']}/{target['sop_uid']}.dcm"
+        p.data, p.sop_instance_uid = data, target["sop_uid"]
+        p.entry.update(status="released", output=p.path, pixels=result.pixels, notes=result.reasons)
+        return p
 
     def _audit_transfers(self, requester: UserRef, purpose: str,
                          transferred: dict[str, tuple[str | None, str | None, dict[str, int]]]) -> None:

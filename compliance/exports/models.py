@@ -36,7 +36,7 @@ class ExportRequest(Base):
     profile: Mapped[str] = mapped_column(String(64), nullable=False)
     #: JSON: {"study_uids": [...]} or {"filters": {...}} (QIDO-RS query parameters).
     cohort: Mapped[str] = mapped_column(Text, nullable=False)
-    #: JSON: {"kind": "bundle"} (the only kind built so far).
+    #: JSON: {"kind": "bundle"} or {"kind": "dicomweb", "name": <a destination of the allow-list>}.
     destination: Mapped[str] = mapped_column(Text, nullable=False)
     requester_id: Mapped[str] = mapped_column(String(128), nullable=False)
     requester_name: Mapped[str] = mapped_column(String(128), nullable=False)
@@ -60,6 +60,9 @@ class ExportRequest(Base):
     #: sha256 of the (plaintext) zip the requester downloads, hex.
     checksum_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     disclosure_sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    #: JSON, pushes to a DICOMweb destination only: per-file outcome (stored / failed / unconfirmed and
+    #: why, or held back), counts, the destination. Pseudonymised UIDs only, never a source value.
+    delivery: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         CheckConstraint("state IN ('requested', 'approved', 'rejected', 'running', 'ready', 'failed', 'expired')",

@@ -9,7 +9,9 @@ Invariants (also enforced by the database where it can: ``ck_export_request_not_
   one who asked may reveal, and only once;
 - every transition is a guarded ``UPDATE ... WHERE state = <expected>``, so two stewards deciding at
   once, or two workers claiming one job, cannot both succeed (the loser gets 409 / nothing);
-- the bundle is served to its requester only, while ``ready`` and before ``expires_at``.
+- the bundle is served to its requester only, while ``ready`` and before ``expires_at``;
+- a request names its destination from the server's allow-list (``destinations.DestinationRegistry``),
+  never a URL; a push to a DICOMweb destination has no bundle, its status carries the per-file delivery.
 
 Audit mapping: see :mod:`compliance.exports.audit`.
 """
@@ -43,6 +45,7 @@ from compliance.crypto.streaming import iter_decrypt
 from compliance.deid.profiles import load_profile
 from compliance.errors import ComplianceError
 from compliance.exports.audit import EXPORT_REQUEST_URN, export_request_event, reidentification_event
+from compliance.exports.destinations import BUNDLE, DICOMWEB, DestinationRegistry
 from compliance.exports.interfaces import (
     PSEUDONYM_KINDS,
     BundleExpired,
@@ -90,7 +93,8 @@ class NewExport:
     profile: str
     study_uids: tuple[str, ...] = ()
     filters: dict[str, str] | None = None
-    destination: str = "bundle"
+    #: "bundle", or {"kind": "dicomweb", "name": <a destination of the allow-list>}
+    destination: str | dict[str, Any] = BUNDLE
 
 
 @dataclass(frozen=True)
@@ -116,13 +120,15 @@ def view(row: ExportRequest) -> dict[str, Any]:
         "progress": {"percent": percent, "total": row.total, "processed": row.processed,
                      "released": row.released, "held_back": row.held_back, "errors": row.errors},
         "checksum_sha256": row.checksum_sha256, "bundle_size": row.bundle_size, "error": row.error,
+        "delivery": json.loads(row.delivery) if row.delivery else None,
     }
 
 
 class ExportService:
     def __init__(self, sessions: sessionmaker[Session], auditor: AuditRecorder, keys: ProjectKeyStore, *,
                  gateway_id: str, queue: ExportQueue | None = None, bundle_ttl: timedelta = timedelta(days=7),
-                 clock: Callable[[], datetime] = _utcnow) -> None:
+                 clock: Callable[[], datetime] = _utcnow, destinations: DestinationRegistry | None = None) -> None:
+        self.destinations = destinations or DestinationRegistry()
         self._sessions = sessions
         self._auditor = auditor
         self.keys = keys
@@ -138,7 +144,8 @@ class ExportService:
             user=user, gateway_id=self.gateway_id, request_id=row.id, action=action, step=step, outcome=outcome,
             description=description,
             details={"Project": row.project, "Protocol": row.protocol, "Purpose": row.purpose, "Profile": row.profile,
-                     "State": row.state, "Requester": row.requester_name, "Comment": row.decision_comment}))
+                     "Destination": _destination_label(row), "State": row.state, "Requester": row.requester_name,
+                     "Comment": row.decision_comment}))
 
     # -- researcher ----------------------------------------------------------------------------
     def create(self, user: UserRef, new: NewExport) -> dict[str, Any]:
@@ -146,8 +153,7 @@ class ExportService:
                                    ("purpose", new.purpose, 256)):
             if not value.strip() or len(value) > limit:
                 raise InvalidExportRequest(f"{name} must be 1..{limit} characters")
-        if new.destination != "bundle":
-            raise InvalidExportRequest("only the 'bundle' destination is available")
+        destination = self.destinations.resolve(new.destination, new.project)
         try:
             load_profile(new.profile)
         except ComplianceError as exc:
@@ -165,7 +171,7 @@ class ExportService:
         row = ExportRequest(
             id=str(uuid.uuid4()), state="requested", project=new.project, protocol=new.protocol,
             purpose=new.purpose, profile=new.profile, cohort=json.dumps(cohort, sort_keys=True),
-            destination=json.dumps({"kind": new.destination}), requester_id=user.user_id,
+            destination=json.dumps(destination, sort_keys=True), requester_id=user.user_id,
             requester_name=user.username or user.user_id, created_at=self._clock(),
             total=0, processed=0, released=0, held_back=0, errors=0,
         )
@@ -273,11 +279,32 @@ class ExportService:
                 bundle_size=bundle_size, checksum_sha256=checksum, disclosure_sealed=sealed, **counters))
         self._order(None, self._row(request_id), Action.UPDATE, "ready")
 
-    def fail(self, request_id: str, error: str, counters: dict[str, int] | None = None) -> None:
+    def finish_delivery(self, request_id: str, *, delivery: dict[str, Any], patients: list[dict[str, str | None]],
+                        studies: list[dict[str, Any]], counters: dict[str, int]) -> None:
+        """A push to a DICOMweb destination ended with at least one instance stored: ready, no bundle."""
+        row = self._row(request_id)
+        disclosure = json.dumps({"patients": patients, "studies": studies}, sort_keys=True).encode()
+        sealed = seal(self.keys.key(row.project, "map"), disclosure, disclosure_aad(request_id))
+        partial = delivery["stored"] < delivery["released"]
+        error = (f"partial delivery: {delivery['stored']} of {delivery['released']} released instances stored at "
+                 f"{delivery['destination']['name']} (see delivery.files)") if partial else None
         with self._sessions() as session, session.begin():
             session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
                                                         ExportRequest.state == "running").values(
-                state="failed", finished_at=self._clock(), error=error[:2000], **(counters or {})))
+                state="ready", finished_at=self._clock(), disclosure_sealed=sealed, error=error,
+                delivery=json.dumps(delivery, sort_keys=True), **counters))
+        self._order(None, self._row(request_id), Action.UPDATE, "ready",
+                    outcome=Outcome.MINOR_FAILURE if partial else Outcome.SUCCESS,
+                    description=f"export delivered to {delivery['destination']['name']}: {delivery['stored']} stored, "
+                                f"{delivery['failed']} failed, {delivery['unconfirmed']} unconfirmed")
+
+    def fail(self, request_id: str, error: str, counters: dict[str, int] | None = None,
+             delivery: dict[str, Any] | None = None) -> None:
+        extra = {"delivery": json.dumps(delivery, sort_keys=True)} if delivery is not None else {}
+        with self._sessions() as session, session.begin():
+            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                                                        ExportRequest.state == "running").values(
+                state="failed", finished_at=self._clock(), error=error[:2000], **(counters or {}), **extra))
         self._order(None, self._row(request_id), Action.UPDATE, "failed", outcome=Outcome.SERIOUS_FAILURE,
                     description=f"export job failed: {error[:500]}")
 
@@ -307,6 +334,8 @@ class ExportService:
         if row.requester_id != user.user_id:
             raise ExportNotFound("no such export request")
         expires = _aware(row.expires_at)
+        if json.loads(row.destination).get("kind") == DICOMWEB:
+            raise ExportStateConflict(f"this export is delivered to {_destination_label(row)}; it has no bundle")
         if row.state == "expired" or (row.state == "ready" and expires is not None and expires <= self._clock()):
             raise BundleExpired("the bundle has expired")
         if row.state != "ready" or not row.bundle_path or row.disclosure_sealed is None:
@@ -331,6 +360,11 @@ class ExportService:
 
         assert row.bundle_size is not None and row.checksum_sha256 is not None
         return Bundle(chunks(), row.bundle_size, row.checksum_sha256, f"export-{row.id}.zip")
+
+
+def _destination_label(row: ExportRequest) -> str:
+    dest = json.loads(row.destination)
+    return f"{DICOMWEB}:{dest.get('name')}" if dest.get("kind") == DICOMWEB else BUNDLE
 
 
 def bundle_aad(request_id: str) -> bytes:

@@ -10,7 +10,7 @@
 - ``none``: nothing runs jobs in this process (a gateway node behind which dedicated workers run).
 
 ``build_export_components(settings, engine, auditor)`` builds the same services in the gateway and in
-a worker process, so both run the same job code.
+a worker process, so both run the same job code (and read the same destination allow-list).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from compliance.audit.recorder import AuditRecorder
 from compliance.config import Settings
 from compliance.crypto.providers.local import LocalKeyProvider
 from compliance.db.session import make_session_factory
+from compliance.exports.destinations import load_destinations
 from compliance.exports.interfaces import ExportQueue
 from compliance.exports.jobs import DicomwebArchiveReader, ExportJob
 from compliance.exports.keys import ProjectKeyStore, PseudonymMap
@@ -78,8 +79,9 @@ def build_export_components(settings: Settings, engine: Engine, auditor: AuditRe
                                 explicit_path=settings.exports_keyring_file is not None,
                                 create_if_missing=development)
     keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=development)
+    destinations = load_destinations(settings.exports_destinations_file, environment=settings.environment)
     service = ExportService(sessions, auditor, keys, gateway_id=settings.audit_source_id, queue=queue,
-                            bundle_ttl=timedelta(hours=settings.exports_bundle_ttl_hours))
+                            bundle_ttl=timedelta(hours=settings.exports_bundle_ttl_hours), destinations=destinations)
     pseudonyms = PseudonymMap(sessions, keys)
 
     def archive() -> DicomwebArchiveReader:
@@ -90,7 +92,9 @@ def build_export_components(settings: Settings, engine: Engine, auditor: AuditRe
 
     job = ExportJob(service, pseudonyms, auditor, archive,
                     bundles_dir=settings.exports_dir or settings.stack_dir / "exports",
-                    archive_id=settings.archive_dicomweb_url)
+                    archive_id=settings.archive_dicomweb_url, destinations=destinations,
+                    stow_batch_instances=settings.exports_stow_batch_instances,
+                    stow_batch_max_bytes=settings.exports_stow_batch_max_bytes)
     reid = ReidentificationService(sessions, auditor, pseudonyms, gateway_id=settings.audit_source_id)
     return ExportComponents(service, reid, job, keys)
 

@@ -283,3 +283,223 @@ def test_exports_on_dramatiq_workers(stack, gateway, redis_url, tmp_path):  # ty
         log.close()
         stop_gateway(gw)
         drop_prefix(stack, prefix)
+
+
+# --------------------------------------------------------------------------- push to a research archive
+
+ARCHIVE_USER = "compliance-stack"  # deploy/local/up runs Orthanc as this user when started as root
+
+
+@pytest.fixture
+def research_archive():  # type: ignore[no-untyped-def]
+    """A second Orthanc of our own (Debian's binary, the stack's template, DICOMweb plugin): the research
+    archive. Orthanc 1.10 cannot bind an address: like the stack's, it refuses non-loopback clients
+    (RemoteAccessAllowed false) and requires its own credentials."""
+    import secrets
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="research-archive-"))
+    os.chmod(base, 0o755)  # noqa: S103 - the archive's user must traverse it
+    cfg = json.loads((PROJECT_ROOT / "deploy/orthanc/orthanc.json").read_text())
+    port = _free_port()
+    password = secrets.token_hex(16)
+    for d in ("storage", "index", "tmp"):
+        (base / d).mkdir()
+    cfg.update(Name="research-archive", HttpPort=port, RemoteAccessAllowed=False, AuthenticationEnabled=True,
+               RegisteredUsers={"exporter": password}, StorageDirectory=str(base / "storage"),
+               IndexDirectory=str(base / "index"), TemporaryDirectory=str(base / "tmp"))
+    (base / "orthanc.json").write_text(json.dumps(cfg))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        run_as = ["setpriv", f"--reuid={ARCHIVE_USER}", f"--regid={ARCHIVE_USER}", "--init-groups"]
+        for p in [base, *base.rglob("*")]:
+            shutil.chown(p, ARCHIVE_USER, ARCHIVE_USER)
+    log = open(base / "orthanc.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*run_as, "/usr/sbin/Orthanc", str(base / "orthanc.json")], stdout=log,
+                            stderr=subprocess.STDOUT, env={"PATH": "/usr/bin:/bin", "HOME": str(base)})
+    url = f"http://127.0.0.1:{port}"
+    auth = ("exporter", password)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the research archive did not start:\n{(base / 'orthanc.log').read_text()[-3000:]}",
+                            pytrace=False)
+            try:
+                if httpx.get(f"{url}/system", auth=auth, timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"{url}/system", timeout=5).status_code == 401  # not open to anonymous clients
+        yield type("ResearchArchive", (), dict(url=url, dicomweb=f"{url}/dicom-web", auth=auth, password=password,
+                                               process=proc))
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def own_database(stack, tmp_path):  # type: ignore[no-untyped-def]
+    """A database of this test's own (so the session gateway's worker cannot take its jobs): a SQLite file,
+    or a fresh schema on the stack's PostgreSQL when COMPLIANCE_TEST_DATABASE=postgres."""
+    if os.environ.get("COMPLIANCE_TEST_DATABASE", "sqlite") != "postgres":
+        url = f"sqlite:///{tmp_path / 'push.db'}"
+        _reset_database(url)
+        yield url
+        return
+    from sqlalchemy import create_engine, text
+
+    schema = f"push_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(stack.postgres_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{stack.postgres_url}?options=-csearch_path%3D{schema}"
+    try:
+        _reset_database(url)
+        yield url
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_export_pushed_to_a_research_archive(stack, research_archive, own_database, tmp_path):  # type: ignore[no-untyped-def]
+    """request (rob) naming a configured research archive -> approval (dana) -> de-identification, leak gate,
+    STOW-RS into a second Orthanc -> QIDO/WADO there: only pseudonymised data -> 110106 naming the archive."""
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text(
+        "destinations:\n"
+        "  research-archive:\n"
+        "    kind: dicomweb\n"
+        "    description: research archive of the integration test\n"
+        f"    url: {research_archive.dicomweb}\n"
+        "    auth: basic\n"
+        "    username: exporter\n"
+        "    password_env: COMPLIANCE_TEST_RESEARCH_ARCHIVE_PASSWORD\n")
+    prefix = f"test-audit-push-{uuid.uuid4().hex[:8]}"
+    gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix, extra_env={
+        "COMPLIANCE_EXPORTS_DESTINATIONS_FILE": str(destinations),
+        "COMPLIANCE_TEST_RESEARCH_ARCHIVE_PASSWORD": research_archive.password,
+        "COMPLIANCE_EXPORTS_DIR": str(tmp_path / "bundles"),
+        "COMPLIANCE_EXPORTS_STOW_BATCH_INSTANCES": "1"})
+    audit = AuditIndex(stack.es_url, prefix)
+    try:
+        ct = unique_instance("CT_small.dcm")
+        mr = unique_instance("MR_small.dcm", patient_id=ct.patient_id, patient_name=ct.patient_name,
+                             study_uid=ct.study_uid)
+        _store(gw.url, stack, [ct, mr])
+        rob = stack.token("rob")
+
+        # The allow-list, as researchers see it: names and URLs, never a credential.
+        resp = httpx.get(f"{gw.url}/api/v1/exports/destinations", headers=_auth(rob), timeout=30)
+        assert resp.status_code == 200, resp.text
+        listed = {d["name"]: d for d in resp.json()["items"]}
+        assert set(listed) == {"bundle", "research-archive"}
+        assert listed["research-archive"]["url"] == research_archive.dicomweb
+        assert research_archive.password not in resp.text and "PASSWORD" not in resp.text
+
+        # A URL is never a destination; nor is a name that is not on the list. Nothing is created.
+        base = {"project": "push-proj", "protocol": "IRB-2026-077", "purpose": "external validation",
+                "profile": "basic", "cohort": {"study_uids": [ct.study_uid]}}
+        for bad in ({"kind": "dicomweb", "name": "research-archive", "url": "http://203.0.113.9/dicom-web"},
+                    {"kind": "dicomweb", "url": research_archive.dicomweb},
+                    {"kind": "dicomweb", "name": "elsewhere"},
+                    research_archive.dicomweb):
+            resp = httpx.post(f"{gw.url}/api/v1/exports", headers=_auth(rob), json={**base, "destination": bad},
+                              timeout=30)
+            assert resp.status_code == 400, (bad, resp.text)
+        assert httpx.get(f"{gw.url}/api/v1/exports", headers=_auth(rob), timeout=30).json()["items"] == []
+
+        resp = httpx.post(f"{gw.url}/api/v1/exports", headers=_auth(rob), timeout=30,
+                          json={**base, "destination": {"kind": "dicomweb", "name": "research-archive"}})
+        assert resp.status_code == 201, resp.text
+        rid = resp.json()["id"]
+        assert resp.json()["destination"] == {"kind": "dicomweb", "name": "research-archive"}
+        resp = httpx.post(f"{gw.url}/api/v1/exports/{rid}/approve", headers=_auth(stack.token("dana")),
+                          json={"comment": "IRB-2026-077 approved for the research archive"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+
+        status = _wait_done(gw.url, lambda: stack.token("rob"), rid)
+        assert status["state"] == "ready", (status, gw.log_path.read_text()[-3000:])
+        delivery = status["delivery"]
+        assert (delivery["released"], delivery["stored"], delivery["failed"], delivery["unconfirmed"]) == (2, 2, 0, 0)
+        assert [f["status"] for f in delivery["files"]] == ["stored", "stored"]
+        pushed_uids = {f["sop_instance_uid"] for f in delivery["files"]}
+        assert all(u.startswith("2.25.") for u in pushed_uids)
+        # There is no bundle to download: the data went to the archive.
+        resp = httpx.get(f"{gw.url}/api/v1/exports/{rid}/bundle", headers=_auth(stack.token("rob")), timeout=30)
+        assert resp.status_code == 409, resp.text
+
+        # What the research archive holds (QIDO-RS, WADO-RS with its own credentials): the two instances,
+        # pseudonymised, and not one identifying value of the source.
+        resp = httpx.get(f"{research_archive.dicomweb}/instances", auth=research_archive.auth, timeout=30,
+                         headers={"Accept": "application/dicom+json"})
+        assert resp.status_code == 200, resp.text
+        found = resp.json()
+        assert {i["00080018"]["Value"][0] for i in found} == pushed_uids
+        source_values = [ct.patient_id, ct.patient_name, ct.patient_name.split("^")[1], ct.study_uid,
+                         ct.series_uid, ct.sop_instance_uid, mr.series_uid, mr.sop_instance_uid]
+        patient_ids = set()
+        for item in found:
+            study = item["0020000D"]["Value"][0]
+            series = item["0020000E"]["Value"][0]
+            sop = item["00080018"]["Value"][0]
+            resp = httpx.get(f"{research_archive.dicomweb}/studies/{study}/series/{series}/instances/{sop}",
+                             auth=research_archive.auth, timeout=30,
+                             headers={"Accept": 'multipart/related; type="application/dicom"'})
+            assert resp.status_code == 200, resp.text
+            for value in source_values:
+                assert value.encode() not in resp.content, value
+            from compliance.exports.jobs import multipart_parts
+
+            (data,) = multipart_parts(resp.headers["content-type"], resp.content)
+            ds = pydicom.dcmread(io.BytesIO(data))
+            assert ds.PatientIdentityRemoved == "YES"
+            assert ds.StudyInstanceUID.startswith("2.25.") and ds.StudyInstanceUID != ct.study_uid
+            assert str(ds.PatientName) != ct.patient_name and str(ds.PatientID) != ct.patient_id
+            patient_ids.add(str(ds.PatientID))
+        assert len(patient_ids) == 1  # one patient, one pseudonym
+
+        # The disclosure, in Elasticsearch: one 110106 per STOW batch (batches of one here), recorded
+        # before the batch left, naming the research archive as the recipient.
+        exports = audit.wait_for(2, event__id="110106", **{"patient.ids": ct.patient_id})
+        assert len(exports) == 2, exports
+        for doc in exports:
+            assert doc["recipient"] == "research-archive" and doc["user.name"] == "rob"
+            assert f"{research_archive.dicomweb}/studies" in doc["participant.ids"]
+            assert doc["event.outcome"] == 0 and "external validation" in json.dumps(doc)
+        assert ct.study_uid in {uid for doc in exports for uid in doc["study.uids"]}
+
+        # The archive goes away: the next push fails, each file says why, and nothing is disclosed.
+        research_archive.process.terminate()
+        research_archive.process.wait(timeout=30)
+        other = unique_instance("CT_small.dcm")
+        _store(gw.url, stack, [other])
+        resp = httpx.post(f"{gw.url}/api/v1/exports", headers=_auth(stack.token("rob")), timeout=30,
+                          json={**base, "cohort": {"study_uids": [other.study_uid]},
+                                "destination": {"kind": "dicomweb", "name": "research-archive"}})
+        assert resp.status_code == 201, resp.text
+        rid2 = resp.json()["id"]
+        assert httpx.post(f"{gw.url}/api/v1/exports/{rid2}/approve", headers=_auth(stack.token("dana")),
+                          json={"comment": "ok"}, timeout=30).status_code == 200
+        status = _wait_done(gw.url, lambda: stack.token("rob"), rid2)
+        assert status["state"] == "failed", status
+        assert [(f["status"], f["reason"]) for f in status["delivery"]["files"]] == \
+            [("failed", "destination unreachable (ConnectError)")]
+        assert "no instance was stored at research-archive" in status["error"]
+        # The attempt was audited before anything was sent (a job killed mid-push leaves no unaudited
+        # disclosure), then its failure: nothing of it was stored.
+        attempt = audit.wait_for(2, event__id="110106", **{"patient.ids": other.patient_id})
+        assert [d["event.outcome"] for d in attempt] == [0, 8], attempt
+        assert "1 instances sent" in attempt[0]["event.outcome_description"]
+        assert "1 of 1 instances sent were not confirmed stored" in attempt[1]["event.outcome_description"]
+        assert all(d["recipient"] == "research-archive" for d in attempt)
+    finally:
+        stop_gateway(gw)
+        drop_prefix(stack, prefix)

@@ -281,3 +281,16 @@ def test_retain_safe_private_keeps_only_listed(engine_for) -> None:
     out = engine_for("research-extended").deidentify(ds).dataset
     kept = [t for t in out.keys() if t.group & 1]
     assert [str(out[t].value) for t in kept] == ["SIEMENS MR HEADER", "1000"]
+
+
+def test_preamble_is_not_carried_over(engine_for) -> None:
+    """The PS3.10 preamble is not a data element: whatever an application left there never reaches
+    the output (CT_small's own preamble is a TIFF header)."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert ds.preamble[:4] == b"II*\x00"
+    ds.preamble = b"Patient Doe^Johanna MRN-00912873".ljust(128, b"\x00")
+    result = engine_for("basic").deidentify(ds)
+    assert result.released
+    data = _write(result.dataset)
+    assert data[:128] == b"\x00" * 128 and data[128:132] == b"DICM"
+    _assert_no_secret(data, ["DOE^JOHANNA", "MRN-00912873"])
