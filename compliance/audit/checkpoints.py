@@ -45,6 +45,7 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from compliance.audit.chain import canonical
 from compliance.audit.models import AuditChainHead, AuditCheckpoint, AuditOutboxRow
+from compliance.audit.writes import audit_transaction
 from compliance.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ class SqlCheckpointStore:
     def mark_published(self, checkpoints: Sequence[Checkpoint]) -> None:
         if not checkpoints:
             return
-        with self._engine.begin() as conn:
+        with audit_transaction(self._engine) as conn:
             conn.execute(update(_CP).where(_CP.c.seq_from.in_([c.seq_from for c in checkpoints]))
                          .values(shipped_at=datetime.now(UTC)))
 
@@ -249,7 +250,7 @@ class SqlCheckpointStore:
         stmt = (select(_OUTBOX.c.seq, _OUTBOX.c.hash).where(_OUTBOX.c.seq.between(seq_from, seq_to))
                 .order_by(_OUTBOX.c.seq))
         with self._engine.connect() as conn:
-            rows = list(conn.execute(stmt))
+            rows = conn.execute(stmt).all()
         if [r.seq for r in rows] != list(range(seq_from, seq_to + 1)):
             raise RuntimeError(f"the outbox has gaps in {seq_from}..{seq_to}: cannot sign a checkpoint")
         return [bytes.fromhex(r.hash) for r in rows]
@@ -257,7 +258,7 @@ class SqlCheckpointStore:
     def insert(self, cp: Checkpoint) -> bool:
         """Store ``cp``; False when another process signed that range first (unique seq_from)."""
         try:
-            with self._engine.begin() as conn:
+            with audit_transaction(self._engine) as conn:
                 conn.execute(insert(_CP).values(
                     seq_from=cp.seq_from, seq_to=cp.seq_to, merkle_root=cp.merkle_root, head_hash=cp.head_hash,
                     key_id=cp.key_id, signature=cp.signature, created_at=datetime.fromisoformat(cp.created_at)))
@@ -289,13 +290,15 @@ class ElasticsearchCheckpoints:
     def __init__(self, client: Any, index_prefix: str) -> None:
         self._client = client
         self.index = f"{index_prefix}.checkpoints"
+        self._index_seen = False
 
     def publish(self, checkpoints: Sequence[Checkpoint]) -> None:
         from elasticsearch.helpers import bulk
 
         if not checkpoints:
             return
-        if not self._client.indices.exists(index=self.index):
+        # Created with its mapping once; not asked again on every publish (one per ~1000 events).
+        if not self._index_seen and not self._client.indices.exists(index=self.index):
             from elasticsearch import BadRequestError
 
             try:
@@ -304,10 +307,13 @@ class ElasticsearchCheckpoints:
             except BadRequestError as exc:  # another gateway process created it first
                 if "resource_already_exists" not in str(exc):
                     raise
+        self._index_seen = True
         actions = [{"_op_type": "create", "_index": self.index, "_id": c.doc_id, "_source": c.to_document()}
                    for c in checkpoints]
-        # refresh=true: checkpoints are rare, and must be searchable as soon as they are published
-        _, errors = bulk(self._client, actions, raise_on_error=False, refresh=True)
+        # No forced refresh: it made every publish wait for a refresh (and wrote a one-document segment
+        # each time) in the shipper's loop. A search sees them anyway: within the 1 s refresh while the
+        # index is searched, and an idle index is refreshed by the search itself before it runs.
+        _, errors = bulk(self._client, actions, raise_on_error=False)
         real = [e for e in (errors if isinstance(errors, list) else []) if e.get("create", {}).get("status") != 409]
         if real:
             raise RuntimeError(f"Elasticsearch refused {len(real)} checkpoint(s): {real[0]}")

@@ -5,6 +5,13 @@ bulk API with ``op_type=create`` and ``_id`` = the event uuid. A second delivery
 (the outbox ships at least once) is answered 409 ``version_conflict_engine_exception``: that counts
 as shipped, and the stored document is never overwritten, which keeps the trail tamper-evident.
 
+The request body is NDJSON built as bytes here and sent with the client's ``bulk`` API (no per-action
+serialisation by ``elasticsearch.helpers``). :meth:`ElasticsearchAuditSink.ship_serialized` takes the
+documents as the outbox stored them (JSON text, serialised once when the event was recorded) and sends
+that text unchanged; :meth:`ElasticsearchAuditSink.ship` serialises dicts with orjson. A batch is one
+bulk request, split only above ``max_bulk_bytes``. No ``refresh`` is forced: documents become
+searchable on the index's own refresh schedule (``audit/elasticsearch/README.md``).
+
 Failure handling:
 
 * the cluster cannot be reached (connection refused, timeout): :class:`AuditSinkUnavailable`,
@@ -19,27 +26,61 @@ Failure handling:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout, TransportError
 from elasticsearch import ApiError, Elasticsearch
-from elasticsearch.helpers import streaming_bulk
+from elasticsearch.serializer import NdjsonSerializer
 
 from compliance.audit.documents import index_name
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
 from compliance.config import PROJECT_ROOT
 from compliance.errors import ConfigurationError
 
-__all__ = ["TEMPLATE_PATH", "ElasticsearchAuditSink"]
+__all__ = ["TEMPLATE_PATH", "ElasticsearchAuditSink", "document_timestamp"]
 
 TEMPLATE_PATH = PROJECT_ROOT / "audit" / "elasticsearch" / "audit-events.template.json"
 
 _UNREACHABLE = (TransportConnectionError, ConnectionTimeout)
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+#: Only what is needed to account for each document (the full bulk response echoes index, version,
+#: shards and sequence numbers per document).
+_BULK_FILTER = "errors,items.*._id,items.*.status,items.*.error.type,items.*.error.reason"
+_TS_PREFIX = '{"@timestamp":"'
+_UTC_OFFSET = timedelta(0)
+
+
+def document_timestamp(text: str) -> str:
+    """``@timestamp`` of a document stored as JSON text, without parsing the whole document.
+
+    The outbox stores canonical JSON (sorted keys, compliance/audit/chain.py), where ``@timestamp``
+    is the first key; anything else (older rows, escapes in the value) takes the full parse.
+    Raises KeyError or ValueError when there is no usable ``@timestamp``.
+    """
+    if text.startswith(_TS_PREFIX):
+        end = text.find('"', len(_TS_PREFIX))
+        value = text[len(_TS_PREFIX):end]
+        if end > 0 and "\\" not in value:
+            return value
+    document = orjson.loads(text)
+    if not isinstance(document, dict):
+        raise ValueError("the document is not a JSON object")
+    return str(document["@timestamp"])
+
+
+class _PrebuiltNdjson(NdjsonSerializer):
+    """NDJSON serializer that passes a body already built as bytes through (the stock one copies it
+    twice); anything else (lists of actions from ``elasticsearch.helpers``) is serialised as usual."""
+
+    def dumps(self, data: Any) -> bytes:
+        if isinstance(data, bytes) and data.endswith(b"\n"):
+            return data
+        return super().dumps(data)
 
 
 def load_template(prefix: str, path: Path = TEMPLATE_PATH) -> dict[str, Any]:
@@ -52,15 +93,19 @@ def load_template(prefix: str, path: Path = TEMPLATE_PATH) -> dict[str, Any]:
 class ElasticsearchAuditSink:
     """An :class:`~compliance.audit.interfaces.AuditSink` writing to Elasticsearch (client 9.x)."""
 
-    def __init__(self, url: str, index_prefix: str, *, request_timeout: float = 10) -> None:
+    def __init__(self, url: str, index_prefix: str, *, request_timeout: float = 10,
+                 max_bulk_bytes: int = 16 * 1024 * 1024) -> None:
         if not index_prefix or index_prefix != index_prefix.lower() or "*" in index_prefix:
             raise ConfigurationError(f"invalid audit index prefix {index_prefix!r} (lowercase, no '*')")
         self.url = url
         self.index_prefix = index_prefix
         self.template_name = f"{index_prefix}-events"
+        self.max_bulk_bytes = max_bulk_bytes
         self._client = Elasticsearch(
-            url, request_timeout=request_timeout, max_retries=1, retry_on_timeout=False
+            url, request_timeout=request_timeout, max_retries=1, retry_on_timeout=False,
+            serializers={"application/x-ndjson": _PrebuiltNdjson()},
         )
+        self._month_index: dict[tuple[int, int], str] = {}
 
     @property
     def client(self) -> Elasticsearch:
@@ -101,35 +146,80 @@ class ElasticsearchAuditSink:
 
     def ship(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> ShipResult:
         """Create each document once; a duplicate uuid counts as shipped and changes nothing."""
-        if not batch:
-            return ShipResult()
-        shipped: list[str] = []
         failed: dict[str, str] = {}
+        lines: list[tuple[str, bytes]] = []
+        for doc_id, document in batch:
+            try:
+                index = self._index_for(str(document["@timestamp"]))
+            except (KeyError, ValueError) as exc:
+                failed[doc_id] = f"invalid document: no usable @timestamp ({exc})"
+                continue
+            try:
+                body = orjson.dumps(document)
+            except TypeError:  # what orjson refuses (a lone surrogate, a huge integer): the stdlib can
+                body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode(
+                    "utf-8", "surrogatepass")
+            lines.append((doc_id, self._action(index, doc_id) + body + b"\n"))
+        return self._bulk(lines, failed)
+
+    def ship_serialized(self, batch: Sequence[tuple[str, str]]) -> ShipResult:
+        """:meth:`ship` for documents already serialised as JSON text (the outbox's stored text).
+
+        The text is sent as it is: no parse, no second serialisation. Only its ``@timestamp`` is read
+        (for the monthly index). A text that spans several lines (not written by this project's outbox,
+        which stores single-line JSON) is re-serialised so it cannot break the NDJSON framing.
+        """
+        failed: dict[str, str] = {}
+        lines: list[tuple[str, bytes]] = []
+        for doc_id, text in batch:
+            try:
+                index = self._index_for(document_timestamp(text))
+                multiline = "\n" in text or "\r" in text
+                body = orjson.dumps(orjson.loads(text)) if multiline else text.encode("utf-8")
+            except (KeyError, ValueError, TypeError) as exc:
+                failed[doc_id] = f"invalid document: {type(exc).__name__}: {exc}"
+                continue
+            lines.append((doc_id, self._action(index, doc_id) + body + b"\n"))
+        return self._bulk(lines, failed)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _index_for(self, timestamp: str) -> str:
+        """The monthly index of an ``@timestamp`` value (ValueError when it is not an aware ISO time)."""
+        occurred_at = datetime.fromisoformat(timestamp)
+        if occurred_at.utcoffset() != _UTC_OFFSET:  # None (naive: refused) or another offset
+            return index_name(self.index_prefix, occurred_at)
+        month = (occurred_at.year, occurred_at.month)
+        index = self._month_index.get(month)
+        if index is None:
+            index = self._month_index[month] = index_name(self.index_prefix, occurred_at)
+        return index
+
+    @staticmethod
+    def _action(index: str, doc_id: str) -> bytes:
+        return orjson.dumps({"create": {"_index": index, "_id": doc_id}}) + b"\n"
+
+    def _bulk(self, lines: Sequence[tuple[str, bytes]], failed: dict[str, str]) -> ShipResult:
+        shipped: list[str] = []
         retryable: list[str] = []
-        actions = list(self._actions(batch, failed))
-        if not actions:
-            return ShipResult(failed=failed)
+        start = 0
+        while start < len(lines):
+            # One request per batch; split only when the body would exceed max_bulk_bytes.
+            end, size = start, 0
+            while end < len(lines) and (end == start or size + len(lines[end][1]) <= self.max_bulk_bytes):
+                size += len(lines[end][1])
+                end += 1
+            self._send(lines[start:end], shipped, failed, retryable)
+            start = end
+        return ShipResult(
+            shipped=tuple(shipped), failed=failed, retryable=bool(retryable), retryable_ids=tuple(retryable)
+        )
+
+    def _send(self, chunk: Sequence[tuple[str, bytes]], shipped: list[str], failed: dict[str, str],
+              retryable: list[str]) -> None:
         try:
-            for ok, item in streaming_bulk(
-                self._client,
-                actions,
-                raise_on_error=False,
-                raise_on_exception=True,
-                max_retries=0,
-                chunk_size=500,
-            ):
-                result = item.get("create", {})
-                doc_id = str(result.get("_id"))
-                status = int(result.get("status", 0))
-                if ok or status == 409:
-                    shipped.append(doc_id)
-                    continue
-                error = result.get("error", {})
-                reason = error.get("reason", str(error)) if isinstance(error, dict) else str(error)
-                kind = error.get("type", "error") if isinstance(error, dict) else "error"
-                failed[doc_id] = f"{status} {kind}: {reason}"
-                if status in _RETRYABLE_STATUS:
-                    retryable.append(doc_id)
+            response = self._client.bulk(operations=b"".join(line for _, line in chunk),
+                                         filter_path=_BULK_FILTER)
         except _UNREACHABLE as exc:
             raise AuditSinkUnavailable(f"Elasticsearch at {self.url} is unreachable: {exc}") from exc
         except ApiError as exc:
@@ -137,23 +227,28 @@ class ElasticsearchAuditSink:
             raise AuditSinkUnavailable(f"Elasticsearch refused the bulk request: {exc}") from exc
         except TransportError as exc:
             raise AuditSinkUnavailable(f"Elasticsearch transport failure: {exc}") from exc
-        return ShipResult(
-            shipped=tuple(shipped), failed=failed, retryable=bool(retryable), retryable_ids=tuple(retryable)
-        )
-
-    # ------------------------------------------------------------------ helpers
-
-    def _actions(
-        self, batch: Sequence[tuple[str, dict[str, Any]]], failed: dict[str, str]
-    ) -> Iterator[dict[str, Any]]:
-        for doc_id, document in batch:
-            try:
-                occurred_at = datetime.fromisoformat(str(document["@timestamp"]))
-                index = index_name(self.index_prefix, occurred_at)
-            except (KeyError, ValueError) as exc:
-                failed[doc_id] = f"invalid document: no usable @timestamp ({exc})"
+        body = response.body
+        items = body.get("items") or []
+        if len(items) != len(chunk):
+            raise AuditSinkUnavailable(f"Elasticsearch answered {len(items)} bulk items for {len(chunk)} documents")
+        if not body.get("errors"):
+            shipped.extend(doc_id for doc_id, _ in chunk)
+            return
+        # Items come back in request order (the bulk API guarantees it); the id is checked anyway.
+        for (doc_id, _), item in zip(chunk, items, strict=True):
+            result = item.get("create", {})
+            if str(result.get("_id")) != doc_id:
+                raise AuditSinkUnavailable(f"Elasticsearch answered bulk items out of order ({doc_id})")
+            status = int(result.get("status", 0))
+            if 200 <= status < 300 or status == 409:
+                shipped.append(doc_id)
                 continue
-            yield {"_op_type": "create", "_index": index, "_id": doc_id, "_source": document}
+            error = result.get("error", {})
+            reason = error.get("reason", str(error)) if isinstance(error, dict) else str(error)
+            kind = error.get("type", "error") if isinstance(error, dict) else "error"
+            failed[doc_id] = f"{status} {kind}: {reason}"
+            if status in _RETRYABLE_STATUS:
+                retryable.append(doc_id)
 
     def refresh_for_tests(self) -> None:
         """Make every shipped document searchable now (tests only; production relies on refresh_interval)."""

@@ -21,10 +21,12 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import Engine, Table, insert, select
 
 from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable, ShipResult
 from compliance.audit.models import AuditOutboxDelivery
+from compliance.audit.writes import audit_transaction
 from compliance.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -61,11 +63,20 @@ class FanOutAuditSink:
     def _record(self, name: str, uuids: Sequence[str]) -> None:
         if uuids:
             now = datetime.now(UTC)
-            with self._engine.begin() as conn:
+            with audit_transaction(self._engine, rows=len(uuids)) as conn:
                 conn.execute(insert(_DELIVERY), [{"sink": name, "uuid": u, "delivered_at": now} for u in uuids])
 
     def ship(self, batch: Sequence[tuple[str, dict[str, Any]]]) -> ShipResult:
+        return self._ship(batch)
+
+    def ship_serialized(self, batch: Sequence[tuple[str, str]]) -> ShipResult:
+        """:meth:`ship` for the outbox's stored JSON text: a sink that takes text gets it unchanged,
+        the others get it parsed (once per batch)."""
+        return self._ship(batch)
+
+    def _ship(self, batch: Sequence[tuple[str, Any]]) -> ShipResult:
         uuids = [u for u, _ in batch]
+        parsed: dict[str, dict[str, Any]] = {}
         have_all = set(uuids)
         failed: dict[str, str] = {}
         retryable: list[str] = []
@@ -78,7 +89,7 @@ class FanOutAuditSink:
                     if name not in self._ready:
                         sink.ensure_ready()
                         self._ready.add(name)
-                    result = sink.ship(todo)
+                    result = self._ship_to(sink, todo, parsed)
                 except AuditSinkUnavailable as exc:
                     self._ready.discard(name)
                     self.errors[name] = str(exc)
@@ -98,6 +109,30 @@ class FanOutAuditSink:
             log.warning("audit sinks unavailable, their events stay pending: %s", "; ".join(unavailable))
         return ShipResult(shipped=tuple(u for u in uuids if u in have_all), failed=failed,
                           retryable=bool(retryable), retryable_ids=tuple(retryable))
+
+    @staticmethod
+    def _ship_to(sink: AuditSink, todo: list[tuple[str, Any]], parsed: dict[str, dict[str, Any]]) -> ShipResult:
+        ship_serialized = getattr(sink, "ship_serialized", None)
+        if ship_serialized is not None and all(isinstance(d, str) for _, d in todo):
+            result: ShipResult = ship_serialized(todo)
+            return result
+        documents: list[tuple[str, dict[str, Any]]] = []
+        unreadable: dict[str, str] = {}
+        for u, d in todo:
+            if isinstance(d, str):
+                if u not in parsed:
+                    try:
+                        parsed[u] = orjson.loads(d)
+                    except orjson.JSONDecodeError as exc:
+                        unreadable[u] = f"invalid stored document: {exc}"
+                        continue
+                d = parsed[u]
+            documents.append((u, d))
+        result = sink.ship(documents) if documents else ShipResult()
+        if unreadable:
+            result = ShipResult(shipped=result.shipped, failed={**result.failed, **unreadable},
+                                retryable=result.retryable, retryable_ids=result.retryable_ids)
+        return result
 
     def close(self) -> None:
         for sink in self.sinks.values():

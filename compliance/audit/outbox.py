@@ -5,32 +5,46 @@ transaction that commits before the request's response starts. Concurrent reques
 share commits (group commit): a single writer thread drains whatever events are waiting, inserts them
 in one transaction, commits once, then releases every waiting request. Each request still waits for
 the durable commit of its own event, so nothing is acknowledged that is not on disk; the fsync cost
-is paid once per group instead of once per request.
+is paid once per group instead of once per request. Request handlers wait with :meth:`record`: the
+writer wakes each event loop once per group (one ``call_soon_threadsafe`` for all of that loop's
+waiters), not once per event.
+
+The document is serialised once, when it is linked into the hash chain (canonical JSON, see
+compliance/audit/chain.py); the stored text is what the shipper sends to the repository, unchanged.
 
 Shipping (asynchronous): :class:`AuditShipper` reads pending rows in ``seq`` order and hands them to
 an :class:`~compliance.audit.interfaces.AuditSink` in batches. Delivery is at least once; the sink uses
 the event UUID as an idempotent document id, so a batch re-sent after a crash does not duplicate.
-Rows are marked shipped, never deleted.
+Rows are marked shipped (one UPDATE per run of consecutive positions), never deleted, and always
+after the sink confirmed them. While a full batch is in flight, the shipper reads the next one (by
+position, after the last one it read) and records the previous batch's result: the database work
+overlaps the repository's. On SQLite the marks ride on the writer's next group commit instead of a
+transaction of their own (SQLite has one writer at a time, and a separate commit would hold the
+requests' commits back); if that fails, the requests are committed without them. Rows the sink
+refused stay pending and are sent again once the shipper has caught up (it then rereads from the
+oldest pending row).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import Engine, Table, func, insert, select, update
+from sqlalchemy import Engine, Table, bindparam, func, insert, select, update
 
 from compliance.audit.chain import HASH, PREV, SEQ, extend_serialized
-from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable
+from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable, ShipResult
 from compliance.audit.models import AuditChainHead, AuditOutboxRow
+from compliance.audit.writes import audit_transaction
 from compliance.errors import AuditFailure
 
 log = logging.getLogger(__name__)
@@ -47,8 +61,97 @@ class OutboxEntry:
     document: dict[str, Any]
 
 
+class PendingRow(NamedTuple):
+    """An outbox row waiting for shipping: its chain position, uuid and stored JSON text."""
+
+    seq: int
+    uuid: str
+    text: str
+
+
+def seq_ranges(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive positions, as inclusive ``(first, last)`` pairs: [1,2,3,7,8] -> [(1,3),(7,8)]."""
+    ranges: list[tuple[int, int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], seq)
+        else:
+            ranges.append((seq, seq))
+    return ranges
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _resolve(futures: Sequence[asyncio.Future[None]], error: BaseException | None) -> None:
+    """Runs in the waiters' event loop: release every waiter of one group at once."""
+    for fut in futures:
+        if fut.done():  # the request was cancelled meanwhile; its event is recorded all the same
+            continue
+        if error is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(error)
+
+
+#: What the writer resolves: a thread's concurrent future, or an event loop's future.
+_Waiter = Future[None] | tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]
+
+#: Mark a run of positions shipped; rows already marked (by another process) keep their time.
+_MARK_SHIPPED = (update(_TABLE)
+                 .where(_TABLE.c.seq.between(bindparam("lo"), bindparam("hi")), _TABLE.c.shipped_at.is_(None))
+                 .values(shipped_at=bindparam("now")))
+
+_INSERT_COLUMNS = ("seq", "uuid", "event_code", "occurred_at", "document", "recorded_at", "attempts",
+                   "prev_hash", "hash")
+
+
+class _RowInsert:
+    """The outbox INSERT compiled once for a dialect, with parameters converted up front.
+
+    The rows are prepared (chain linked, values converted by the column types' own bind processors)
+    before the write transaction starts, so the transaction only hands them to the driver.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        compiled = insert(_TABLE).compile(dialect=dialect, column_keys=list(_INSERT_COLUMNS))
+        self.sql = str(compiled)
+        self.positional = bool(compiled.positional)
+        names = list(compiled.positiontup or ()) if self.positional else list(_INSERT_COLUMNS)
+        if self.positional and sorted(names) != sorted(_INSERT_COLUMNS):
+            raise RuntimeError(f"unexpected outbox INSERT parameters {names}")
+        self.names = names
+        self.processors = {name: _TABLE.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+                           for name in _INSERT_COLUMNS}
+        self._converting = tuple((n, p) for n, p in self.processors.items() if p is not None)
+
+    def convert(self, name: str, value: Any) -> Any:
+        processor = self.processors[name]
+        return value if processor is None else processor(value)
+
+    def params(self, row: dict[str, Any], *, converted: tuple[str, ...] = ()) -> tuple[Any, ...] | dict[str, Any]:
+        """Driver parameters of one row (``converted``: columns whose values are converted already)."""
+        for name, processor in self._converting:
+            if name not in converted:
+                row[name] = processor(row[name])
+        return tuple([row[n] for n in self.names]) if self.positional else row
+
+
+class _Marks(NamedTuple):
+    """Positions the shipper had confirmed, handed to the writer (SQLite) to mark in its next commit."""
+
+    seqs: tuple[int, ...]
+    done: Future[None]
+
+
+class _Prepared(NamedTuple):
+    head_seq: int
+    head_hash: str
+    new_seq: int
+    new_hash: str
+    params: list[Any]
 
 
 class SqlAuditOutbox:
@@ -58,45 +161,78 @@ class SqlAuditOutbox:
         self._engine = engine
         self._clock = clock
         self._max_group = max_group
-        self._queue: queue.Queue[tuple[OutboxEntry, Future[None]] | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[tuple[OutboxEntry, _Waiter] | _Marks | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._insert = _RowInsert(engine)
+        #: The chain head as this process last wrote it: rows are linked to it before the write
+        #: transaction (and linked again inside it if another writer moved the head meanwhile).
+        self._head: tuple[int, str] | None = None
+        #: How often (moving average) the head was still ours when the lock was taken. Below 1/2
+        #: (several processes appending to one database in turn) linking ahead is skipped: it
+        #: would mostly be done twice.
+        self._head_kept = 1.0
 
     # -- writing -----------------------------------------------------------------------------
-    def append_now(self, entries: Sequence[OutboxEntry]) -> None:
+    def _prepare(self, entries: Sequence[OutboxEntry], head_seq: int, head_hash: str, now: datetime) -> _Prepared:
+        """Link ``entries`` to the head ``(head_seq, head_hash)`` and convert them to driver parameters."""
+        insert_ = self._insert
+        documents = [dict(e.document) for e in entries]
+        new_seq, new_hash, texts = extend_serialized(head_seq, head_hash, documents)
+        recorded_at = insert_.convert("recorded_at", now)  # the same for the whole group
+        params = [
+            insert_.params({
+                "seq": doc[SEQ],
+                "uuid": e.uuid,
+                "event_code": e.event_code,
+                "occurred_at": e.occurred_at,
+                "document": text,
+                "recorded_at": recorded_at,
+                "attempts": 0,
+                "prev_hash": doc[PREV],
+                "hash": doc[HASH],
+            }, converted=("recorded_at",))
+            for e, doc, text in zip(entries, documents, texts, strict=True)
+        ]
+        return _Prepared(head_seq, head_hash, new_seq, new_hash, params)
+
+    def append_now(self, entries: Sequence[OutboxEntry], *, shipped_seqs: Sequence[int] = ()) -> None:
         """Insert and commit in the caller's thread (CLI, tests, start-up events).
 
         The chain head row is locked first (an UPDATE, so SQLite takes its write lock and PostgreSQL
         a row lock at once), then the entries are linked to it and inserted, and the head moves, all
-        in one transaction: concurrent writers extend the chain one after the other.
+        in one transaction: concurrent writers extend the chain one after the other. The linking and
+        serialising is done before the transaction against the head this process last wrote; inside
+        the transaction the locked head is compared with it and, if another writer moved it, the
+        entries are linked again to the locked head. Either way they extend the head they locked.
         """
         if not entries:
             return
         now = self._clock()
-        documents = [dict(e.document) for e in entries]
+        ranges = seq_ranges(shipped_seqs)
         try:
-            with self._engine.begin() as conn:
-                conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(id=1))
-                head = conn.execute(select(_HEAD.c.seq, _HEAD.c.hash).where(_HEAD.c.id == 1)).one()
-                new_seq, new_hash, texts = extend_serialized(int(head.seq), str(head.hash), documents)
-                rows = [
-                    {
-                        "seq": doc[SEQ],
-                        "uuid": e.uuid,
-                        "event_code": e.event_code,
-                        "occurred_at": e.occurred_at,
-                        "document": text,
-                        "recorded_at": now,
-                        "attempts": 0,
-                        "prev_hash": doc[PREV],
-                        "hash": doc[HASH],
-                    }
-                    for e, doc, text in zip(entries, documents, texts, strict=True)
-                ]
-                conn.execute(insert(_TABLE), rows)
-                conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(seq=new_seq, hash=new_hash))
+            cached = self._head
+            prepared = None
+            if cached is not None and self._head_kept >= 0.5:
+                prepared = self._prepare(entries, cached[0], cached[1], now)
+            marked = sum(hi - lo + 1 for lo, hi in ranges)
+            with audit_transaction(self._engine, rows=len(entries) + marked, documents=True) as conn:
+                # The UPDATE takes the lock (SQLite's write lock, PostgreSQL's row lock) and returns the head.
+                head = conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(id=1)
+                                    .returning(_HEAD.c.seq, _HEAD.c.hash)).one()
+                locked = (int(head.seq), str(head.hash))
+                self._head_kept = 0.9 * self._head_kept + (0.1 if cached == locked else 0.0)
+                if prepared is None or (prepared.head_seq, prepared.head_hash) != locked:
+                    prepared = self._prepare(entries, locked[0], locked[1], now)
+                conn.exec_driver_sql(self._insert.sql, prepared.params)
+                conn.execute(update(_HEAD).where(_HEAD.c.id == 1)
+                             .values(seq=prepared.new_seq, hash=prepared.new_hash))
+                if ranges:
+                    conn.execute(_MARK_SHIPPED, [{"lo": lo, "hi": hi, "now": now} for lo, hi in ranges])
         except Exception as exc:  # any database failure means the event is not recorded
+            self._head = None
             raise AuditFailure("the audit event could not be recorded") from exc
+        self._head = (prepared.new_seq, prepared.new_hash)
 
     def shipped_head(self) -> int:
         """The highest chain position delivered to the repository (0 when none)."""
@@ -121,6 +257,17 @@ class SqlAuditOutbox:
         self._queue.put((entry, fut))
         return fut
 
+    async def record(self, entry: OutboxEntry) -> None:
+        """Append ``entry`` through the group-commit writer; return once it is durably committed.
+
+        Raises :class:`~compliance.errors.AuditFailure` when it could not be recorded.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._ensure_writer()
+        self._queue.put((entry, (loop, fut)))
+        await fut
+
     def _ensure_writer(self) -> None:
         if self._thread is not None and self._thread.is_alive():
             return
@@ -134,24 +281,100 @@ class SqlAuditOutbox:
             item = self._queue.get()
             if item is None:
                 return
-            group = [item]
-            while len(group) < self._max_group:
+            group: list[tuple[OutboxEntry, _Waiter]] = []
+            shipped: list[int] = []
+            marks: list[Future[None]] = []
+            stopping = False
+            while True:
+                if isinstance(item, _Marks):
+                    shipped.extend(item.seqs)
+                    marks.append(item.done)
+                else:
+                    group.append(item)
+                if len(group) >= self._max_group:
+                    break
                 try:
-                    nxt = self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if nxt is None:
-                    self._queue.put(None)
+                if item is None:
+                    stopping = True
                     break
-                group.append(nxt)
-            try:
-                self.append_now([e for e, _ in group])
-            except AuditFailure as exc:
-                for _, fut in group:
-                    fut.set_exception(exc)
+            if group:
+                self._append_group(group, shipped)
+            elif shipped:
+                self._mark_quietly(shipped)
+            for done in marks:
+                done.set_result(None)
+            if stopping:
+                return
+
+    def _append_group(self, group: Sequence[tuple[OutboxEntry, _Waiter]], shipped: Sequence[int]) -> None:
+        error: AuditFailure | None = None
+        entries = [e for e, _ in group]
+        try:
+            self.append_now(entries, shipped_seqs=shipped)
+        except AuditFailure as exc:
+            error = exc
+            if shipped:  # never let the shipper's bookkeeping fail a request: try without it
+                try:
+                    self.append_now(entries)
+                    error = None
+                except AuditFailure as again:
+                    error = again
+                if error is None:
+                    self._mark_quietly(shipped)
+        except Exception as exc:  # never leave a waiter hanging
+            error = AuditFailure("the audit event could not be recorded")
+            error.__cause__ = exc
+        self._release([w for _, w in group], error)
+
+    def _mark_quietly(self, seqs: Sequence[int]) -> None:
+        try:
+            self.mark_shipped_seqs(seqs)
+        except Exception:  # the rows stay pending and are shipped (idempotently) again
+            log.warning("could not mark %d audit events shipped; they will be sent again", len(seqs),
+                        exc_info=True)
+
+    def mark_shipped_soon(self, seqs: Iterable[int]) -> Future[None]:
+        """:meth:`mark_shipped_seqs`, but on SQLite done by the group-commit writer in its next commit.
+
+        SQLite has one writer at a time: a separate transaction (and fsync) for the marks would hold
+        the requests' commits back for its whole duration. Until the writer commits them, the rows
+        stay pending; a crash before then only means they are shipped (idempotently) again. The
+        future resolves once the writer has dealt with them (marked, or given up: still pending).
+        """
+        done: Future[None] = Future()
+        seqs = tuple(seqs)
+        if seqs and self._engine.dialect.name == "sqlite":
+            self._ensure_writer()
+            self._queue.put(_Marks(seqs, done))
+            return done
+        try:
+            self.mark_shipped_seqs(seqs)
+        finally:
+            done.set_result(None)
+        return done
+
+    @staticmethod
+    def _release(waiters: Sequence[_Waiter], error: BaseException | None) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        for waiter in waiters:
+            if isinstance(waiter, Future):
+                try:
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
+                except InvalidStateError:  # cancelled by its caller: the event is recorded all the same
+                    pass
             else:
-                for _, fut in group:
-                    fut.set_result(None)
+                by_loop.setdefault(waiter[0], []).append(waiter[1])
+        for loop, futures in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, futures, error)
+            except RuntimeError:  # that event loop is closed: nobody is waiting any more
+                log.warning("audit waiters of a closed event loop dropped (%d)", len(futures))
 
     def close(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -160,32 +383,49 @@ class SqlAuditOutbox:
 
     # -- reading (shipper, status) ------------------------------------------------------------
     def pending(self, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
-        stmt = (
-            select(_TABLE.c.seq, _TABLE.c.uuid, _TABLE.c.document)
-            .where(_TABLE.c.shipped_at.is_(None))
-            .order_by(_TABLE.c.seq)
-            .limit(limit)
-        )
+        """The oldest pending rows as ``(seq, uuid, document)`` (parsed; for tools and tests)."""
+        return [(r.seq, r.uuid, orjson.loads(r.text)) for r in self.pending_rows(limit)]
+
+    def pending_rows(self, limit: int, *, after_seq: int | None = None) -> list[PendingRow]:
+        """Pending rows in chain order with their stored JSON text, from the oldest or after ``after_seq``."""
+        stmt = select(_TABLE.c.seq, _TABLE.c.uuid, _TABLE.c.document).where(_TABLE.c.shipped_at.is_(None))
+        if after_seq is not None:
+            stmt = stmt.where(_TABLE.c.seq > after_seq)
+        stmt = stmt.order_by(_TABLE.c.seq).limit(limit)
         with self._engine.connect() as conn:
-            return [(r.seq, r.uuid, orjson.loads(r.document)) for r in conn.execute(stmt)]
+            return [PendingRow(int(seq), uuid, text) for seq, uuid, text in conn.execute(stmt).all()]
 
     def mark_shipped(self, uuids: Sequence[str]) -> None:
         if not uuids:
             return
-        with self._engine.begin() as conn:
+        with audit_transaction(self._engine, rows=len(uuids)) as conn:
             conn.execute(
                 update(_TABLE).where(_TABLE.c.uuid.in_(list(uuids))).values(shipped_at=self._clock())
             )
 
-    def mark_failed(self, uuids: Sequence[str], error: str) -> None:
-        if not uuids:
+    def mark_shipped_seqs(self, seqs: Iterable[int]) -> None:
+        """Mark rows shipped by chain position: one UPDATE per run of consecutive positions.
+
+        Rows already marked (by another gateway process shipping the same rows) keep their time.
+        """
+        ranges = seq_ranges(seqs)
+        if not ranges:
             return
-        with self._engine.begin() as conn:
-            conn.execute(
-                update(_TABLE)
-                .where(_TABLE.c.uuid.in_(list(uuids)))
-                .values(attempts=_TABLE.c.attempts + 1, last_error=error[:2000])
-            )
+        now = self._clock()
+        with audit_transaction(self._engine, rows=sum(hi - lo + 1 for lo, hi in ranges)) as conn:
+            conn.execute(_MARK_SHIPPED, [{"lo": lo, "hi": hi, "now": now} for lo, hi in ranges])
+
+    def mark_failed(self, uuids: Sequence[str], error: str) -> None:
+        self.mark_failed_each({u: error for u in uuids})
+
+    def mark_failed_each(self, reasons: dict[str, str]) -> None:
+        """Count one more failed attempt for each uuid, with its reason (one transaction)."""
+        if not reasons:
+            return
+        stmt = (update(_TABLE).where(_TABLE.c.uuid == bindparam("u"))
+                .values(attempts=_TABLE.c.attempts + 1, last_error=bindparam("reason")))
+        with audit_transaction(self._engine, rows=len(reasons)) as conn:
+            conn.execute(stmt, [{"u": u, "reason": r[:2000]} for u, r in reasons.items()])
 
     def backlog(self) -> int:
         with self._engine.connect() as conn:
@@ -197,7 +437,13 @@ class SqlAuditOutbox:
 
 
 class AuditShipper:
-    """Ships pending outbox rows to a sink in a background thread, at least once."""
+    """Ships pending outbox rows to a sink in a background thread, at least once.
+
+    The background loop keeps at most one batch in flight to the sink (on a helper thread) and does
+    the database work around it: while a full batch is being indexed it reads the next one and marks
+    the previous one shipped. A row is marked only after the sink confirmed it, so a crash, a kill or
+    an unreachable sink leaves it pending and it is sent again (idempotently) later.
+    """
 
     def __init__(
         self,
@@ -220,9 +466,14 @@ class AuditShipper:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._sink_ready = False
+        #: The last position the background loop has read (None: read from the oldest pending row).
+        self._cursor: int | None = None
+        #: The marks last handed to the outbox writer (rows stay pending until they are committed).
+        self._marks: Future[None] | None = None
         self.last_error: str | None = None
 
     def start(self) -> None:
+        self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="audit-shipper", daemon=True)
         self._thread.start()
 
@@ -230,8 +481,14 @@ class AuditShipper:
         self._wake.set()
 
     def stop(self, *, drain_seconds: float = 5.0) -> None:
-        """Stop after a last attempt to ship what is pending (bounded by ``drain_seconds``)."""
+        """Stop the loop, then ship what is still pending (bounded by ``drain_seconds``)."""
         deadline = time.monotonic() + drain_seconds
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            # The loop finishes the batch it has in flight (and records it) before it exits.
+            self._thread.join(timeout=max(drain_seconds, 10.0))
+        self._settle_marks()
         while time.monotonic() < deadline:
             try:
                 if self.ship_once() == 0:
@@ -240,47 +497,147 @@ class AuditShipper:
                 break
         if self.checkpointer is not None:
             self.checkpointer.tick()
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
+    # -- one batch ------------------------------------------------------------------------------
     def ship_once(self) -> int:
-        """Ship one batch; return how many events were delivered. Raises AuditSinkUnavailable."""
+        """Ship the oldest pending batch now; return how many events were delivered.
+
+        Raises AuditSinkUnavailable. (The background loop does the same with the database work
+        overlapped; this is for the CLI, draining at stop, and tests.)
+        """
+        self._ensure_sink()
+        batch = self._outbox.pending_rows(self._batch)
+        if not batch:
+            return 0
+        return self._complete(batch, self._send(batch))
+
+    def _ensure_sink(self) -> None:
         if not self._sink_ready:
             self._sink.ensure_ready()
             self._sink_ready = True
-        batch = self._outbox.pending(self._batch)
-        if not batch:
-            return 0
-        result = self._sink.ship([(uuid, doc) for _, uuid, doc in batch])
-        self._outbox.mark_shipped(list(result.shipped))
+
+    def _send(self, batch: Sequence[PendingRow]) -> ShipResult:
+        """Hand one batch to the sink: the stored text as it is when the sink takes it, else parsed."""
+        ship_serialized = getattr(self._sink, "ship_serialized", None)
+        if ship_serialized is not None:
+            result: ShipResult = ship_serialized([(r.uuid, r.text) for r in batch])
+            return result
+        documents: list[tuple[str, dict[str, Any]]] = []
+        unreadable: dict[str, str] = {}
+        for r in batch:
+            try:
+                documents.append((r.uuid, orjson.loads(r.text)))
+            except orjson.JSONDecodeError as exc:
+                unreadable[r.uuid] = f"invalid stored document: {exc}"
+        result = self._sink.ship(documents) if documents else ShipResult()
+        if unreadable:
+            result = ShipResult(shipped=result.shipped, failed={**result.failed, **unreadable},
+                                retryable=result.retryable, retryable_ids=result.retryable_ids)
+        return result
+
+    def _complete(self, batch: Sequence[PendingRow], result: ShipResult, *, soon: bool = False) -> int:
+        """Record what the sink confirmed (shipped) and refused (failed) for one batch.
+
+        ``soon`` (the background loop): the marks may ride on the outbox writer's next commit.
+        """
+        shipped = set(result.shipped)
+        seqs = [r.seq for r in batch if r.uuid in shipped]
+        if soon:
+            self._marks = self._outbox.mark_shipped_soon(seqs)
+        else:
+            self._outbox.mark_shipped_seqs(seqs)
         if result.failed:
-            for uuid, reason in result.failed.items():
-                self._outbox.mark_failed([uuid], reason)
+            self._outbox.mark_failed_each(dict(result.failed))
             log.error("audit shipping rejected %d events: %s", len(result.failed),
                       next(iter(result.failed.values())))
-        return len(result.shipped)
+        return sum(1 for r in batch if r.uuid in shipped)
+
+    # -- the background loop ---------------------------------------------------------------------
+    def _settle_marks(self, timeout: float = 10.0) -> None:
+        """Wait until the marks handed to the writer are committed (before reading from the oldest
+        pending row again, which would otherwise send those rows a second time)."""
+        marks, self._marks = self._marks, None
+        if marks is not None:
+            try:
+                marks.result(timeout=timeout)
+            except Exception:  # noqa: S110 - unmarked rows are only sent again
+                pass
+
+    def _fetch_next(self) -> list[PendingRow]:
+        if self._cursor is None:
+            self._settle_marks()
+        batch = self._outbox.pending_rows(self._batch, after_seq=self._cursor)
+        if batch:
+            self._cursor = batch[-1].seq
+        return batch
 
     def _run(self) -> None:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-shipper-bulk")
+        inflight: tuple[list[PendingRow], Future[ShipResult]] | None = None
         backoff = self._interval
-        while not self._stop.is_set():
-            if self.checkpointer is not None:
-                self.checkpointer.tick()  # never raises: a failed signing is retried next round
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                if self.checkpointer is not None:
+                    self.checkpointer.tick()  # never raises: a failed signing is retried next round
+                try:
+                    self._ensure_sink()
+                    batch = self._fetch_next()  # while the previous batch is in flight
+                    previous, inflight = inflight, None
+                    result = previous[1].result() if previous is not None else None
+                    if batch:
+                        inflight = (batch, executor.submit(self._send, batch))
+                    if previous is not None and result is not None:
+                        self._complete(previous[0], result, soon=True)  # while the next batch is in flight
+                    self.last_error = None
+                    backoff = self._interval
+                    if len(batch) >= self._batch:
+                        continue  # more is waiting: keep the sink busy
+                    rest = self._interval - (time.monotonic() - started)
+                    if inflight is not None:
+                        if rest <= 0:
+                            continue  # busy: this round already took the interval
+                        sent, future = inflight
+                        inflight = None
+                        self._complete(sent, future.result(), soon=True)
+                    if not batch:
+                        # Caught up: next time read from the oldest pending row again, so rows the
+                        # sink refused (or that another process left) are retried.
+                        self._cursor = None
+                    delay = max(0.0, self._interval - (time.monotonic() - started))
+                except AuditSinkUnavailable as exc:
+                    self._abandon(inflight)
+                    inflight = None
+                    self.last_error = str(exc)
+                    self._sink_ready = False
+                    backoff = min(self._max_backoff, max(backoff * 2, 1.0))
+                    delay = backoff
+                    log.warning("audit repository unavailable, retrying in %.1fs: %s", backoff, exc)
+                except Exception as exc:
+                    self._abandon(inflight)
+                    inflight = None
+                    self.last_error = repr(exc)
+                    backoff = min(self._max_backoff, max(backoff * 2, 1.0))
+                    delay = backoff
+                    log.exception("audit shipper failed, retrying in %.1fs", backoff)
+                if delay > 0:
+                    self._wake.wait(timeout=delay)
+                self._wake.clear()
+            if inflight is not None:  # stopping: record the batch that was in flight
+                sent, future = inflight
+                inflight = None
+                self._complete(sent, future.result())
+        except Exception:  # stopping with the sink or database failing: the rows stay pending
+            log.warning("audit shipper stopped with a batch unconfirmed; it stays pending", exc_info=True)
+        finally:
+            self._abandon(inflight)
+            executor.shutdown(wait=True)
+
+    def _abandon(self, inflight: tuple[list[PendingRow], Future[ShipResult]] | None) -> None:
+        """Forget an in-flight batch after a failure: wait for it, record nothing (it stays pending)."""
+        self._cursor = None
+        if inflight is not None:
             try:
-                shipped = self.ship_once()
-                self.last_error = None
-                backoff = self._interval
-                if shipped >= self._batch:
-                    continue  # more is waiting
-            except AuditSinkUnavailable as exc:
-                self.last_error = str(exc)
-                self._sink_ready = False
-                backoff = min(self._max_backoff, max(backoff * 2, 1.0))
-                log.warning("audit repository unavailable, retrying in %.1fs: %s", backoff, exc)
-            except Exception as exc:
-                self.last_error = repr(exc)
-                backoff = min(self._max_backoff, max(backoff * 2, 1.0))
-                log.exception("audit shipper failed, retrying in %.1fs", backoff)
-            self._wake.wait(timeout=backoff)
-            self._wake.clear()
+                inflight[1].result()
+            except Exception:  # noqa: S110 - its rows stay pending and are sent again
+                pass

@@ -8,7 +8,6 @@ request proceeds (a per-deployment choice, documented in the README's configurat
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from compliance.audit.atna import AuditSource
@@ -37,7 +36,7 @@ class AuditRecorder:
     async def record(self, event: AuditEvent) -> None:
         try:
             entry = self.entry(event)
-            await asyncio.wrap_future(self._outbox.submit(entry))
+            await self._outbox.record(entry)
         except Exception as exc:
             self._failed(event, exc)
 

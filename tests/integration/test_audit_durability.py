@@ -295,3 +295,39 @@ def test_several_processes_extend_one_chain_without_forks(stack: Stack, tmp_path
             with admin.begin() as c:
                 c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
             admin.dispose()
+
+
+def test_postgres_outbox_documents_are_compressed_with_lz4_and_read_back_unchanged(stack: Stack):
+    """PostgreSQL only: the writer asks for lz4 (cheaper than pglz) for the documents it inserts."""
+    if os.environ.get("COMPLIANCE_TEST_DATABASE") != "postgres":
+        pytest.skip("PostgreSQL only (COMPLIANCE_TEST_DATABASE=postgres)")
+    from datetime import UTC, datetime
+
+    from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
+    from compliance.db.migrate import upgrade
+    from compliance.db.session import make_engine
+
+    assert stack.postgres_url
+    schema = f"lz4_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(stack.postgres_url)
+    with admin.begin() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in stack.postgres_url else "?"
+    db = f"{stack.postgres_url}{sep}options=-csearch_path%3D{schema}"
+    try:
+        upgrade(db)
+        engine = make_engine(db)
+        outbox = SqlAuditOutbox(engine)
+        big = {"event.uuid": "u-lz4", "atna.xml": "<AuditMessage>" + "<x a='1'/>" * 600 + "</AuditMessage>"}
+        outbox.append_now([OutboxEntry(uuid="u-lz4", event_code="110112", occurred_at=datetime.now(UTC),
+                                       document=big)])
+        with engine.connect() as c:
+            method = c.execute(text("select pg_column_compression(document) from audit_outbox")).scalar()
+        assert method == "lz4"
+        (doc,) = [d for _, _, d in outbox.pending(10)]
+        assert doc["atna.xml"] == big["atna.xml"]
+        engine.dispose()
+    finally:
+        with admin.begin() as c:
+            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()

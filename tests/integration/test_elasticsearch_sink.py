@@ -172,3 +172,30 @@ def test_dead_port_raises_unavailable() -> None:
     with pytest.raises(AuditSinkUnavailable):
         sink.ensure_ready()
     sink.close()
+
+
+def test_stored_text_is_indexed_as_is_and_a_redelivery_changes_nothing(sink: ElasticsearchAuditSink) -> None:
+    """The outbox's stored JSON text (hash chain included) is what the repository keeps, unchanged."""
+    import json
+
+    from compliance.audit.chain import GENESIS, extend_serialized, verify_chain
+
+    sink.ensure_ready()
+    events = _events(f"IT-{uuid.uuid4().hex[:8]}")
+    documents = [to_document(e, SOURCE) for e in events]
+    _, _, texts = extend_serialized(0, GENESIS, documents)
+    batch = [(e.uuid, t) for e, t in zip(events, texts, strict=True)]
+
+    first = sink.ship_serialized(batch)
+    assert set(first.shipped) == {e.uuid for e in events} and not first.failed
+    tampered = [(u, json.dumps({**json.loads(t), "event.outcome_description": "overwritten"})) for u, t in batch]
+    second = sink.ship_serialized(tampered)
+    assert set(second.shipped) == {e.uuid for e in events} and not second.failed
+    sink.refresh_for_tests()
+
+    stored = []
+    for event, text in zip(events, texts, strict=True):
+        got = sink.client.get(index=index_name(sink.index_prefix, event.occurred_at), id=event.uuid)
+        assert got["_source"] == json.loads(text)
+        stored.append(got["_source"])
+    assert verify_chain(stored, start_prev=GENESIS, expected_first_seq=1, expected_last_seq=3).intact

@@ -1,0 +1,84 @@
+"""Audit write transactions on SQLite: one writer at a time in-process, WAL checkpoints off the commit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from compliance.audit import writes
+from compliance.audit.writes import SAFETY_PAGES, audit_transaction
+from compliance.db.migrate import upgrade
+from compliance.db.session import make_engine
+
+
+@pytest.fixture
+def engine(tmp_path):
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    upgrade(url)
+    eng = make_engine(url)
+    yield eng
+    eng.dispose()
+
+
+def test_the_commit_itself_never_copies_the_log_below_the_safety_net(engine):
+    with audit_transaction(engine) as conn:
+        assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == SAFETY_PAGES
+
+
+def test_a_background_checkpoint_follows_enough_written_rows(engine, monkeypatch):
+    monkeypatch.setattr(writes, "CHECKPOINT_EVERY_ROWS", 10)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x TEXT)")
+    state = writes._sqlite_state(engine)
+    before = state.checkpoints
+    for _ in range(3):
+        with audit_transaction(engine, rows=4) as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES ('" + "x" * 3000 + "')")
+    deadline = time.monotonic() + 5
+    while state.checkpoints == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state.checkpoints > before
+    with engine.connect() as conn:  # everything committed is in the database, log copied or not
+        assert conn.execute(text("select count(*) from t")).scalar() == 3
+
+
+def test_transactions_of_one_process_take_turns(engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE c (n INTEGER)")
+        conn.exec_driver_sql("INSERT INTO c VALUES (0)")
+    inside = []
+    overlap = []
+
+    def work():
+        for _ in range(20):
+            with audit_transaction(engine) as conn:
+                inside.append(1)
+                overlap.append(len(inside))
+                n = conn.exec_driver_sql("SELECT n FROM c").scalar()
+                time.sleep(0.001)
+                conn.exec_driver_sql("UPDATE c SET n = ?", (n + 1,))
+                inside.pop()
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlap) == 1
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT n FROM c").scalar() == 80
+
+
+def test_an_exception_rolls_back(engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE r (n INTEGER)")
+    with pytest.raises(RuntimeError), audit_transaction(engine) as conn:
+        conn.exec_driver_sql("INSERT INTO r VALUES (1)")
+        raise RuntimeError("boom")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM r").scalar() == 0
+    with audit_transaction(engine) as conn:  # the lock was released
+        conn.exec_driver_sql("INSERT INTO r VALUES (2)")
