@@ -30,8 +30,8 @@ from compliance.audit.events import (
 )
 from compliance.config import PROJECT_ROOT
 
-from .conftest import AuditIndex, Stack, _reset_database, start_gateway, stop_gateway
-from .test_privacy_officer_api import drop, seed
+from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, start_gateway, stop_gateway
+from .test_privacy_officer_api import seed
 
 pytestmark = pytest.mark.integration
 
@@ -106,7 +106,7 @@ def det_gateway(stack: Stack, tmp_path_factory, keycloak_users):
     gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix)
     yield gw
     stop_gateway(gw)
-    drop(stack.es_url, prefix)
+    drop_prefix(stack, prefix)
 
 
 def detect(gw, *args: str) -> dict:
