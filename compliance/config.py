@@ -67,10 +67,11 @@ class Settings(BaseSettings):
     keycloak_url: str = "http://127.0.0.1:8180"
     keycloak_realm: str = "imaging"
     keycloak_cli_client_id: str = "compliance-cli"
-    #: Admin account for reading users (detections: disabled accounts, family names); the stack writes it.
-    keycloak_admin_username: str = ""
-    keycloak_admin_password: SecretStr = SecretStr("")
-    keycloak_admin_realm: str = "master"
+    #: The gateway's own confidential client (its service account may only view the realm's users:
+    #: realm-management view-users/query-users), for the detections that read accounts (disabled
+    #: accounts, family names). Never Keycloak's master admin. The stack writes the secret.
+    oidc_client_id: str = "compliance-gateway"
+    oidc_client_secret: SecretStr = SecretStr("")
 
     # --- policy
     rbac_policy_file: Path = PROJECT_ROOT / "policies" / "rbac.yaml"

@@ -220,14 +220,19 @@ class StaticDirectory:
 
 
 class KeycloakDirectory:
-    """Accounts from Keycloak's admin API (python-keycloak), cached for ``ttl`` per username."""
+    """Accounts from Keycloak's admin API (python-keycloak), cached for ``ttl`` per username.
 
-    def __init__(self, server_url: str, realm: str, *, admin_username: str, admin_password: str,
-                 admin_realm: str = "master", ttl: timedelta = timedelta(minutes=5),
+    It logs in with a confidential client's service account (client credentials grant) in the realm
+    itself, whose only grants are realm-management ``view-users``/``query-users``: reading accounts
+    must not need an administrator of the identity provider.
+    """
+
+    def __init__(self, server_url: str, realm: str, *, client_id: str, client_secret: str,
+                 ttl: timedelta = timedelta(minutes=5),
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._args: dict[str, Any] = dict(
-            server_url=server_url.rstrip("/") + "/", username=admin_username, password=admin_password,
-            realm_name=realm, user_realm_name=admin_realm, timeout=20)
+            server_url=server_url.rstrip("/") + "/", client_id=client_id, client_secret_key=client_secret,
+            realm_name=realm, user_realm_name=realm, timeout=20)
         self._ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[datetime, DirectoryUser | None]] = {}

@@ -257,13 +257,12 @@ def audit_detect(
     settings = get_settings()
     policy = DetectionPolicy.from_file(policy_file or settings.audit_detections_file)
     directory: Any
-    if settings.keycloak_admin_username and settings.keycloak_admin_password.get_secret_value():
+    if settings.oidc_client_secret.get_secret_value():
         directory = KeycloakDirectory(settings.keycloak_url, settings.keycloak_realm,
-                                      admin_username=settings.keycloak_admin_username,
-                                      admin_password=settings.keycloak_admin_password.get_secret_value(),
-                                      admin_realm=settings.keycloak_admin_realm)
+                                      client_id=settings.oidc_client_id,
+                                      client_secret=settings.oidc_client_secret.get_secret_value())
     else:
-        typer.echo("warning: no Keycloak admin credentials: the disabled-account and family-name rules "
+        typer.echo("warning: no COMPLIANCE_OIDC_CLIENT_SECRET: the disabled-account and family-name rules "
                    "see no accounts", err=True)
         directory = StaticDirectory()
     client = Elasticsearch(settings.elasticsearch_url, request_timeout=120)

@@ -28,7 +28,7 @@ from compliance.audit.events import (
     instances_transferred_event,
     security_alert_event,
 )
-from compliance.config import PROJECT_ROOT
+from compliance.config import PROJECT_ROOT, load_settings
 
 from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, start_gateway, stop_gateway
 from .test_privacy_officer_api import seed
@@ -83,10 +83,13 @@ def seeded_events() -> list:
 
 @pytest.fixture(scope="module")
 def keycloak_users(stack: Stack):
-    admin = KeycloakAdmin(server_url=stack.keycloak_url.rstrip("/") + "/",
-                          username=stack.settings_env["COMPLIANCE_KEYCLOAK_ADMIN_USERNAME"],
-                          password=stack.settings_env["COMPLIANCE_KEYCLOAK_ADMIN_PASSWORD"],
-                          realm_name="imaging", user_realm_name="master")
+    # Creating accounts needs Keycloak's own administrator (secrets.env of the local stack); the
+    # gateway's settings never hold it: the detections read accounts with the gateway's service account.
+    assert "COMPLIANCE_KEYCLOAK_ADMIN_PASSWORD" not in stack.settings_env
+    secrets = dict(line.split("=", 1) for line in (load_settings().stack_dir / "secrets.env").read_text().splitlines()
+                   if "=" in line)
+    admin = KeycloakAdmin(server_url=stack.keycloak_url.rstrip("/") + "/", username="admin",
+                          password=secrets["KEYCLOAK_ADMIN_PASSWORD"], realm_name="imaging", user_realm_name="master")
     ids = [admin.create_user({"username": FAMILY_USER, "firstName": "Jo", "lastName": "Doe", "enabled": True,
                               "email": f"{FAMILY_USER}@example.org"}),
            admin.create_user({"username": DISABLED_USER, "firstName": "Ex", "lastName": "Employee", "enabled": False,
@@ -197,3 +200,19 @@ def test_a_run_without_a_window_starts_where_the_last_ended(det_gateway):
     run = detect(det_gateway, "--until", "2025-03-05T00:00:00Z")
     assert run["from"].startswith("2025-03-04T00:00:00")
     assert run["opened"] == []
+
+
+def test_the_account_directory_reads_with_the_gateways_service_account_and_cannot_write(stack: Stack):
+    """Least privilege: the detections see accounts, and that login can change nothing in Keycloak."""
+    from keycloak.exceptions import KeycloakPostError
+
+    from compliance.audit.detections import KeycloakDirectory
+
+    directory = KeycloakDirectory(stack.keycloak_url, "imaging", client_id="compliance-gateway",
+                                  client_secret=stack.settings_env["COMPLIANCE_OIDC_CLIENT_SECRET"])
+    alice = directory.lookup("alice")
+    assert alice is not None and alice.enabled and alice.family_name
+    assert directory.lookup(f"nobody-{uuid.uuid4().hex[:8]}") is None
+    with pytest.raises(KeycloakPostError) as refused:
+        directory._client().create_user({"username": f"intruder-{uuid.uuid4().hex[:8]}", "enabled": True})
+    assert refused.value.response_code == 403
