@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from sqlalchemy import select
 
-from compliance.audit.atna import AuditSource
-from compliance.audit.models import AuditOutboxRow
-from compliance.audit.outbox import SqlAuditOutbox
-from compliance.audit.recorder import AuditRecorder
-from compliance.crypto.providers.local import LocalKeyProvider
-from compliance.db.migrate import upgrade
-from compliance.db.session import make_engine, make_session_factory
 from compliance.errors import ConfigurationError
 from compliance.exports.destinations import (
     FAILED,
@@ -38,12 +28,9 @@ from compliance.exports.destinations import (
     load_destinations,
 )
 from compliance.exports.interfaces import ExportStateConflict, InvalidExportRequest
-from compliance.exports.jobs import ExportJob
-from compliance.exports.keys import ProjectKeyStore, PseudonymMap
-from compliance.exports.service import ExportService, ReidentificationService
-from compliance.exports.workers import ExportComponents, run_claimed
+from compliance.exports.workers import run_claimed
 
-from .test_workflow import DANA, FILES, ROB, MemoryArchive, _new
+from .test_workflow import DANA, FILES, ROB, _new, build_world
 
 PACS = DicomwebDestination(name="research-pacs", url="http://research.example/dicom-web",
                            description="lab archive", projects=frozenset({"lung-study"}))
@@ -147,38 +134,18 @@ class RecordingStow:
 
 @pytest.fixture
 def pushworld(tmp_path):  # type: ignore[no-untyped-def]
-    warnings.simplefilter("ignore", UserWarning)
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    upgrade(url)
-    engine = make_engine(url)
-    sessions = make_session_factory(engine)
-    auditor = AuditRecorder(SqlAuditOutbox(engine), AuditSource(source_id="gw", enterprise_site_id="site"))
-    provider = LocalKeyProvider(tmp_path / "keyring.json", environment="development", explicit_path=True,
-                                create_if_missing=True)
-    keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=True)
-    registry = DestinationRegistry([PACS])
-    service = ExportService(sessions, auditor, keys, gateway_id="gw", bundle_ttl=timedelta(days=1),
-                            destinations=registry)
-    pmap = PseudonymMap(sessions, keys)
-    archive = MemoryArchive()
     stow = RecordingStow()
-    job = ExportJob(service, pmap, auditor, lambda: archive, bundles_dir=tmp_path / "bundles",
-                    archive_id="http://archive/dicom-web", destinations=registry,
-                    stow_client_factory=lambda dest: stow, stow_batch_instances=1)
-    comps = ExportComponents(service, ReidentificationService(sessions, auditor, pmap, gateway_id="gw"), job, keys)
-
-    def events(code: str) -> list[dict]:
-        with sessions() as s:
-            return [json.loads(r.document) for r in s.scalars(
-                select(AuditOutboxRow).where(AuditOutboxRow.event_code == code).order_by(AuditOutboxRow.seq))]
+    world, engine = build_world(tmp_path, destinations=DestinationRegistry([PACS]),
+                                stow_client_factory=lambda dest: stow, stow_batch_instances=1)
 
     def approved() -> str:
-        req = service.create(ROB, _new(destination={"kind": "dicomweb", "name": "research-pacs"}))
-        service.decide(req["id"], DANA, approve=True, comment="IRB approved")
+        req = world.service.create(ROB, _new(destination={"kind": "dicomweb", "name": "research-pacs"}))
+        world.service.decide(req["id"], DANA, approve=True, comment="IRB approved")
         return req["id"]
 
-    yield type("W", (), dict(service=service, comps=comps, stow=stow, events=events, approved=approved,
-                             tmp=tmp_path))
+    world.stow = stow
+    world.approved = approved
+    yield world
     engine.dispose()
 
 

@@ -75,8 +75,12 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def world(tmp_path):  # type: ignore[no-untyped-def]
+def build_world(tmp_path: Path, **job_options):  # type: ignore[no-untyped-def]
+    """The export workflow over a SQLite database, a local keyring and an in-memory archive.
+
+    ``job_options`` go to :class:`ExportJob` (e.g. ``destinations`` and a STOW client factory); the
+    registry, when given, is the service's too. Returns a namespace and the engine to dispose.
+    """
     warnings.simplefilter("ignore", UserWarning)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     upgrade(url)
@@ -87,11 +91,12 @@ def world(tmp_path):  # type: ignore[no-untyped-def]
                                 create_if_missing=True)
     clock = Clock()
     keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=True)
-    service = ExportService(sessions, auditor, keys, gateway_id="gw", clock=clock, bundle_ttl=timedelta(days=1))
+    service = ExportService(sessions, auditor, keys, gateway_id="gw", clock=clock, bundle_ttl=timedelta(days=1),
+                            destinations=job_options.get("destinations"))
     pmap = PseudonymMap(sessions, keys)
     archive = MemoryArchive()
     job = ExportJob(service, pmap, auditor, lambda: archive, bundles_dir=tmp_path / "bundles",
-                    archive_id="http://archive/dicom-web")
+                    archive_id="http://archive/dicom-web", **job_options)
     reid = ReidentificationService(sessions, auditor, pmap, gateway_id="gw")
     comps = ExportComponents(service, reid, job, keys)
 
@@ -100,8 +105,15 @@ def world(tmp_path):  # type: ignore[no-untyped-def]
             return [json.loads(r.document) for r in s.scalars(
                 select(AuditOutboxRow).where(AuditOutboxRow.event_code == code).order_by(AuditOutboxRow.seq))]
 
-    yield type("World", (), dict(service=service, comps=comps, archive=archive, clock=clock, events=events,
-                                 reid=reid, pmap=pmap, keys=keys, tmp=tmp_path, sessions=sessions))
+    world = type("World", (), dict(service=service, comps=comps, archive=archive, clock=clock, events=events,
+                                   reid=reid, pmap=pmap, keys=keys, tmp=tmp_path, sessions=sessions))
+    return world, engine
+
+
+@pytest.fixture
+def world(tmp_path):  # type: ignore[no-untyped-def]
+    built, engine = build_world(tmp_path)
+    yield built
     engine.dispose()
 
 
