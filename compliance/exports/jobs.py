@@ -75,6 +75,11 @@ log = logging.getLogger(__name__)
 DICOM_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 
+def _kind_of(path: str) -> str:
+    """``search`` or ``retrieve``: what an archive request was, without its UIDs."""
+    return "retrieve" if "/instances/" in path else "search"
+
+
 class DicomwebArchiveReader:
     """A synchronous DICOMweb client for jobs (workers have no event loop); Basic auth, the gateway's."""
 
@@ -92,7 +97,8 @@ class DicomwebArchiveReader:
         if resp.status_code in (401, 403):
             raise UpstreamError("the archive refused the gateway's credentials")
         if resp.status_code not in (200, 204):
-            raise UpstreamError(f"the archive answered {resp.status_code} to {path.split('?')[0]}")
+            # never the path: its UIDs are source identifiers, and this message reaches the requester
+            raise UpstreamError(f"the archive answered {resp.status_code} to a {_kind_of(path)} request")
         return resp
 
     def find_studies(self, filters: dict[str, str]) -> list[str]:
@@ -473,8 +479,10 @@ class ExportJob:
             p.entry.update(status="error", reasons=[f"could not de-identify: {type(exc).__name__}"])
             return p
         if not result.released or result.dataset is None:
+            # where and what kind, never a digest of the value: an unsalted hash of a patient ID or a
+            # birth date is reversed by brute force, and this report goes to the researcher
             p.entry.update(status="held_back", reasons=result.reasons, pixels=result.pixels,
-                           findings=[f.as_dict() for f in result.findings])
+                           findings=[{"path": f.path, "kind": f.kind} for f in result.findings])
             return p
         out = result.dataset
         data = encode(out)

@@ -298,3 +298,41 @@ def test_map_is_encrypted_at_rest(world):  # type: ignore[no-untyped-def]
 def test_multipart_parts():
     body = b"--b1\r\nContent-Type: application/dicom\r\n\r\nDATA\r\n--b1--\r\n"
     assert multipart_parts('multipart/related; type="application/dicom"; boundary=b1', body) == [b"DATA"]
+
+
+def test_held_back_report_names_where_and_what_never_a_digest_of_the_value(world):  # type: ignore[no-untyped-def]
+    """The researcher's deid-report.json: an unsalted hash of a patient ID is reversible by brute force."""
+    key = next(k for k in world.archive.instances if pydicom.dcmread(io.BytesIO(world.archive.instances[k])).Modality
+               == "MR")
+    ds = pydicom.dcmread(io.BytesIO(world.archive.instances[key]))
+    ds.Manufacturer = str(ds.PatientID)  # a kept attribute carrying the patient ID: the leak gate holds it back
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    world.archive.instances[key] = buf.getvalue()
+    req = world.service.create(ROB, _new())
+    world.service.decide(req["id"], DANA, approve=True, comment="IRB approved")
+    assert InProcessWorker(world.comps).run_once() == 1
+    bundle = world.service.open_bundle(req["id"], ROB, destination_uri="x")
+    report = json.loads(zipfile.ZipFile(io.BytesIO(b"".join(bundle.chunks))).read("deid-report.json"))
+    held = [f for f in report["files"] if f["status"] == "held_back"]
+    assert len(held) == 1 and held[0]["findings"], report
+    assert all(set(f) == {"path", "kind"} for f in held[0]["findings"])
+    assert "sha256" not in json.dumps(report)
+
+
+def test_an_archive_error_never_carries_the_source_uids():
+    import httpx
+
+    from compliance.errors import UpstreamError
+    from compliance.exports.jobs import DicomwebArchiveReader
+
+    reader = DicomwebArchiveReader("http://archive", "/dicom-web", username="u", password="p")
+    reader._client = httpx.Client(base_url="http://archive", transport=httpx.MockTransport(
+        lambda request: httpx.Response(500, text="boom")))
+    uids = ("1.2.840.99.1", "1.2.840.99.2", "1.2.840.99.3")
+    with pytest.raises(UpstreamError) as failed:
+        reader.retrieve_instance(*uids)
+    assert failed.value.message == "the archive answered 500 to a retrieve request"
+    with pytest.raises(UpstreamError) as failed:
+        reader.find_instances(uids[0])
+    assert not any(uid in failed.value.message for uid in uids)
