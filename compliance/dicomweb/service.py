@@ -192,6 +192,9 @@ class DicomwebService:
             if isinstance(upstream, httpx.Response):
                 await upstream.aclose()
             err = next(r for r in results if isinstance(r, BaseException))
+            # nothing was sent, but the attempt on the patient's images is audited like any other
+            await self._auditor.record(self._retrieve_event(
+                ctx, route, 502, None if isinstance(summary, BaseException) else summary))
             if isinstance(err, ComplianceError):
                 raise err
             raise UpstreamError("the archive request failed") from err
@@ -228,7 +231,12 @@ class DicomwebService:
         if state == "shredded":
             reason = "erased"
         elif upstream.status_code >= 500:
-            report = await self._erasure.verify_study(route.study_uid or "")
+            try:
+                report = await self._erasure.verify_study(route.study_uid or "")
+            except BaseException:
+                await upstream.aclose()
+                await self._auditor.record(self._retrieve_event(ctx, route, upstream.status_code, summary))
+                raise
             results = {f.get("result") for f in report.get("failures", [])}
             if "decryption_failed" in results or "missing" in results:
                 reason = "integrity"

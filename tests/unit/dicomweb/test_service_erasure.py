@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from compliance.audit.outbox import SqlAuditOutbox
@@ -10,6 +11,7 @@ from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
 from compliance.dicomweb.interfaces import StudySummary
 from compliance.dicomweb.routing import classify
+from compliance.errors import UpstreamUnavailable
 
 from .test_service_fail_closed import STUDY, FakeArchive, ctx, service
 
@@ -82,3 +84,39 @@ async def test_a_study_without_a_known_patient_asks_the_custodian_about_the_stud
         ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
     assert custodian.calls == [("study", STUDY)]
     await upstream.aclose()
+
+
+class UnreachableCustodian(FakeCustodian):
+    async def patient_state(self, patient_id: str) -> str:
+        raise UpstreamUnavailable("the key custodian cannot be reached")
+
+    async def verify_study(self, study_uid: str) -> dict:
+        raise UpstreamUnavailable("the key custodian cannot be reached")
+
+
+class FailingArchive(FakeArchive):
+    async def send(self, method, path, *, query=None, headers=None, content=None):
+        self.sent.append(path)
+        return httpx.Response(500, headers={"content-type": "application/json"}, stream=self.stream)
+
+
+async def test_a_failed_erasure_check_is_still_an_audited_attempt_and_sends_nothing(outbox):
+    archive = FakeArchive()
+    with pytest.raises(UpstreamUnavailable):
+        await _with_custodian(outbox, archive, UnreachableCustodian(set())).retrieve(
+            ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
+    assert archive.stream.closed
+    events = [row[2] for row in outbox.pending(10)]
+    assert [(e["event.id"], e["event.outcome"], e["patient.ids"]) for e in events] == [("110104", 8, ["PID-1"])]
+
+
+async def test_a_failed_integrity_check_closes_the_archive_response_and_is_audited(outbox):
+    archive = FailingArchive()
+    custodian = FakeCustodian(shredded=set())
+    custodian.verify_study = UnreachableCustodian(set()).verify_study  # type: ignore[method-assign]
+    with pytest.raises(UpstreamUnavailable):
+        await _with_custodian(outbox, archive, custodian).retrieve(
+            ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
+    assert archive.stream.closed
+    events = [row[2] for row in outbox.pending(10)]
+    assert [(e["event.id"], e["event.outcome"]) for e in events] == [("110104", 8)]
