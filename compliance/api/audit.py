@@ -24,13 +24,14 @@ from compliance.audit.events import Outcome, audit_log_used_event
 from compliance.audit.queries import MAX_PAGE_SIZE, AuditSearch
 from compliance.audit.reports import MEDIA_TYPES, PDF_KINDS, AuditReadServices, ReportFormat, ReportKind, render
 from compliance.auth.interfaces import Principal
-from compliance.errors import ComplianceError, ConfigurationError, InvalidRequest
+from compliance.errors import ComplianceError, ConfigurationError, Conflict, InvalidRequest, NotFound
 from compliance.policy.enforce import enforce, user_ref
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
 SEARCH = "audit:events:search"
 REPORTS = "audit:reports:run"
+REVIEW = "audit:alerts:review"
 
 T = TypeVar("T")
 
@@ -51,27 +52,37 @@ async def _audited(request: Request, principal: Principal, services: Services, q
                    read: Callable[[], T], *, log_uri: str | None = None) -> T:
     """Run ``read`` in a worker thread; record the 110101 event (success or failure) before returning."""
     reader = _reader(services)
-    text = json.dumps({"request": f"{request.method} {request.url.path}", **query}, sort_keys=True,
-                      separators=(",", ":"), default=str)
     outcome, description = Outcome.SUCCESS, None
     try:
         return await run_in_threadpool(read)
     except ComplianceError as exc:
-        outcome = Outcome.MINOR_FAILURE if isinstance(exc, InvalidRequest) else Outcome.SERIOUS_FAILURE
-        description = exc.message[:1000]
+        outcome, description = _failure_outcome(exc), exc.message[:1000]
         raise
     except Exception:
         outcome, description = Outcome.SERIOUS_FAILURE, "internal error while reading the audit log"
         raise
     finally:
-        await services.auditor.record(audit_log_used_event(
-            user=user_ref(principal, client_address(request)),
-            gateway_id=services.settings.audit_source_id,
-            outcome=outcome,
-            audit_log_uri=log_uri or reader.audit_log_uri,
-            query=text.encode("utf-8"),
-            outcome_description=description,
-        ))
+        await _record_read(request, principal, services, query, log_uri or reader.audit_log_uri, outcome,
+                           description)
+
+
+def _failure_outcome(exc: ComplianceError) -> Outcome:
+    """The caller's mistake (bad query, unknown or already handled item) is minor; the rest serious."""
+    return Outcome.MINOR_FAILURE if isinstance(exc, InvalidRequest | NotFound | Conflict) else Outcome.SERIOUS_FAILURE
+
+
+async def _record_read(request: Request, principal: Principal, services: Services, query: dict[str, Any],
+                       log_uri: str, outcome: Outcome, description: str | None) -> None:
+    text = json.dumps({"request": f"{request.method} {request.url.path}", **query}, sort_keys=True,
+                      separators=(",", ":"), default=str)
+    await services.auditor.record(audit_log_used_event(
+        user=user_ref(principal, client_address(request)),
+        gateway_id=services.settings.audit_source_id,
+        outcome=outcome,
+        audit_log_uri=log_uri,
+        query=text.encode("utf-8"),
+        outcome_description=description,
+    ))
 
 
 # --------------------------------------------------------------------------- search
@@ -185,12 +196,21 @@ async def update_alert(
     services: ServicesDep,
 ) -> JSONResponse:
     """Acknowledge a finding (``{"status": "acknowledged", "note": "..."}``); 409 when already acknowledged."""
-    await _guard(request, principal, services, SEARCH, "review audit alerts")
+    await _guard(request, principal, services, REVIEW, "review audit alerts")
     reader = _reader(services)
+    log_uri = reader.audit_log_uri + "#review-queue"
+    # The item (and the events it cites) is read before it changes: the read is durable first, so an
+    # acknowledgement is never committed unaudited; a refused one is then recorded with its reason.
+    await _record_read(request, principal, services, {"acknowledge": item_id, "step": "requested"}, log_uri,
+                       Outcome.SUCCESS, None)
 
     def write() -> dict[str, Any]:
         return reader.review.acknowledge(item_id, by=principal.username, note=update.note).to_json_obj()
 
-    item = await _audited(request, principal, services, {"acknowledge": item_id}, write,
-                          log_uri=reader.audit_log_uri + "#review-queue")
+    try:
+        item = await run_in_threadpool(write)
+    except ComplianceError as exc:
+        await _record_read(request, principal, services, {"acknowledge": item_id, "step": "refused"}, log_uri,
+                           _failure_outcome(exc), exc.message[:1000])
+        raise
     return JSONResponse(item)

@@ -8,7 +8,9 @@ window (the clock), and its findings are read back through the gateway's API as 
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import subprocess
 import sys
 import time
@@ -194,6 +196,24 @@ def test_acknowledging_an_alert(stack, det_gateway):
     assert [a["id"] for a in open_after] == [a["id"] for a in open_before if a["id"] != target]
     acked = httpx.get(url, params={"status": "acknowledged"}, headers=priya, timeout=30).json()["alerts"]
     assert [a["id"] for a in acked] == [target]
+    # every acknowledgement is audited before it is committed; a refused one is recorded with its reason
+    def query_of(doc: dict) -> str:
+        # the 110101 message keeps the request as a "Query" ParticipantObjectDetail (base64)
+        found = re.search(r'type="Query"[^>]*value="([^"]*)"', doc["atna.xml"])
+        return base64.b64decode(found.group(1)).decode() if found else ""
+
+    index = AuditIndex(stack.es_url, det_gateway.index_prefix)
+    acks: list[dict] = []
+    for _ in range(100):  # three acknowledgements asked for, two refused: five events
+        httpx.post(f"{stack.es_url}/{det_gateway.index_prefix}-*/_refresh", timeout=30)
+        acks = [d for d in index.search(**{"event.id": "110101", "user.name": "priya"})
+                if '"acknowledge"' in query_of(d)]
+        if len(acks) >= 5:
+            break
+        time.sleep(0.3)
+    steps = sorted((d["event.outcome"], d.get("event.outcome_description") or "") for d in acks)
+    assert (0, "") in steps  # the successful acknowledgement's read, recorded before the change
+    assert any(o == 4 and "already" in desc for o, desc in steps), steps  # the refused second one: minor
 
 
 def test_a_run_without_a_window_starts_where_the_last_ended(det_gateway):
