@@ -357,7 +357,9 @@ class ArchiveKeyService(KeyService):
                 self._committer = threading.Thread(target=self._commit_loop, name="archive-key-committer",
                                                    daemon=True)
                 self._committer.start()
-        self._queue.put(pending)
+            # queued under the lock: close() marks the end of the queue under it too, so a key is
+            # either queued before that mark (and committed) or refused, never left waiting forever
+            self._queue.put(pending)
         return pending
 
     def _commit_loop(self) -> None:

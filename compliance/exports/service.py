@@ -450,16 +450,20 @@ class ReidentificationService:
         row = self._row(request_id)
         if row.requester_id != user.user_id:
             raise ExportNotFound("no such re-identification request")
+        if row.state != "approved":
+            raise ExportStateConflict(f"the re-identification request is {row.state}; it reveals once, when approved")
+        # looked up before the request is used up: a pseudonym the map does not hold (or a map that no
+        # longer decrypts) leaves the approved request as it was
+        original = self._map.lookup(row.project, row.kind, row.pseudonym)
+        if original is None:
+            raise ExportNotFound("no such pseudonym in the project's map")
         with self._sessions() as session, session.begin():
             done = session.execute(update(ExportReidentification).where(
                 ExportReidentification.id == request_id, ExportReidentification.state == "approved",
                 ExportReidentification.requester_id == user.user_id).values(
                 state="revealed", revealed_at=self._clock())).rowcount
         if not done:
-            raise ExportStateConflict(f"the re-identification request is {row.state}; it reveals once, when approved")
-        original = self._map.lookup(row.project, row.kind, row.pseudonym)
-        if original is None:
-            raise ExportNotFound("no such pseudonym in the project's map")
+            raise ExportStateConflict("the re-identification request was revealed already; it reveals once")
         row = self._row(request_id)
         patients = [PatientRef(original)] if row.kind == "patient_id" else []
         self._event(user, row, Action.READ, "revealed", patients=patients)

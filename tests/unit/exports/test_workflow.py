@@ -336,3 +336,22 @@ def test_an_archive_error_never_carries_the_source_uids():
     with pytest.raises(UpstreamError) as failed:
         reader.find_instances(uids[0])
     assert not any(uid in failed.value.message for uid in uids)
+
+
+def test_a_reveal_that_cannot_look_up_the_pseudonym_does_not_use_the_request_up(world):  # type: ignore[no-untyped-def]
+    req = world.service.create(ROB, _new())
+    world.service.decide(req["id"], DANA, approve=True, comment="ok")
+    run_claimed(world.comps, req["id"])
+    data = b"".join(world.service.open_bundle(req["id"], ROB, destination_uri="x").chunks)
+    zf = zipfile.ZipFile(io.BytesIO(data))
+    first = next(n for n in zf.namelist() if n.endswith(".dcm"))
+    pseudonym = str(pydicom.dcmread(io.BytesIO(zf.read(first))).PatientID)
+    r = world.reid.request(DANA, project="lung-study", kind="patient_id", pseudonym=pseudonym, reason="finding")
+    world.reid.decide(r["id"], SAM, approve=True, comment="second approver")
+    lookup = world.pmap.lookup
+    world.pmap.lookup = lambda *args: None  # the map cannot answer (e.g. a key being restored)
+    with pytest.raises(ExportNotFound):
+        world.reid.reveal(r["id"], DANA)
+    assert [d["event.action"] for d in world.events("110110")] == ["C", "U"]  # nothing revealed, nothing recorded
+    world.pmap.lookup = lookup
+    assert world.reid.reveal(r["id"], DANA)["original"]  # still approved: it reveals once it can
