@@ -473,6 +473,10 @@ class ExportJob:
         cohort.identifiers.update(v for v in (*source.values(), patient_name) if v and len(v) >= 3)
         pid_name_classes = transferred.setdefault(study, (source["patient_id"] or None, patient_name, {}))
         pid_name_classes[2][sop_class] = pid_name_classes[2].get(sop_class, 0) + 1
+        if not source["patient_id"]:
+            # a disclosure must name whose data left (the 110106 Export needs the patient): held back
+            p.entry.update(status="held_back", reasons=["no PatientID: the disclosure could not name the patient"])
+            return p
         try:
             result = engine.deidentify(ds)
         except Exception as exc:

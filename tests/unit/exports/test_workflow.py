@@ -355,3 +355,20 @@ def test_a_reveal_that_cannot_look_up_the_pseudonym_does_not_use_the_request_up(
     assert [d["event.action"] for d in world.events("110110")] == ["C", "U"]  # nothing revealed, nothing recorded
     world.pmap.lookup = lookup
     assert world.reid.reveal(r["id"], DANA)["original"]  # still approved: it reveals once it can
+
+
+def test_an_instance_without_patient_id_is_held_back_so_every_disclosure_names_its_patient(world):  # type: ignore[no-untyped-def]
+    key = next(iter(sorted(world.archive.instances)))
+    ds = pydicom.dcmread(io.BytesIO(world.archive.instances[key]))
+    ds.PatientID = ""
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    world.archive.instances[key] = buf.getvalue()
+    req = world.service.create(ROB, _new())
+    world.service.decide(req["id"], DANA, approve=True, comment="ok")
+    assert run_claimed(world.comps, req["id"]) == "ready"
+    status = world.service.get(req["id"], reader_id=ROB.user_id, may_read_all=False)
+    assert (status["progress"]["released"], status["progress"]["held_back"]) == (1, 1)
+    b"".join(world.service.open_bundle(req["id"], ROB, destination_uri="x").chunks)  # downloadable
+    (export,) = world.events("110106")
+    assert export["patient.ids"] and all(export["patient.ids"])
