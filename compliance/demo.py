@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+
+from compliance.dicomweb.stow import multipart_related  # noqa: F401 - re-exported for demo and test callers
 
 #: pydicom's bundled samples used as demo data: small, real, written by nobody here.
 DEMO_SAMPLES = ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "SC_rgb_rle.dcm")
@@ -17,18 +18,6 @@ def demo_files(get_testdata_file: Callable[..., object]) -> list[str]:
         if path:
             out.append(str(path))
     return out
-
-
-def multipart_related(parts: Sequence[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:
-    """A PS3.18 multipart/related body and its Content-Type."""
-    boundary = f"compliance-{uuid.uuid4().hex}"
-    chunks: list[bytes] = []
-    for part in parts:
-        chunks.append(f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode())
-        chunks.append(part)
-        chunks.append(b"\r\n")
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
 
 
 def synthetic_instance(*, frames: int = 1, patient_id: str = "SYNTH-0001", patient_name: str = "Synthetic^Patient",

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import io
 import re
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pydicom
@@ -57,6 +59,16 @@ class StowInstance:
     patient_id: str | None
     patient_name: str | None
     accession: str | None
+
+
+def multipart_related(parts: Sequence[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:
+    """A PS3.18 multipart/related body and its Content-Type (STOW-RS requests the gateway sends)."""
+    boundary = f"compliance-{uuid.uuid4().hex}"
+    chunks: list[bytes] = []
+    for part in parts:
+        chunks += [f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode(), part, b"\r\n"]
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
 
 
 def parse_content_type(content_type: str | None) -> bytes:

@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
+from compliance.dicomweb.stow import multipart_related
 from compliance.errors import ConfigurationError
 from compliance.exports.interfaces import InvalidExportRequest
 
@@ -190,16 +190,6 @@ def _destination(name: str, spec: dict[str, Any], path: Path, environment: str) 
     if secret_env and not os.environ.get(secret_env):
         log.warning("export destination %r: %s is not set; pushes to it will fail", name, secret_env)
     return dest
-
-
-def multipart_related(parts: Sequence[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:
-    """A PS3.18 multipart/related body and its Content-Type."""
-    boundary = f"compliance-export-{uuid.uuid4().hex}"
-    chunks: list[bytes] = []
-    for part in parts:
-        chunks += [f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode(), part, b"\r\n"]
-    chunks.append(f"--{boundary}--\r\n".encode())
-    return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
 
 
 #: Per-instance outcomes of a push. "unconfirmed": the data may have reached the destination (a

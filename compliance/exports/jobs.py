@@ -55,7 +55,8 @@ from compliance.crypto.streaming import StreamEncryptor
 from compliance.deid.engine import Deidentifier
 from compliance.deid.profiles import load_profile
 from compliance.deid.writer import encode
-from compliance.errors import UpstreamError, UpstreamUnavailable
+from compliance.dicomweb.stow import parse_content_type, split_parts
+from compliance.errors import ComplianceError, UpstreamError, UpstreamUnavailable
 from compliance.exports.destinations import (
     DICOMWEB,
     FAILED,
@@ -124,24 +125,11 @@ class DicomwebArchiveReader:
 
 
 def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
-    """The bodies of a multipart/related response (RFC 2046), in memory."""
-    boundary = None
-    for param in content_type.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key.lower() == "boundary":
-            boundary = value.strip('"')
-    if not boundary:
-        raise UpstreamError("the archive's response has no multipart boundary")
-    delimiter = b"--" + boundary.encode()
-    parts = []
-    for chunk in body.split(delimiter)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        head, sep, payload = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            raise UpstreamError("malformed multipart part from the archive")
-        parts.append(payload[:-2] if payload.endswith(b"\r\n") else payload)
-    return parts
+    """The bodies of a multipart/related response of the archive (the STOW-RS parser's own splitting)."""
+    try:
+        return [bytes(payload) for _, payload in split_parts(body, parse_content_type(content_type))]
+    except ComplianceError as exc:
+        raise UpstreamError(f"the archive's multipart response is malformed: {exc.message}") from exc
 
 
 class EncryptingFile:
