@@ -31,13 +31,15 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _engine(settings: Settings) -> Any:
+def cli_engine(settings: Settings) -> Any:
+    """The database engine of a CLI command (the outbox lives there)."""
     from compliance.db.session import make_engine
 
     return make_engine(settings.effective_database_url)
 
 
-def _recorder(settings: Settings, engine: Any) -> Any:
+def cli_recorder(settings: Settings, engine: Any) -> Any:
+    """The audit recorder a CLI command records its events with (through the outbox)."""
     from compliance.audit.atna import AuditSource
     from compliance.audit.outbox import SqlAuditOutbox
     from compliance.audit.recorder import AuditRecorder
@@ -46,7 +48,8 @@ def _recorder(settings: Settings, engine: Any) -> Any:
                                                              enterprise_site_id=settings.audit_enterprise_site_id))
 
 
-def _operator() -> Any:
+def cli_operator() -> Any:
+    """The local operator running a CLI command, as an audit user (the OS account)."""
     from compliance.audit.events import UserRef
 
     name = getpass.getuser()
@@ -64,9 +67,9 @@ def record_cli_authentication(username: str, *, success: bool, detail: str, user
 
     settings = get_settings()
     try:
-        engine = _engine(settings)
+        engine = cli_engine(settings)
         try:
-            _recorder(settings, engine).record_now(authentication_event(
+            cli_recorder(settings, engine).record_now(authentication_event(
                 user=UserRef(user_id=user_id or f"unverified:{username}", username=username,
                              client_id=settings.keycloak_cli_client_id, source_address="127.0.0.1"),
                 gateway_id=settings.audit_source_id,
@@ -90,7 +93,7 @@ def audit_status() -> None:
     from compliance.audit.outbox import SqlAuditOutbox
 
     settings = get_settings()
-    engine = _engine(settings)
+    engine = cli_engine(settings)
     outbox = SqlAuditOutbox(engine)
     table, delivery = AuditOutboxRow.__table__, AuditOutboxDelivery.__table__
     try:
@@ -131,7 +134,7 @@ def audit_ship() -> None:
     from compliance.audit.outbox import AuditShipper, SqlAuditOutbox
 
     settings = get_settings()
-    engine = _engine(settings)
+    engine = cli_engine(settings)
     outbox = SqlAuditOutbox(engine)
     sink = build_audit_sink(settings, engine)
     shipper = AuditShipper(outbox, sink, checkpointer=build_checkpointer(settings, engine, sink))
@@ -164,7 +167,7 @@ def audit_verify(
     from compliance.audit.verify import verify_repository
 
     settings = get_settings()
-    engine = _engine(settings)
+    engine = cli_engine(settings)
     outbox = SqlAuditOutbox(engine)
     sink = ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
     key_path = public_key or settings.effective_checkpoint_key_file
@@ -176,8 +179,8 @@ def audit_verify(
                                    to_seq=to_seq, public_key=key, engine=engine)
     except AuditSinkUnavailable as exc:
         _fail(str(exc))
-    _recorder(settings, engine).record_now(audit_log_used_event(
-        user=_operator(),
+    cli_recorder(settings, engine).record_now(audit_log_used_event(
+        user=cli_operator(),
         gateway_id=settings.audit_source_id,
         outcome=Outcome.SUCCESS if result.intact else Outcome.MINOR_FAILURE,
         audit_log_uri=f"{settings.elasticsearch_url}/{settings.audit_index_prefix}-*",
@@ -199,7 +202,7 @@ def audit_checkpoint() -> None:
     from compliance.audit.fanout import build_audit_sink
 
     settings = get_settings()
-    engine = _engine(settings)
+    engine = cli_engine(settings)
     checkpointer = build_checkpointer(settings, engine, build_audit_sink(settings, engine))
     if checkpointer is None:
         _fail(f"no checkpoint key at {settings.effective_checkpoint_key_file}: run compliance audit keygen")
@@ -282,14 +285,14 @@ def audit_prune(
         raise typer.Exit(1 if plan.refused else 0)
     if plan.deletable:
         # Recorded (durably, fail closed) before anything is deleted.
-        engine = _engine(settings)
+        engine = cli_engine(settings)
         event = audit_log_used_event(
-            user=_operator(), gateway_id=settings.audit_source_id, outcome=Outcome.SUCCESS,
+            user=cli_operator(), gateway_id=settings.audit_source_id, outcome=Outcome.SUCCESS,
             audit_log_uri=f"{settings.elasticsearch_url}/{prefix}-*",
             query=("prune " + ",".join(plan.deletable)).encode(),
             outcome_description=f"deleted {len(plan.deletable)} monthly audit indices past the "
                                 f"{policy.years}-year retention")
-        _recorder(settings, engine).record_now(dataclasses.replace(event, action=Action.DELETE))
+        cli_recorder(settings, engine).record_now(dataclasses.replace(event, action=Action.DELETE))
         try:
             for index in plan.deletable:
                 client.indices.delete(index=index)

@@ -45,31 +45,22 @@ def _when(value: str | None, name: str) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _operator_recorder(settings: Any) -> Any:
-    from compliance.audit.atna import AuditSource
-    from compliance.audit.outbox import SqlAuditOutbox
-    from compliance.audit.recorder import AuditRecorder
-    from compliance.db.session import make_engine
-
-    outbox = SqlAuditOutbox(make_engine(settings.effective_database_url))
-    return AuditRecorder(outbox, AuditSource(source_id=settings.audit_source_id,
-                                             enterprise_site_id=settings.audit_enterprise_site_id))
-
-
 def _record_operator_read(settings: Any, query: dict[str, Any], ok: bool, note: str | None = None) -> None:
-    import getpass
+    from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
+    from compliance.audit.events import Outcome, audit_log_used_event
 
-    from compliance.audit.events import Outcome, UserRef, audit_log_used_event
-
-    operator = getpass.getuser()
-    _operator_recorder(settings).record_now(audit_log_used_event(
-        user=UserRef(user_id=f"os:{operator}", username=operator, client_id="compliance-cli"),
-        gateway_id=settings.audit_source_id,
-        outcome=Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
-        audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{settings.audit_index_prefix}-*",
-        query=json.dumps(query, sort_keys=True, default=str).encode(),
-        outcome_description=note,
-    ))
+    engine = cli_engine(settings)
+    try:
+        cli_recorder(settings, engine).record_now(audit_log_used_event(
+            user=cli_operator(),
+            gateway_id=settings.audit_source_id,
+            outcome=Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
+            audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{settings.audit_index_prefix}-*",
+            query=json.dumps(query, sort_keys=True, default=str).encode(),
+            outcome_description=note,
+        ))
+    finally:
+        engine.dispose()
 
 
 def _read_directly(settings: Any, query: dict[str, Any], read: Callable[[Any], T], *, timeout: float) -> T:
@@ -265,12 +256,14 @@ def audit_detect(
         typer.echo("warning: no COMPLIANCE_OIDC_CLIENT_SECRET: the disabled-account and family-name rules "
                    "see no accounts", err=True)
         directory = StaticDirectory()
+    from compliance.audit.cli import cli_recorder
+
     client = Elasticsearch(settings.elasticsearch_url, request_timeout=120)
     engine = make_engine(settings.effective_database_url)
     try:
         queries = AuditQueryService(client, settings.audit_index_prefix)
         job = DetectionJob(DetectionEngine(queries, policy, directory), policy, SqlReviewQueue(engine),
-                           _operator_recorder(settings), gateway_id=settings.audit_source_id)
+                           cli_recorder(settings, engine), gateway_id=settings.audit_source_id)
         run = job.run(since=_when(since, "--since"), until=_when(until, "--until"))
     except ComplianceError as exc:
         _fail(exc.message)

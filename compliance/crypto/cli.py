@@ -31,16 +31,16 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 def _run(call: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
     from compliance.archive.client import ArchiveKeyClient
     from compliance.archive.operations import KeyOperations
-    from compliance.audit.cli import _engine, _operator, _recorder
+    from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
     from compliance.errors import ComplianceError
 
     settings = get_settings()
-    engine = _engine(settings)
+    engine = cli_engine(settings)
     client = ArchiveKeyClient(settings.archive_url, username=settings.archive_username,
                               password=settings.archive_password.get_secret_value(),
                               dicomweb_path=settings.archive_dicomweb_path)
-    ops = KeyOperations(client, _recorder(settings, engine), gateway_id=settings.audit_source_id)
-    user = _operator()
+    ops = KeyOperations(client, cli_recorder(settings, engine), gateway_id=settings.audit_source_id)
+    user = cli_operator()
 
     async def go() -> dict[str, Any]:
         try:
