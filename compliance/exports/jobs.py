@@ -278,6 +278,7 @@ class ExportJob:
         self._dir.mkdir(parents=True, exist_ok=True)
         final = self._dir / f"{request_id}.bundle"
         partial = self._dir / f".{request_id}.bundle.part"
+        transferred: _Transferred = {}  # what was read from the archive: audited however the job ends
         try:
             plan = self._plan(row, archive, c)
             encryptor = StreamEncryptor(data_key=self._service.keys.key(row.project, "bundle"),
@@ -289,7 +290,6 @@ class ExportJob:
             with partial.open("wb") as out:
                 sink = EncryptingFile(out, encryptor)
                 with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
-                    transferred: _Transferred = {}
                     for n, (study, series, sop) in enumerate(plan, start=1):
                         p = self._one(engine, archive, n, study, series, sop, cohort, transferred)
                         if p.data is not None:
@@ -302,7 +302,6 @@ class ExportJob:
                         if time.monotonic() - last >= self._every:
                             self._service.progress(request_id, **c.as_dict())
                             last = time.monotonic()
-                    self._audit_transfers(requester, row.purpose, transferred)
                     if not c.released:
                         raise _JobError("no instance passed de-identification and the leak gate")
                     manifest = {
@@ -329,6 +328,7 @@ class ExportJob:
             raise
         finally:
             archive.close()
+            self._audit_transfers(requester, row.purpose, transferred)
         self._map.record(row.project, cohort.pseudonyms)
         patients, studies = cohort.disclosure()
         self._service.finish(request_id, bundle_path=final, bundle_size=size, checksum=checksum,
@@ -399,10 +399,10 @@ class ExportJob:
                     f"{len(not_stored)} of {len(batch)} instances sent were not confirmed stored ({reasons})"))
             batch.clear()
 
+        transferred: _Transferred = {}  # what was read from the archive: audited however the job ends
         try:
             plan = self._plan(row, archive, c)
             client = self._stow_client_factory(dest)
-            transferred: _Transferred = {}
             last = time.monotonic()
             for n, (study, series, sop) in enumerate(plan, start=1):
                 p = self._one(engine, archive, n, study, series, sop, cohort, transferred)
@@ -421,13 +421,13 @@ class ExportJob:
                     last = time.monotonic()
             if batch:
                 flush()
-            self._audit_transfers(requester, row.purpose, transferred)
             if not c.released:
                 raise _JobError("no instance passed de-identification and the leak gate")
         finally:
             archive.close()
             if client is not None:
                 client.close()
+            self._audit_transfers(requester, row.purpose, transferred)
         delivery = {"destination": dest.public(), "stow_url": dest.stow_url, "instances": c.total,
                     "released": c.released, "stored": tally[STORED], "failed": tally[FAILED],
                     "unconfirmed": tally[UNCONFIRMED], "files": files}

@@ -372,3 +372,24 @@ def test_an_instance_without_patient_id_is_held_back_so_every_disclosure_names_i
     b"".join(world.service.open_bundle(req["id"], ROB, destination_uri="x").chunks)  # downloadable
     (export,) = world.events("110106")
     assert export["patient.ids"] and all(export["patient.ids"])
+
+
+def test_reads_of_a_job_that_fails_midway_are_still_audited(world):  # type: ignore[no-untyped-def]
+    """Identified instances left the archive for the job: a 110104 each study, whatever happens next."""
+    from compliance.errors import UpstreamUnavailable
+
+    retrieve, calls = world.archive.retrieve_instance, []
+
+    def failing_second(study_uid, series_uid, sop_uid):  # type: ignore[no-untyped-def]
+        calls.append(sop_uid)
+        if len(calls) == 2:
+            raise UpstreamUnavailable("the archive cannot be reached")
+        return retrieve(study_uid, series_uid, sop_uid)
+
+    world.archive.retrieve_instance = failing_second
+    req = world.service.create(ROB, _new())
+    world.service.decide(req["id"], DANA, approve=True, comment="ok")
+    assert run_claimed(world.comps, req["id"]) == "failed"
+    reads = world.events("110104")
+    assert len(reads) == 1 and reads[0]["patient.ids"], reads
+    assert not list((world.tmp / "bundles").glob("*"))  # and no partial bundle
