@@ -1,4 +1,7 @@
-"""Archive key operations for administrators: ``/api/v1/keys`` and ``/api/v1/patients/{id}/shred``.
+"""Archive key operations for administrators: ``/api/v1/keys/...``, shredding included.
+
+A shred names the patient in the JSON body (``POST /api/v1/keys/shred {"patient_id": ...}``), never
+in the URL: URLs end up in proxy and access logs.
 
 Every route: the bearer token, then the decision (``keys:kek:manage`` for KEK operations,
 ``keys:patient:shred`` for shredding; only the ``admin`` role holds them in ``policies/rbac.yaml``;
@@ -12,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, client_address
 from compliance.archive.operations import KeyOperations
@@ -68,8 +72,14 @@ async def keys_destroy(kek_id: str, request: Request, principal: CurrentPrincipa
     return await _key_op(request, principal, services, "destroy", kek_id)
 
 
-@router.post("/api/v1/patients/{patient_id}/shred")
-async def shred_patient(patient_id: str, request: Request, principal: CurrentPrincipal,
+class ShredRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: str = Field(min_length=1, max_length=64, description="The PatientID (0010,0020) to erase.")
+
+
+@router.post("/api/v1/keys/shred")
+async def shred_patient(body: ShredRequest, request: Request, principal: CurrentPrincipal,
                         services: ServicesDep) -> dict[str, Any]:
     ops = await _authorized(request, principal, services, SHRED, "shred a patient")
-    return await ops.shred_patient(patient_id, user_ref(principal, client_address(request)))
+    return await ops.shred_patient(body.patient_id, user_ref(principal, client_address(request)))

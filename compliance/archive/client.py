@@ -63,8 +63,35 @@ class ArchiveKeyClient:
     async def destroy(self, kek_id: str) -> dict[str, Any]:
         return await self._call("POST", "/compliance/keys/destroy", {"kek_id": kek_id})
 
-    async def shred(self, patient_id: str) -> dict[str, Any]:
-        return await self._call("POST", "/compliance/keys/shred", {"patient_id": patient_id})
+    async def shred(self, patient_id: str, study_uids: list[str]) -> dict[str, Any]:
+        return await self._call("POST", "/compliance/keys/shred",
+                                {"patient_id": patient_id, "study_uids": study_uids})
+
+    async def remove_patient_from_index(self, patient_id: str) -> int:
+        """Delete a (shredded) patient from Orthanc: its index rows (names, ids, dates in plaintext)
+        and its files (undecryptable by now). Returns how many patient resources were deleted."""
+        try:
+            found = await self._client.post("/tools/lookup", content=patient_id)
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable("the archive cannot be reached") from exc
+        if found.status_code != 200:
+            raise UpstreamError(f"the archive answered {found.status_code} to a lookup")
+        removed = 0
+        for item in found.json():
+            if item.get("Type") != "Patient":
+                continue
+            patient = await self._get(f"/patients/{item['ID']}")
+            # /tools/lookup matches any identifier: delete only the patient whose PatientID this is.
+            if str((patient.get("MainDicomTags") or {}).get("PatientID", "")) != patient_id:
+                continue
+            try:
+                resp = await self._client.delete(f"/patients/{item['ID']}")
+            except httpx.TransportError as exc:
+                raise UpstreamUnavailable("the archive cannot be reached") from exc
+            if resp.status_code not in (200, 404):
+                raise UpstreamError(f"the archive answered {resp.status_code} to the deletion of a patient")
+            removed += resp.status_code == 200
+        return removed
 
     # --- the request path ----------------------------------------------------------------------
     async def _study(self, study_uid: str) -> str | None:
@@ -86,13 +113,15 @@ class ArchiveKeyClient:
         return resp.json()
 
     async def study_state(self, study_uid: str) -> str:
-        """``live``, ``shredded``, ``none`` (no key: nothing stored) or ``unknown_study``.
+        """``live``, ``shredded`` (also: erased and gone from the index), ``none`` (no key: nothing
+        stored) or ``unknown_study``.
 
         The study's patient is looked up in Orthanc's index here (REST), never by the plugin.
         """
         orthanc_id = await self._study(study_uid)
         if orthanc_id is None:
-            return "unknown_study"
+            # A shredded study has left the index; its tombstone still says it was erased.
+            return str((await self._call("POST", "/compliance/keys/state", {"study_uid": study_uid}))["state"])
         study = await self._get(f"/studies/{orthanc_id}")
         return await self.patient_state(str((study.get("PatientMainDicomTags") or {}).get("PatientID", "")))
 

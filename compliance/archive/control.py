@@ -13,8 +13,12 @@ Routes (all JSON; bodies carry ids so no patient id ever sits in a URL or an acc
     POST /compliance/keys/rewrap                      all live data keys under the active KEK
     POST /compliance/keys/retire   {"kek_id"}         check a KEK is retired (rotation retires)
     POST /compliance/keys/destroy  {"kek_id"}         destroy a retired KEK that wraps nothing
-    POST /compliance/keys/shred    {"patient_id"}     destroy the patient's data key(s)
+    POST /compliance/keys/shred    {"patient_id", "study_uids"}
+                                                      destroy the patient's data key(s); tombstone
+                                                      the studies (they still answer 410 once the
+                                                      gateway removed them from Orthanc's index)
     POST /compliance/keys/state    {"patient_id"}     live | shredded | none
+                                   {"study_uid"}      shredded (a tombstone) | unknown_study
     POST /compliance/archive/verify {"attachments": [{"instance", "uuid", "content_type"}]}
                                                       decrypt each file, report failures
 
@@ -111,9 +115,15 @@ class KeyControl:
             return Response(200, {"kek_id": p["kek_id"], "state": "destroyed"})
         if route[1] == "/compliance/keys/shred":
             patient_id = _required(p, "patient_id", allow_empty=True)
-            destroyed = self._keys.shred_patient(patient_id)
+            studies = p.get("study_uids", [])
+            if not isinstance(studies, list) or not all(isinstance(u, str) and u for u in studies):
+                raise InvalidRequest("'study_uids' must be a list of non-empty strings")
+            destroyed = self._keys.shred_patient(patient_id, studies)
             return Response(200, {"destroyed": destroyed, "state": self.patient_state(patient_id)})
         if route[1] == "/compliance/keys/state":
+            if "study_uid" in p:
+                erased = self._keys.study_erased(_required(p, "study_uid"))
+                return Response(200, {"state": "shredded" if erased else "unknown_study"})
             return Response(200, {"state": self.patient_state(_required(p, "patient_id", allow_empty=True))})
         if route[1] == "/compliance/archive/verify":
             items = p.get("attachments")

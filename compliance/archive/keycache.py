@@ -257,11 +257,11 @@ class ArchiveKeyService(KeyService):
 
     # --- operator operations: the cache never outlives them ------------------------------------
 
-    def shred_patient(self, patient_id: str) -> int:
+    def shred_patient(self, patient_id: str, study_uids: Sequence[str] = ()) -> int:
         patient_key = self.patient_key(patient_id)
         self._invalidate(patient_key)
         try:
-            return super().shred_patient(patient_id)
+            return super().shred_patient(patient_id, study_uids)
         finally:
             self._invalidate(patient_key)
 

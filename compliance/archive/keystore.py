@@ -36,7 +36,7 @@ from sqlalchemy import Engine
 from compliance.archive.keycache import ArchiveKeyService
 from compliance.config import Settings
 from compliance.crypto.interfaces import KeyProvider
-from compliance.crypto.models import CryptoDataKey, CryptoKek
+from compliance.crypto.models import CryptoDataKey, CryptoErasedStudy, CryptoKek
 from compliance.db.base import Base
 from compliance.db.session import make_engine, make_session_factory
 from compliance.errors import ConfigurationError
@@ -103,7 +103,11 @@ def open_key_store(settings: Settings, *, create: bool = False) -> ArchiveKeySto
     provider = build_provider(settings, create_if_missing=create)
     engine = make_engine(url)
     if create:
-        Base.metadata.create_all(engine, tables=[CryptoKek.__table__, CryptoDataKey.__table__])
+        Base.metadata.create_all(engine, tables=[CryptoKek.__table__, CryptoDataKey.__table__,
+                                                 CryptoErasedStudy.__table__])
+    else:
+        # Key stores set up before shreds left tombstones gain the table on first open.
+        Base.metadata.create_all(engine, tables=[CryptoErasedStudy.__table__])
         if url.startswith("sqlite:///"):
             db = url.removeprefix("sqlite:///")
             import os

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -38,7 +38,7 @@ from compliance.crypto.interfaces import (
     KeyProviderError,
     KeyStateConflict,
 )
-from compliance.crypto.models import CryptoDataKey, CryptoKek
+from compliance.crypto.models import CryptoDataKey, CryptoErasedStudy, CryptoKek
 from compliance.crypto.streaming import Header
 
 __all__ = ["DataKey", "KekStatus", "KeyService", "KeyStatus", "RewrapResult"]
@@ -116,6 +116,15 @@ class KeyService:
 
     def patient_key(self, patient_id: str) -> str:
         return hmac.new(self._index_key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def study_key(self, study_uid: str) -> str:
+        """The tombstone key of an erased study (its own domain, so it never equals a patient key)."""
+        return hmac.new(self._index_key, b"study:" + study_uid.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def study_erased(self, study_uid: str) -> bool:
+        """Whether a shred left a tombstone for this study (:class:`CryptoErasedStudy`)."""
+        with self._sessions() as session:
+            return session.get(CryptoErasedStudy, self.study_key(study_uid)) is not None
 
     def _active_kek(self, session: Session) -> CryptoKek:
         kek = session.scalars(select(CryptoKek).where(CryptoKek.state == "active")).one_or_none()
@@ -294,16 +303,24 @@ class KeyService:
             if kek_id in self._provider.kek_ids():
                 self._provider.destroy_kek(kek_id)
 
-    def shred_patient(self, patient_id: str) -> int:
-        """Destroy the patient's data key(s); return how many were destroyed (0: none known)."""
+    def shred_patient(self, patient_id: str, study_uids: Sequence[str] = ()) -> int:
+        """Destroy the patient's data key(s); return how many were destroyed (0: none known).
+
+        ``study_uids`` (the patient's studies in the archive's index) get a tombstone in the same
+        transaction, so the studies still read as erased once they leave the index.
+        """
         patient_key = self.patient_key(patient_id)
         with self._sessions() as session, session.begin():
             if session.get_bind().dialect.name == "sqlite":
                 # Overwrite the freed bytes in the database file instead of leaving them in free pages.
                 session.execute(text("PRAGMA secure_delete = ON"))
+            now = self._clock()
             result = session.execute(
                 update(CryptoDataKey)
                 .where(CryptoDataKey.patient_key == patient_key, CryptoDataKey.destroyed_at.is_(None))
-                .values(wrapped_key=None, destroyed_at=self._clock())
+                .values(wrapped_key=None, destroyed_at=now)
             )
+            for study_key in {self.study_key(uid) for uid in study_uids}:
+                if session.get(CryptoErasedStudy, study_key) is None:
+                    session.add(CryptoErasedStudy(study_key=study_key, patient_key=patient_key, erased_at=now))
             return int(result.rowcount or 0)  # type: ignore[attr-defined]

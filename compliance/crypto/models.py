@@ -17,7 +17,13 @@ exists. Erasure is complete only once those backups expire, or once every data k
 rewrapped under a new KEK and the old KEK destroyed (``rotate``, ``rewrap``, ``destroy_kek``), which
 makes every older copy of every wrapped key useless.
 
-Migrations: the lead owns Alembic; these two tables are the crypto domain's whole schema.
+``crypto_erased_study`` is the tombstone a shred leaves for each of the patient's studies: the
+study's HMAC (same index key, its own domain) and the patient's, and when. After a shred the
+patient's studies are removed from the archive's index (which held their names and ids in
+plaintext), and this row is how a later retrieve of such a study still answers 410 Gone rather
+than 404.
+
+Migrations: these three tables are the crypto domain's whole schema.
 """
 
 from __future__ import annotations
@@ -80,3 +86,15 @@ class CryptoDataKey(Base):
         ),
         Index("ix_crypto_data_key_kek_id", "kek_id"),
     )
+
+
+class CryptoErasedStudy(Base):
+    __tablename__ = "crypto_erased_study"
+
+    #: HMAC-SHA256 of ``"study:" + StudyInstanceUID`` under the patient index key, hex.
+    study_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The erased patient's ``patient_key`` (see :class:`CryptoDataKey`).
+    patient_key: Mapped[str] = mapped_column(String(64), nullable=False)
+    erased_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (Index("ix_crypto_erased_study_patient_key", "patient_key"),)

@@ -12,7 +12,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
@@ -57,8 +56,9 @@ def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_only_admins_operate_keys(gateway, tokens, audit: AuditIndex):
     for method, path in [("GET", "/api/v1/keys/status"), ("POST", "/api/v1/keys/rotate"),
-                         ("POST", "/api/v1/patients/SOMEONE/shred")]:
-        r = httpx.request(method, gateway.url + path, headers=bearer(tokens["alice"]), timeout=30)
+                         ("POST", "/api/v1/keys/shred")]:
+        r = httpx.request(method, gateway.url + path, headers=bearer(tokens["alice"]), timeout=30,
+                          json={"patient_id": "SOMEONE"} if path.endswith("shred") else None)
         assert r.status_code == 403, r.text
     assert keys_status(gateway, tokens["ada"])["keks"]
 
@@ -120,17 +120,37 @@ def test_rotate_rewrap_destroy_with_restarts_everything_still_reads(gateway, sta
         dump(os_user)
 
 
+def shred(gw: Gateway, token: str, patient_id: str) -> httpx.Response:
+    return httpx.post(f"{gw.url}/api/v1/keys/shred", json={"patient_id": patient_id}, headers=bearer(token),
+                      timeout=120)
+
+
+def qido(gw: Gateway, token: str, **params: str) -> list[dict]:
+    r = httpx.get(f"{gw.url}/dicom-web/studies", params=params, headers=bearer(token), timeout=30)
+    assert r.status_code in (200, 204), r.text
+    return r.json() if r.content else []
+
+
 def test_shred_makes_the_patient_gone_and_undecryptable(gateway, stack, tokens, audit: AuditIndex):
     s = unique_instance()
     other = unique_instance("MR_small.dcm")
     for x in (s, other):
         assert stow(gateway, tokens["tom"], x).status_code == 200
+    assert qido(gateway, tokens["alice"], PatientID=s.patient_id), "found before the shred"
     path = attachment_path(stack, s)
-    key_id = read_header(path.read_bytes()[:1024]).key_id
+    stored = path.read_bytes()  # what a backup taken before the shred holds
+    key_id = read_header(stored[:1024]).key_id
 
-    r = httpx.post(f"{gateway.url}/api/v1/patients/{s.patient_id}/shred", headers=bearer(tokens["ada"]), timeout=60)
+    # bad input changes nothing: no body, an empty id, an unknown field
+    for body in (None, {"patient_id": ""}, {"patient_id": s.patient_id, "force": True}):
+        r = httpx.post(f"{gateway.url}/api/v1/keys/shred", json=body, headers=bearer(tokens["ada"]), timeout=30)
+        assert r.status_code in (400, 422) and r.json()["error"], r.text
+    assert reads_back(gateway, tokens["alice"], s)
+
+    r = shred(gateway, tokens["ada"], s.patient_id)
     assert r.status_code == 200, r.text
-    assert r.json()["destroyed"] == 1 and r.json()["state"] == "shredded"
+    assert r.json()["destroyed"] == 1 and r.json()["state"] == "shredded" and r.json()["index_removed"] is True
+    assert r.json()["studies"] == [s.study_uid]
 
     r = wado_instance(gateway, tokens["alice"], s)
     assert r.status_code == 410, r.text[:500]
@@ -139,22 +159,47 @@ def test_shred_makes_the_patient_gone_and_undecryptable(gateway, stack, tokens, 
     assert s.data[132:400] not in r.content
     assert reads_back(gateway, tokens["alice"], other), "other patients are untouched"
 
-    # on disk: the file names a data key whose wrapped bytes no longer exist anywhere
-    assert path.is_file()
+    # searches no longer know the patient: not by id, and not in a search over everything
+    assert qido(gateway, tokens["alice"], PatientID=s.patient_id) == []
+    everything = httpx.get(f"{gateway.url}/dicom-web/studies", params={"limit": "1000"},
+                           headers=bearer(tokens["alice"]), timeout=30)
+    assert everything.status_code in (200, 204)
+    assert s.patient_id.encode() not in everything.content and s.study_uid.encode() not in everything.content
+    assert httpx.post(f"{stack.orthanc_url}/tools/lookup", content=s.patient_id, auth=stack.orthanc_auth,
+                      timeout=30).json() == []
+
+    # the key is gone from the key store; the stored file went with the index entry, and its bytes
+    # (as a backup taken before the shred holds them) can no longer be decrypted by anyone
     keys_db = load_settings().archive_keys_dir / "keys.db"
     with contextlib.closing(sqlite3.connect(f"file:{keys_db}?mode=ro", uri=True)) as db:
         wrapped, destroyed_at = db.execute(
             "SELECT wrapped_key, destroyed_at FROM crypto_data_key WHERE id = ?", (key_id,)).fetchall()[0]
     assert wrapped is None and destroyed_at is not None
-    uuid = path.name
-    verify = httpx.post(f"{stack.orthanc_url}/compliance/archive/verify", auth=stack.orthanc_auth, timeout=30,
-                        json={"attachments": [{"instance": "x", "uuid": uuid, "content_type": 1}]}).json()
+    assert not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(stored)
+    try:
+        verify = httpx.post(f"{stack.orthanc_url}/compliance/archive/verify", auth=stack.orthanc_auth, timeout=30,
+                            json={"attachments": [{"instance": "x", "uuid": path.name, "content_type": 1}]}).json()
+    finally:
+        path.unlink()
     assert [f["result"] for f in verify["failures"]] == ["key_destroyed"]
 
+    # audited twice: the attempt before anything was destroyed, then the permanent erasure
     deleted = audit.wait_for(1, event__id="110105", study__uids=s.study_uid)
     assert len(deleted) == 1, dump(deleted)
     assert 'ParticipantObjectDataLifeCycle="15"' in deleted[0]["atna.xml"]
     assert deleted[0]["user.name"] == "ada" and s.patient_id in deleted[0]["patient.ids"]
+    assert "removed from the archive index: yes" in deleted[0]["event.outcome_description"]
+    attempts = audit.wait_for(1, event__id="110113", study__uids=s.study_uid)
+    assert len(attempts) == 1, dump(attempts)
+    assert attempts[0]["event.outcome_description"].startswith("crypto-shred requested")
+    assert attempts[0]["chain.seq"] < deleted[0]["chain.seq"], "the attempt is recorded first"
+
+    # shredding again is harmless: nothing left to destroy, nothing in the index
+    r = shred(gateway, tokens["ada"], s.patient_id)
+    assert r.status_code == 200 and r.json()["destroyed"] == 0 and r.json()["state"] == "shredded", r.text
+    assert wado_instance(gateway, tokens["alice"], s).status_code == 410
 
 
 def test_cli_shred_and_status(gateway, stack, tokens, audit: AuditIndex):
@@ -169,4 +214,4 @@ def test_cli_shred_and_status(gateway, stack, tokens, audit: AuditIndex):
     assert any(k["state"] == "active" for k in json.loads(out.stdout)["keks"])
     deleted = audit.wait_for(1, event__id="110105", study__uids=s.study_uid)
     assert len(deleted) == 1 and deleted[0]["user.name"] == os.environ.get("USER", deleted[0]["user.name"])
-    assert Path(attachment_path(stack, s)).is_file()
+    assert qido(gateway, tokens["alice"], PatientID=s.patient_id) == []

@@ -111,8 +111,20 @@ def test_shred_rotate_rewrap_destroy_through_the_control_routes(storage: Encrypt
     assert control.handle("POST", "/compliance/keys/destroy", f'{{"kek_id": "{new}"}}'.encode()).status == 409
     assert storage.read(u1, 1) and storage.read(u2, 1)
 
-    r = control.handle("POST", "/compliance/keys/shred", b'{"patient_id": "SHRED-ME"}')
+    assert control.handle("POST", "/compliance/keys/state", b'{"study_uid": "1.2.3.4"}').body == {
+        "state": "unknown_study"}
+    for bad in (b'{"patient_id": "SHRED-ME", "study_uids": "1.2.3.4"}',
+                b'{"patient_id": "SHRED-ME", "study_uids": [""]}'):
+        assert control.handle("POST", "/compliance/keys/shred", bad).status == 400
+    assert storage.read(u1, 1), "a refused shred destroys nothing"
+    r = control.handle("POST", "/compliance/keys/shred", b'{"patient_id": "SHRED-ME", "study_uids": ["1.2.3.4"]}')
     assert r.body == {"destroyed": 1, "state": "shredded"}
+    # the tombstone answers for the study once it has left the archive's index; others are unknown
+    assert control.handle("POST", "/compliance/keys/state", b'{"study_uid": "1.2.3.4"}').body == {"state": "shredded"}
+    assert control.handle("POST", "/compliance/keys/state", b'{"study_uid": "1.2.3.5"}').body == {
+        "state": "unknown_study"}
+    again = control.handle("POST", "/compliance/keys/shred", b'{"patient_id": "SHRED-ME", "study_uids": ["1.2.3.4"]}')
+    assert again.body == {"destroyed": 0, "state": "shredded"}, "a second shred is harmless"
     assert control.handle("POST", "/compliance/keys/state", b'{"patient_id": "SHRED-ME"}').body == {"state": "shredded"}
     assert control.handle("POST", "/compliance/keys/state", b'{"patient_id": "KEEP-ME"}').body == {"state": "live"}
     with pytest.raises(KeyDestroyed):
