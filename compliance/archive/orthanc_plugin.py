@@ -60,6 +60,10 @@ def _install() -> None:
     from compliance.config import Settings
 
     config = json.loads(orthanc.GetConfiguration())
+    if config.get("MaximumStorageCacheSize", 128) != 0:
+        # Orthanc's storage cache keeps decrypted files in memory: a shredded patient's images would
+        # still be served from it, and the gateway trusts a 2xx retrieve to mean a live key.
+        raise RuntimeError("MaximumStorageCacheSize must be 0 with the encrypting storage area")
     storage_dir = Path(config.get("StorageDirectory") or "OrthancStorage")
     settings = Settings()
     store = open_key_store(settings)

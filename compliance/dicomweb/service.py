@@ -175,19 +175,25 @@ class DicomwebService:
         await self.authorize(ctx, route)
         assert route.study_uid is not None
         summary_task = asyncio.ensure_future(self._archive.study_summary(route.study_uid))
-        calls: list[Any] = [
-            self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers),
-            summary_task,
-        ]
-        if self._erasure is not None:
-            calls.append(self._study_state(route.study_uid, summary_task))
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        results = await asyncio.gather(
+            self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers), summary_task,
+            return_exceptions=True)
         upstream, summary = results[0], results[1]
-        state = results[2] if len(results) > 2 else None
-        if self._erasure is not None and isinstance(upstream, httpx.Response) and isinstance(state, str):
+        if self._erasure is not None and isinstance(upstream, httpx.Response) and upstream.status_code >= 300:
+            # Only a refused retrieve needs the key custodian: a 2xx means Orthanc just decrypted the
+            # study's files with a live key (the plugin refuses to run with Orthanc's storage cache,
+            # so nothing is served from memory). Erased studies answer 404 (they left the index) or 5xx.
+            known = None if isinstance(summary, BaseException) else summary
+            try:
+                state = await self._study_state(route.study_uid, summary_task)
+            except BaseException as exc:
+                await upstream.aclose()
+                await self._auditor.record(self._retrieve_event(ctx, route, 502, known))
+                if isinstance(exc, ComplianceError):
+                    raise
+                raise UpstreamError("the archive's key custodian could not be asked") from exc
             # Before the lookup's error: a study lookup may itself fail on a shredded or corrupted file.
-            await self._check_stored_objects(
-                ctx, route, upstream, None if isinstance(summary, BaseException) else summary, state)
+            await self._check_stored_objects(ctx, route, upstream, known, state)
         if any(isinstance(r, BaseException) for r in results):
             if isinstance(upstream, httpx.Response):
                 await upstream.aclose()
@@ -209,7 +215,8 @@ class DicomwebService:
         """The study's erasure state: one request to the key custodian once the patient is known.
 
         The patient comes from the study lookup the audit event needs anyway (usually cached), so the
-        state costs a single call; without it the custodian client resolves the study itself.
+        state costs a single call; without it (an erased study has left the index) the custodian
+        client resolves the study itself, down to its tombstone.
         """
         try:
             summary = await asyncio.shield(summary_task)

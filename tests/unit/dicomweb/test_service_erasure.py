@@ -1,4 +1,9 @@
-"""Encrypted archive: WADO asks the key custodian for the patient's erasure state (pure logic)."""
+"""Encrypted archive: a refused WADO asks the key custodian why (pure logic).
+
+A 2xx from the archive means it has just decrypted the study's files with a live key, so the
+custodian is not asked; a 404 may be a study erased from the index (its tombstone says so), a 5xx a
+shredded or corrupted file.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ from compliance.audit.outbox import SqlAuditOutbox
 from compliance.crypto.interfaces import KeyDestroyed
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
-from compliance.dicomweb.interfaces import StudySummary
 from compliance.dicomweb.routing import classify
 from compliance.errors import UpstreamUnavailable
 
@@ -17,8 +21,9 @@ from .test_service_fail_closed import STUDY, FakeArchive, ctx, service
 
 
 class FakeCustodian:
-    def __init__(self, shredded: set[str]) -> None:
+    def __init__(self, shredded: set[str], erased_studies: frozenset[str] = frozenset()) -> None:
         self.shredded = shredded
+        self.erased_studies = erased_studies
         self.calls: list[tuple[str, str]] = []
 
     async def patient_state(self, patient_id: str) -> str:
@@ -27,16 +32,11 @@ class FakeCustodian:
 
     async def study_state(self, study_uid: str) -> str:
         self.calls.append(("study", study_uid))
-        return "live"
+        return "shredded" if study_uid in self.erased_studies else "unknown_study"
 
     async def verify_study(self, study_uid: str) -> dict:
         self.calls.append(("verify", study_uid))
         return {"failures": []}
-
-
-class UnknownPatientArchive(FakeArchive):
-    async def study_summary(self, study_uid):
-        return StudySummary(study_uid, None, None)
 
 
 @pytest.fixture
@@ -54,34 +54,68 @@ def _with_custodian(outbox, archive, custodian):
     return svc
 
 
-async def test_live_patient_costs_one_custodian_call_about_the_audited_patient(outbox):
+class StatusArchive(FakeArchive):
+    status = 500
+
+    async def send(self, method, path, *, query=None, headers=None, content=None):
+        self.sent.append(path)
+        return httpx.Response(self.status, headers={"content-type": "application/json"}, stream=self.stream)
+
+
+class FailingArchive(StatusArchive):
+    status = 500
+
+
+class GoneFromIndexArchive(StatusArchive):
+    status = 404
+
+    async def study_summary(self, study_uid):
+        return None
+
+
+async def test_a_successful_retrieve_costs_no_custodian_call(outbox):
     custodian = FakeCustodian(shredded=set())
     archive = FakeArchive()
     upstream = await _with_custodian(outbox, archive, custodian).retrieve(
         ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
     assert upstream.status_code == 200
-    assert custodian.calls == [("patient", "PID-1")]
+    assert custodian.calls == []
     assert not archive.stream.closed
     await upstream.aclose()
 
 
 async def test_shredded_patient_is_gone_and_no_byte_is_sent(outbox):
+    # between the key's destruction and the index deletion the archive cannot decrypt: 5xx
     custodian = FakeCustodian(shredded={"PID-1"})
-    archive = FakeArchive()
+    archive = FailingArchive()
     with pytest.raises(KeyDestroyed) as raised:
         await _with_custodian(outbox, archive, custodian).retrieve(
             ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
     assert raised.value.detail["reason"] == "crypto-shredded"
+    assert custodian.calls == [("patient", "PID-1")]
     assert archive.stream.closed  # the upstream body was never handed on
     events = [row[2] for row in outbox.pending(10)]
     assert [(e["event.id"], e["event.outcome"]) for e in events] == [("110104", 4)]
     assert events[0]["patient.ids"] == ["PID-1"]
 
 
-async def test_a_study_without_a_known_patient_asks_the_custodian_about_the_study(outbox):
+async def test_a_study_erased_from_the_index_is_gone_by_its_tombstone(outbox):
+    custodian = FakeCustodian(shredded=set(), erased_studies=frozenset({STUDY}))
+    archive = GoneFromIndexArchive()
+    with pytest.raises(KeyDestroyed):
+        await _with_custodian(outbox, archive, custodian).retrieve(
+            ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
+    assert custodian.calls == [("study", STUDY)]
+    assert archive.stream.closed
+    events = [row[2] for row in outbox.pending(10)]
+    assert [(e["event.id"], e["event.outcome"], e["study.uids"]) for e in events] == [("110104", 4, [STUDY])]
+
+
+async def test_an_unknown_study_stays_a_plain_404(outbox):
     custodian = FakeCustodian(shredded=set())
-    upstream = await _with_custodian(outbox, UnknownPatientArchive(), custodian).retrieve(
+    upstream = await _with_custodian(outbox, GoneFromIndexArchive(), custodian).retrieve(
         ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
+    assert upstream.status_code == 404
     assert custodian.calls == [("study", STUDY)]
     await upstream.aclose()
 
@@ -94,14 +128,8 @@ class UnreachableCustodian(FakeCustodian):
         raise UpstreamUnavailable("the key custodian cannot be reached")
 
 
-class FailingArchive(FakeArchive):
-    async def send(self, method, path, *, query=None, headers=None, content=None):
-        self.sent.append(path)
-        return httpx.Response(500, headers={"content-type": "application/json"}, stream=self.stream)
-
-
 async def test_a_failed_erasure_check_is_still_an_audited_attempt_and_sends_nothing(outbox):
-    archive = FakeArchive()
+    archive = FailingArchive()
     with pytest.raises(UpstreamUnavailable):
         await _with_custodian(outbox, archive, UnreachableCustodian(set())).retrieve(
             ctx("clinician"), classify("GET", f"/studies/{STUDY}"))
