@@ -1,8 +1,10 @@
 """The one error tree of the gateway.
 
-Services raise these; only ``compliance.api`` maps them to HTTP/DICOMweb status codes
-(``compliance/api/errors.py``). Lower-layer exceptions (httpx, SQLAlchemy, PyJWT, pydicom) are
-translated at the boundary with ``raise ... from exc`` so callers never see them.
+Services raise these; :func:`status_of` below is the one table from error to HTTP/DICOMweb status,
+used by the gateway's API (``compliance/api/errors.py``, which writes the JSON body) and by the key
+custodian's routes inside Orthanc (``compliance/archive/control.py``). Lower-layer exceptions
+(httpx, SQLAlchemy, PyJWT, pydicom) are translated at the boundary with ``raise ... from exc`` so
+callers never see them.
 
     ComplianceError
     ├── AuthenticationError          the caller is not who they claim (no, bad, expired token)  -> 401
@@ -92,3 +94,29 @@ class IntegrityError(ComplianceError):
 
 class ConfigurationError(ComplianceError):
     code = "configuration_error"
+
+
+STATUS: list[tuple[type[ComplianceError], int]] = [
+    # Most specific first.
+    (UnsupportedMediaType, 415),
+    (PayloadTooLarge, 413),
+    (InvalidRequest, 400),
+    (AuthenticationError, 401),
+    (PermissionDenied, 403),
+    (NotFound, 404),
+    (Gone, 410),
+    (Conflict, 409),
+    (UpstreamUnavailable, 503),
+    (UpstreamError, 502),
+    (AuditFailure, 503),
+    (IntegrityError, 500),
+    (ConfigurationError, 500),
+]
+
+
+def status_of(exc: ComplianceError) -> int:
+    """The HTTP status of an error of the tree (500 for anything unlisted)."""
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500

@@ -1,4 +1,4 @@
-"""Maps the ComplianceError tree to HTTP/DICOMweb statuses with a JSON body. The only such place."""
+"""Answers the ComplianceError tree as HTTP/DICOMweb statuses (``compliance.errors.status_of``) with a JSON body."""
 
 from __future__ import annotations
 
@@ -13,29 +13,7 @@ from compliance import errors as e
 
 log = logging.getLogger(__name__)
 
-STATUS: list[tuple[type[e.ComplianceError], int]] = [
-    # Most specific first.
-    (e.UnsupportedMediaType, 415),
-    (e.PayloadTooLarge, 413),
-    (e.InvalidRequest, 400),
-    (e.AuthenticationError, 401),
-    (e.PermissionDenied, 403),
-    (e.NotFound, 404),
-    (e.Gone, 410),
-    (e.Conflict, 409),
-    (e.UpstreamUnavailable, 503),
-    (e.UpstreamError, 502),
-    (e.AuditFailure, 503),
-    (e.IntegrityError, 500),
-    (e.ConfigurationError, 500),
-]
-
-
-def status_of(exc: e.ComplianceError) -> int:
-    for cls, status in STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
+status_of = e.status_of
 
 
 def error_body(code: str, message: str, detail: dict | None = None) -> dict:

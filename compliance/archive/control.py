@@ -29,7 +29,7 @@ The caller (the gateway) looks study -> patient and study -> attachments up in O
 passes them in; uuids are validated by the storage before any path is built.
 
 Errors come back as ``{"error": code, "message": ...}`` with the status of the error tree
-(404 unknown KEK, 409 state conflict, 502 key provider failure).
+(``compliance.errors.status_of``: 404 unknown KEK, 409 state conflict, 502 key provider failure).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from sqlalchemy import select
 from compliance.archive.storage import EncryptedFilesystemStorage
 from compliance.crypto.keys import KeyService
 from compliance.crypto.models import CryptoDataKey
-from compliance.errors import ComplianceError, Conflict, Gone, InvalidRequest, NotFound, UpstreamError
+from compliance.errors import ComplianceError, InvalidRequest, status_of
 
 __all__ = ["Attachment", "KeyControl", "Response"]
 
@@ -63,14 +63,6 @@ class Response:
 
     def encode(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":"), default=str).encode()
-
-
-def _status_of(exc: ComplianceError) -> int:
-    for cls, status in ((InvalidRequest, 400), (NotFound, 404), (Gone, 410), (Conflict, 409),
-                        (UpstreamError, 502)):
-        if isinstance(exc, cls):
-            return status
-    return 500
 
 
 class KeyControl:
@@ -93,7 +85,7 @@ class KeyControl:
         except ValueError as exc:
             return Response(400, {"error": "invalid_request", "message": f"bad JSON body: {exc}"})
         except ComplianceError as exc:
-            return Response(_status_of(exc), {"error": exc.code, "message": exc.message, "detail": exc.detail})
+            return Response(status_of(exc), {"error": exc.code, "message": exc.message, "detail": exc.detail})
 
     def _dispatch(self, method: str, path: str, p: dict[str, Any]) -> Response:
         route = (method.upper(), path.rstrip("/"))
