@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 
+from compliance.archive.cli import app as keys_app
+from compliance.archive.cli import shred
 from compliance.audit.cli import app as audit_app
 from compliance.audit.cli import record_cli_authentication
 from compliance.audit.report_cli import register as register_audit_reports
 from compliance.config import get_settings
-from compliance.crypto.cli import app as keys_app
-from compliance.crypto.cli import shred
 from compliance.deid.cli import app as deid_app
 from compliance.exports.cli import app as exports_app
 

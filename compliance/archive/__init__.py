@@ -7,5 +7,6 @@
 - :mod:`compliance.archive.control`: the key operations the plugin serves to the gateway;
 - :mod:`compliance.archive.orthanc_plugin`: the glue Orthanc loads (``PythonScript``);
 - :mod:`compliance.archive.client`: the gateway's side (key operations, erasure state, verify);
+- :mod:`compliance.archive.cli`: the operator's `compliance keys ...` and `compliance shred` commands;
 - :mod:`compliance.archive.operations`: the audited operator operations (API and CLI share them).
 """
