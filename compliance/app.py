@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
             archive_keys = KeyOperations(
                 ArchiveKeyClient(settings.archive_url, username=settings.archive_username,
                                  password=settings.archive_password.get_secret_value(),
-                                 dicomweb_path=settings.archive_dicomweb_path),
+                                 dicomweb_path=settings.archive_dicomweb_path, client=archive.http_client),
                 auditor, gateway_id=settings.audit_source_id)
         dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
                                    qido_max_response_bytes=settings.qido_max_response_bytes,

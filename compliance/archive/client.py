@@ -19,17 +19,22 @@ __all__ = ["ArchiveKeyClient"]
 
 class ArchiveKeyClient:
     def __init__(self, base_url: str, *, username: str, password: str, dicomweb_path: str = "/dicom-web",
-                 timeout: float = 120.0) -> None:
+                 timeout: float = 120.0, client: httpx.AsyncClient | None = None) -> None:
+        """``client``: the gateway passes its archive client (``OrthancArchive.http_client``, same
+        URL and credentials) so both share one connection pool; the CLI lets this make its own."""
         self._dicomweb = dicomweb_path.rstrip("/")
-        self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), auth=httpx.BasicAuth(username, password),
-                                         timeout=httpx.Timeout(timeout, connect=5.0))
+        self._timeout = httpx.Timeout(timeout, connect=5.0)
+        self._owned = client is None
+        self._client = client or httpx.AsyncClient(base_url=base_url.rstrip("/"),
+                                                   auth=httpx.BasicAuth(username, password), timeout=self._timeout)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._owned:
+            await self._client.aclose()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
-            resp = await self._client.request(method, path, json=body)
+            resp = await self._client.request(method, path, json=body, timeout=self._timeout)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable("the archive's key service cannot be reached") from exc
         if resp.status_code == 200:
@@ -71,7 +76,7 @@ class ArchiveKeyClient:
         """Delete a (shredded) patient from Orthanc: its index rows (names, ids, dates in plaintext)
         and its files (undecryptable by now). Returns how many patient resources were deleted."""
         try:
-            found = await self._client.post("/tools/lookup", content=patient_id)
+            found = await self._client.post("/tools/lookup", content=patient_id, timeout=self._timeout)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable("the archive cannot be reached") from exc
         if found.status_code != 200:
@@ -85,7 +90,7 @@ class ArchiveKeyClient:
             if str((patient.get("MainDicomTags") or {}).get("PatientID", "")) != patient_id:
                 continue
             try:
-                resp = await self._client.delete(f"/patients/{item['ID']}")
+                resp = await self._client.delete(f"/patients/{item['ID']}", timeout=self._timeout)
             except httpx.TransportError as exc:
                 raise UpstreamUnavailable("the archive cannot be reached") from exc
             if resp.status_code not in (200, 404):
@@ -96,7 +101,7 @@ class ArchiveKeyClient:
     # --- the request path ----------------------------------------------------------------------
     async def _study(self, study_uid: str) -> str | None:
         try:
-            found = await self._client.post("/tools/lookup", content=study_uid)
+            found = await self._client.post("/tools/lookup", content=study_uid, timeout=self._timeout)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable("the archive cannot be reached") from exc
         if found.status_code != 200:
@@ -105,7 +110,7 @@ class ArchiveKeyClient:
 
     async def _get(self, path: str) -> Any:
         try:
-            resp = await self._client.get(path)
+            resp = await self._client.get(path, timeout=self._timeout)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable("the archive cannot be reached") from exc
         if resp.status_code != 200:
@@ -144,7 +149,7 @@ class ArchiveKeyClient:
         try:
             resp = await self._client.get(f"{self._dicomweb}/studies", params=[
                 ("PatientID", patient_id), ("includefield", "00100010"), ("includefield", "00080050")],
-                headers={"Accept": "application/dicom+json"})
+                headers={"Accept": "application/dicom+json"}, timeout=self._timeout)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable("the archive cannot be reached") from exc
         if resp.status_code == 204 or not resp.content:

@@ -170,6 +170,11 @@ class OrthancArchive:
         else:
             self._summaries.pop(study_uid)
 
+    @property
+    def http_client(self) -> httpx.AsyncClient:
+        """The authenticated client to the archive's REST root (shared with the key custodian client)."""
+        return self._client
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
