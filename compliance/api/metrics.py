@@ -41,4 +41,16 @@ async def metrics(request: Request) -> str:
         "# HELP compliance_audit_checkpoint_up 1 when checkpoints are signed and the last attempt succeeded.\n"
         "# TYPE compliance_audit_checkpoint_up gauge\n"
         f"compliance_audit_checkpoint_up {int(checkpointer is not None and not checkpointer.last_error)}\n"
+        + _sink_lines(getattr(shipper, "_sink", None))
     )
+
+
+def _sink_lines(sink: object) -> str:
+    """Per-sink health when several sinks are configured (``FanOutAuditSink.errors``)."""
+    errors = getattr(sink, "errors", None)
+    if not isinstance(errors, dict):
+        return ""
+    lines = ["# HELP compliance_audit_sink_up 1 when the sink's last delivery attempt succeeded.\n",
+             "# TYPE compliance_audit_sink_up gauge\n"]
+    lines += [f'compliance_audit_sink_up{{sink="{name}"}} {0 if error else 1}\n' for name, error in errors.items()]
+    return "".join(lines)

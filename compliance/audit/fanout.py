@@ -6,9 +6,11 @@ outbox keeps an event pending until the last sink has it. What each sink already
 in table ``audit_outbox_delivery`` (sink, uuid, delivered_at): while one sink is down, the batch
 at the head of the outbox still reaches the others, and a sink that has an event never gets it again
 from the retries (the syslog receiver has no idempotent ids, unlike Elasticsearch). The outbox
-drains in order, so a sink that stays down holds the others back after that batch; its backlog
-shows in ``compliance audit status`` and ``/metrics``. A crash between a sink's delivery and
-its row being written re-sends that batch to that sink: at least once.
+drains in order, so a sink that stays down holds the others back after that batch: they have it,
+but nothing newer reaches them until the down sink is back. Visible as the outbox backlog in
+``compliance audit status`` and ``/metrics``, and per sink as ``compliance_audit_sink_up{sink=...}``
+in ``/metrics`` (from :attr:`FanOutAuditSink.errors`). A crash between a sink's delivery and its
+row being written re-sends that batch to that sink: at least once.
 
 :func:`build_audit_sink` chooses from ``COMPLIANCE_AUDIT_SINKS`` (``elasticsearch``, ``syslog``, or
 both comma-separated); with one sink no fan-out (and no delivery rows) is involved.

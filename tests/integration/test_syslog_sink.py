@@ -225,6 +225,8 @@ def test_gateway_ships_every_event_to_syslog_and_elasticsearch_once_syslog_is_up
         backlog = int(next(line.split()[1] for line in status.splitlines()
                            if line.startswith("compliance_audit_outbox_backlog ")))
         assert backlog >= 21  # start + 20 queries, not all sinks have them
+        assert 'compliance_audit_sink_up{sink="syslog"} 0' in status, status
+        assert 'compliance_audit_sink_up{sink="elasticsearch"} 1' in status, status
         rsyslog.start()
         msgs = rsyslog.wait_for(lambda m: sum(x["msgid"] == MSGID and "110112" in x["msg"] for x in m) >= 20)
         queries = [m for m in msgs if "110112" in m["msg"]]
@@ -246,6 +248,7 @@ def test_gateway_ships_every_event_to_syslog_and_elasticsearch_once_syslog_is_up
                 break
             time.sleep(0.3)
         assert "compliance_audit_outbox_backlog 0" in text
+        assert 'compliance_audit_sink_up{sink="syslog"} 1' in text, text
     finally:
         stop_gateway(gw)
         drop_prefix(stack, prefix)
