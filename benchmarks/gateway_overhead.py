@@ -146,7 +146,12 @@ def main() -> None:
         gw.terminate()
         gw.wait(timeout=30)
         log.close()
-        httpx.delete(f"{settings.elasticsearch_url}/bench-audit-*", timeout=30)
+        # by name: the cluster refuses wildcard deletes (action.destructive_requires_name)
+        es = settings.elasticsearch_url
+        found = httpx.get(f"{es}/bench-audit-*,bench-audit.checkpoints", timeout=30,
+                          params={"ignore_unavailable": "true", "allow_no_indices": "true"})
+        for index in found.json() if found.status_code == 200 else []:
+            httpx.delete(f"{es}/{index}", timeout=30)
     print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each")
     print(f"{'conc':>4} {'path':>8} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
     for r in results:
