@@ -16,12 +16,40 @@ Rules and thresholds are data (``policies/detections.yaml``, restricted patients
   address within ``window_seconds``.
 
 How it runs: :class:`DetectionJob` is a batch job, ``compliance audit detect``, meant for cron or a
-systemd timer. It covers the events between the previous run's end (the watermark, table
-``audit_detection_run``) and now minus ``settle_seconds`` (shipping to Elasticsearch is
-asynchronous). It is not a task inside the gateway because the gateway runs one process per core:
+systemd timer. It is not a task inside the gateway because the gateway runs one process per core:
 a batch job runs once, however many workers there are. Every finding has a dedup key (rule + user
 + day, ...), unique in ``audit_review_item``, so overlapping or repeated runs never queue a finding
 twice. Time comes from an injected clock; nothing sleeps.
+
+The window, and why no event is skipped (:func:`detection_window`): a run examines the events whose
+time is in ``[start, end)``; ``start`` is the previous run's end (the watermark, table
+``audit_detection_run``), ``end`` is now minus ``settle_seconds``, **held back to the time of the
+oldest event still waiting in the outbox** (not yet shipped to every sink). Events reach
+Elasticsearch asynchronously and possibly hours late (the repository was down), but an event is in
+the outbox from the moment it is recorded until it is shipped, so:
+
+1. an event recorded before the run looked at the outbox, and older than ``end``, is shipped: had it
+   been pending, ``end`` would be at or before its time;
+2. an event not yet recorded then is younger than ``now - settle_seconds``, hence than ``end``: events
+   are built immediately before they are committed and the request waits for the commit, so
+   ``settle_seconds`` (60 s) only has to exceed a commit's latency, not a shipping delay;
+3. the run refreshes the indices after it looked at the outbox and before it reads, so everything
+   Elasticsearch acknowledged (what the outbox counts as shipped) is searchable.
+
+The next run starts exactly where this one ended, so every event is in exactly one window. While
+the outbox has a backlog the watermark waits (the run says so: ``held_back`` in its JSON result, a
+warning on the log) and catches up once the backlog is shipped. Nothing is re-examined, so late
+events raise their findings in the run that first sees them, once.
+
+Nothing is truncated either: the per-event rules page through every event of the window
+(``search_after``) and keep per group only a count, the first event and at most
+:data:`MAX_EVIDENCE` evidence ids, so memory does not grow with the window; the per-user rules page
+through every user (composite aggregations). The run reports how many events each rule read.
+
+Reading the trail for the detections is itself an access to the audit log: each run that reads
+records one 110101 Audit Log Used event (the reader: the operator for the CLI, and whichever
+service identity a scheduler would pass), durably, before any finding is raised; a run that fails
+while reading records it with a failure outcome.
 
 Findings are recorded like any event: through :class:`~compliance.audit.recorder.AuditRecorder`
 into the outbox (hash-chained, shipped at least once). Their subject is the resource
@@ -30,10 +58,11 @@ into the outbox (hash-chained, shipped at least once). Their subject is the reso
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
@@ -41,6 +70,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from sqlalchemy import Engine, Table, func, select
 
 from compliance.audit.events import (
     Code,
@@ -48,25 +78,32 @@ from compliance.audit.events import (
     Outcome,
     PatientRef,
     UserRef,
+    audit_log_used_event,
     security_alert_event,
 )
+from compliance.audit.models import AuditOutboxRow
 from compliance.audit.queries import AuditQueryService, AuditSearch
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.reports import DETECTION_RESOURCE_PREFIX
 from compliance.audit.review import SqlReviewQueue
 from compliance.config import PROJECT_ROOT
-from compliance.errors import ConfigurationError, UpstreamUnavailable
+from compliance.errors import ComplianceError, ConfigurationError, UpstreamUnavailable
 
 __all__ = [
     "DETECTION_RESOURCE_PREFIX",
+    "Backlog",
     "DetectionEngine",
     "DetectionJob",
     "DetectionPolicy",
+    "DetectionRun",
+    "DetectionWindow",
     "DirectoryUser",
     "Finding",
     "KeycloakDirectory",
+    "OutboxBacklog",
     "StaticDirectory",
     "UserDirectory",
+    "detection_window",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,8 +112,12 @@ DEFAULT_POLICY_FILE = PROJECT_ROOT / "policies" / "detections.yaml"
 RULES = ("after_hours", "volume_spike", "same_family_name", "vip_access", "disabled_account", "failed_auth_burst")
 _NOT_A_DETECTION = {"bool": {"must_not": {"prefix": {"object.ids": DETECTION_RESOURCE_PREFIX}}}}
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-#: Events one rule reads per run at most (a run covers minutes to a day; far above that is a backlog).
-MAX_EVENTS_PER_RULE = 200_000
+#: Evidence (event uuids) kept per finding; the finding's summary counts every event.
+MAX_EVIDENCE = 50
+#: Users per page of the per-user aggregations (composite: every user is seen, page by page).
+USER_PAGE_SIZE = 500
+#: Distinct claimed user names kept per failed-authentication burst (the summary names ten).
+_MAX_CLAIMS = 1000
 _FIELDS = ["@timestamp", "event.uuid", "event.id", "user.id", "user.name", "patient.ids", "patient.names",
            "source.address", "event.type_codes"]
 
@@ -295,27 +336,102 @@ def family_name(person_name: str) -> str:
     return person_name.split("=", 1)[0].split("^", 1)[0].strip()
 
 
+class _Group:
+    """The events of one finding-to-be, in time order: count, first event, evidence, patients seen.
+
+    Bounded whatever the number of events: the first event, :data:`MAX_EVIDENCE` uuids and at most two
+    distinct patients (enough to tell "exactly one patient" from "several").
+    """
+
+    __slots__ = ("count", "evidence", "first", "patients")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: Mapping[str, Any] = {}
+        self.evidence: list[str] = []
+        self.patients: set[str] = set()
+
+    def add(self, doc: Mapping[str, Any], patients: Iterable[str] = ()) -> None:
+        if not self.count:
+            self.first = doc
+        self.count += 1
+        if len(self.evidence) < MAX_EVIDENCE:
+            self.evidence.append(str(doc["event.uuid"]))
+        for pid in patients:
+            if len(self.patients) >= 2:
+                break
+            self.patients.add(pid)
+
+
+@dataclass
+class _Burst:
+    first_uuid: str
+    first_time: datetime
+    last_time: datetime
+    count: int = 0
+    evidence: list[str] = field(default_factory=list)
+    claims: set[str] = field(default_factory=set)
+
+    def add(self, when: datetime, uuid: str, claim: str | None) -> None:
+        self.last_time = when
+        self.count += 1
+        if len(self.evidence) < MAX_EVIDENCE:
+            self.evidence.append(uuid)
+        if claim and len(self.claims) < _MAX_CLAIMS:
+            self.claims.add(claim)
+
+
 class DetectionEngine:
     def __init__(self, queries: AuditQueryService, policy: DetectionPolicy, directory: UserDirectory) -> None:
         self._queries = queries
         self._policy = policy
         self._directory = directory
+        #: Events each rule read in the last :meth:`detect` (every one in its window: nothing is cut off).
+        self.examined: dict[str, int] = {}
 
     def detect(self, start: datetime, end: datetime) -> list[Finding]:
+        self.examined = {}
         findings: list[Finding] = []
         for name in RULES:
             if self._policy.rule(name) is not None:
+                self.examined[name] = 0
                 findings.extend(getattr(self, f"_{name}")(start, end))
         return findings
 
     # ------------------------------------------------------------------ helpers
 
-    def _access_events(self, start: datetime, end: datetime, **filters: Any) -> Iterable[dict[str, Any]]:
+    def _events(self, rule: str, search: AuditSearch, fields: Sequence[str] = _FIELDS) -> Iterator[dict[str, Any]]:
+        """Every event matching ``search``, oldest first, page by page (``search_after``; no limit)."""
+        for doc in self._queries.iterate(search, source_fields=list(fields)):
+            self.examined[rule] += 1
+            yield doc
+
+    def _access_events(self, rule: str, start: datetime, end: datetime) -> Iterator[dict[str, Any]]:
         search = AuditSearch(event_types=(), start=start, end=end,
                              extra_filters=({"terms": {"event.id": list(self._policy.access_event_ids)}},
-                                            {"exists": {"field": "user.name"}}),
-                             **filters)
-        return self._queries.iterate(search, source_fields=_FIELDS, limit=MAX_EVENTS_PER_RULE)
+                                            {"exists": {"field": "user.name"}}))
+        return self._events(rule, search)
+
+    def _per_user(self, rule: str, search: AuditSearch, sub_aggs: dict[str, Any], *,
+                  page_size: int = USER_PAGE_SIZE) -> Iterator[dict[str, Any]]:
+        """One bucket per ``user.name`` with ``sub_aggs``, for every user (composite aggregation, paged).
+
+        A ``terms`` aggregation would return its ``size`` largest users and drop the rest silently.
+        """
+        after: dict[str, Any] | None = None
+        while True:
+            composite: dict[str, Any] = {"size": page_size, "sources": [{"user": {"terms": {"field": "user.name"}}}]}
+            if after is not None:
+                composite["after"] = after
+            result = self._queries.aggregate(search, {"users": {"composite": composite, "aggs": sub_aggs}})
+            body = result.get("users") or {}
+            buckets = list(body.get("buckets") or [])
+            for bucket in buckets:
+                self.examined[rule] += int(bucket.get("doc_count", 0))
+                yield bucket
+            after = body.get("after_key")
+            if len(buckets) < page_size or not after:
+                return
 
     def _local_day(self, moment: datetime) -> str:
         return moment.astimezone(self._policy.timezone).date().isoformat()
@@ -324,24 +440,23 @@ class DetectionEngine:
 
     def _after_hours(self, start: datetime, end: datetime) -> list[Finding]:
         p = self._policy
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for doc in self._access_events(start, end):
+        groups: dict[tuple[str, str], _Group] = defaultdict(_Group)
+        for doc in self._access_events("after_hours", start, end):
             local = _ts(doc).astimezone(p.timezone)
             inside = local.weekday() in p.business_days and p.business_start <= local.time() < p.business_end
             if not inside:
-                groups[(str(doc["user.name"]), local.date().isoformat())].append(doc)
+                groups[(str(doc["user.name"]), local.date().isoformat())].add(doc, _ids(doc, "patient.ids"))
         out = []
-        for (user, day), docs in sorted(groups.items()):
-            first = _ts(docs[0]).astimezone(p.timezone)
-            patients = {pid for d in docs for pid in _ids(d, "patient.ids")}
+        for (user, day), group in sorted(groups.items()):
+            first = _ts(group.first).astimezone(p.timezone)
             out.append(Finding(
                 rule="after_hours", dedup_key=f"{user}|{day}",
-                summary=f"{user} accessed images outside business hours on {day}: {len(docs)} event(s), "
+                summary=f"{user} accessed images outside business hours on {day}: {group.count} event(s), "
                         f"first at {first:%H:%M} ({p.timezone.key})",
-                user_name=user, user_id=docs[0].get("user.id"),
-                patient_id=next(iter(patients)) if len(patients) == 1 else None,
-                source_address=docs[0].get("source.address"),
-                evidence=tuple(str(d["event.uuid"]) for d in docs[:50])))
+                user_name=user, user_id=group.first.get("user.id"),
+                patient_id=next(iter(group.patients)) if len(group.patients) == 1 else None,
+                source_address=group.first.get("source.address"),
+                evidence=tuple(group.evidence)))
         return out
 
     def _volume_spike(self, start: datetime, end: datetime) -> list[Finding]:
@@ -356,19 +471,18 @@ class DetectionEngine:
         since = (first_day - timedelta(days=baseline_days)).astimezone(UTC)
         search = AuditSearch(start=since, end=end, extra_filters=(
             {"terms": {"event.id": list(p.access_event_ids)}}, {"exists": {"field": "user.name"}}))
-        aggs = {"users": {"terms": {"field": "user.name", "size": 10_000},
-                          "aggs": {"days": {"date_histogram": {"field": "@timestamp", "calendar_interval": "1d",
-                                                               "time_zone": tz.key, "min_doc_count": 1,
-                                                               "format": "yyyy-MM-dd"}}}}}
-        result = self._queries.aggregate(search, aggs)
+        days_agg = {"days": {"date_histogram": {"field": "@timestamp", "calendar_interval": "1d",
+                                                "time_zone": tz.key, "min_doc_count": 1, "format": "yyyy-MM-dd"}}}
         out = []
         judged_days: list[str] = []
         day = first_day
         while day < end.astimezone(tz):
             judged_days.append(day.date().isoformat())
             day += timedelta(days=1)
-        for bucket in result.get("users", {}).get("buckets", []):
-            user = str(bucket["key"])
+        # Day buckets per user stay under Elasticsearch's search.max_buckets per page.
+        page = max(1, min(USER_PAGE_SIZE, 20_000 // (baseline_days + len(judged_days) + 1)))
+        for bucket in self._per_user("volume_spike", search, days_agg, page_size=page):
+            user = str(bucket["key"]["user"])
             counts = {str(b["key_as_string"]): int(b["doc_count"]) for b in bucket["days"]["buckets"]}
             for judged in judged_days:
                 today = counts.get(judged, 0)
@@ -384,9 +498,9 @@ class DetectionEngine:
         return out
 
     def _same_family_name(self, start: datetime, end: datetime) -> list[Finding]:
-        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+        groups: dict[tuple[str, str, str], _Group] = defaultdict(_Group)
         families: dict[str, str | None] = {}
-        for doc in self._access_events(start, end):
+        for doc in self._access_events("same_family_name", start, end):
             user = str(doc["user.name"])
             if user not in families:
                 account = self._directory.lookup(user)
@@ -399,49 +513,47 @@ class DetectionEngine:
             for name in _ids(doc, "patient.names"):
                 if family_name(name).casefold() == mine:
                     patient = ids[0] if len(ids) == 1 else "?"
-                    groups[(user, patient, self._local_day(_ts(doc)))].append(doc)
+                    groups[(user, patient, self._local_day(_ts(doc)))].add(doc)
                     break
         return [Finding(rule="same_family_name", dedup_key=f"{user}|{patient}|{day}",
                         summary=f"{user} accessed images of a patient with the same family name "
                                 f"({'patient ' + patient if patient != '?' else 'in a multi-patient result'}) "
-                                f"on {day}: {len(docs)} event(s)",
-                        user_name=user, user_id=docs[0].get("user.id"),
+                                f"on {day}: {group.count} event(s)",
+                        user_name=user, user_id=group.first.get("user.id"),
                         patient_id=None if patient == "?" else patient,
-                        source_address=docs[0].get("source.address"),
-                        evidence=tuple(str(d["event.uuid"]) for d in docs[:50]))
-                for (user, patient, day), docs in sorted(groups.items())]
+                        source_address=group.first.get("source.address"),
+                        evidence=tuple(group.evidence))
+                for (user, patient, day), group in sorted(groups.items())]
 
     def _vip_access(self, start: datetime, end: datetime) -> list[Finding]:
         p = self._policy
         if not p.vip_patients:
             return []
-        groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+        groups: dict[tuple[str, str, str], _Group] = defaultdict(_Group)
         search = AuditSearch(patients=tuple(sorted(p.vip_patients)), start=start, end=end,
                              extra_filters=({"exists": {"field": "user.name"}}, _NOT_A_DETECTION))
-        for doc in self._queries.iterate(search, source_fields=_FIELDS, limit=MAX_EVENTS_PER_RULE):
+        for doc in self._events("vip_access", search):
             user = str(doc["user.name"])
             if user in p.vip_exempt_users:
                 continue
             for pid in _ids(doc, "patient.ids"):
                 if pid in p.vip_patients:
-                    groups[(user, pid, self._local_day(_ts(doc)))].append(doc)
+                    groups[(user, pid, self._local_day(_ts(doc)))].add(doc)
         return [Finding(rule="vip_access", dedup_key=f"{user}|{pid}|{day}",
-                        summary=f"{user} accessed restricted patient {pid} on {day}: {len(docs)} event(s)",
-                        user_name=user, user_id=docs[0].get("user.id"), patient_id=pid,
-                        source_address=docs[0].get("source.address"),
-                        evidence=tuple(str(d["event.uuid"]) for d in docs[:50]))
-                for (user, pid, day), docs in sorted(groups.items())]
+                        summary=f"{user} accessed restricted patient {pid} on {day}: {group.count} event(s)",
+                        user_name=user, user_id=group.first.get("user.id"), patient_id=pid,
+                        source_address=group.first.get("source.address"),
+                        evidence=tuple(group.evidence))
+                for (user, pid, day), group in sorted(groups.items())]
 
     def _disabled_account(self, start: datetime, end: datetime) -> list[Finding]:
         search = AuditSearch(start=start, end=end, extra_filters=({"exists": {"field": "user.name"}},
                                                                    _NOT_A_DETECTION))
-        aggs = {"users": {"terms": {"field": "user.name", "size": 10_000},
-                          "aggs": {"sample": {"top_hits": {"size": 20, "sort": [{"@timestamp": "asc"}],
-                                                           "_source": {"includes": _FIELDS}}}}}}
-        result = self._queries.aggregate(search, aggs)
+        sample = {"sample": {"top_hits": {"size": 20, "sort": [{"@timestamp": "asc"}],
+                                          "_source": {"includes": _FIELDS}}}}
         out = []
-        for bucket in result.get("users", {}).get("buckets", []):
-            user = str(bucket["key"])
+        for bucket in self._per_user("disabled_account", search, sample, page_size=200):
+            user = str(bucket["key"]["user"])
             account = self._directory.lookup(user)
             if account is None or account.enabled:
                 continue
@@ -456,6 +568,9 @@ class DetectionEngine:
         return out
 
     def _failed_auth_burst(self, start: datetime, end: datetime) -> list[Finding]:
+        """Streams the refused authentications: per source, the events of the last ``window`` until
+        ``threshold`` of them fall within it (from ``start`` on), then the burst while the gaps stay
+        within the window. Memory: one window of events per source at most, whatever the run covers."""
         rule = self._policy.rules["failed_auth_burst"]
         threshold = int(rule.options["threshold"])
         window = timedelta(seconds=int(rule.options["window_seconds"]))
@@ -463,42 +578,122 @@ class DetectionEngine:
         search = AuditSearch(start=start - window, end=end, extra_filters=(
             {"term": {"event.id": "110113"}},
             {"term": {"event.type_codes": EventTypeCode.AUTHENTICATION_DECISION.code}}))
-        by_source: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for doc in self._queries.iterate(search, source_fields=[*_FIELDS, "user.unverified_claim"],
-                                         limit=MAX_EVENTS_PER_RULE):
-            by_source[str(doc.get("source.address") or "unknown")].append(doc)
-        out = []
-        for source, docs in sorted(by_source.items()):
-            times = [_ts(d) for d in docs]
-            i = 0
-            lo = 0
-            while i < len(docs):
-                while times[i] - times[lo] > window:
-                    lo += 1
-                if i - lo + 1 >= threshold and times[i] >= start:
-                    burst = docs[lo:i + 1]
-                    # Extend over the rest of the burst so one burst is one finding.
-                    j = i + 1
-                    while j < len(docs) and times[j] - times[j - 1] <= window:
-                        burst.append(docs[j])
-                        j += 1
-                    claims = sorted({str(d.get("user.unverified_claim")) for d in burst
-                                     if d.get("user.unverified_claim")})
-                    out.append(Finding(
-                        rule="failed_auth_burst", dedup_key=f"{source}|{burst[0]['event.uuid']}",
-                        summary=f"{len(burst)} refused authentications from {source} between "
-                                f"{times[lo]:%Y-%m-%d %H:%M:%S} and {_ts(burst[-1]):%H:%M:%S} UTC"
-                                + (f" (claimed users: {', '.join(claims[:10])})" if claims else ""),
-                        source_address=None if source == "unknown" else source,
-                        evidence=tuple(str(d["event.uuid"]) for d in burst[:50])))
-                    i = j
-                    lo = j
+        recent: dict[str, deque[tuple[datetime, str, str | None]]] = defaultdict(deque)
+        bursts: dict[str, _Burst] = {}
+        done: list[tuple[str, _Burst]] = []
+        for doc in self._events("failed_auth_burst", search, [*_FIELDS, "user.unverified_claim"]):
+            source = str(doc.get("source.address") or "unknown")
+            when, uuid = _ts(doc), str(doc["event.uuid"])
+            claim = str(doc["user.unverified_claim"]) if doc.get("user.unverified_claim") else None
+            burst = bursts.get(source)
+            if burst is not None:
+                if when - burst.last_time <= window:
+                    burst.add(when, uuid, claim)
                     continue
-                i += 1
+                done.append((source, bursts.pop(source)))  # the burst ended: this event starts afresh
+            events = recent[source]
+            events.append((when, uuid, claim))
+            while when - events[0][0] > window:
+                events.popleft()
+            if len(events) >= threshold and when >= start:
+                burst = _Burst(first_uuid=events[0][1], first_time=events[0][0], last_time=when)
+                for e in events:
+                    burst.add(*e)
+                bursts[source] = burst
+                events.clear()
+        done.extend(bursts.items())
+        out = []
+        for source, burst in sorted(done, key=lambda sb: (sb[0], sb[1].first_time)):
+            claims = sorted(burst.claims)
+            out.append(Finding(
+                rule="failed_auth_burst", dedup_key=f"{source}|{burst.first_uuid}",
+                summary=f"{burst.count} refused authentications from {source} between "
+                        f"{burst.first_time:%Y-%m-%d %H:%M:%S} and {burst.last_time:%H:%M:%S} UTC"
+                        + (f" (claimed users: {', '.join(claims[:10])})" if claims else ""),
+                source_address=None if source == "unknown" else source,
+                evidence=tuple(burst.evidence)))
         return out
 
 
+# --------------------------------------------------------------------------- the window
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Events recorded but not yet shipped to every sink: how many, and the time of the oldest."""
+
+    pending: int = 0
+    oldest: datetime | None = None
+
+
+class ShippingBacklog(Protocol):
+    def unshipped(self) -> Backlog:
+        """The outbox's events still waiting to be shipped."""
+        ...
+
+
+_OUTBOX: Table = AuditOutboxRow.__table__  # type: ignore[assignment]
+
+
+class OutboxBacklog:
+    """The unshipped events of the SQL outbox (the one every gateway process and CLI records into)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def unshipped(self) -> Backlog:
+        with self._engine.connect() as conn:
+            count, oldest = conn.execute(select(func.count(), func.min(_OUTBOX.c.occurred_at))
+                                         .where(_OUTBOX.c.shipped_at.is_(None))).one()
+        if oldest is not None and oldest.tzinfo is None:  # SQLite: stored as UTC, returned naive
+            oldest = oldest.replace(tzinfo=UTC)
+        return Backlog(int(count or 0), oldest)
+
+
+def _millis(moment: datetime) -> datetime:
+    """``moment`` in UTC, cut to the millisecond: the precision of ``@timestamp`` and of the queries."""
+    moment = moment.astimezone(UTC)
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+@dataclass(frozen=True)
+class DetectionWindow:
+    start: datetime
+    end: datetime
+    #: The end asked for (``--until``, or now minus settle_seconds), before it was held back.
+    requested_end: datetime
+    #: The outbox backlog that held the end back (None: the end is the one asked for).
+    held_back: Backlog | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.start >= self.end
+
+
+def detection_window(*, now: datetime, settle: timedelta, initial_lookback: timedelta, backlog: Backlog,
+                     since: datetime | None = None, until: datetime | None = None,
+                     last_end: datetime | None = None) -> DetectionWindow:
+    """The events a run examines: ``[start, end)`` by event time.
+
+    ``end`` is ``until`` (default ``now - settle``) but never later than the oldest event still waiting
+    to be shipped: that event, and any shipped one after it, will be examined by a later run, which
+    starts where this one ends. ``start`` is ``since``, else the previous run's end, else ``end`` minus
+    the initial look-back. Both are cut to the millisecond (``@timestamp``'s precision), so the window
+    a run reports is exactly the one it queried.
+    """
+    requested = _millis(until if until is not None else now - settle)
+    end, held = requested, None
+    if backlog.oldest is not None and _millis(backlog.oldest) < requested:
+        end, held = _millis(backlog.oldest), backlog
+    start = _millis(since if since is not None else last_end if last_end is not None else end - initial_lookback)
+    return DetectionWindow(start, end, requested, held)
+
+
 # --------------------------------------------------------------------------- the job
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).isoformat()
 
 
 @dataclass(frozen=True)
@@ -508,33 +703,88 @@ class DetectionRun:
     findings: tuple[Finding, ...]
     #: Review item ids opened by this run (findings already queued are not repeated).
     opened: tuple[int, ...]
+    #: The end asked for; later than ``window_end`` when unshipped events held the window back.
+    requested_end: datetime | None = None
+    held_back: Backlog | None = None
+    #: Events read per rule (all of the window: nothing is cut off).
+    examined: Mapping[str, int] = field(default_factory=dict)
+    #: The uuid of the 110101 Audit Log Used event recording this run's read (None: nothing was read).
+    audit_log_used: str | None = None
 
     def to_json_obj(self) -> dict[str, Any]:
-        return {"from": self.window_start.isoformat(), "to": self.window_end.isoformat(),
+        return {"from": _iso(self.window_start), "to": _iso(self.window_end),
                 "findings": len(self.findings), "opened": list(self.opened),
-                "rules": sorted({f.rule for f in self.findings})}
+                "rules": sorted({f.rule for f in self.findings}),
+                "requested_to": _iso(self.requested_end or self.window_end),
+                "held_back": None if self.held_back is None else {
+                    "pending_events": self.held_back.pending, "oldest_pending": _iso(self.held_back.oldest)},
+                "examined": dict(self.examined),
+                "audit_log_used": self.audit_log_used}
 
 
 class DetectionJob:
+    """One detection run: the window, the audited read, the alerts, the watermark.
+
+    ``reader`` is who reads the audit trail (recorded as the 110101 event's user: the operator for the
+    CLI; a scheduler inside the gateway would pass the gateway's own service identity), and
+    ``audit_log_uri`` the repository read. ``refresh`` makes everything Elasticsearch acknowledged
+    searchable; it is called after the outbox was looked at and before the first read.
+    """
+
     def __init__(self, engine: DetectionEngine, policy: DetectionPolicy, queue: SqlReviewQueue,
-                 recorder: AuditRecorder, *, gateway_id: str,
+                 recorder: AuditRecorder, *, gateway_id: str, backlog: ShippingBacklog, reader: UserRef,
+                 audit_log_uri: str, refresh: Callable[[], None] = lambda: None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._engine = engine
         self._policy = policy
         self._queue = queue
         self._recorder = recorder
         self._gateway_id = gateway_id
+        self._backlog = backlog
+        self._reader = reader
+        self._audit_log_uri = audit_log_uri
+        self._refresh = refresh
         self._clock = clock
 
+    def window(self, *, since: datetime | None = None, until: datetime | None = None) -> DetectionWindow:
+        return detection_window(now=self._clock(), settle=self._policy.settle,
+                                initial_lookback=self._policy.initial_lookback, backlog=self._backlog.unshipped(),
+                                since=since, until=until,
+                                last_end=None if since is not None else self._queue.last_window_end())
+
     def run(self, *, since: datetime | None = None, until: datetime | None = None) -> DetectionRun:
-        end = until or (self._clock() - self._policy.settle)
-        start = since or self._queue.last_window_end() or (end - self._policy.initial_lookback)
-        if start >= end:
-            return DetectionRun(start, end, (), ())
-        findings = self._engine.detect(start, end)
+        w = self.window(since=since, until=until)
+        if w.held_back is not None:
+            log.warning("audit detections held back at %s (asked for %s): %d audit event(s) wait to be shipped, "
+                        "the oldest from %s; they are examined once shipped", _iso(w.end), _iso(w.requested_end),
+                        w.held_back.pending, _iso(w.held_back.oldest))
+        if w.empty:
+            return DetectionRun(w.start, w.end, (), (), w.requested_end, w.held_back)
+        self._refresh()
+        try:
+            findings = self._engine.detect(w.start, w.end)
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, ComplianceError) else type(exc).__name__
+            self._record_read(w, Outcome.SERIOUS_FAILURE, f"detection run failed: {reason}"[:1024])
+            raise
+        examined = dict(self._engine.examined)
+        read = self._record_read(w, Outcome.SUCCESS, f"examined {sum(examined.values())} event(s) in "
+                                                     f"{len(examined)} rule(s): {len(findings)} finding(s)")
         opened = [item for f in findings if (item := self._raise(f)) is not None]
-        self._queue.record_run(start, end, len(opened))
-        return DetectionRun(start, end, tuple(findings), tuple(opened))
+        self._queue.record_run(w.start, w.end, len(opened))
+        return DetectionRun(w.start, w.end, tuple(findings), tuple(opened), w.requested_end, w.held_back,
+                            examined, read)
+
+    def _record_read(self, w: DetectionWindow, outcome: Outcome, description: str) -> str:
+        """One 110101 Audit Log Used per run, durable before any finding is raised (fail closed)."""
+        query = {"command": "audit detect", "from": _iso(w.start), "to": _iso(w.end),
+                 "rules": [name for name in RULES if self._policy.rule(name) is not None]}
+        event = audit_log_used_event(
+            user=self._reader, gateway_id=self._gateway_id, outcome=outcome, audit_log_uri=self._audit_log_uri,
+            query=json.dumps(query, sort_keys=True, separators=(",", ":")).encode(),
+            outcome_description=description, occurred_at=self._clock())
+        self._recorder.record_now(event)
+        return event.uuid
 
     def _raise(self, finding: Finding) -> int | None:
         if self._queue.known(finding.rule, finding.dedup_key):

@@ -8,7 +8,9 @@
   operating-system user, through the outbox like every event.
 
 ``detect`` runs the detections once (``policies/detections.yaml``) over the events since the last
-run; schedule it with cron or a systemd timer (see :mod:`compliance.audit.detections`).
+run; schedule it with cron or a systemd timer (see :mod:`compliance.audit.detections`). It reads
+Elasticsearch directly as the local operator, and that read is audited too: one 110101 event per run,
+naming the operating-system user.
 
 :func:`register` adds the commands to the ``audit`` typer app, wherever that app lives.
 """
@@ -226,27 +228,39 @@ def audit_report(
 
 def audit_detect(
     since: str = typer.Option(None, help="Start of the window (default: where the last run ended)."),
-    until: str = typer.Option(None, help="End of the window (default: now minus settle_seconds)."),
+    until: str = typer.Option(None, help="End of the window (default: now minus settle_seconds; never past "
+                              "the oldest event still waiting to be shipped)."),
     policy_file: Path = typer.Option(None, "--policy", help="Detection policy (default from settings)."),  # noqa: B008 - typer's option declaration
 ) -> None:
-    """Run the detections once over new audit events; findings become 110113 alerts and review items."""
-    from elasticsearch import Elasticsearch
+    """Run the detections once over new audit events; findings become 110113 alerts and review items.
 
+    Prints the run as JSON (window, findings, opened review items, events read per rule, whether unshipped
+    events held the window back). The read is recorded as a 110101 Audit Log Used event naming the
+    operating-system user, durably, before any finding is raised or anything is printed.
+    """
+    from elasticsearch import ApiError, Elasticsearch, TransportError
+
+    from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
     from compliance.audit.detections import (
         DetectionEngine,
         DetectionJob,
         DetectionPolicy,
         KeycloakDirectory,
+        OutboxBacklog,
         StaticDirectory,
     )
     from compliance.audit.queries import AuditQueryService
     from compliance.audit.review import SqlReviewQueue
     from compliance.config import get_settings
-    from compliance.db.session import make_engine
-    from compliance.errors import ComplianceError
+    from compliance.errors import ComplianceError, UpstreamUnavailable
 
     settings = get_settings()
-    policy = DetectionPolicy.from_file(policy_file or settings.audit_detections_file)
+    try:
+        policy = DetectionPolicy.from_file(policy_file or settings.audit_detections_file)
+    except ComplianceError as exc:
+        _fail(exc.message, 2)
+        raise
+    window = (_when(since, "--since"), _when(until, "--until"))
     directory: Any
     if settings.oidc_client_secret.get_secret_value():
         directory = KeycloakDirectory(settings.keycloak_url, settings.keycloak_realm,
@@ -256,21 +270,32 @@ def audit_detect(
         typer.echo("warning: no COMPLIANCE_OIDC_CLIENT_SECRET: the disabled-account and family-name rules "
                    "see no accounts", err=True)
         directory = StaticDirectory()
-    from compliance.audit.cli import cli_recorder
-
+    prefix = settings.audit_index_prefix
     client = Elasticsearch(settings.elasticsearch_url, request_timeout=120)
-    engine = make_engine(settings.effective_database_url)
+
+    def refresh() -> None:
+        try:
+            client.indices.refresh(index=f"{prefix}-*", allow_no_indices=True, ignore_unavailable=True)
+        except (ApiError, TransportError) as exc:
+            raise UpstreamUnavailable(f"cannot refresh the audit repository: {type(exc).__name__}") from exc
+
+    engine = cli_engine(settings)
     try:
-        queries = AuditQueryService(client, settings.audit_index_prefix)
-        job = DetectionJob(DetectionEngine(queries, policy, directory), policy, SqlReviewQueue(engine),
-                           cli_recorder(settings, engine), gateway_id=settings.audit_source_id)
-        run = job.run(since=_when(since, "--since"), until=_when(until, "--until"))
+        job = DetectionJob(DetectionEngine(AuditQueryService(client, prefix), policy, directory), policy,
+                           SqlReviewQueue(engine), cli_recorder(settings, engine), gateway_id=settings.audit_source_id,
+                           backlog=OutboxBacklog(engine), reader=cli_operator(),
+                           audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{prefix}-*", refresh=refresh)
+        run = job.run(since=window[0], until=window[1])
     except ComplianceError as exc:
         _fail(exc.message)
         raise
     finally:
         client.close()
         engine.dispose()
+    if run.held_back is not None:
+        typer.echo(f"warning: window held back at {run.window_end.isoformat()} (asked for "
+                   f"{(run.requested_end or run.window_end).isoformat()}): {run.held_back.pending} audit event(s) "
+                   "wait to be shipped; the next run examines them once they are (compliance audit status)", err=True)
     typer.echo(json.dumps(run.to_json_obj()))
 
 

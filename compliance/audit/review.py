@@ -104,6 +104,8 @@ class SqlReviewQueue:
             conn.execute(delete(_ITEMS).where(_ITEMS.c.id == item_id, _ITEMS.c.status == "open"))
 
     def last_window_end(self) -> datetime | None:
+        """The watermark: where the next run starts. A run's end is never past an unshipped event
+        (:func:`compliance.audit.detections.detection_window`), so nothing before it is still to come."""
         with self._engine.connect() as conn:
             return _aware(conn.execute(select(func.max(_RUNS.c.window_end))).scalar())
 

@@ -5,7 +5,8 @@ a privacy officer acknowledges it. ``(rule, dedup_key)`` is unique, so running t
 the same events never queues the same finding twice.
 
 ``audit_detection_run``: one row per detection run and the window of events it covered; the next run
-starts where the last one ended (the watermark).
+starts where the last one ended (the watermark), and a window never ends past an event still waiting
+in the outbox to be shipped (``compliance/audit/detections.py``).
 """
 
 from __future__ import annotations

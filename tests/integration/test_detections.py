@@ -4,12 +4,18 @@ Seeded activity (documents made by the real builders, in this module's own indic
 3 March 2025 and the two weeks before; real Keycloak accounts (created for the test, one disabled,
 one sharing a patient's family name); the job runs as the CLI a cron would run, with an explicit
 window (the clock), and its findings are read back through the gateway's API as the privacy officer.
+
+Each run's read of the trail is a 110101 event in Elasticsearch, naming the operating-system user.
+An event recorded while Elasticsearch is out of reach (in the outbox, unshipped) holds the window
+back; once it is shipped, the next run examines it and raises its alert, once.
 """
 
 from __future__ import annotations
 
 import base64
+import getpass
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,6 +27,7 @@ import httpx
 import pytest
 from keycloak import KeycloakAdmin
 
+from compliance.audit.atna import AuditSource
 from compliance.audit.events import (
     EventTypeCode,
     Outcome,
@@ -30,7 +37,11 @@ from compliance.audit.events import (
     instances_transferred_event,
     security_alert_event,
 )
+from compliance.audit.outbox import SqlAuditOutbox
+from compliance.audit.recorder import AuditRecorder
+from compliance.audit.review import SqlReviewQueue
 from compliance.config import PROJECT_ROOT, load_settings
+from compliance.db.session import make_engine
 
 from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, start_gateway, stop_gateway
 from .test_privacy_officer_api import seed
@@ -114,12 +125,39 @@ def det_gateway(stack: Stack, tmp_path_factory, keycloak_users):
     drop_prefix(stack, prefix)
 
 
-def detect(gw, *args: str) -> dict:
-    env = {**gw.env, "COMPLIANCE_DATABASE_URL": gw.database_url, "COMPLIANCE_AUDIT_INDEX_PREFIX": gw.index_prefix}
-    out = subprocess.run([sys.executable, "-m", "compliance.cli", "audit", "detect", *args], cwd=PROJECT_ROOT,
+def cli(env: dict[str, str], *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "compliance.cli", *args], cwd=PROJECT_ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def gw_env(gw) -> dict[str, str]:
+    return {**gw.env, "COMPLIANCE_DATABASE_URL": gw.database_url, "COMPLIANCE_AUDIT_INDEX_PREFIX": gw.index_prefix}
+
+
+def detect(gw, *args: str) -> dict:
+    return cli(gw_env(gw), "audit", "detect", *args)
+
+
+def shipped(env: dict[str, str], es_url: str, uuid_: str) -> dict:
+    """The document of event ``uuid_`` once everything recorded so far is shipped and searchable.
+
+    ``compliance audit ship`` returns after Elasticsearch acknowledged every pending event (a gateway
+    shipping the same rows meanwhile only makes some of them no-ops); the refresh makes them visible.
+    """
+    assert cli(env, "audit", "ship")["backlog"] == 0
+    prefix = env["COMPLIANCE_AUDIT_INDEX_PREFIX"]
+    httpx.post(f"{es_url}/{prefix}-*/_refresh", timeout=30).raise_for_status()
+    hits = AuditIndex(es_url, prefix).search(**{"event.uuid": uuid_})
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+def query_of(doc: dict) -> str:
+    # the 110101 message keeps the request as a "Query" ParticipantObjectDetail (base64)
+    found = re.search(r'type="Query"[^>]*value="([^"]*)"', doc["atna.xml"])
+    return base64.b64decode(found.group(1)).decode() if found else ""
 
 
 WINDOW = ("--since", "2025-03-03T00:00:00Z", "--until", "2025-03-04T00:00:00Z")
@@ -154,6 +192,10 @@ def test_detections_raise_alerts_into_the_review_queue(stack, det_gateway):
     assert sorted(d["event.uuid"] for d in docs) == sorted(a["alert_uuid"] for a in alerts)
     vip = next(d for d in docs if "urn:compliance:detection:vip_access" in d["object.ids"])
     assert (vip["user.name"], vip["patient.ids"], vip["event.type_codes"]) == ("rita", ["VIP-DEMO-001"], ["110132"])
+    # the run's read of the trail was recorded (110101) before any of its alerts
+    used = shipped(gw_env(det_gateway), stack.es_url, run["audit_log_used"])
+    assert used["event.id"] == "110101"
+    assert used["chain.seq"] < min(d["chain.seq"] for d in docs)
 
     # A second run over the same window finds the same and queues nothing new.
     again = detect(det_gateway, *WINDOW)
@@ -197,11 +239,6 @@ def test_acknowledging_an_alert(stack, det_gateway):
     acked = httpx.get(url, params={"status": "acknowledged"}, headers=priya, timeout=30).json()["alerts"]
     assert [a["id"] for a in acked] == [target]
     # every acknowledgement is audited before it is committed; a refused one is recorded with its reason
-    def query_of(doc: dict) -> str:
-        # the 110101 message keeps the request as a "Query" ParticipantObjectDetail (base64)
-        found = re.search(r'type="Query"[^>]*value="([^"]*)"', doc["atna.xml"])
-        return base64.b64decode(found.group(1)).decode() if found else ""
-
     index = AuditIndex(stack.es_url, det_gateway.index_prefix)
     acks: list[dict] = []
     for _ in range(100):  # three acknowledgements asked for, two refused: five events
@@ -214,6 +251,21 @@ def test_acknowledging_an_alert(stack, det_gateway):
     steps = sorted((d["event.outcome"], d.get("event.outcome_description") or "") for d in acks)
     assert (0, "") in steps  # the successful acknowledgement's read, recorded before the change
     assert any(o == 4 and "already" in desc for o, desc in steps), steps  # the refused second one: minor
+
+
+def test_each_detect_run_is_recorded_as_a_110101_event_naming_the_operator(stack, det_gateway):
+    run = detect(det_gateway, *WINDOW)
+    assert run["findings"] == 6 and run["examined"]["vip_access"] >= 1
+    doc = shipped(gw_env(det_gateway), stack.es_url, run["audit_log_used"])
+    me = getpass.getuser()
+    assert (doc["event.id"], doc["event.action"], doc["event.outcome"]) == ("110101", "R", 0)
+    assert (doc["user.id"], doc["user.name"], doc["client.id"]) == (f"os:{me}", me, "compliance-cli")
+    assert doc["object.ids"] == [f"{stack.es_url.rstrip('/')}/{det_gateway.index_prefix}-*"]
+    assert "6 finding(s)" in doc["event.outcome_description"]
+    query = json.loads(query_of(doc))
+    assert (query["command"], query["from"], query["to"]) == ("audit detect", "2025-03-03T00:00:00+00:00",
+                                                              "2025-03-04T00:00:00+00:00")
+    assert "vip_access" in query["rules"]
 
 
 def test_a_run_without_a_window_starts_where_the_last_ended(det_gateway):
@@ -236,3 +288,68 @@ def test_the_account_directory_reads_with_the_gateways_service_account_and_canno
     with pytest.raises(KeycloakPostError) as refused:
         directory._client().create_user({"username": f"intruder-{uuid.uuid4().hex[:8]}", "enabled": True})
     assert refused.value.response_code == 403
+
+
+# --------------------------------------------------------------------------- late-shipped events
+
+LATE_USER = f"det-late-{TAG}"
+
+
+@pytest.fixture()
+def late_trail(stack: Stack, tmp_path):
+    """A deployment of its own (database, indices, a policy with only the VIP rule) and no gateway: no
+    shipper runs, so what is recorded stays in the outbox until ``compliance audit ship`` (the
+    repository "comes back")."""
+    prefix = f"test-late-{uuid.uuid4().hex[:10]}"
+    db = f"sqlite:///{tmp_path / 'late.db'}"
+    _reset_database(db)
+    policy = tmp_path / "detections.yaml"
+    policy.write_text(json.dumps({
+        "version": 1, "timezone": "UTC", "settle_seconds": 60, "initial_lookback_hours": 24,
+        "rules": {"vip_access": {"alert_type": "110132", "outcome": 4,
+                                 "patients_file": str(PROJECT_ROOT / "policies" / "vip-patients.yaml")}}}))
+    env = {**os.environ, **stack.settings_env, "COMPLIANCE_DATABASE_URL": db,
+           "COMPLIANCE_AUDIT_INDEX_PREFIX": prefix}
+    try:
+        yield env, db, str(policy)
+    finally:
+        drop_prefix(stack, prefix)
+
+
+def test_an_event_shipped_after_settle_seconds_is_examined_by_the_next_run(stack, late_trail):
+    env, db, policy = late_trail
+    engine = make_engine(db)
+    try:
+        # Recorded ten minutes ago (far beyond settle_seconds), not shipped: Elasticsearch was down.
+        late = access(LATE_USER, datetime.now(UTC) - timedelta(minutes=10), VIP)
+        AuditRecorder(SqlAuditOutbox(engine), AuditSource("compliance-gateway", "test")).record_now(late)
+
+        first = cli(env, "audit", "detect", "--policy", policy)
+        held_at = late.occurred_at.replace(microsecond=late.occurred_at.microsecond // 1000 * 1000)
+        assert first["to"] == held_at.isoformat()  # the window stops at the unshipped event ...
+        assert first["requested_to"] > first["to"]
+        assert first["held_back"]["pending_events"] == 1
+        assert (first["findings"], first["opened"]) == (0, [])
+
+        shipped(env, stack.es_url, late.uuid)  # ... the repository is back: the backlog is shipped
+        second = cli(env, "audit", "detect", "--policy", policy)
+        assert second["from"] == first["to"] and second["held_back"] is None
+        assert (second["findings"], second["rules"], second["examined"]) == (1, ["vip_access"], {"vip_access": 1})
+        assert len(second["opened"]) == 1
+
+        queue = SqlReviewQueue(engine)
+        [item] = queue.list()
+        assert (item.id, item.rule, item.user_name, item.patient_id, item.evidence) == (
+            second["opened"][0], "vip_access", LATE_USER, "VIP-DEMO-001", (late.uuid,))
+        alert = shipped(env, stack.es_url, item.alert_uuid)
+        assert (alert["event.id"], alert["user.name"], alert["patient.ids"]) == ("110113", LATE_USER,
+                                                                                 ["VIP-DEMO-001"])
+
+        # the next run starts where this one ended; re-examining the window queues nothing twice
+        third = cli(env, "audit", "detect", "--policy", policy)
+        again = cli(env, "audit", "detect", "--policy", policy, "--since", second["from"], "--until", second["to"])
+        assert third["from"] == second["to"] and third["opened"] == []
+        assert (again["findings"], again["opened"]) == (1, [])
+        assert [i.id for i in queue.list()] == [item.id]
+    finally:
+        engine.dispose()

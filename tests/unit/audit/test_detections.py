@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, select
 from compliance.audit.atna import AuditSource
 from compliance.audit.detections import (
     DEFAULT_POLICY_FILE,
+    Backlog,
     DetectionEngine,
     DetectionJob,
     DetectionPolicy,
@@ -41,6 +42,12 @@ MONDAY = datetime(2025, 3, 3, tzinfo=UTC)
 
 
 SMITH = PatientRef("P1", "Smith^Ann")
+OPERATOR = UserRef("os:ops", "ops", "compliance-cli")
+
+
+class NoBacklog:
+    def unshipped(self) -> Backlog:
+        return Backlog()
 
 
 def access(user: str, when: datetime, patient: PatientRef = SMITH) -> dict:
@@ -148,10 +155,10 @@ def days(counts: dict[str, int]) -> dict:
 def test_volume_spike_against_the_users_own_baseline() -> None:
     baseline = {f"2025-02-{d:02d}": 10 for d in range(17, 29)} | {"2025-03-01": 10, "2025-03-02": 10}
     aggs = {"users": {"buckets": [
-        {"key": "spiky", "days": days(baseline | {"2025-03-03": 51})},     # > 5 x 10
-        {"key": "busy", "days": days(baseline | {"2025-03-03": 49})},      # below 5 x 10
-        {"key": "new", "days": days({"2025-03-03": 50})},                   # no baseline, at the minimum
-        {"key": "quiet", "days": days({"2025-03-03": 49})},                 # under min_events
+        {"key": {"user": "spiky"}, "days": days(baseline | {"2025-03-03": 51})},     # > 5 x 10
+        {"key": {"user": "busy"}, "days": days(baseline | {"2025-03-03": 49})},      # below 5 x 10
+        {"key": {"user": "new"}, "days": days({"2025-03-03": 50})},                   # no baseline, at the minimum
+        {"key": {"user": "quiet"}, "days": days({"2025-03-03": 49})},                 # under min_events
     ]}}
     found = DetectionEngine(ListQueries([], aggs), policy("volume_spike", min_events=50, factor=5.0),
                             StaticDirectory()).detect(MONDAY + timedelta(hours=8), MONDAY + timedelta(hours=9))
@@ -160,9 +167,9 @@ def test_volume_spike_against_the_users_own_baseline() -> None:
 
 def test_disabled_account_from_the_directory() -> None:
     sample = {"hits": {"hits": [{"_source": access("gone", MONDAY + timedelta(hours=9))}]}}
-    aggs = {"users": {"buckets": [{"key": "gone", "doc_count": 3, "sample": sample},
-                                  {"key": "alice", "doc_count": 9, "sample": sample},
-                                  {"key": "unknown", "doc_count": 1, "sample": sample}]}}
+    aggs = {"users": {"buckets": [{"key": {"user": "gone"}, "doc_count": 3, "sample": sample},
+                                  {"key": {"user": "alice"}, "doc_count": 9, "sample": sample},
+                                  {"key": {"user": "unknown"}, "doc_count": 1, "sample": sample}]}}
     directory = StaticDirectory([DirectoryUser("gone", None, False), DirectoryUser("alice", None, True)])
     found = DetectionEngine(ListQueries([], aggs), policy("disabled_account"), directory).detect(
         MONDAY, MONDAY + timedelta(days=1))
@@ -183,7 +190,8 @@ def test_job_records_one_alert_per_new_finding_and_advances_the_watermark(db) ->
     p = policy("after_hours")
     docs = [access("alice", MONDAY + timedelta(hours=2))]
     job = DetectionJob(DetectionEngine(ListQueries(docs), p, StaticDirectory()), p, queue, recorder,
-                       gateway_id="compliance-gateway", clock=lambda: now)
+                       gateway_id="compliance-gateway", backlog=NoBacklog(), reader=OPERATOR,
+                       audit_log_uri="http://es:9200/audit-*", clock=lambda: now)
     first = job.run(since=MONDAY, until=MONDAY + timedelta(days=1))
     assert len(first.opened) == 1
     second = job.run()  # starts at the watermark, finds the same event again: not queued twice
@@ -191,9 +199,12 @@ def test_job_records_one_alert_per_new_finding_and_advances_the_watermark(db) ->
     assert second.window_end == now - p.settle
     assert second.opened == ()
     with db.connect() as conn:
-        rows = conn.execute(select(AuditOutboxRow.event_code, AuditOutboxRow.document)).all()
-    assert [r.event_code for r in rows] == ["110113"]
-    alert = json.loads(rows[0].document)
+        rows = conn.execute(select(AuditOutboxRow.event_code, AuditOutboxRow.document)
+                            .order_by(AuditOutboxRow.seq)).all()
+    # each run's read is one 110101 (recorded before its alerts); the finding is one 110113, once
+    assert [r.event_code for r in rows] == ["110101", "110113", "110101"]
+    assert [json.loads(rows[i].document)["user.name"] for i in (0, 2)] == ["ops", "ops"]
+    alert = json.loads(rows[1].document)
     assert alert["object.ids"][0] == "urn:compliance:detection:after_hours"
     assert alert["user.name"] == "alice" and alert["event.type_codes"] == ["110132"]
     item = queue.list(status="open")[0]
@@ -216,12 +227,26 @@ def test_review_queue_acknowledge(db) -> None:
     assert queue.list(status="open") == [] and len(queue.list()) == 1
 
 
+class AlertsFail:
+    """Records reads (110101) in ``db``; alerts go to an outbox that cannot be written."""
+
+    def __init__(self, db) -> None:
+        self.ok = AuditRecorder(SqlAuditOutbox(db), SOURCE)
+        self.broken = AuditRecorder(SqlAuditOutbox(create_engine("sqlite:///file:nowhere?mode=ro&uri=true")),
+                                    SOURCE)
+
+    def record_now(self, event) -> None:
+        (self.broken if event.event_id.code.code == "110113" else self.ok).record_now(event)
+
+
 def test_a_failed_alert_withdraws_its_review_item(db) -> None:
     queue = SqlReviewQueue(db)
-    broken = AuditRecorder(SqlAuditOutbox(create_engine("sqlite:///file:nowhere?mode=ro&uri=true")), SOURCE)
     p = policy("after_hours")
     job = DetectionJob(DetectionEngine(ListQueries([access("alice", MONDAY + timedelta(hours=2))]), p,
-                                       StaticDirectory()), p, queue, broken, gateway_id="gw")
+                                       StaticDirectory()), p, queue, AlertsFail(db), gateway_id="gw",
+                       backlog=NoBacklog(), reader=OPERATOR, audit_log_uri="http://es:9200/audit-*")
     with pytest.raises(AuditFailure):  # the recorder fails closed
         job.run(since=MONDAY, until=MONDAY + timedelta(days=1))
-    assert queue.list() == []
+    assert queue.list() == [] and queue.last_window_end() is None  # the next run examines it again
+    with db.connect() as conn:
+        assert conn.execute(select(AuditOutboxRow.event_code)).scalars().all() == ["110101"]  # the read
