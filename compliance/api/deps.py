@@ -35,7 +35,9 @@ class Services:
     archive_keys: Any = None
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop on
+    # every request for an attribute read.
     return request.app.state.services
 
 

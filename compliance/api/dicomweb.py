@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from compliance.api.deps import CurrentPrincipal, ServicesDep, client_address
+from compliance.dicomweb.interfaces import UpstreamResponse
 from compliance.dicomweb.routing import Transaction, classify
 from compliance.dicomweb.service import RequestContext, response_headers
 from compliance.errors import NotFound, PayloadTooLarge, UpstreamError
 
 router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
+
+#: Retrieve answers up to this size (declared Content-Length) are read whole, then sent.
+BUFFERED_RESPONSE_MAX = 1024 * 1024
 
 
 def _context(request: Request, principal, path: str) -> RequestContext:
@@ -44,7 +47,17 @@ async def dicomweb_get(path: str, request: Request, principal: CurrentPrincipal,
     if upstream.status_code >= 400:
         await upstream.aclose()
         _raise_for_upstream(upstream.status_code, path)
-    return StreamingResponse(_stream(upstream), status_code=upstream.status_code, headers=response_headers(upstream))
+    headers = response_headers(upstream)
+    length = headers.get("content-length") or headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) <= BUFFERED_RESPONSE_MAX:
+        # A small answer is read whole and sent in one piece: no streaming task per response.
+        # Anything larger, or of unknown length, is streamed (a 500 MB retrieve is never held).
+        try:
+            body = await upstream.aread()
+        finally:
+            await upstream.aclose()
+        return Response(body, status_code=upstream.status_code, headers=headers)
+    return StreamingResponse(_stream(upstream), status_code=upstream.status_code, headers=headers)
 
 
 @router.post("/{path:path}")
@@ -67,7 +80,7 @@ async def dicomweb_post(path: str, request: Request, principal: CurrentPrincipal
     return Response(result.body, status_code=result.status_code, headers=result.headers)
 
 
-async def _stream(upstream: httpx.Response) -> AsyncIterator[bytes]:
+async def _stream(upstream: UpstreamResponse) -> AsyncIterator[bytes]:
     try:
         async for chunk in upstream.aiter_raw():
             yield chunk

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import httpx
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -21,6 +19,22 @@ class StudySummary:
     sop_classes: Mapping[str, int] = field(default_factory=dict)
 
 
+class UpstreamResponse(Protocol):
+    """The archive's answer with its body unread: what the proxy uses of it (``httpx.Response`` has it)."""
+
+    status_code: int
+    headers: Any  # a case-insensitive mapping of the response headers
+    content: bytes  # after aread()
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aread(self) -> bytes: ...
+
+    def json(self) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
 class ArchiveBackend(Protocol):
     """A DICOMweb origin server the gateway proxies to (OrthancArchive)."""
 
@@ -32,7 +46,7 @@ class ArchiveBackend(Protocol):
         query: list[tuple[str, str]] | None = None,
         headers: Mapping[str, str] | None = None,
         content: bytes | AsyncIterable[bytes] | None = None,
-    ) -> httpx.Response:
+    ) -> UpstreamResponse:
         """Send a DICOMweb request; the response body is left unread (streamed by the caller)."""
         ...
 

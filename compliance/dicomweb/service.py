@@ -25,8 +25,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from compliance.audit.events import (
     Action,
     Outcome,
@@ -40,7 +38,7 @@ from compliance.audit.events import (
 )
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
-from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary
+from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary, UpstreamResponse
 from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
 from compliance.dicomweb.stow import StowInstance, StowStreamValidator
@@ -90,7 +88,7 @@ def outcome_of(status: int) -> Outcome:
 RESPONSE_HEADERS = ("content-type", "content-length", "etag", "last-modified", "warning", "content-location")
 
 
-def response_headers(upstream: httpx.Response) -> dict[str, str]:
+def response_headers(upstream: UpstreamResponse) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() in RESPONSE_HEADERS}
 
 
@@ -170,7 +168,7 @@ class DicomwebService:
         return BufferedResponse(upstream.status_code, response_headers(upstream), body)
 
     # -- WADO-RS ------------------------------------------------------------------------------
-    async def retrieve(self, ctx: RequestContext, route: Route) -> httpx.Response:
+    async def retrieve(self, ctx: RequestContext, route: Route) -> UpstreamResponse:
         """Return the archive's response with its body unread; the caller streams then closes it."""
         await self.authorize(ctx, route)
         assert route.study_uid is not None
@@ -179,7 +177,7 @@ class DicomwebService:
             self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers), summary_task,
             return_exceptions=True)
         upstream, summary = results[0], results[1]
-        if self._erasure is not None and isinstance(upstream, httpx.Response) and upstream.status_code >= 300:
+        if self._erasure is not None and not isinstance(upstream, BaseException) and upstream.status_code >= 300:
             # Only a refused retrieve needs the key custodian: a 2xx means Orthanc just decrypted the
             # study's files with a live key (the plugin refuses to run with Orthanc's storage cache,
             # so nothing is served from memory). Erased studies answer 404 (they left the index) or 5xx.
@@ -195,7 +193,7 @@ class DicomwebService:
             # Before the lookup's error: a study lookup may itself fail on a shredded or corrupted file.
             await self._check_stored_objects(ctx, route, upstream, known, state)
         if any(isinstance(r, BaseException) for r in results):
-            if isinstance(upstream, httpx.Response):
+            if not isinstance(upstream, BaseException):
                 await upstream.aclose()
             err = next(r for r in results if isinstance(r, BaseException))
             # nothing was sent, but the attempt on the patient's images is audited like any other
@@ -226,7 +224,7 @@ class DicomwebService:
             return str(await self._erasure.patient_state(summary.patient_id))
         return str(await self._erasure.study_state(study_uid))
 
-    async def _check_stored_objects(self, ctx: RequestContext, route: Route, upstream: httpx.Response,
+    async def _check_stored_objects(self, ctx: RequestContext, route: Route, upstream: UpstreamResponse,
                                     summary: Any, state: Any) -> None:
         """Encrypted archive: 410 for a shredded patient's study; an integrity alert for a bad file.
 
@@ -404,7 +402,7 @@ def _value(item: dict, tag: str) -> str | None:
     return v if isinstance(v, str) else (person_name(v) if isinstance(v, dict) else str(v))
 
 
-async def _read_bounded(resp: httpx.Response, limit: int) -> bytes:
+async def _read_bounded(resp: UpstreamResponse, limit: int) -> bytes:
     chunks: list[bytes] = []
     total = 0
     async for chunk in resp.aiter_raw():
