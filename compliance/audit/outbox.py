@@ -139,6 +139,31 @@ class _RowInsert:
         return tuple([row[n] for n in self.names]) if self.positional else row
 
 
+class _HeadStatements:
+    """The chain head's two statements, compiled once for the dialect and run as driver SQL.
+
+    They run in every write transaction (one per event at low load), where building and caching
+    the SQLAlchemy constructs each time cost about as much as the database work itself.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        dialect = engine.dialect
+        self.lock = self._compile(update(_HEAD).where(_HEAD.c.id == bindparam("head_id"))
+                                  .values(id=bindparam("same_id")).returning(_HEAD.c.seq, _HEAD.c.hash), dialect)
+        self.move = self._compile(update(_HEAD).where(_HEAD.c.id == bindparam("head_id"))
+                                  .values(seq=bindparam("new_seq"), hash=bindparam("new_hash")), dialect)
+
+    @staticmethod
+    def _compile(statement: Any, dialect: Any) -> tuple[str, tuple[str, ...] | None]:
+        compiled = statement.compile(dialect=dialect)
+        return str(compiled), (tuple(compiled.positiontup or ()) if compiled.positional else None)
+
+    @staticmethod
+    def params(statement: tuple[str, tuple[str, ...] | None], values: dict[str, Any]) -> Any:
+        names = statement[1]
+        return values if names is None else tuple(values[n] for n in names)
+
+
 class _Marks(NamedTuple):
     """Positions the shipper had confirmed, handed to the writer (SQLite) to mark in its next commit."""
 
@@ -165,6 +190,7 @@ class SqlAuditOutbox:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._insert = _RowInsert(engine)
+        self._head_sql = _HeadStatements(engine)
         #: The chain head as this process last wrote it: rows are linked to it before the write
         #: transaction (and linked again inside it if another writer moved the head meanwhile).
         self._head: tuple[int, str] | None = None
@@ -218,15 +244,15 @@ class SqlAuditOutbox:
             marked = sum(hi - lo + 1 for lo, hi in ranges)
             with audit_transaction(self._engine, rows=len(entries) + marked, documents=True) as conn:
                 # The UPDATE takes the lock (SQLite's write lock, PostgreSQL's row lock) and returns the head.
-                head = conn.execute(update(_HEAD).where(_HEAD.c.id == 1).values(id=1)
-                                    .returning(_HEAD.c.seq, _HEAD.c.hash)).one()
+                sql = self._head_sql
+                head = conn.exec_driver_sql(sql.lock[0], sql.params(sql.lock, {"head_id": 1, "same_id": 1})).one()
                 locked = (int(head.seq), str(head.hash))
                 self._head_kept = 0.9 * self._head_kept + (0.1 if cached == locked else 0.0)
                 if prepared is None or (prepared.head_seq, prepared.head_hash) != locked:
                     prepared = self._prepare(entries, locked[0], locked[1], now)
                 conn.exec_driver_sql(self._insert.sql, prepared.params)
-                conn.execute(update(_HEAD).where(_HEAD.c.id == 1)
-                             .values(seq=prepared.new_seq, hash=prepared.new_hash))
+                conn.exec_driver_sql(sql.move[0], sql.params(sql.move, {
+                    "head_id": 1, "new_seq": prepared.new_seq, "new_hash": prepared.new_hash}))
                 if ranges:
                     conn.execute(_MARK_SHIPPED, [{"lo": lo, "hi": hi, "now": now} for lo, hi in ranges])
         except Exception as exc:  # any database failure means the event is not recorded
