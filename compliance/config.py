@@ -130,6 +130,14 @@ class Settings(BaseSettings):
     #: Instances (and at most this many bytes) per STOW-RS request when pushing to a destination.
     exports_stow_batch_instances: int = 16
     exports_stow_batch_max_bytes: int = 64 * 1024 * 1024
+    #: Job recovery (compliance/exports/recovery.py): a running job's lease (renewed every quarter of
+    #: it), attempts before a job whose worker keeps dying fails, the recovery sweep's interval, and
+    #: when an approval the queue never took (or never claimed) is dispatched again.
+    exports_lease_seconds: float = 120.0
+    exports_max_attempts: int = 3
+    exports_sweep_interval_seconds: float = 15.0
+    exports_dispatch_grace_seconds: float = 10.0
+    exports_redispatch_after_seconds: float = 600.0
 
     # --- encryption at rest of the archive (compliance/archive/: Orthanc's storage plugin)
     #: The archive stores every file encrypted (the plugin is loaded); the gateway then checks a

@@ -100,6 +100,9 @@ def _decide(verb: str, request_id: str, comment: str, gateway: str | None, user:
     out = _call("POST", f"{_base(gateway)}/api/v1/exports/{request_id}/{verb}", _token(user, token),
                 json={"comment": comment})
     typer.echo(json.dumps(out, indent=1))
+    dispatch = out.get("dispatch") if isinstance(out, dict) else None
+    if isinstance(dispatch, dict) and dispatch.get("status") == "pending":
+        typer.echo(f"note: {dispatch.get('detail')}", err=True)
 
 
 @app.command()

@@ -3,8 +3,13 @@
 An export request moves through one state machine (``service.py`` enforces it)::
 
     requested ──approve──> approved ──(a worker claims it)──> running ──> ready ──(expires_at)──> expired
-        │                                                        │
-        └──reject──> rejected                                    └──> failed
+        │                     ^                                  │
+        └──reject──> rejected └──(lease expired: the sweep)──────┤
+                                                                 └──> failed (an error, or the lease
+                                                                      expired after the last attempt)
+
+``approved`` is "queued": the row is the queue's truth, the task queue only a hint
+(:mod:`compliance.exports.recovery`).
 
 A re-identification request (dual control, ``service.ReidentificationService``)::
 

@@ -4,8 +4,11 @@ No plaintext reaches the disk: instances are fetched (QIDO-RS, WADO-RS, with the
 archive credentials) into memory, de-identified in memory (the engine's leak gate checks every
 element of every output), written into a zip that is streamed straight into the streaming AEAD
 (:mod:`compliance.crypto.streaming`, the project's bundle key, associated data = the request id)
-and only ciphertext is written, to ``<exports dir>/<id>.bundle`` (via a temporary name, fsynced).
-The sha256 recorded is that of the plaintext zip: it is what the requester downloads and verifies.
+and only ciphertext is written, to ``<exports dir>/<id>.bundle`` (``<id>.<n>.bundle`` for a re-run,
+attempt n >= 2), via a per-attempt temporary name (``.<id>.<n>.bundle.part``), fsynced and renamed
+only when complete and only while the attempt still owns the request: an interrupted attempt leaves no
+bundle, and the next attempt removes what it left. The sha256 recorded is that of the plaintext zip:
+it is what the requester downloads and verifies.
 
 Bundle layout::
 
@@ -20,7 +23,14 @@ the cohort (patient IDs and names, accession numbers, source UIDs): they must co
 A request whose destination is a DICOMweb research archive (``destinations.py``) gets no bundle:
 each released file (de-identified, through the leak gate) is STOWed to the archive in batches as
 the job goes, the outcome of every file is kept in the request's ``delivery`` (checked against the
-source identifiers like the report), and one 110106 Export names the archive as the recipient.
+source identifiers like the report), and a 110106 Export per batch names the archive as the recipient.
+Before a batch leaves, its pseudonym-map entries are recorded, its files are recorded as ``sending``
+(``export_delivery_file``) and its 110106 is durable; the destination's answer is recorded as soon as
+it comes. So a push that fails or is killed mid-way keeps the list of what was delivered and the map
+of what was disclosed, and a re-run (a new attempt after a crash) skips the files already stored.
+
+Every write of a job is fenced by its attempt number (:mod:`compliance.exports.recovery`): a job whose
+request was handed to another attempt stops at its next checkpoint and changes nothing.
 """
 
 from __future__ import annotations
@@ -68,7 +78,14 @@ from compliance.exports.destinations import (
 )
 from compliance.exports.interfaces import ArchiveReader, InvalidExportRequest, StowClient
 from compliance.exports.keys import ProviderPseudonymSecretSource, PseudonymMap, bundle_key_id
-from compliance.exports.models import ExportRequest
+from compliance.exports.models import ExportDeliveryFile, ExportRequest
+from compliance.exports.recovery import (
+    LeaseKeeper,
+    LeaseLost,
+    NoLease,
+    bundle_file_name,
+    partial_file_name,
+)
 from compliance.exports.service import ExportService, bundle_aad
 
 log = logging.getLogger(__name__)
@@ -204,12 +221,15 @@ class _Processed:
     data: bytes | None = None
     path: str = ""
     sop_instance_uid: str = ""
+    #: (kind, original, pseudonym) of this instance, for the pseudonym map
+    pseudonyms: set[tuple[str, str, str]] = field(default_factory=set)
 
 
 _SOURCE_ATTRS = (("patient_id", "PatientID"), ("accession", "AccessionNumber"), ("study_uid", "StudyInstanceUID"),
                  ("series_uid", "SeriesInstanceUID"), ("sop_uid", "SOPInstanceUID"))
 
 _Transferred = dict[str, tuple[str | None, str | None, dict[str, int]]]
+Lease = LeaseKeeper | NoLease
 
 
 class ExportJob:
@@ -230,36 +250,55 @@ class ExportJob:
         self._stow_batch = max(1, stow_batch_instances)
         self._stow_bytes = stow_batch_max_bytes
 
-    def run(self, request_id: str) -> str:
-        """Run a claimed (running) request to ready or failed; return the final state."""
+    def run(self, request_id: str, attempt: int | None = None, lease: Lease | None = None) -> str:
+        """Run a claimed (running) request to ready or failed; return the final state.
+
+        ``attempt`` is what :meth:`ExportService.claim` returned (the fencing token; the row's by
+        default), ``lease`` the claim's :class:`~compliance.exports.recovery.LeaseKeeper`. Returns
+        ``"lost"`` when the request was handed to another attempt meanwhile: this one wrote nothing more.
+        """
         counters = _Counters()
+        lease = lease or NoLease()
+        if attempt is None:
+            attempt = self._service.load(request_id).attempts
         try:
-            return self._run(request_id, counters)
+            return self._run(request_id, attempt, lease, counters)
+        except LeaseLost as exc:
+            log.warning("export job %s, attempt %s, stopped: %s", request_id, attempt, exc)
+            return "lost"
         except Exception as exc:
             log.exception("export job %s failed", request_id)
             message = exc.message if hasattr(exc, "message") else f"{type(exc).__name__}"
-            self._service.fail(request_id, str(message), counters.as_dict())
+            delivery = exc.delivery if isinstance(exc, _JobError) else None
+            if not self._service.fail(request_id, str(message), counters.as_dict(), delivery=delivery,
+                                      attempt=attempt):
+                return "lost"
             return "failed"
 
-    def _run(self, request_id: str, c: _Counters) -> str:
+    def _run(self, request_id: str, attempt: int, lease: Lease, c: _Counters) -> str:
         row = self._service.load(request_id)
-        if row.state != "running":
-            raise RuntimeError(f"request {request_id} is {row.state}, not running")
+        if row.state != "running" or row.attempts != attempt:
+            raise LeaseLost(f"request {request_id} is {row.state} (attempt {row.attempts}), not this attempt's")
         destination = json.loads(row.destination)
         if destination.get("kind") == DICOMWEB:
-            return self._run_push(row, destination.get("name", ""), c)
-        self._run_bundle(row, c)
+            return self._run_push(row, destination.get("name", ""), c, attempt, lease)
+        self._run_bundle(row, c, attempt, lease)
         return "ready"
 
-    def _plan(self, row: ExportRequest, archive: ArchiveReader, c: _Counters) -> list[tuple[str, str, str]]:
+    def _plan(self, row: ExportRequest, archive: ArchiveReader, c: _Counters,
+              attempt: int) -> list[tuple[str, str, str]]:
         cohort_spec = json.loads(row.cohort)
         studies = cohort_spec.get("study_uids") or archive.find_studies(cohort_spec.get("filters") or {})
         plan = [(s, series, sop) for s in studies for series, sop in archive.find_instances(s)]
         if not plan:
             raise _JobError("the cohort matched no instance in the archive")
         c.total = len(plan)
-        self._service.progress(row.id, **c.as_dict())
+        self._progress(row.id, attempt, c)
         return plan
+
+    def _progress(self, request_id: str, attempt: int, c: _Counters) -> None:
+        if not self._service.progress(request_id, attempt=attempt, **c.as_dict()):
+            raise LeaseLost("the request is no longer this attempt's")
 
     def _engine(self, row: ExportRequest) -> Deidentifier:
         return Deidentifier(load_profile(row.profile), row.project, ProviderPseudonymSecretSource(self._service.keys))
@@ -269,18 +308,37 @@ class ExportJob:
         name = entry["status"] if entry["status"] != "error" else "errors"
         setattr(c, name, getattr(c, name) + 1)
 
+    def discard_leftovers(self, request_id: str, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        """Remove what attempts of a request that never finished left in the bundles directory.
+
+        Only for a request that is running (under the caller's attempt) or failed: its row points to
+        no bundle, so every bundle-like file of it is a leftover (a partial, or a complete file whose
+        attempt lost the request before it could finish).
+        """
+        removed = 0
+        if not self._dir.is_dir():
+            return 0
+        for pattern in (f".{request_id}.*.bundle.part", f"{request_id}.bundle", f"{request_id}.*.bundle"):
+            for path in self._dir.glob(pattern):
+                if path.name not in keep:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
     # -- destination: the encrypted bundle -----------------------------------------------------
-    def _run_bundle(self, row: ExportRequest, c: _Counters) -> None:
+    def _run_bundle(self, row: ExportRequest, c: _Counters, attempt: int, lease: Lease) -> None:
         request_id = row.id
         engine = self._engine(row)
         requester = UserRef(user_id=row.requester_id, username=row.requester_name)
-        archive = self._archive_factory()
         self._dir.mkdir(parents=True, exist_ok=True)
-        final = self._dir / f"{request_id}.bundle"
-        partial = self._dir / f".{request_id}.bundle.part"
+        final = self._dir / bundle_file_name(request_id, attempt)
+        partial = self._dir / partial_file_name(request_id, attempt)
+        if self.discard_leftovers(request_id, keep={final.name, partial.name}):
+            log.info("export job %s, attempt %s: removed the files an interrupted attempt left", request_id, attempt)
+        archive = self._archive_factory()
         transferred: _Transferred = {}  # what was read from the archive: audited however the job ends
         try:
-            plan = self._plan(row, archive, c)
+            plan = self._plan(row, archive, c, attempt)
             encryptor = StreamEncryptor(data_key=self._service.keys.key(row.project, "bundle"),
                                         key_id=bundle_key_id(row.project), associated_data=bundle_aad(request_id))
             cohort = _Cohort()
@@ -291,6 +349,7 @@ class ExportJob:
                 sink = EncryptingFile(out, encryptor)
                 with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
                     for n, (study, series, sop) in enumerate(plan, start=1):
+                        lease.check()
                         p = self._one(engine, archive, n, study, series, sop, cohort, transferred)
                         if p.data is not None:
                             zf.writestr(p.path, p.data)
@@ -300,7 +359,7 @@ class ExportJob:
                         report.append(p.entry)
                         self._count(c, p.entry)
                         if time.monotonic() - last >= self._every:
-                            self._service.progress(request_id, **c.as_dict())
+                            self._progress(request_id, attempt, c)
                             last = time.monotonic()
                     if not c.released:
                         raise _JobError("no instance passed de-identification and the leak gate")
@@ -321,6 +380,10 @@ class ExportJob:
                 size, checksum = sink.finish()
                 out.flush()
                 os.fsync(out.fileno())
+            # complete: it takes the bundle's name only while this attempt still owns the request
+            lease.check()
+            if not self._service.owns(request_id, attempt):
+                raise LeaseLost("the request was handed to another attempt before the bundle was complete")
             os.replace(partial, final)
             _fsync_dir(self._dir)
         except BaseException:
@@ -331,21 +394,29 @@ class ExportJob:
             self._audit_transfers(requester, row.purpose, transferred)
         self._map.record(row.project, cohort.pseudonyms)
         patients, studies = cohort.disclosure()
-        self._service.finish(request_id, bundle_path=final, bundle_size=size, checksum=checksum,
-                             patients=patients, studies=studies, counters=c.as_dict())
+        if not self._service.finish(request_id, bundle_path=final, bundle_size=size, checksum=checksum,
+                                    patients=patients, studies=studies, counters=c.as_dict(), attempt=attempt):
+            final.unlink(missing_ok=True)  # this attempt's own name: never the file the request points to
+            raise LeaseLost("the request was handed to another attempt before the bundle was recorded")
 
     # -- destination: a DICOMweb research archive (STOW-RS) ------------------------------------
-    def _run_push(self, row: ExportRequest, name: str, c: _Counters) -> str:
+    def _run_push(self, row: ExportRequest, name: str, c: _Counters, attempt: int, lease: Lease) -> str:
         """De-identify, gate, and STOW released instances in batches; the status reports each file.
 
         ``ready``: at least one instance was stored (``delivery`` says which were not, and why);
-        ``failed``: none was.
+        ``failed``: none was, or the job stopped on an error (``delivery`` then says what was delivered
+        before it stopped).
 
-        The disclosure is audited before it happens: each batch's 110106 Export (the destination as
-        recipient, the source patients and studies of the batch) is durable in the outbox before the
-        batch is sent, so a job killed mid-push never leaves a disclosure unaudited. A batch the
-        destination refused or never received whole is followed by a second 110106 with a failure
-        outcome naming what was not stored: the trail may over-report an attempt, never under-report.
+        Each batch, before it leaves: its pseudonym-map entries are recorded (re-identification of
+        what the destination holds must not depend on the job ending well), its 110106 Export (the
+        destination as recipient, the source patients and studies of the batch) is durable in the
+        outbox, and its files are recorded as ``sending`` (fenced: an attempt that lost the request
+        sends nothing). The destination's answer is recorded per file as soon as it comes. A job
+        killed mid-push therefore never leaves a disclosure unaudited nor a delivered file unlisted.
+        A batch the destination refused or never received whole is followed by a second 110106 with
+        a failure outcome naming what was not stored: the trail may over-report an attempt, never
+        under-report. A re-run skips the files an earlier attempt stored: they are neither sent nor
+        disclosed again.
         """
         request_id = row.id
         try:
@@ -356,12 +427,15 @@ class ExportJob:
             raise _JobError(f"project {row.project!r} may no longer export to {name!r}")
         engine = self._engine(row)
         requester = UserRef(user_id=row.requester_id, username=row.requester_name)
+        earlier = self._service.delivered_files(request_id)  # what earlier attempts sent (a re-run)
+        seen: set[str] = set()
         archive = self._archive_factory()
         client: StowClient | None = None
         cohort = _Cohort()
         files: list[dict[str, Any]] = []
         tally = {STORED: 0, FAILED: 0, UNCONFIRMED: 0}
         batch: list[_Processed] = []
+        batches = 0
 
         def disclosure_event(sent: list[_Processed], outcome: Outcome, description: str) -> Any:
             part = _Cohort()
@@ -377,13 +451,38 @@ class ExportJob:
                                      f"profile {row.profile}) to {dest.name} ({dest.stow_url}): {description}"))
 
         def flush() -> None:
+            nonlocal batches
             assert client is not None
-            # durable before a byte leaves (raises, and nothing is sent, if it cannot be recorded)
-            self._auditor.record_now(disclosure_event(batch, Outcome.SUCCESS, f"{len(batch)} instances sent"))
-            outcomes = client.store([(p.sop_instance_uid, p.data or b"") for p in batch])
+            lease.check()
+            sent = list(batch)
+            batch.clear()
+            batches += 1
+            pseudonyms: set[tuple[str, str, str]] = set()
+            for p in sent:
+                pseudonyms |= p.pseudonyms
+            # the map of what is about to be disclosed, then the disclosure itself, durable before a
+            # byte leaves (raises, and nothing is sent, if either cannot be recorded)
+            self._map.record(row.project, pseudonyms)
+            self._auditor.record_now(disclosure_event(sent, Outcome.SUCCESS, f"{len(sent)} instances sent"))
+            # the files are on their way (fenced: an attempt that lost the request sends nothing)
+            if not self._service.record_sending(request_id, attempt, batches,
+                                                [(p.sop_instance_uid, p.entry["instance"]) for p in sent]):
+                raise LeaseLost("the request was handed to another attempt; the batch was not sent")
+            for p in sent:
+                p.entry.update(status="sending", attempt=attempt)
+            failure: Exception | None = None
+            try:
+                outcomes = client.store([(p.sop_instance_uid, p.data or b"") for p in sent])
+            except Exception as exc:  # sent perhaps: the destination may hold it
+                failure = exc
+                outcomes = dict.fromkeys((p.sop_instance_uid for p in sent), (
+                    UNCONFIRMED, f"the push stopped while the batch was being sent ({type(exc).__name__})"))
+            results = {p.sop_instance_uid: outcomes.get(p.sop_instance_uid,
+                                                        (UNCONFIRMED, "no outcome for the instance")) for p in sent}
+            recorded = self._service.record_outcomes(request_id, attempt, results)
             not_stored: list[_Processed] = []
-            for p in batch:
-                status, reason = outcomes.get(p.sop_instance_uid, (UNCONFIRMED, "no outcome for the instance"))
+            for p in sent:
+                status, reason = results[p.sop_instance_uid]
                 tally[status] += 1
                 p.entry["status"] = status
                 if reason:
@@ -395,16 +494,20 @@ class ExportJob:
             if not_stored:
                 reasons = "; ".join(sorted({str(p.entry.get("reason")) for p in not_stored}))[:500]
                 self._auditor.record_now(disclosure_event(
-                    not_stored, Outcome.SERIOUS_FAILURE if len(not_stored) == len(batch) else Outcome.MINOR_FAILURE,
-                    f"{len(not_stored)} of {len(batch)} instances sent were not confirmed stored ({reasons})"))
-            batch.clear()
+                    not_stored, Outcome.SERIOUS_FAILURE if len(not_stored) == len(sent) else Outcome.MINOR_FAILURE,
+                    f"{len(not_stored)} of {len(sent)} instances sent were not confirmed stored ({reasons})"))
+            if failure is not None:
+                raise failure
+            if not recorded:
+                raise LeaseLost("the request was handed to another attempt while the batch was sent")
 
         transferred: _Transferred = {}  # what was read from the archive: audited however the job ends
         try:
-            plan = self._plan(row, archive, c)
+            plan = self._plan(row, archive, c, attempt)
             client = self._stow_client_factory(dest)
             last = time.monotonic()
             for n, (study, series, sop) in enumerate(plan, start=1):
+                lease.check()
                 p = self._one(engine, archive, n, study, series, sop, cohort, transferred)
                 self._count(c, p.entry)
                 # digests of identifying values stay out of the status (a bundle's report has them); no bundle path
@@ -413,35 +516,95 @@ class ExportJob:
                 files.append(entry)
                 if p.data is not None:
                     entry["sop_instance_uid"] = p.sop_instance_uid
-                    batch.append(p)
-                    if len(batch) >= self._stow_batch or sum(len(b.data or b"") for b in batch) >= self._stow_bytes:
-                        flush()
+                    seen.add(p.sop_instance_uid)
+                    prior = earlier.get(p.sop_instance_uid)
+                    if prior is not None and prior.status == STORED:
+                        # stored by an earlier attempt (before its worker died): neither sent nor disclosed again
+                        entry.update(status=STORED, attempt=prior.attempt)
+                        tally[STORED] += 1
+                        cohort.disclosed(p)
+                    else:
+                        batch.append(p)
+                        if len(batch) >= self._stow_batch or \
+                                sum(len(b.data or b"") for b in batch) >= self._stow_bytes:
+                            flush()
                 if time.monotonic() - last >= self._every:
-                    self._service.progress(request_id, **c.as_dict())
+                    self._progress(request_id, attempt, c)
                     last = time.monotonic()
             if batch:
                 flush()
             if not c.released:
                 raise _JobError("no instance passed de-identification and the leak gate")
+        except LeaseLost:
+            raise
+        except Exception as exc:
+            # what was delivered before the job stopped stays on the request, with the map of it
+            for entry in files:
+                prior = earlier.get(entry.get("sop_instance_uid", ""))
+                if entry["status"] == "released" and prior is not None and prior.status in ("sending", UNCONFIRMED):
+                    # an earlier attempt sent it without an answer: it may be at the destination
+                    entry.update(status=UNCONFIRMED, attempt=prior.attempt,
+                                 reason=prior.reason or "sent by an earlier attempt that was interrupted; the "
+                                                        "destination's answer is unknown")
+                    tally[UNCONFIRMED] += 1
+                elif entry["status"] == "released":
+                    entry.update(status="not_sent", reason="the job stopped before this file was sent")
+                elif entry["status"] == "sending":  # sent, the answer not recorded
+                    entry.update(status=UNCONFIRMED, reason="the job stopped before the destination's answer "
+                                                            "was recorded")
+                    tally[UNCONFIRMED] += 1
+            message = exc.message if hasattr(exc, "message") else type(exc).__name__
+            delivery = self._delivery(dest, c, tally, files, earlier, seen)
+            if delivery["stored"] or delivery["unconfirmed"]:
+                message = (f"{message} (before the job stopped: {delivery['stored']} instances stored at {dest.name}, "
+                           f"{delivery['unconfirmed']} unconfirmed; see delivery.files)")
+            try:
+                _refuse_identifiers("the delivery report", _json(delivery), cohort.identifiers)
+            except _JobError:
+                delivery = None
+            raise _JobError(str(message), delivery=delivery) from exc
         finally:
             archive.close()
             if client is not None:
                 client.close()
             self._audit_transfers(requester, row.purpose, transferred)
-        delivery = {"destination": dest.public(), "stow_url": dest.stow_url, "instances": c.total,
-                    "released": c.released, "stored": tally[STORED], "failed": tally[FAILED],
-                    "unconfirmed": tally[UNCONFIRMED], "files": files}
+        delivery = self._delivery(dest, c, tally, files, earlier, seen)
         _refuse_identifiers("the delivery report", _json(delivery), cohort.identifiers)
         self._map.record(row.project, cohort.pseudonyms)
         patients, studies = cohort.disclosure()
-        if not tally[STORED]:
-            self._service.fail(request_id, f"no instance was stored at {dest.name}: "
-                               + "; ".join(sorted({str(f.get("reason")) for f in files if f.get("reason")}))[:1500],
-                               c.as_dict(), delivery=delivery)
+        if not delivery["stored"]:
+            if not self._service.fail(
+                    request_id, f"no instance was stored at {dest.name}: "
+                    + "; ".join(sorted({str(f.get("reason")) for f in delivery["files"] if f.get("reason")}))[:1500],
+                    c.as_dict(), delivery=delivery, attempt=attempt):
+                raise LeaseLost("the request was handed to another attempt")
             return "failed"
-        self._service.finish_delivery(request_id, delivery=delivery, patients=patients, studies=studies,
-                                      counters=c.as_dict())
+        if not self._service.finish_delivery(request_id, delivery=delivery, patients=patients, studies=studies,
+                                             counters=c.as_dict(), attempt=attempt):
+            raise LeaseLost("the request was handed to another attempt")
         return "ready"
+
+    @staticmethod
+    def _delivery(dest: DicomwebDestination, c: _Counters, tally: dict[str, int], files: list[dict[str, Any]],
+                  earlier: dict[str, ExportDeliveryFile], seen: set[str]) -> dict[str, Any]:
+        """The delivery report; files an earlier attempt sent that this one did not reach are listed too."""
+        tally = dict(tally)
+        files = list(files)
+        for uid, f in sorted(earlier.items(), key=lambda item: (item[1].instance, item[0])):
+            if uid in seen:
+                continue
+            status = UNCONFIRMED if f.status == "sending" else f.status
+            entry: dict[str, Any] = {"instance": f.instance, "sop_instance_uid": uid, "status": status,
+                                     "attempt": f.attempt}
+            reason = f.reason or ("the job was interrupted while this file was being sent"
+                                  if f.status == "sending" else None)
+            if reason:
+                entry["reason"] = reason
+            tally[status] += 1
+            files.append(entry)
+        return {"destination": dest.public(), "stow_url": dest.stow_url, "instances": c.total,
+                "released": c.released + sum(1 for uid in earlier if uid not in seen),
+                "stored": tally[STORED], "failed": tally[FAILED], "unconfirmed": tally[UNCONFIRMED], "files": files}
 
     def _one(self, engine: Deidentifier, archive: ArchiveReader, n: int, study: str, series: str, sop: str,
              cohort: _Cohort, transferred: _Transferred) -> _Processed:
@@ -481,7 +644,8 @@ class ExportJob:
         target = {kind: str(out.get(attr, "") or "").strip() for kind, attr in _SOURCE_ATTRS}
         for kind, original in source.items():
             if original and target[kind] and target[kind] != original:
-                cohort.pseudonyms.add((kind, original, target[kind]))
+                p.pseudonyms.add((kind, original, target[kind]))
+        cohort.pseudonyms |= p.pseudonyms
         p.path = f"dicom/{target['study_uid']}/{target['series_uid']}/{target['sop_uid']}.dcm"
         p.data, p.sop_instance_uid = data, target["sop_uid"]
         p.entry.update(status="released", output=p.path, pixels=result.pixels, notes=result.reasons)
@@ -499,9 +663,11 @@ class ExportJob:
 
 
 class _JobError(Exception):
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, delivery: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        #: a push's delivery report as far as it went (kept on the failed request)
+        self.delivery = delivery
 
 
 def _json(obj: Any) -> bytes:

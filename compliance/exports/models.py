@@ -9,6 +9,12 @@ accounting of disclosures (source patient IDs, study UIDs) are kept only sealed
 is AES-256-GCM encrypted under the project's map key with the row's identity as associated data, so
 a database dump reveals pseudonyms only (which the researchers hold anyway), never the originals.
 
+``export_delivery_file``: per-file progress of a push to a DICOMweb research archive, written as each
+batch leaves (``sending``) and as the destination answers (``stored``/``failed``/``unconfirmed``), so a
+job that fails or is killed mid-push leaves the list of what was delivered, and a re-run skips what an
+earlier attempt stored. Keyed by the pseudonymised SOP Instance UID (deterministic per project): no
+source identifier.
+
 ``export_reidentification``: dual-control re-identification requests.
 
 ``export_project_key``: per-project secrets (pseudonym HMAC secret, map key, bundle key), each
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import CheckConstraint, DateTime, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from compliance.db.base import Base
@@ -63,6 +69,12 @@ class ExportRequest(Base):
     #: JSON, pushes to a DICOMweb destination only: per-file outcome (stored / failed / unconfirmed and
     #: why, or held back), counts, the destination. Pseudonymised UIDs only, never a source value.
     delivery: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: Claims so far (the fencing token of the running attempt: every job write is guarded by it).
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    #: While running: the job's worker renews this; past it, the sweep requeues (or fails) the request.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: While approved: when the task queue accepted the request (NULL: not yet, the sweep dispatches it).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         CheckConstraint("state IN ('requested', 'approved', 'rejected', 'running', 'ready', 'failed', 'expired')",
@@ -70,6 +82,29 @@ class ExportRequest(Base):
         CheckConstraint("approver_id IS NULL OR approver_id <> requester_id", name="not_self_approved"),
         Index("ix_export_request_state", "state"),
         Index("ix_export_request_requester_id", "requester_id"),
+    )
+
+
+DELIVERY_FILE_STATES = ("sending", "stored", "failed", "unconfirmed")
+
+
+class ExportDeliveryFile(Base):
+    __tablename__ = "export_delivery_file"
+
+    request_id: Mapped[str] = mapped_column(String(36), ForeignKey("export_request.id", ondelete="CASCADE"),
+                                            primary_key=True)
+    #: the pseudonymised SOP Instance UID, as the destination knows it
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: the instance's number in the job's plan (as in the delivery list)
+    instance: Mapped[int] = mapped_column(Integer, nullable=False)
+    batch: Mapped[int] = mapped_column(Integer, nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("status IN ('sending', 'stored', 'failed', 'unconfirmed')", name="status"),
     )
 
 

@@ -11,7 +11,12 @@ Invariants (also enforced by the database where it can: ``ck_export_request_not_
   once, or two workers claiming one job, cannot both succeed (the loser gets 409 / nothing);
 - the bundle is served to its requester only, while ``ready`` and before ``expires_at``;
 - a request names its destination from the server's allow-list (``destinations.DestinationRegistry``),
-  never a URL; a push to a DICOMweb destination has no bundle, its status carries the per-file delivery.
+  never a URL; a push to a DICOMweb destination has no bundle, its status carries the per-file delivery;
+- an approval is never lost to the task queue: the approved row is committed first and is the truth,
+  the queue is told afterwards, and what the queue did not accept is dispatched again by the sweep;
+- a running job holds a lease and a fencing token (``attempts``): every write of the job is guarded by
+  both, and the sweep requeues (or, after too many attempts, fails) a request whose lease expired.
+  See :mod:`compliance.exports.recovery`.
 
 Audit mapping: see :mod:`compliance.exports.audit`.
 """
@@ -27,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit.events import (
@@ -56,7 +61,8 @@ from compliance.exports.interfaces import (
     SelfApprovalRefused,
 )
 from compliance.exports.keys import ProjectKeyStore, PseudonymMap, open_sealed, seal
-from compliance.exports.models import ExportPseudonym, ExportReidentification, ExportRequest
+from compliance.exports.models import ExportDeliveryFile, ExportPseudonym, ExportReidentification, ExportRequest
+from compliance.exports.recovery import RecoveryPolicy, dispatch_due, interrupted_reason, running_decision
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +127,37 @@ def view(row: ExportRequest) -> dict[str, Any]:
                      "released": row.released, "held_back": row.held_back, "errors": row.errors},
         "checksum_sha256": row.checksum_sha256, "bundle_size": row.bundle_size, "error": row.error,
         "delivery": json.loads(row.delivery) if row.delivery else None,
+        "attempts": row.attempts or 0, "dispatched_at": _iso(row.dispatched_at),
     }
+
+
+def live_delivery(row: ExportRequest, files: list[ExportDeliveryFile]) -> dict[str, Any]:
+    """A push's delivery as recorded batch by batch (``export_delivery_file``), before (or without) its end.
+
+    What a request shows while its job runs, and after a job that was killed: which files the
+    destination stored, refused, or has not answered for (``sending``: the batch was on its way).
+    """
+    counts = {status: 0 for status in ("stored", "failed", "unconfirmed", "sending")}
+    out_files = []
+    for f in sorted(files, key=lambda f: (f.instance, f.sop_instance_uid)):
+        counts[f.status] += 1
+        entry: dict[str, Any] = {"instance": f.instance, "sop_instance_uid": f.sop_instance_uid, "status": f.status,
+                                 "attempt": f.attempt}
+        if f.reason:
+            entry["reason"] = f.reason
+        out_files.append(entry)
+    dest = json.loads(row.destination)
+    return {"destination": {"name": dest.get("name"), "kind": dest.get("kind")}, "recorded": "per batch",
+            "in_progress": row.state == "running", **counts, "files": out_files}
 
 
 class ExportService:
     def __init__(self, sessions: sessionmaker[Session], auditor: AuditRecorder, keys: ProjectKeyStore, *,
                  gateway_id: str, queue: ExportQueue | None = None, bundle_ttl: timedelta = timedelta(days=7),
-                 clock: Callable[[], datetime] = _utcnow, destinations: DestinationRegistry | None = None) -> None:
+                 clock: Callable[[], datetime] = _utcnow, destinations: DestinationRegistry | None = None,
+                 recovery: RecoveryPolicy | None = None) -> None:
         self.destinations = destinations or DestinationRegistry()
+        self.recovery = recovery or RecoveryPolicy()
         self._sessions = sessions
         self._auditor = auditor
         self.keys = keys
@@ -186,7 +215,15 @@ class ExportService:
             # Another researcher's request is "not found", not "forbidden": ids are not disclosed.
             if row is None or not (may_read_all or row.requester_id == reader_id):
                 raise ExportNotFound("no such export request")
-            return view(row)
+            return self._view(session, row)
+
+    def _view(self, session: Session, row: ExportRequest) -> dict[str, Any]:
+        out = view(row)
+        if out["delivery"] is None and out["destination"].get("kind") == DICOMWEB and row.state != "requested":
+            files = list(session.scalars(select(ExportDeliveryFile).where(ExportDeliveryFile.request_id == row.id)))
+            if files:
+                out["delivery"] = live_delivery(row, files)
+        return out
 
     def list(self, *, reader_id: str, may_read_all: bool, state: str | None = None) -> list[dict[str, Any]]:
         with self._sessions() as session:
@@ -195,7 +232,7 @@ class ExportService:
                 q = q.where(ExportRequest.requester_id == reader_id)
             if state:
                 q = q.where(ExportRequest.state == state)
-            return [view(r) for r in session.scalars(q)]
+            return [self._view(session, r) for r in session.scalars(q)]
 
     # -- data steward --------------------------------------------------------------------------
     def decide(self, request_id: str, steward: UserRef, *, approve: bool, comment: str) -> dict[str, Any]:
@@ -227,9 +264,75 @@ class ExportService:
         if not done:
             raise ExportStateConflict(f"the export request is {row.state}, not requested")
         self._order(steward, row, Action.UPDATE, new_state)
-        if approve and self.queue is not None:
+        if not approve:
+            return view(row)
+        # The approval is committed and audited: whatever the queue does now, it stands.
+        try:
+            dispatch = self.dispatch(request_id)
+        except Exception as exc:  # e.g. the database failed between the commit and the dispatch
+            log.exception("export %s: approved, but its dispatch failed; the sweep will dispatch it", request_id)
+            dispatch = {"status": "pending", "detail": f"the approval is recorded; the job could not be dispatched "
+                                                       f"now ({type(exc).__name__}) and will be automatically"}
+        with self._sessions() as session:
+            row = session.get(ExportRequest, request_id)
+            assert row is not None
+            return {**view(row), "dispatch": dispatch}
+
+    # -- dispatch (the approved row is the outbox; the queue is told after the commit) ----------
+    def dispatch(self, request_id: str, *, sweep: bool = False) -> dict[str, str]:
+        """Hand an approved request to the task queue; never raises (the approval stands regardless).
+
+        ``dispatched_at`` is set by a guarded UPDATE first (so two sweeps never send one request
+        twice), and cleared again if the queue refuses, so the sweep tries later. From the approval:
+        only a request never dispatched; from the sweep: only one :func:`dispatch_due` says is due.
+        """
+        if self.queue is None:
+            return {"status": "pending", "detail": "the approval is recorded; this gateway runs no export jobs, "
+                                                   "a worker of the deployment will claim it"}
+        now = self._clock()
+        policy = self.recovery
+        due = ExportRequest.dispatched_at.is_(None)
+        if sweep:
+            due = or_(and_(ExportRequest.dispatched_at.is_(None),
+                           or_(ExportRequest.decided_at.is_(None),
+                               ExportRequest.decided_at <= now - timedelta(seconds=policy.dispatch_grace_seconds))),
+                      ExportRequest.dispatched_at <= now - timedelta(seconds=policy.redispatch_after_seconds))
+        with self._sessions() as session, session.begin():
+            taken = session.execute(update(ExportRequest).where(
+                ExportRequest.id == request_id, ExportRequest.state == "approved", due)
+                .values(dispatched_at=now)).rowcount
+        if not taken:  # another gateway or a sweep dispatched it, or a worker already claimed it
+            return {"status": "dispatched" if not sweep else "skipped",
+                    "detail": "already dispatched, or already picked up by a worker"}
+        try:
             self.queue.enqueue(request_id)
-        return view(row)
+        except Exception as exc:
+            log.warning("export %s: the %s queue did not accept the job (%s: %s); the sweep will dispatch it",
+                        request_id, self.queue.name, type(exc).__name__, exc)
+            with self._sessions() as session, session.begin():
+                session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                                                            ExportRequest.state == "approved")
+                                .values(dispatched_at=None))
+            return {"status": "pending",
+                    "detail": f"the approval is recorded; the job queue ({self.queue.name}) could not be reached "
+                              f"({type(exc).__name__}), so the job will be dispatched automatically once it can be"}
+        return {"status": "dispatched", "detail": f"handed to the {self.queue.name} job queue"}
+
+    def dispatch_due(self, limit: int = 100) -> int:
+        """The sweep's dispatch: approved requests the queue never accepted, or whose message was lost."""
+        if self.queue is None:
+            return 0
+        now = self._clock()
+        with self._sessions() as session:
+            rows = session.execute(select(ExportRequest.id, ExportRequest.decided_at, ExportRequest.dispatched_at)
+                                   .where(ExportRequest.state == "approved")
+                                   .order_by(ExportRequest.decided_at).limit(limit)).all()
+        sent = 0
+        for request_id, decided_at, dispatched_at in rows:
+            due = dispatch_due(decided_at=decided_at, dispatched_at=dispatched_at, now=now, policy=self.recovery)
+            if due and self.dispatch(request_id, sweep=True)["status"] == "dispatched":
+                sent += 1
+        return sent
 
     # -- workers -------------------------------------------------------------------------------
     def claimable(self, limit: int = 10) -> list[str]:
@@ -240,16 +343,126 @@ class ExportService:
                 q = q.with_for_update(skip_locked=True)
             return list(session.scalars(q))
 
-    def claim(self, request_id: str, worker: str) -> bool:
-        """approved -> running, for exactly one worker (a guarded UPDATE on every database)."""
+    def claim(self, request_id: str, worker: str) -> int | None:
+        """approved -> running, for exactly one worker (a guarded UPDATE on every database).
+
+        Returns the attempt number (the fencing token of this run, 1 for the first), or None when
+        another worker has the request (or it is no longer approved).
+        """
+        now = self._clock()
         with self._sessions() as session, session.begin():
             done = session.execute(
                 update(ExportRequest).where(ExportRequest.id == request_id, ExportRequest.state == "approved")
-                .values(state="running", worker=worker[:128], started_at=self._clock())).rowcount
-        if done:
-            row = self._row(request_id)
-            self._order(None, row, Action.UPDATE, "running", description=f"export job started on {worker}")
-        return bool(done)
+                .values(state="running", worker=worker[:128], started_at=now, attempts=ExportRequest.attempts + 1,
+                        lease_expires_at=self.recovery.lease_until(now))).rowcount
+        if not done:
+            return None
+        row = self._row(request_id)
+        attempt = row.attempts
+        suffix = f" (attempt {attempt} of {self.recovery.max_attempts})" if attempt > 1 else ""
+        self._order(None, row, Action.UPDATE, "running", description=f"export job started on {worker}{suffix}")
+        return attempt
+
+    def _fence(self, request_id: str, attempt: int | None) -> list[Any]:
+        """The guard of every write of a running job: still running, and still this attempt's."""
+        guard = [ExportRequest.id == request_id, ExportRequest.state == "running"]
+        if attempt is not None:
+            guard.append(ExportRequest.attempts == attempt)
+        return guard
+
+    def renew_lease(self, request_id: str, attempt: int) -> bool:
+        """Extend the running attempt's lease; False when the request is no longer this attempt's."""
+        with self._sessions() as session, session.begin():
+            return bool(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
+                                        .values(lease_expires_at=self.recovery.lease_until(self._clock()))).rowcount)
+
+    def owns(self, request_id: str, attempt: int) -> bool:
+        with self._sessions() as session:
+            return session.scalar(select(ExportRequest.id).where(*self._fence(request_id, attempt))) is not None
+
+    # -- recovery (the sweep) ------------------------------------------------------------------
+    def recover_expired(self) -> dict[str, list[str]]:
+        """Running requests whose lease expired: back to approved (requeued), or failed after max attempts."""
+        now = self._clock()
+        policy = self.recovery
+        with self._sessions() as session:
+            rows = session.execute(select(ExportRequest.id, ExportRequest.attempts, ExportRequest.lease_expires_at,
+                                          ExportRequest.started_at, ExportRequest.worker)
+                                   .where(ExportRequest.state == "running")).all()
+        out: dict[str, list[str]] = {"requeued": [], "failed": []}
+        for request_id, attempts, lease, started, worker in rows:
+            decision = running_decision(attempts=attempts, lease_expires_at=lease, started_at=started, now=now,
+                                        policy=policy)
+            if decision == "keep":
+                continue
+            # guarded: still running, still that attempt, and its lease not renewed meanwhile
+            unrenewed = (ExportRequest.lease_expires_at.is_(None) if lease is None
+                         else ExportRequest.lease_expires_at <= now)
+            guard = [*self._fence(request_id, attempts), unrenewed]
+            lost = (f"export job attempt {attempts} on {worker or 'an unknown worker'} stopped renewing its lease "
+                    f"(expired {_iso(lease) or 'unknown'})")
+            if decision == "requeue":
+                with self._sessions() as session, session.begin():
+                    done = session.execute(update(ExportRequest).where(*guard).values(
+                        state="approved", lease_expires_at=None, dispatched_at=None)).rowcount
+                if done:
+                    out["requeued"].append(request_id)
+                    self._order(None, self._row(request_id), Action.UPDATE, "requeued", outcome=Outcome.MINOR_FAILURE,
+                                description=f"{lost}; queued again for attempt {attempts + 1} of "
+                                            f"{policy.max_attempts}")
+                continue
+            reason = interrupted_reason(attempts)
+            with self._sessions() as session, session.begin():
+                done = session.execute(update(ExportRequest).where(*guard).values(
+                    state="failed", finished_at=now, lease_expires_at=None, error=reason)).rowcount
+                if done:
+                    # a batch on its way when the last attempt died: its outcome is unknown (it may be stored)
+                    session.execute(update(ExportDeliveryFile).where(
+                        ExportDeliveryFile.request_id == request_id, ExportDeliveryFile.status == "sending").values(
+                        status="unconfirmed", updated_at=now,
+                        reason="the job was interrupted while this batch was being sent; the destination's answer "
+                               "is unknown"))
+            if done:
+                out["failed"].append(request_id)
+                self._order(None, self._row(request_id), Action.UPDATE, "failed", outcome=Outcome.SERIOUS_FAILURE,
+                            description=f"{lost}; {reason}")
+        return out
+
+    # -- per-file delivery of a push (recorded as each batch leaves and as it is answered) ------
+    def delivered_files(self, request_id: str) -> dict[str, ExportDeliveryFile]:
+        with self._sessions() as session:
+            return {f.sop_instance_uid: f for f in session.scalars(
+                select(ExportDeliveryFile).where(ExportDeliveryFile.request_id == request_id))}
+
+    def record_sending(self, request_id: str, attempt: int, batch: int, files: list[tuple[str, int]]) -> bool:
+        """Before a batch leaves: its files are ``sending``; False (nothing written) if the attempt lost the request.
+
+        Renews the lease in the same transaction: the fencing check and the record are one commit.
+        """
+        now = self._clock()
+        with self._sessions() as session, session.begin():
+            if not session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
+                                   .values(lease_expires_at=self.recovery.lease_until(now))).rowcount:
+                return False
+            uids = [uid for uid, _ in files]
+            session.execute(delete(ExportDeliveryFile).where(ExportDeliveryFile.request_id == request_id,
+                                                             ExportDeliveryFile.sop_instance_uid.in_(uids)))
+            session.add_all(ExportDeliveryFile(request_id=request_id, sop_instance_uid=uid, instance=instance,
+                                               batch=batch, attempt=attempt, status="sending", updated_at=now)
+                            for uid, instance in files)
+        return True
+
+    def record_outcomes(self, request_id: str, attempt: int, outcomes: dict[str, tuple[str, str | None]]) -> bool:
+        """After a batch: what the destination answered, per file (guarded like every write of the job)."""
+        now = self._clock()
+        with self._sessions() as session, session.begin():
+            if session.scalar(select(ExportRequest.id).where(*self._fence(request_id, attempt))) is None:
+                return False
+            for uid, (status, reason) in outcomes.items():
+                session.execute(update(ExportDeliveryFile).where(
+                    ExportDeliveryFile.request_id == request_id, ExportDeliveryFile.sop_instance_uid == uid,
+                    ExportDeliveryFile.attempt == attempt).values(status=status, reason=reason, updated_at=now))
+        return True
 
     def _row(self, request_id: str) -> ExportRequest:
         with self._sessions() as session:
@@ -261,26 +474,30 @@ class ExportService:
     def load(self, request_id: str) -> ExportRequest:
         return self._row(request_id)
 
-    def progress(self, request_id: str, **counters: int) -> None:
+    def progress(self, request_id: str, *, attempt: int | None = None, **counters: int) -> bool:
         with self._sessions() as session, session.begin():
-            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
-                                                        ExportRequest.state == "running").values(**counters))
+            return bool(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
+                                        .values(**counters)).rowcount)
 
     def finish(self, request_id: str, *, bundle_path: Path, bundle_size: int, checksum: str,
-               patients: list[dict[str, str | None]], studies: list[dict[str, Any]], counters: dict[str, int]) -> None:
+               patients: list[dict[str, str | None]], studies: list[dict[str, Any]], counters: dict[str, int],
+               attempt: int | None = None) -> bool:
+        """running -> ready with the bundle; False (nothing changed) if the attempt no longer owns the request."""
         row = self._row(request_id)
         disclosure = json.dumps({"patients": patients, "studies": studies}, sort_keys=True).encode()
         sealed = seal(self.keys.key(row.project, "map"), disclosure, disclosure_aad(request_id))
         now = self._clock()
         with self._sessions() as session, session.begin():
-            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
-                                                        ExportRequest.state == "running").values(
+            done = session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
                 state="ready", finished_at=now, expires_at=now + self.bundle_ttl, bundle_path=str(bundle_path),
-                bundle_size=bundle_size, checksum_sha256=checksum, disclosure_sealed=sealed, **counters))
-        self._order(None, self._row(request_id), Action.UPDATE, "ready")
+                bundle_size=bundle_size, checksum_sha256=checksum, disclosure_sealed=sealed, lease_expires_at=None,
+                **counters)).rowcount
+        if done:
+            self._order(None, self._row(request_id), Action.UPDATE, "ready")
+        return bool(done)
 
     def finish_delivery(self, request_id: str, *, delivery: dict[str, Any], patients: list[dict[str, str | None]],
-                        studies: list[dict[str, Any]], counters: dict[str, int]) -> None:
+                        studies: list[dict[str, Any]], counters: dict[str, int], attempt: int | None = None) -> bool:
         """A push to a DICOMweb destination ended with at least one instance stored: ready, no bundle."""
         row = self._row(request_id)
         disclosure = json.dumps({"patients": patients, "studies": studies}, sort_keys=True).encode()
@@ -289,24 +506,27 @@ class ExportService:
         error = (f"partial delivery: {delivery['stored']} of {delivery['released']} released instances stored at "
                  f"{delivery['destination']['name']} (see delivery.files)") if partial else None
         with self._sessions() as session, session.begin():
-            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
-                                                        ExportRequest.state == "running").values(
+            done = session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
                 state="ready", finished_at=self._clock(), disclosure_sealed=sealed, error=error,
-                delivery=json.dumps(delivery, sort_keys=True), **counters))
-        self._order(None, self._row(request_id), Action.UPDATE, "ready",
-                    outcome=Outcome.MINOR_FAILURE if partial else Outcome.SUCCESS,
-                    description=f"export delivered to {delivery['destination']['name']}: {delivery['stored']} stored, "
-                                f"{delivery['failed']} failed, {delivery['unconfirmed']} unconfirmed")
+                delivery=json.dumps(delivery, sort_keys=True), lease_expires_at=None, **counters)).rowcount
+        if done:
+            self._order(None, self._row(request_id), Action.UPDATE, "ready",
+                        outcome=Outcome.MINOR_FAILURE if partial else Outcome.SUCCESS,
+                        description=f"export delivered to {delivery['destination']['name']}: {delivery['stored']} "
+                                    f"stored, {delivery['failed']} failed, {delivery['unconfirmed']} unconfirmed")
+        return bool(done)
 
     def fail(self, request_id: str, error: str, counters: dict[str, int] | None = None,
-             delivery: dict[str, Any] | None = None) -> None:
+             delivery: dict[str, Any] | None = None, *, attempt: int | None = None) -> bool:
         extra = {"delivery": json.dumps(delivery, sort_keys=True)} if delivery is not None else {}
         with self._sessions() as session, session.begin():
-            session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
-                                                        ExportRequest.state == "running").values(
-                state="failed", finished_at=self._clock(), error=error[:2000], **(counters or {}), **extra))
-        self._order(None, self._row(request_id), Action.UPDATE, "failed", outcome=Outcome.SERIOUS_FAILURE,
-                    description=f"export job failed: {error[:500]}")
+            done = session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
+                state="failed", finished_at=self._clock(), error=error[:2000], lease_expires_at=None,
+                **(counters or {}), **extra)).rowcount
+        if done:
+            self._order(None, self._row(request_id), Action.UPDATE, "failed", outcome=Outcome.SERIOUS_FAILURE,
+                        description=f"export job failed: {error[:500]}")
+        return bool(done)
 
     def expire_due(self) -> int:
         """ready bundles past ``expires_at`` -> expired; the encrypted file is deleted."""

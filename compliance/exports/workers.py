@@ -9,6 +9,12 @@
   claim the request with the same guarded UPDATE (a redelivered message is a no-op) and run the job.
 - ``none``: nothing runs jobs in this process (a gateway node behind which dedicated workers run).
 
+Whatever the backend, the SQL row is the truth (:mod:`compliance.exports.recovery`): a claim takes a
+lease that a heartbeat thread renews while the job runs (:func:`run_claimed`), and the sweep
+(:class:`Sweeper`: at start, then every ``COMPLIANCE_EXPORTS_SWEEP_INTERVAL_SECONDS``, in the in-process
+worker and in every Dramatiq worker process) requeues or fails the jobs whose lease expired, dispatches
+the approvals the queue never accepted, and expires old bundles.
+
 ``build_export_components(settings, engine, auditor)`` builds the same services in the gateway and in
 a worker process, so both run the same job code (and read the same destination allow-list).
 """
@@ -19,6 +25,8 @@ import logging
 import os
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -32,6 +40,7 @@ from compliance.exports.destinations import load_destinations
 from compliance.exports.interfaces import ExportQueue
 from compliance.exports.jobs import DicomwebArchiveReader, ExportJob
 from compliance.exports.keys import ProjectKeyStore, PseudonymMap
+from compliance.exports.recovery import LeaseKeeper, RecoveryPolicy
 from compliance.exports.service import ExportService, ReidentificationService
 
 log = logging.getLogger(__name__)
@@ -71,7 +80,8 @@ class ExportComponents:
 
 
 def build_export_components(settings: Settings, engine: Engine, auditor: AuditRecorder,
-                            queue: ExportQueue | None = None) -> ExportComponents:
+                            queue: ExportQueue | None = None,
+                            recovery: RecoveryPolicy | None = None) -> ExportComponents:
     sessions = make_session_factory(engine)
     keyring = settings.exports_keyring_file or settings.stack_dir / "keys" / "exports-keyring.json"
     development = settings.environment == "development"
@@ -81,7 +91,8 @@ def build_export_components(settings: Settings, engine: Engine, auditor: AuditRe
     keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=development)
     destinations = load_destinations(settings.exports_destinations_file, environment=settings.environment)
     service = ExportService(sessions, auditor, keys, gateway_id=settings.audit_source_id, queue=queue,
-                            bundle_ttl=timedelta(hours=settings.exports_bundle_ttl_hours), destinations=destinations)
+                            bundle_ttl=timedelta(hours=settings.exports_bundle_ttl_hours), destinations=destinations,
+                            recovery=recovery or RecoveryPolicy.from_settings(settings))
     pseudonyms = PseudonymMap(sessions, keys)
 
     def archive() -> DicomwebArchiveReader:
@@ -109,10 +120,70 @@ def build_queue(settings: Settings) -> ExportQueue | None:
 
 
 def run_claimed(components: ExportComponents, request_id: str) -> str | None:
-    """Claim ``request_id`` and run it; None when another worker has it (or it is no longer approved)."""
-    if not components.service.claim(request_id, worker_name()):
+    """Claim ``request_id`` and run it under a renewed lease; None when another worker has it (or it is
+    no longer approved). Returns the final state, or ``"lost"`` if the sweep handed it on meanwhile."""
+    service = components.service
+    attempt = service.claim(request_id, worker_name())
+    if attempt is None:
         return None
-    return components.job.run(request_id)
+    keeper = LeaseKeeper(lambda: service.renew_lease(request_id, attempt),
+                         interval_seconds=service.recovery.heartbeat_seconds, name=f"export-lease-{request_id[:8]}")
+    with keeper as lease:
+        return components.job.run(request_id, attempt, lease)
+
+
+class Sweeper:
+    """One sweep: expired leases (requeue, or fail after the last attempt, removing its leftovers),
+    approvals the task queue never accepted (dispatch), and bundles past their date (expire)."""
+
+    def __init__(self, components: ExportComponents) -> None:
+        self._c = components
+
+    def sweep(self) -> dict[str, int]:
+        service = self._c.service
+        recovered = service.recover_expired()
+        for request_id in recovered["failed"]:
+            self._c.job.discard_leftovers(request_id)
+        # the in-process backend polls the database: an approved row is its own dispatch
+        dispatched = 0 if isinstance(service.queue, SqlPollingQueue) else service.dispatch_due()
+        expired = service.expire_due()
+        counts = {"requeued": len(recovered["requeued"]), "failed": len(recovered["failed"]),
+                  "dispatched": dispatched, "expired": expired}
+        if any(counts.values()):
+            log.info("export sweep: %s", counts)
+        return counts
+
+
+class SweepThread:
+    """The sweep in a daemon thread: once at start, then every ``sweep_interval_seconds`` (Dramatiq workers).
+
+    ``components`` is a factory so a worker that cannot reach its database at boot keeps trying.
+    """
+
+    def __init__(self, components: Callable[[], ExportComponents]) -> None:
+        self._components = components
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="export-sweep", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        interval = RecoveryPolicy().sweep_interval_seconds  # until the components say otherwise
+        while not self._stop.is_set():
+            try:
+                components = self._components()
+                interval = components.service.recovery.sweep_interval_seconds
+                Sweeper(components).sweep()
+            except Exception:
+                log.exception("export sweep failed; retrying")
+            self._stop.wait(interval)
 
 
 class InProcessWorker:
@@ -123,6 +194,8 @@ class InProcessWorker:
         self._interval = interval_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._sweeper = Sweeper(components)
+        self._next_sweep = 0.0  # at the first poll: recover what a previous process left running
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="export-worker", daemon=True)
@@ -134,6 +207,9 @@ class InProcessWorker:
             self._thread.join(timeout)
 
     def run_once(self) -> int:
+        if time.monotonic() >= self._next_sweep:
+            self._sweeper.sweep()
+            self._next_sweep = time.monotonic() + self._c.service.recovery.sweep_interval_seconds
         ran = 0
         for request_id in self._c.service.claimable():
             if self._stop.is_set():

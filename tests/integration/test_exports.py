@@ -503,3 +503,301 @@ def test_export_pushed_to_a_research_archive(stack, research_archive, own_databa
     finally:
         stop_gateway(gw)
         drop_prefix(stack, prefix)
+
+
+# --------------------------------------------------------------------------- recovery: queue, leases, partial pushes
+
+def _rows(database_url: str, sql: str, **params: object) -> list[tuple]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def _approve(url: str, stack, rid: str) -> httpx.Response:  # type: ignore[no-untyped-def]
+    return httpx.post(f"{url}/api/v1/exports/{rid}/approve", headers=_auth(stack.token("dana")),
+                      json={"comment": "IRB approved"}, timeout=30)
+
+
+def _start_dramatiq(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, object]:
+    log = open(log_path, "wb")  # noqa: SIM115 - closed by _stop_dramatiq
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("dramatiq")), "compliance.exports.dramatiq_actors",
+                             "--processes", "1", "--threads", "1"], cwd=PROJECT_ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log
+
+
+def _stop_dramatiq(proc: subprocess.Popen, log) -> None:  # type: ignore[no-untyped-def]
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    log.close()
+
+
+def test_an_approval_survives_an_unreachable_broker(stack, redis_url, own_database, tmp_path):  # type: ignore[no-untyped-def]
+    """Redis is unreachable when the steward approves: the approval stands (200, "pending"), nothing is
+    half-done, and a Dramatiq worker started once a broker is reachable dispatches and runs the job, once."""
+    unreachable = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    bundles = tmp_path / "bundles"
+    env = {"COMPLIANCE_EXPORTS_WORKER_BACKEND": "dramatiq", "COMPLIANCE_EXPORTS_REDIS_URL": unreachable,
+           "COMPLIANCE_EXPORTS_DIR": str(bundles)}
+    prefix = f"test-audit-dqdown-{uuid.uuid4().hex[:8]}"
+    gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix, extra_env=env)
+    workers = None
+    try:
+        sample = unique_instance("CT_small.dcm")
+        _store(gw.url, stack, [sample])
+        rid = _request(gw.url, stack.token("rob"), sample.study_uid, "dq-down")["id"]
+        resp = _approve(gw.url, stack, rid)
+        assert resp.status_code == 200, resp.text
+        answer = resp.json()
+        assert answer["state"] == "approved" and answer["approver"]["username"] == "dana"
+        assert answer["dispatch"]["status"] == "pending", answer
+        assert "dispatched automatically" in answer["dispatch"]["detail"]
+        assert "ConnectionError" in answer["dispatch"]["detail"]
+        # the database holds the approval, not yet handed to any queue
+        assert _rows(own_database, "SELECT state, dispatched_at, attempts FROM export_request WHERE id = :id",
+                     id=rid) == [("approved", None, 0)]
+        resp = httpx.get(f"{gw.url}/api/v1/exports/{rid}", headers=_auth(stack.token("dana")), timeout=30)
+        assert resp.status_code == 200 and resp.json()["state"] == "approved"
+        # deciding again is still a conflict: the approval is done, whatever the queue did
+        resp = httpx.post(f"{gw.url}/api/v1/exports/{rid}/reject", headers=_auth(stack.token("sam")),
+                          json={"comment": "too late"}, timeout=30)
+        assert resp.status_code == 409, resp.text
+
+        # A worker on a reachable broker: its sweep (at boot) dispatches what the gateway could not.
+        workers = _start_dramatiq({**gw.env, **env, "COMPLIANCE_EXPORTS_REDIS_URL": redis_url,
+                                   "COMPLIANCE_EXPORTS_DISPATCH_GRACE_SECONDS": "0",
+                                   "COMPLIANCE_EXPORTS_SWEEP_INTERVAL_SECONDS": "1"}, tmp_path / "dramatiq.log")
+        status = _wait_done(gw.url, lambda: stack.token("rob"), rid)
+        worker_log = (tmp_path / "dramatiq.log").read_text()[-3000:]
+        assert status["state"] == "ready", (status, worker_log)
+        assert status["attempts"] == 1 and status["dispatched_at"] is not None
+        ((worker,),) = _rows(own_database, "SELECT worker FROM export_request WHERE id = :id", id=rid)
+        assert worker.split(":")[1] != str(gw.process.pid)  # run by the Dramatiq worker
+        assert sorted(p.name for p in bundles.iterdir()) == [f"{rid}.bundle"]
+        resp = httpx.get(f"{gw.url}/api/v1/exports/{rid}/bundle", headers=_auth(stack.token("rob")), timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert hashlib.sha256(resp.content).hexdigest() == status["checksum_sha256"]
+        assert len([n for n in zipfile.ZipFile(io.BytesIO(resp.content)).namelist() if n.endswith(".dcm")]) == 1
+    finally:
+        if workers is not None:
+            _stop_dramatiq(*workers)
+        stop_gateway(gw)
+        drop_prefix(stack, prefix)
+
+
+def test_a_job_left_running_by_a_dead_worker_is_recovered_once(stack, own_database, tmp_path):  # type: ignore[no-untyped-def]
+    """What a worker killed mid-job leaves: the request running under an expired lease, a partial bundle.
+    A gateway's sweep requeues it, the re-run completes it with one bundle and no duplicated disclosure;
+    a request interrupted as often as allowed fails, saying why."""
+    from sqlalchemy import create_engine, update
+
+    from compliance.exports.models import ExportRequest
+
+    bundles = tmp_path / "bundles"
+    prefix = f"test-audit-lease-{uuid.uuid4().hex[:8]}"
+    env = {"COMPLIANCE_EXPORTS_DIR": str(bundles), "COMPLIANCE_EXPORTS_WORKER_BACKEND": "none"}
+    gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix, extra_env=env)
+    audit = AuditIndex(stack.es_url, prefix)
+    try:
+        samples = [unique_instance("CT_small.dcm") for _ in range(2)]
+        _store(gw.url, stack, samples)
+        rob = stack.token("rob")
+        rids = [_request(gw.url, rob, s.study_uid, "lease-proj")["id"] for s in samples]
+        for rid in rids:
+            resp = _approve(gw.url, stack, rid)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["dispatch"]["status"] == "pending"  # this gateway runs no jobs
+        stop_gateway(gw)
+
+        # The state a worker killed mid-job leaves behind (its claim, a lease it no longer renews, its partial
+        # bundle); the second request was interrupted for the third time, the last one allowed.
+        from datetime import UTC, datetime, timedelta
+
+        now = datetime.now(UTC)
+        engine = create_engine(own_database)
+        with engine.begin() as conn:
+            for rid, attempts in zip(rids, (1, 3), strict=True):
+                conn.execute(update(ExportRequest).where(ExportRequest.id == rid).values(
+                    state="running", worker="dead-host:4242:1", started_at=now - timedelta(minutes=10),
+                    attempts=attempts, lease_expires_at=now - timedelta(minutes=1)))
+        engine.dispose()
+        bundles.mkdir()
+        (bundles / f".{rids[0]}.1.bundle.part").write_bytes(b"CGSE half a bundle")
+        (bundles / f".{rids[1]}.3.bundle.part").write_bytes(b"CGSE half another bundle")
+
+        gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix,
+                           extra_env={**env, "COMPLIANCE_EXPORTS_WORKER_BACKEND": "inprocess"})
+        status = _wait_done(gw.url, lambda: stack.token("rob"), rids[0])
+        assert status["state"] == "ready", (status, gw.log_path.read_text()[-3000:])
+        assert status["attempts"] == 2 and status["progress"]["released"] == 1
+        failed = _wait_done(gw.url, lambda: stack.token("rob"), rids[1])
+        assert failed["state"] == "failed" and failed["attempts"] == 3
+        assert failed["error"].startswith("the export job was interrupted 3 times"), failed
+        # exactly one bundle, the re-run's; the partials are gone
+        assert sorted(p.name for p in bundles.iterdir()) == [f"{rids[0]}.2.bundle"]
+        resp = httpx.get(f"{gw.url}/api/v1/exports/{rids[0]}/bundle", headers=_auth(stack.token("rob")), timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert hashlib.sha256(resp.content).hexdigest() == status["checksum_sha256"]
+        zf = zipfile.ZipFile(io.BytesIO(resp.content))
+        assert len([n for n in zf.namelist() if n.endswith(".dcm")]) == 1
+        assert json.loads(zf.read("manifest.json"))["export_request"] == rids[0]
+
+        # The audit trail: the requeue and the final failure as order records, one disclosure (the download).
+        exports = audit.wait_for(1, event__id="110106", **{"patient.ids": samples[0].patient_id})
+        assert len(exports) == 1 and exports[0]["recipient"] == "rob", exports
+        assert audit.search(event__id="110106", **{"patient.ids": samples[1].patient_id}) == []
+        steps = audit.wait_for(1, event__id="110109", **{"event.outcome": "4"})
+        requeued = [s for s in steps if rids[0] in json.dumps(s)]
+        assert len(requeued) == 1, steps
+        assert "stopped renewing its lease" in requeued[0]["event.outcome_description"]
+        assert "queued again for attempt 2 of 3" in requeued[0]["event.outcome_description"]
+        failures = [s for s in audit.wait_for(1, event__id="110109", **{"event.outcome": "8"})
+                    if rids[1] in json.dumps(s)]
+        assert len(failures) == 1 and "interrupted 3 times" in failures[0]["event.outcome_description"]
+    finally:
+        stop_gateway(gw)
+        drop_prefix(stack, prefix)
+
+
+class FakeResearchArchive:
+    """A STOW-RS endpoint of the test's own: stores what it receives, and can hold one request so the test
+    kills the job's worker while that batch is on its way."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from compliance.exports.jobs import multipart_parts
+
+        self.received: list[list[str]] = []
+        self.hold_request: int | None = None
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        archive = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                parts = multipart_parts(self.headers["Content-Type"], body)
+                items = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+                         for ds in (pydicom.dcmread(io.BytesIO(p)) for p in parts)]
+                archive.received.append([uid for _, uid in items])
+                if len(archive.received) == archive.hold_request:
+                    archive.holding.set()
+                    archive.release.wait(300)
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                answer = json.dumps({"00081199": {"vr": "SQ", "Value": [
+                    {"00081150": {"vr": "UI", "Value": [cls]}, "00081155": {"vr": "UI", "Value": [uid]}}
+                    for cls, uid in items]}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.dicomweb = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_push_killed_mid_way_keeps_its_delivery_and_map_and_resumes(stack, own_database, tmp_path):  # type: ignore[no-untyped-def]
+    """The gateway running a push is killed (SIGKILL) while the second batch is on its way. The request keeps
+    which file the destination stored and the pseudonym map of what left; after the lease runs out another
+    gateway re-runs the job, which sends only the file not stored, and discloses nothing twice."""
+    dest = FakeResearchArchive()
+    dest.hold_request = 2
+    destinations = tmp_path / "destinations.yaml"
+    destinations.write_text("destinations:\n  lab-archive:\n    kind: dicomweb\n"
+                            f"    url: {dest.dicomweb}\n    auth: none\n")
+    prefix = f"test-audit-kill-{uuid.uuid4().hex[:8]}"
+    env = {"COMPLIANCE_EXPORTS_DESTINATIONS_FILE": str(destinations), "COMPLIANCE_EXPORTS_DIR": str(tmp_path / "b"),
+           "COMPLIANCE_EXPORTS_STOW_BATCH_INSTANCES": "1", "COMPLIANCE_EXPORTS_LEASE_SECONDS": "2",
+           "COMPLIANCE_EXPORTS_SWEEP_INTERVAL_SECONDS": "1"}
+    gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix, extra_env=env)
+    audit = AuditIndex(stack.es_url, prefix)
+    project = f"kill-{uuid.uuid4().hex[:6]}"
+    try:
+        first, second = unique_instance("CT_small.dcm"), unique_instance("MR_small.dcm")  # two patients
+        _store(gw.url, stack, [first, second])
+        resp = httpx.post(f"{gw.url}/api/v1/exports", headers=_auth(stack.token("rob")), timeout=30, json={
+            "project": project, "protocol": "IRB-2026-099", "purpose": "external validation", "profile": "basic",
+            "cohort": {"study_uids": [first.study_uid, second.study_uid]},
+            "destination": {"kind": "dicomweb", "name": "lab-archive"}})
+        assert resp.status_code == 201, resp.text
+        rid = resp.json()["id"]
+        assert _approve(gw.url, stack, rid).status_code == 200
+
+        assert dest.holding.wait(120), gw.log_path.read_text()[-3000:]  # the second batch is on its way
+        gw.process.send_signal(signal.SIGKILL)
+        gw.process.wait(timeout=30)
+        (stored_uid,), (in_flight_uid,) = dest.received
+        dest.release.set()
+
+        # What the dead job left: the first file stored, the second sending; the map of both (recorded
+        # before each left), so what the destination holds can be re-identified under dual control.
+        assert _rows(own_database, "SELECT state, attempts FROM export_request WHERE id = :id", id=rid) == \
+            [("running", 1)]
+        assert sorted(_rows(own_database, "SELECT sop_instance_uid, status, attempt FROM export_delivery_file "
+                                          "WHERE request_id = :id", id=rid)) == \
+            sorted([(stored_uid, "stored", 1), (in_flight_uid, "sending", 1)])
+        mapped = set(_rows(own_database, "SELECT kind, pseudonym FROM export_pseudonym WHERE project = :p",
+                           p=project))
+        assert {("sop_uid", stored_uid), ("sop_uid", in_flight_uid)} <= mapped
+        assert len([k for k, _ in mapped if k == "patient_id"]) == 2
+
+        # What the request shows (a gateway that runs no jobs, so the job stays as the kill left it).
+        gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix,
+                           extra_env={**env, "COMPLIANCE_EXPORTS_WORKER_BACKEND": "none"})
+        resp = httpx.get(f"{gw.url}/api/v1/exports/{rid}", headers=_auth(stack.token("rob")), timeout=30)
+        assert resp.status_code == 200, resp.text
+        shown = resp.json()
+        assert shown["state"] == "running"
+        assert [(f["sop_instance_uid"], f["status"]) for f in shown["delivery"]["files"]] == \
+            [(stored_uid, "stored"), (in_flight_uid, "sending")]
+        assert (shown["delivery"]["stored"], shown["delivery"]["sending"]) == (1, 1)
+        stop_gateway(gw)
+
+        # A gateway that runs jobs: its sweep requeues the request once the dead job's lease has run out.
+        gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix, extra_env=env)
+        status = _wait_done(gw.url, lambda: stack.token("rob"), rid)
+        assert status["state"] == "ready", (status, gw.log_path.read_text()[-3000:])
+        assert status["attempts"] == 2 and status["error"] is None
+        delivery = status["delivery"]
+        assert (delivery["released"], delivery["stored"], delivery["failed"], delivery["unconfirmed"]) == (2, 2, 0, 0)
+        assert [(f["sop_instance_uid"], f["status"], f["attempt"]) for f in delivery["files"]] == \
+            [(stored_uid, "stored", 1), (in_flight_uid, "stored", 2)]
+        # the destination got the stored file once, the one in flight again
+        assert dest.received == [[stored_uid], [in_flight_uid], [in_flight_uid]]
+
+        # Disclosures: the file stored before the kill is disclosed once; the one in flight was sent twice,
+        # and each sending was recorded before it left.
+        firsts = audit.wait_for(1, event__id="110106", **{"patient.ids": first.patient_id})
+        assert [(d["recipient"], d["event.outcome"]) for d in firsts] == [("lab-archive", 0)], firsts
+        seconds = audit.wait_for(2, event__id="110106", **{"patient.ids": second.patient_id})
+        assert [(d["recipient"], d["event.outcome"]) for d in seconds] == [("lab-archive", 0), ("lab-archive", 0)]
+        assert all("1 instances sent" in d["event.outcome_description"] for d in firsts + seconds)
+    finally:
+        dest.close()
+        stop_gateway(gw)
+        drop_prefix(stack, prefix)
