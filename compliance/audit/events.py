@@ -464,6 +464,16 @@ def _gateway(gateway_id: str, *, roles: Sequence[Code] = (), requestor: bool = F
     )
 
 
+def workflow_participants(user: UserRef | None, gateway_id: str) -> tuple[ActiveParticipant, ...]:
+    """The active participants of a workflow step (exports, re-identification): the user (the
+    requestor) and their client, then the gateway; or the gateway alone, as the requestor, when a
+    worker acts on its own (job steps)."""
+    application = (RoleIDCode.APPLICATION,)
+    if user is None:
+        return (_gateway(gateway_id, roles=application, requestor=True),)
+    return (_person(user), *(c for c in (_client(user),) if c is not None), _gateway(gateway_id, roles=application))
+
+
 def patient_object(patient: PatientRef, *, life_cycle: DataLifeCycle | None = None) -> ParticipantObject:
     """The "Patient" participant object of PS3.15 A.5.3 (e.g. Table A.5.3.6-1)."""
     return ParticipantObject(

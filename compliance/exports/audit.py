@@ -27,45 +27,24 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from compliance.audit.events import (
-    REALM_ROLE_SCHEME,
     Action,
-    ActiveParticipant,
     AuditEvent,
-    Code,
     EventID,
     ObjectIDTypeCode,
     ObjectRole,
     ObjectType,
     Outcome,
-    ParticipantKind,
     ParticipantObject,
     PatientRef,
-    RoleIDCode,
     StudyRef,
     UserRef,
     patient_object,
     study_object,
+    workflow_participants,
 )
 
 EXPORT_REQUEST_URN = "urn:compliance:export-request:"
 REID_REQUEST_URN = "urn:compliance:reidentification:"
-
-
-def _participants(user: UserRef | None, gateway_id: str) -> tuple[ActiveParticipant, ...]:
-    if user is None:  # a worker acting on its own (job steps): the gateway is the requestor
-        return (ActiveParticipant(user_id=gateway_id, is_requestor=True, role_id_codes=(RoleIDCode.APPLICATION,),
-                                  kind=ParticipantKind.GATEWAY),)
-    person = ActiveParticipant(user_id=user.user_id, user_name=user.username, is_requestor=True,
-                               network_access_point_id=user.source_address,
-                               role_id_codes=tuple(Code(r, REALM_ROLE_SCHEME, r) for r in sorted(set(user.roles))),
-                               kind=ParticipantKind.PERSON)
-    out = [person]
-    if user.client_id:
-        out.append(ActiveParticipant(user_id=user.client_id, network_access_point_id=user.source_address,
-                                     role_id_codes=(RoleIDCode.APPLICATION,), kind=ParticipantKind.CLIENT))
-    out.append(ActiveParticipant(user_id=gateway_id, role_id_codes=(RoleIDCode.APPLICATION,),
-                                 kind=ParticipantKind.GATEWAY))
-    return tuple(out)
 
 
 def _details(details: dict[str, str | None]) -> tuple[tuple[str, bytes], ...]:
@@ -84,7 +63,7 @@ def export_request_event(*, user: UserRef | None, gateway_id: str, request_id: s
         details=_details({"Step": step, **details}),
     )
     return AuditEvent(event_id=EventID.ORDER_RECORD, action=action, outcome=outcome,
-                      occurred_at=_now(), participants=_participants(user, gateway_id),
+                      occurred_at=_now(), participants=workflow_participants(user, gateway_id),
                       objects=(obj, *(study_object(s) for s in studies)),
                       outcome_description=description or f"export request {step}")
 
@@ -101,7 +80,7 @@ def reidentification_event(*, user: UserRef, gateway_id: str, request_id: str, a
         details=_details({"Step": step, **details}),
     )
     return AuditEvent(event_id=EventID.PATIENT_RECORD, action=action, outcome=outcome, occurred_at=_now(),
-                      participants=_participants(user, gateway_id),
+                      participants=workflow_participants(user, gateway_id),
                       objects=(obj, *(patient_object(p) for p in patients)),
                       outcome_description=description or f"re-identification {step}")
 
