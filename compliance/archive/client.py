@@ -75,14 +75,8 @@ class ArchiveKeyClient:
     async def remove_patient_from_index(self, patient_id: str) -> int:
         """Delete a (shredded) patient from Orthanc: its index rows (names, ids, dates in plaintext)
         and its files (undecryptable by now). Returns how many patient resources were deleted."""
-        try:
-            found = await self._client.post("/tools/lookup", content=patient_id, timeout=self._timeout)
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable("the archive cannot be reached") from exc
-        if found.status_code != 200:
-            raise UpstreamError(f"the archive answered {found.status_code} to a lookup")
         removed = 0
-        for item in found.json():
+        for item in await self._lookup(patient_id):
             if item.get("Type") != "Patient":
                 continue
             patient = await self._get(f"/patients/{item['ID']}")
@@ -99,14 +93,18 @@ class ArchiveKeyClient:
         return removed
 
     # --- the request path ----------------------------------------------------------------------
-    async def _study(self, study_uid: str) -> str | None:
+    async def _lookup(self, identifier: str) -> list[dict[str, Any]]:
+        """Orthanc's resources with this DICOM identifier (PatientID or a UID), any level."""
         try:
-            found = await self._client.post("/tools/lookup", content=study_uid, timeout=self._timeout)
+            found = await self._client.post("/tools/lookup", content=identifier, timeout=self._timeout)
         except httpx.TransportError as exc:
             raise UpstreamUnavailable("the archive cannot be reached") from exc
         if found.status_code != 200:
             raise UpstreamError(f"the archive answered {found.status_code} to a lookup")
-        return next((str(i["ID"]) for i in found.json() if i.get("Type") == "Study"), None)
+        return list(found.json())
+
+    async def _study(self, study_uid: str) -> str | None:
+        return next((str(i["ID"]) for i in await self._lookup(study_uid) if i.get("Type") == "Study"), None)
 
     async def _get(self, path: str) -> Any:
         try:
