@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sqlite3
 import subprocess
 import tempfile
@@ -35,6 +34,7 @@ from compliance.config import PROJECT_ROOT
 from compliance.crypto.streaming import read_header
 from compliance.dicomweb.stow import multipart_related
 
+from .conftest import _free_port
 from .dicom_samples import Sample, parts_of_multipart, unique_instance
 
 pytestmark = pytest.mark.integration
@@ -49,12 +49,6 @@ def _run_as() -> list[str]:
     if os.geteuid() == 0:
         return ["setpriv", f"--reuid={STACK_USER}", f"--regid={STACK_USER}", "--init-groups"]
     return []
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chown_tree(base: Path) -> None:
