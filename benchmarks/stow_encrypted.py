@@ -13,9 +13,12 @@ best round per archive counts.
 
 Durability is the same on both sides: plaintext Orthanc syncs every file it stores before recording
 it (``SyncStorageArea``, on by default since Orthanc 1.7.4: ``fdatasync``), and so does the plugin,
-plus the key database's durable commit of each new data key. Not the same: a storage area
-registered through orthanc-python 4.0 has no range reads, so Orthanc stores a second file per
-instance (``dicom-until-pixel-data``); the files each archive stored per instance are printed.
+plus the key database's durable commit of each new data key. The encrypted archive loads the storage
+shim (``deploy/orthanc/compliance_storage_shim.c``, built by ``deploy/local/up`` into the stack's
+``orthanc/``) when it is built, as the stack does: a storage area with range reads, so one file per
+instance. Without it (``--no-shim``, or not built), orthanc-python 4.0's storage area has no range
+reads and Orthanc stores a second file per instance (``dicom-until-pixel-data``); the files each
+archive stored per instance are printed.
 ``--plugin-baseline`` adds a third archive whose Python storage plugin writes plaintext the way
 Orthanc's own storage does (open at the final path, write, ``fdatasync``): the cost of the plugin
 route itself. ``--instances-per-patient N`` STOWs N instances per patient (one study), so one new
@@ -48,6 +51,8 @@ from tests.integration.dicom_samples import unique_instance  # noqa: E402
 
 USER = "compliance-stack"
 PASSWORD = secrets.token_hex(16)
+#: The storage shim as deploy/local/up builds it; None: the encrypted archive runs without it.
+SHIM: Path | None = None
 
 #: ``--plugin-baseline``: plaintext through orthanc-python's storage area, written as Orthanc's own
 #: filesystem storage writes (the file at its final path, then fdatasync).
@@ -108,6 +113,8 @@ def start_orthanc(base: Path, *, encrypted: bool, plugin_baseline: bool = False)
         if plugin_baseline:
             script = base / "plaintext_plugin.py"
             script.write_text(PLAINTEXT_PLUGIN)
+        if encrypted and SHIM is not None:
+            cfg["Plugins"].append(str(SHIM))  # before the Python plugin, as deploy/local/up renders it
         cfg["Plugins"].append("/usr/share/orthanc/plugins/libOrthancPython.so")
         cfg.update(PythonScript=str(script), PythonVerbose=False, MaximumStorageCacheSize=0)
     (base / "orthanc.json").write_text(json.dumps(cfg))
@@ -167,9 +174,17 @@ def main() -> None:
     ap.add_argument("--sample", default="CT_small.dcm")
     ap.add_argument("--instances-per-patient", type=int, default=1,
                     help="instances per patient (one study each); 1: every instance creates a data key")
+    ap.add_argument("--no-shim", action="store_true",
+                    help="encrypted archive without the storage shim (two files per instance)")
     ap.add_argument("--plugin-baseline", action="store_true",
                     help="also measure plaintext through a Python storage plugin (the plugin route's own cost)")
     args = ap.parse_args()
+    global SHIM
+    from compliance.config import load_settings
+
+    built = load_settings().stack_dir / "orthanc" / "libComplianceStorageShim.so"
+    SHIM = built if built.is_file() and not args.no_shim else None
+    print(f"storage shim: {SHIM or 'not used'}")
     if args.instances_per_patient < 1:
         ap.error("--instances-per-patient must be at least 1")
     tmp = Path(tempfile.mkdtemp(prefix="stow-bench-"))

@@ -10,7 +10,11 @@ What it registers:
 
 - the storage area (:class:`compliance.archive.storage.EncryptedFilesystemStorage` over Orthanc's
   ``StorageDirectory``): the DICOM file and every attachment are stored encrypted under the
-  patient's data key (format and patient attribution documented there);
+  patient's data key (format and patient attribution documented there). When the C storage shim
+  (``deploy/orthanc/compliance_storage_shim.c``, loaded before this plugin) has registered a storage
+  area with range reads, this plugin publishes the storage to it instead
+  (``compliance.archive.storage.ACTIVE_STORAGE``), so Orthanc stores one file per instance rather
+  than two; without the shim it registers orthanc-python's whole-file storage area itself;
 - ``/compliance/keys/*`` and ``/compliance/archive/verify`` REST routes
   (:mod:`compliance.archive.control`) through which the gateway and the operator CLI run key
   operations. They sit behind Orthanc's own HTTP authentication (the gateway's generated
@@ -93,7 +97,15 @@ def _install() -> None:
     def on_remove(uuid: str, content_type: object) -> None:
         storage.remove(uuid, int(content_type))  # type: ignore[call-overload]
 
-    orthanc.RegisterStorageArea(on_create, on_read, on_remove)
+    if os.environ.get("COMPLIANCE_STORAGE_SHIM") == "registered":
+        # The C shim (loaded before this plugin) registered a storage area with range reads and
+        # calls this storage for every file: one file per instance instead of two.
+        import compliance.archive.storage as storage_module
+
+        storage_module.ACTIVE_STORAGE = storage
+        orthanc.LogWarning("compliance storage: served through the storage shim (range reads)")
+    else:
+        orthanc.RegisterStorageArea(on_create, on_read, on_remove)
     orthanc.RegisterRestCallback("/compliance/keys/.*", on_rest)
     orthanc.RegisterRestCallback("/compliance/archive/verify", on_rest)
     orthanc.LogWarning(f"compliance storage: encrypting {storage_dir} with provider {store.provider.name}")

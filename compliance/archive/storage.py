@@ -76,6 +76,10 @@ CONTENT_DICOM = 1
 CONTENT_DICOM_AS_JSON = 2
 CONTENT_DICOM_UNTIL_PIXEL_DATA = 3
 
+#: The storage serving Orthanc through the C shim (deploy/orthanc/compliance_storage_shim.c), set by
+#: the Python plugin when the shim registered the storage area; None otherwise.
+ACTIVE_STORAGE: EncryptedFilesystemStorage | None = None
+
 _AD_LABEL = b"orthanc attachment v1\x00"
 #: What ``str(uuid.UUID(x))`` gives back unchanged: lowercase hex in 8-4-4-4-12 groups.
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -215,6 +219,34 @@ class EncryptedFilesystemStorage:
             except DecryptionError:
                 self._record_failure(uuid, content_type)
                 raise
+
+    def read_range(self, uuid: str, content_type: int, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` of the plaintext (Orthanc's range reads, through the C
+        shim): segments are decrypted and authenticated in order and reading stops once the range is
+        covered, so a header read does not decrypt a whole multi-frame file."""
+        content_type = int(content_type)
+        if start < 0 or length < 0:
+            raise ValueError("a range needs a non-negative start and length")
+        end = start + length
+        out: list[bytes] = []
+        position = 0
+        with open(self.path_of(uuid), "rb", buffering=0) as fh:
+            chunks = iter(lambda: fh.read(SEGMENT_SIZE + TAG_SIZE), b"")
+            try:
+                for plain in iter_decrypt(chunks, unwrap=self._keys.unwrap_for_header,
+                                          associated_data=associated_data(uuid, content_type)):
+                    if position + len(plain) > start:
+                        out.append(plain[max(0, start - position) : end - position])
+                    position += len(plain)
+                    if position >= end:
+                        break
+            except DecryptionError:
+                self._record_failure(uuid, content_type)
+                raise
+        data = b"".join(out)
+        if len(data) != length:
+            raise ValueError(f"range {start}+{length} is beyond the end of attachment {uuid}")
+        return data
 
     def remove(self, uuid: str, content_type: int) -> None:
         path = self.path_of(uuid)

@@ -388,6 +388,26 @@ orthanc_key_store_up() {
 }
 orthanc_logs() { printf '%s\n' "$STACK/logs/orthanc.log"; }
 
+# The storage shim (deploy/orthanc/compliance_storage_shim.c): Orthanc's storage area with range
+# reads, served by the Python storage; built here when its source is newer. Without it (no compiler
+# or headers) the Python plugin registers its own whole-file storage area: still encrypted, but two
+# files per instance.
+orthanc_shim() { printf '%s\n' "$STACK/orthanc/libComplianceStorageShim.so"; }
+orthanc_shim_build() {
+  local src="$DEPLOY_DIR/orthanc/compliance_storage_shim.c" out; out=$(orthanc_shim)
+  [[ -f $out && $out -nt $src ]] && return 0
+  if ! need_cmd gcc || [[ ! -f /usr/include/orthanc/OrthancCPlugin.h || ! -f /usr/include/python3.11/Python.h ]]; then
+    rm -f "$out"
+    log "orthanc: storage shim not built (gcc, orthanc-dev or python3.11-dev missing): two files per instance"
+    return 0
+  fi
+  gcc -O2 -Wall -shared -fPIC -o "$out.tmp" "$src" -I/usr/include/python3.11 \
+      /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 >>"$(orthanc_logs)" 2>&1 \
+    || { rm -f "$out.tmp"; show_logs "$(orthanc_logs)"; die "orthanc: cannot build the storage shim"; }
+  chmod 0755 "$out.tmp"; mv -f "$out.tmp" "$out"
+  log "orthanc: storage shim built ($out)"
+}
+
 orthanc_healthy() {
   load_secrets || return 1
   curl -fsS -m 5 -o /dev/null -u "gateway:$SECRET_ORTHANC_GATEWAY_PASSWORD" "$(orthanc_url)/system"
@@ -399,6 +419,7 @@ render_orthanc_config() {
   STACK_ORTHANC_DIR="$STACK/orthanc" \
   ORTHANC_GATEWAY_PASSWORD="$SECRET_ORTHANC_GATEWAY_PASSWORD" \
   PYTHON_PLUGIN="$(orthanc_plugin_script)" \
+  STORAGE_SHIM="$(orthanc_shim)" \
   python3 - "$DEPLOY_DIR/orthanc/orthanc.json" "$out" <<'PY'
 import json, os, sys
 src, out = sys.argv[1], sys.argv[2]
@@ -421,6 +442,9 @@ if script:
     script = os.path.abspath(script)
     if not os.path.isfile(script):
         sys.exit(f"COMPLIANCE_ORTHANC_PYTHON_PLUGIN={script}: no such file")
+    shim = os.environ.get("STORAGE_SHIM", "")
+    if shim and os.path.isfile(shim):
+        cfg["Plugins"].append(shim)  # before the Python plugin: see compliance_storage_shim.c
     cfg["Plugins"].append("/usr/share/orthanc/plugins/libOrthancPython.so")
     cfg["PythonScript"] = script
     cfg["PythonVerbose"] = False
@@ -450,6 +474,7 @@ orthanc_up() {
   fi
   own "$dir"; chmod 0750 "$dir"
   [[ -n $plugin ]] && orthanc_key_store_up
+  [[ -n $plugin ]] && orthanc_shim_build
   local tmp; tmp=$(mktemp "$dir/.orthanc.json.XXXXXX")
   render_orthanc_config "$tmp" || { rm -f "$tmp"; die "orthanc: cannot render config"; }
   chmod 0640 "$tmp"

@@ -155,6 +155,26 @@ def test_large_objects_are_segmented_and_read_by_the_stream_decryptor(storage: E
         assert storage.read(u, 7) == data
 
 
+def test_range_reads_return_exactly_the_plaintext_range(storage: EncryptedFilesystemStorage):
+    from compliance.crypto.interfaces import DecryptionError
+    from compliance.crypto.streaming import SEGMENT_SIZE
+
+    data = dicom("RANGE-ME") + os.urandom(2 * SEGMENT_SIZE + 1234)
+    u = str(uuid.uuid4())
+    storage.create(u, 1, data)
+    for start, length in ((0, 0), (0, 132), (0, len(data)), (10, SEGMENT_SIZE), (SEGMENT_SIZE - 5, 10),
+                          (2 * SEGMENT_SIZE, 100), (len(data) - 1, 1)):
+        assert storage.read_range(u, 1, start, length) == data[start:start + length], (start, length)
+    with pytest.raises(ValueError):
+        storage.read_range(u, 1, len(data) - 10, 11)  # past the end
+    raw = bytearray(storage.path_of(u).read_bytes())
+    raw[-40] ^= 1  # the last segment: a read of the first bytes does not need it, a read of it fails
+    storage.path_of(u).write_bytes(bytes(raw))
+    assert storage.read_range(u, 1, 0, 132) == data[:132]
+    with pytest.raises(DecryptionError):
+        storage.read_range(u, 1, len(data) - 50, 50)
+
+
 def test_objects_written_by_the_previous_writer_still_read(storage: EncryptedFilesystemStorage, store):
     # The envelope the storage wrote before (encrypt_stream into the file): same format.
     from compliance.archive.storage import associated_data
