@@ -48,7 +48,6 @@ import httpx  # noqa: E402
 from elasticsearch import Elasticsearch  # noqa: E402
 from elasticsearch.helpers import bulk, parallel_bulk  # noqa: E402
 from elasticsearch.serializer import OrjsonSerializer  # noqa: E402
-from sqlalchemy import text  # noqa: E402
 
 from compliance.audit.atna import AuditSource  # noqa: E402
 from compliance.audit.checkpoints import (  # noqa: E402
@@ -64,7 +63,7 @@ from compliance.audit.events import Outcome, PatientRef, UserRef, query_event  #
 from compliance.audit.outbox import AuditShipper, OutboxEntry, SqlAuditOutbox  # noqa: E402
 from compliance.audit.verify import verify_repository  # noqa: E402
 from compliance.config import load_settings  # noqa: E402
-from compliance.db.migrate import upgrade  # noqa: E402
+from compliance.db.migrate import scratch_schema, upgrade  # noqa: E402
 from compliance.db.session import make_engine  # noqa: E402
 
 
@@ -147,18 +146,8 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
     base = os.environ.get("COMPLIANCE_POSTGRES_URL") or _stack_value("COMPLIANCE_POSTGRES_URL")
     if not base:
         raise SystemExit("--database postgres needs COMPLIANCE_POSTGRES_URL (the local stack writes it)")
-    schema = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = make_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
-    try:
-        upgrade(url)
+    with scratch_schema(base, "bench") as url:
         yield url
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def _stack_value(name: str) -> str | None:

@@ -21,46 +21,43 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <orthanc/OrthancCPlugin.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
 static OrthancPluginContext* ctx_ = NULL;
 
-static PyObject* storage(void) {  /* new reference or NULL (GIL held); NULL: refuse the operation */
-  PyObject* mod = PyImport_ImportModule("compliance.archive.storage");
-  if (!mod) return NULL;
-  PyObject* s = PyObject_GetAttrString(mod, "ACTIVE_STORAGE");
-  Py_DECREF(mod);
-  if (s == Py_None) { Py_DECREF(s); return NULL; }
-  return s;
-}
-
-static OrthancPluginErrorCode fail(void) {
-  if (PyErr_Occurred()) PyErr_Print();
-  return OrthancPluginErrorCode_Plugin;
-}
-
-static OrthancPluginErrorCode Create(const char* uuid, const void* content, int64_t size, OrthancPluginContentType type) {
-  if (!Py_IsInitialized()) return OrthancPluginErrorCode_Plugin;
-  PyGILState_STATE g = PyGILState_Ensure();
-  OrthancPluginErrorCode rc = OrthancPluginErrorCode_Success;
-  PyObject* s = storage();
-  if (!s) {
-    if (!PyErr_Occurred()) OrthancPluginLogError(ctx_, "compliance storage shim: no storage object (is the Python plugin loaded?)");
-    rc = fail(); goto out;
+/* ACTIVE_STORAGE.<method>(args built from format): a new reference, or NULL with the reason logged.
+ * The caller holds the GIL. NULL refuses the operation (never a fallback). */
+static PyObject* call_storage(const char* method, const char* format, ...) {
+  PyObject* module = PyImport_ImportModule("compliance.archive.storage");
+  PyObject* storage = module ? PyObject_GetAttrString(module, "ACTIVE_STORAGE") : NULL;
+  Py_XDECREF(module);
+  PyObject* result = NULL;
+  if (storage == Py_None) {
+    OrthancPluginLogError(ctx_, "compliance storage shim: no storage object (is the Python plugin loaded?)");
+  } else if (storage != NULL) {
+    va_list va;
+    va_start(va, format);
+    PyObject* args = Py_VaBuildValue(format, va);
+    va_end(va);
+    PyObject* callable = args ? PyObject_GetAttrString(storage, method) : NULL;
+    if (callable) result = PyObject_CallObject(callable, args);
+    Py_XDECREF(callable);
+    Py_XDECREF(args);
   }
-  PyObject* r = PyObject_CallMethod(s, "create", "siy#", uuid, (int) type, (const char*) content, (Py_ssize_t) size);
-  Py_DECREF(s);
-  if (!r) { rc = fail(); goto out; }
-  Py_DECREF(r);
-out:
-  PyGILState_Release(g);
-  return rc;
+  Py_XDECREF(storage);
+  if (result == NULL && PyErr_Occurred()) PyErr_Print();
+  return result;
 }
 
+/* Copy the bytes a read returned into Orthanc's buffer: allocated here (whole file) or given (range). */
 static OrthancPluginErrorCode copy_out(OrthancPluginMemoryBuffer64* target, PyObject* r, int allocate) {
   char* buf; Py_ssize_t len;
-  if (PyBytes_AsStringAndSize(r, &buf, &len) != 0) return fail();
+  if (PyBytes_AsStringAndSize(r, &buf, &len) != 0) {
+    PyErr_Print();
+    return OrthancPluginErrorCode_Plugin;
+  }
   if (allocate) {
     if (OrthancPluginCreateMemoryBuffer64(ctx_, target, (uint64_t) len) != OrthancPluginErrorCode_Success) return OrthancPluginErrorCode_NotEnoughMemory;
   } else if ((uint64_t) len != target->size) {
@@ -70,21 +67,22 @@ static OrthancPluginErrorCode copy_out(OrthancPluginMemoryBuffer64* target, PyOb
   return OrthancPluginErrorCode_Success;
 }
 
+static OrthancPluginErrorCode Create(const char* uuid, const void* content, int64_t size, OrthancPluginContentType type) {
+  if (!Py_IsInitialized()) return OrthancPluginErrorCode_Plugin;
+  PyGILState_STATE g = PyGILState_Ensure();
+  PyObject* r = call_storage("create", "(siy#)", uuid, (int) type, (const char*) content, (Py_ssize_t) size);
+  OrthancPluginErrorCode rc = r ? OrthancPluginErrorCode_Success : OrthancPluginErrorCode_Plugin;
+  Py_XDECREF(r);
+  PyGILState_Release(g);
+  return rc;
+}
+
 static OrthancPluginErrorCode ReadWhole(OrthancPluginMemoryBuffer64* target, const char* uuid, OrthancPluginContentType type) {
   if (!Py_IsInitialized()) return OrthancPluginErrorCode_Plugin;
   PyGILState_STATE g = PyGILState_Ensure();
-  OrthancPluginErrorCode rc;
-  PyObject* s = storage();
-  if (!s) {
-    if (!PyErr_Occurred()) OrthancPluginLogError(ctx_, "compliance storage shim: no storage object (is the Python plugin loaded?)");
-    rc = fail(); goto out;
-  }
-  PyObject* r = PyObject_CallMethod(s, "read", "si", uuid, (int) type);
-  Py_DECREF(s);
-  if (!r) { rc = fail(); goto out; }
-  rc = copy_out(target, r, 1);
-  Py_DECREF(r);
-out:
+  PyObject* r = call_storage("read", "(si)", uuid, (int) type);
+  OrthancPluginErrorCode rc = r ? copy_out(target, r, 1) : OrthancPluginErrorCode_Plugin;
+  Py_XDECREF(r);
   PyGILState_Release(g);
   return rc;
 }
@@ -92,18 +90,10 @@ out:
 static OrthancPluginErrorCode ReadRange(OrthancPluginMemoryBuffer64* target, const char* uuid, OrthancPluginContentType type, uint64_t start) {
   if (!Py_IsInitialized()) return OrthancPluginErrorCode_Plugin;
   PyGILState_STATE g = PyGILState_Ensure();
-  OrthancPluginErrorCode rc;
-  PyObject* s = storage();
-  if (!s) {
-    if (!PyErr_Occurred()) OrthancPluginLogError(ctx_, "compliance storage shim: no storage object (is the Python plugin loaded?)");
-    rc = fail(); goto out;
-  }
-  PyObject* r = PyObject_CallMethod(s, "read_range", "siKK", uuid, (int) type, (unsigned long long) start, (unsigned long long) target->size);
-  Py_DECREF(s);
-  if (!r) { rc = fail(); goto out; }
-  rc = copy_out(target, r, 0);
-  Py_DECREF(r);
-out:
+  PyObject* r = call_storage("read_range", "(siKK)", uuid, (int) type, (unsigned long long) start,
+                             (unsigned long long) target->size);
+  OrthancPluginErrorCode rc = r ? copy_out(target, r, 0) : OrthancPluginErrorCode_Plugin;
+  Py_XDECREF(r);
   PyGILState_Release(g);
   return rc;
 }
@@ -111,17 +101,9 @@ out:
 static OrthancPluginErrorCode Remove(const char* uuid, OrthancPluginContentType type) {
   if (!Py_IsInitialized()) return OrthancPluginErrorCode_Plugin;
   PyGILState_STATE g = PyGILState_Ensure();
-  OrthancPluginErrorCode rc = OrthancPluginErrorCode_Success;
-  PyObject* s = storage();
-  if (!s) {
-    if (!PyErr_Occurred()) OrthancPluginLogError(ctx_, "compliance storage shim: no storage object (is the Python plugin loaded?)");
-    rc = fail(); goto out;
-  }
-  PyObject* r = PyObject_CallMethod(s, "remove", "si", uuid, (int) type);
-  Py_DECREF(s);
-  if (!r) { rc = fail(); goto out; }
-  Py_DECREF(r);
-out:
+  PyObject* r = call_storage("remove", "(si)", uuid, (int) type);
+  OrthancPluginErrorCode rc = r ? OrthancPluginErrorCode_Success : OrthancPluginErrorCode_Plugin;
+  Py_XDECREF(r);
   PyGILState_Release(g);
   return rc;
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from compliance.config import PROJECT_ROOT
+from compliance.db.migrate import scratch_schema
 
 from .conftest import Stack, _reset_database, drop_prefix, start_gateway, stop_gateway
 
@@ -264,19 +266,13 @@ def test_several_processes_extend_one_chain_without_forks(stack: Stack, tmp_path
     from compliance.db.migrate import upgrade
     from compliance.db.session import make_engine
 
-    schema = None
-    if os.environ.get("COMPLIANCE_TEST_DATABASE") == "postgres":
-        assert stack.postgres_url
-        schema = f"chain_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(stack.postgres_url)
-        with admin.begin() as c:
-            c.execute(text(f'CREATE SCHEMA "{schema}"'))
-        sep = "&" if "?" in stack.postgres_url else "?"
-        db = f"{stack.postgres_url}{sep}options=-csearch_path%3D{schema}"
-    else:
-        db = f"sqlite:///{tmp_path / 'shared.db'}"
-    try:
-        upgrade(db)
+    with contextlib.ExitStack() as scope:
+        if os.environ.get("COMPLIANCE_TEST_DATABASE") == "postgres":
+            assert stack.postgres_url
+            db = scope.enter_context(scratch_schema(stack.postgres_url, "chain"))
+        else:
+            db = f"sqlite:///{tmp_path / 'shared.db'}"
+            upgrade(db)
         procs = [subprocess.Popen([sys.executable, "-c", WRITER, db, f"w{k}"], cwd=PROJECT_ROOT)
                  for k in range(3)]
         assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
@@ -290,11 +286,6 @@ def test_several_processes_extend_one_chain_without_forks(stack: Stack, tmp_path
         assert outbox.chain_head() == (600, docs[-1]["chain.hash"])
         assert {d["writer"] for d in docs} == {"w0", "w1", "w2"}
         engine.dispose()
-    finally:
-        if schema:
-            with admin.begin() as c:
-                c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-            admin.dispose()
 
 
 def test_postgres_outbox_documents_are_compressed_with_lz4_and_read_back_unchanged(stack: Stack):
@@ -304,18 +295,10 @@ def test_postgres_outbox_documents_are_compressed_with_lz4_and_read_back_unchang
     from datetime import UTC, datetime
 
     from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
-    from compliance.db.migrate import upgrade
     from compliance.db.session import make_engine
 
     assert stack.postgres_url
-    schema = f"lz4_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.postgres_url)
-    with admin.begin() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in stack.postgres_url else "?"
-    db = f"{stack.postgres_url}{sep}options=-csearch_path%3D{schema}"
-    try:
-        upgrade(db)
+    with scratch_schema(stack.postgres_url, "lz4") as db:
         engine = make_engine(db)
         outbox = SqlAuditOutbox(engine)
         big = {"event.uuid": "u-lz4", "atna.xml": "<AuditMessage>" + "<x a='1'/>" * 600 + "</AuditMessage>"}
@@ -327,7 +310,3 @@ def test_postgres_outbox_documents_are_compressed_with_lz4_and_read_back_unchang
         (doc,) = [d for _, _, d in outbox.pending(10)]
         assert doc["atna.xml"] == big["atna.xml"]
         engine.dispose()
-    finally:
-        with admin.begin() as c:
-            c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()

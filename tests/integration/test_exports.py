@@ -353,20 +353,10 @@ def own_database(stack, tmp_path):  # type: ignore[no-untyped-def]
         _reset_database(url)
         yield url
         return
-    from sqlalchemy import create_engine, text
+    from compliance.db.migrate import scratch_schema
 
-    schema = f"push_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(stack.postgres_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{stack.postgres_url}?options=-csearch_path%3D{schema}"
-    try:
-        _reset_database(url)
+    with scratch_schema(stack.postgres_url, "push") as url:
         yield url
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def test_export_pushed_to_a_research_archive(stack, research_archive, own_database, tmp_path):  # type: ignore[no-untyped-def]
