@@ -2,14 +2,19 @@
 
 Needs the local stack (deploy/local/up) and wrk (Debian package ``wrk``). Starts its own gateway
 (``compliance serve --workers N``, N = cores by default, its own SQLite outbox, audit shipped to
-Elasticsearch under the index prefix ``bench-audit``), stores one synthetic 512x512x16-bit instance
-through it, then for each concurrency runs wrk against
+Elasticsearch under the index prefix ``bench-audit``, retrieve delegation on) and its nginx front
+(``compliance front``, as ``deploy/local/gateway`` deploys it), stores one synthetic 512x512x16-bit
+instance through it, then for each concurrency runs wrk, one path after the other, against
 
     direct:   Orthanc's DICOMweb, HTTP Basic (the gateway's own archive credentials)
-    gateway:  the gateway's DICOMweb, a Keycloak bearer token (verified, authorized, audited)
+    gateway:  the gateway's own listener, a Keycloak bearer token (verified, authorized, audited);
+              the gateway relays the bytes itself (aiohttp -> uvicorn)
+    front:    the nginx front, the same token; the gateway decides and audits, nginx pushes the
+              bytes (X-Accel-Redirect, compliance/front.py): the deployed configuration
 
-and prints p50/p95 latency and throughput for both, and their ratios. Every gateway request is a
-real audited retrieve: the script checks afterwards that the outbox holds one event per request.
+and prints p50/p95 latency and throughput for each, and their ratios to direct. Every gateway and
+front request is a real audited retrieve: the script checks afterwards that the outbox holds one
+event per request.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--duration 10] [--concurrency 1 16]
 """
@@ -92,17 +97,31 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
     db = tmp / "bench.db"
     port = free_port()
+    front_port = free_port()
     env = {**os.environ, "COMPLIANCE_PORT": str(port), "COMPLIANCE_DATABASE_URL": f"sqlite:///{db}",
-           "COMPLIANCE_AUDIT_INDEX_PREFIX": "bench-audit"}
+           "COMPLIANCE_AUDIT_INDEX_PREFIX": "bench-audit", "COMPLIANCE_RETRIEVE_DELEGATION": "true",
+           "COMPLIANCE_PUBLIC_ADDRESS": f"127.0.0.1:{front_port}"}
     log = (tmp / "gateway.log").open("wb")
     gw = subprocess.Popen([sys.executable, "-m", "compliance.cli", "serve", "--port", str(port),
                            "--workers", str(args.workers)], cwd=ROOT, env=env,
                           stdout=log, stderr=subprocess.STDOUT)
+    front = subprocess.Popen([sys.executable, "-m", "compliance.cli", "front", "--listen", f"127.0.0.1:{front_port}",
+                              "--backend", f"127.0.0.1:{port}"], cwd=ROOT,
+                             env={**env, "COMPLIANCE_STACK_DIR": str(tmp / "stack")},
+                             stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):
             try:
                 if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise SystemExit((tmp / "gateway.log").read_text()[-3000:])
+        for _ in range(60):
+            try:
+                if httpx.get(f"http://127.0.0.1:{front_port}/healthz", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
@@ -124,6 +143,7 @@ def main() -> None:
         path = f"/studies/{study}/series/{series}/instances/{instance}"
         direct_url = settings.archive_dicomweb_url + path
         gateway_url = f"{base}/dicom-web{path}"
+        front_url = f"http://127.0.0.1:{front_port}/dicom-web{path}"
         basic = "Authorization: Basic " + base64.b64encode(":".join(archive_auth).encode()).decode()
         bearer = f"Authorization: Bearer {token('rita')}"  # tokens live 300 s: enough for the run
         lua = tmp / "report.lua"
@@ -131,18 +151,24 @@ def main() -> None:
         before = sqlite3.connect(db).execute("select count(*) from audit_outbox").fetchone()[0]
         results = []
         for c in args.concurrency:
-            run_wrk(direct_url, basic, c, 2, lua)  # warm-up both paths
+            run_wrk(direct_url, basic, c, 2, lua)  # warm-up every path
             run_wrk(gateway_url, bearer, c, 2, lua)
+            run_wrk(front_url, bearer, c, 2, lua)
             direct = run_wrk(direct_url, basic, c, args.duration, lua)
             through = run_wrk(gateway_url, bearer, c, args.duration, lua)
-            results.append({"concurrency": c, "direct": direct, "gateway": through,
-                            "throughput_ratio": through["rps"] / direct["rps"],
-                            "added_p50_ms": through["p50_ms"] - direct["p50_ms"],
-                            "added_p95_ms": through["p95_ms"] - direct["p95_ms"]})
-        gw_requests = sum(r["gateway"]["requests"] for r in results)
+            fronted = run_wrk(front_url, bearer, c, args.duration, lua)
+            row = {"concurrency": c, "direct": direct, "gateway": through, "front": fronted}
+            for name, m in (("gateway", through), ("front", fronted)):
+                row[name] |= {"throughput_ratio": m["rps"] / direct["rps"],
+                              "added_p50_ms": m["p50_ms"] - direct["p50_ms"],
+                              "added_p95_ms": m["p95_ms"] - direct["p95_ms"]}
+            results.append(row)
+        gw_requests = sum(r[name]["requests"] for r in results for name in ("gateway", "front"))
         after = sqlite3.connect(db).execute("select count(*) from audit_outbox").fetchone()[0]
         audited = after - before
     finally:
+        front.terminate()
+        front.wait(timeout=30)
         gw.terminate()
         gw.wait(timeout=30)
         log.close()
@@ -155,12 +181,14 @@ def main() -> None:
     print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each")
     print(f"{'conc':>4} {'path':>8} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
     for r in results:
-        for name in ("direct", "gateway"):
+        for name in ("direct", "gateway", "front"):
             m = r[name]
             print(f"{r['concurrency']:>4} {name:>8} {m['rps']:>9.1f} {m['mbps']:>8.1f} "
                   f"{m['p50_ms']:>8.2f} {m['p95_ms']:>8.2f}")
-        print(f"{r['concurrency']:>4} {'ratio':>8} {r['throughput_ratio']:>9.2f}x  "
-              f"added p50 {r['added_p50_ms']:+.2f} ms, p95 {r['added_p95_ms']:+.2f} ms")
+        for name in ("gateway", "front"):
+            m = r[name]
+            print(f"{r['concurrency']:>4} {name + '/d':>8} {m['throughput_ratio']:>9.2f}x  "
+                  f"added p50 {m['added_p50_ms']:+.2f} ms, p95 {m['added_p95_ms']:+.2f} ms")
     # wrk counts only completed requests; warm-up requests are audited too
     print(f"audit events recorded for gateway requests: {audited} (wrk counted {int(gw_requests)} in the timed runs)")
     print("JSON " + json.dumps({"benchmark": "gateway_overhead", "instance_bytes": len(data),

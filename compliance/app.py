@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
             password=settings.archive_password.get_secret_value(),
             timeout=settings.archive_timeout_seconds,
             max_connections=settings.archive_max_connections,
-            public_host=f"{settings.host}:{settings.port}",
+            public_host=settings.effective_public_address,
         )
         policy = RbacPolicy.from_file(settings.rbac_policy_file)
         archive_keys = None
@@ -92,7 +92,8 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
                 auditor, gateway_id=settings.audit_source_id)
         dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
                                    qido_max_response_bytes=settings.qido_max_response_bytes,
-                                   erasure=archive_keys.client if archive_keys else None)
+                                   erasure=archive_keys.client if archive_keys else None,
+                                   archive_dicomweb_path=settings.archive_dicomweb_path)
         from compliance.exports.workers import InProcessWorker, build_export_components, build_queue
 
         exports = build_export_components(settings, engine, auditor, queue=build_queue(settings))

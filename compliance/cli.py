@@ -67,6 +67,38 @@ def serve(
 
 
 @app.command()
+def front(
+    listen: str = typer.Option(None, help="Where clients connect, HOST:PORT (default: the public address)."),
+    backend: str = typer.Option(None, help="The gateway behind it, HOST:PORT (default: host:port)."),
+    workers: int = typer.Option(1, help="nginx worker processes."),
+    check: bool = typer.Option(False, "--check", help="Render and test the configuration, then exit."),
+) -> None:
+    """Run the nginx front (compliance/front.py) in the foreground; it pushes released retrieves' bytes."""
+    import os
+    import subprocess
+
+    from compliance.front import nginx_command, render_nginx_config, write_config
+
+    settings = get_settings()
+    state = settings.stack_dir / "front"
+    try:
+        text = render_nginx_config(
+            listen=listen or settings.effective_public_address, backend=backend or f"{settings.host}:{settings.port}",
+            archive_url=settings.archive_url, archive_username=settings.archive_username,
+            archive_password=settings.archive_password.get_secret_value(), state_dir=state, workers=workers)
+        command = nginx_command(write_config(text, state), state)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), 2)
+    tested = subprocess.run([*command, "-t", "-q"], capture_output=True, text=True)
+    if tested.returncode != 0:
+        _fail(f"nginx refused the rendered configuration: {tested.stderr.strip()[:1000]}")
+    if check:
+        typer.echo(f"configuration ok: {state / 'nginx.conf'}")
+        return
+    os.execv(command[0], command)  # noqa: S606 - nginx replaces this process (a fixed argv, no shell)
+
+
+@app.command()
 def token(
     username: str = typer.Argument(..., help="A user of the realm, e.g. alice."),
     password: str = typer.Option(None, envvar="COMPLIANCE_TOKEN_PASSWORD", help="Defaults to the demo password "

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    #: Where clients connect (the nginx front of ``compliance front``); empty means ``host:port``.
+    #: Archive answers that name URLs (WADO-RS metadata) point here.
+    public_address: str = ""
+    #: Answer WADO-RS retrieves that came through the nginx front with X-Accel-Redirect once decided
+    #: and audited, so nginx streams the bytes (compliance/front.py). Off: the gateway relays them.
+    retrieve_delegation: bool = False
     #: Site identity written into every audit event (AuditSourceIdentification).
     audit_source_id: str = "compliance-gateway"
     audit_enterprise_site_id: str = "demo-hospital"
@@ -183,6 +189,10 @@ class Settings(BaseSettings):
     @property
     def effective_archive_keys_database_url(self) -> str:
         return self.archive_keys_database_url or f"sqlite:///{self.archive_keys_dir / 'keys.db'}"
+
+    @property
+    def effective_public_address(self) -> str:
+        return self.public_address or f"{self.host}:{self.port}"
 
     @property
     def effective_jwks_url(self) -> str:

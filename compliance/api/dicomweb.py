@@ -12,6 +12,7 @@ from compliance.dicomweb.interfaces import UpstreamResponse
 from compliance.dicomweb.routing import Transaction, classify
 from compliance.dicomweb.service import RequestContext, response_headers
 from compliance.errors import NotFound, PayloadTooLarge, UpstreamError
+from compliance.front import FRONT_HEADER, FRONT_VALUE
 
 router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
 
@@ -43,6 +44,12 @@ async def dicomweb_get(path: str, request: Request, principal: CurrentPrincipal,
         if result.status_code >= 400:
             _raise_for_upstream(result.status_code, path)
         return Response(result.body, status_code=result.status_code, headers=result.headers)
+    if (route.transaction is Transaction.RETRIEVE and services.settings.retrieve_delegation
+            and request.headers.get(FRONT_HEADER) == FRONT_VALUE):
+        # Decided and audited here; the nginx front streams the bytes (compliance/front.py).
+        target = await service.release(ctx, route)
+        if target is not None:
+            return Response(status_code=200, headers={"X-Accel-Redirect": target})
     upstream = await service.retrieve(ctx, route)
     if upstream.status_code >= 400:
         await upstream.aclose()

@@ -12,6 +12,7 @@ strings and free text reach the log byte for byte, whatever XML they contain.
 from __future__ import annotations
 
 import base64
+import functools
 import re
 import threading
 from collections.abc import Sequence
@@ -69,26 +70,57 @@ def event_datetime(event: AuditEvent) -> str:
 # Characters XML 1.0 cannot carry at all. Caller-controlled strings (an unverified token claim, a
 # patient name from a bad header) must not be able to make the audit record itself fail.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_ATTR_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;",
+                               "\t": "&#9;", "\n": "&#10;", "\r": "&#13;"})
+_TEXT_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": "&#13;"})
+_XML_DECLARATION = "<?xml version='1.0' encoding='UTF-8'?>\n"
+
+# The message is written as text (one audit event per audited request: the serializer is on the hot
+# path), escaped exactly as lxml escapes it; tests/unit/audit/test_audit_atna.py checks the output
+# against lxml's and validates it against the schema.
+
+
+#: Printable ASCII that needs no escaping anywhere (no & < > "): most values (UIDs, IDs, codes).
+_PLAIN = re.compile(r'[ !#-%\'-;=?-~]*').fullmatch
 
 
 def _x(value: str) -> str:
+    if value.isascii() and value.isprintable():
+        return value
     return _NOT_XML.sub("\ufffd", value)
 
 
-def _sub(parent: etree._Element, tag: str, attrs: dict[str, str] | None = None) -> etree._Element:
-    return etree.SubElement(parent, tag, {k: _x(v) for k, v in (attrs or {}).items()})
+def _attr(value: str) -> str:
+    return value if _PLAIN(value) else _x(value).translate(_ATTR_ESCAPES)
 
 
-def _coded(parent: etree._Element, tag: str, code: Code) -> etree._Element:
-    attrs = {"csd-code": code.code, "codeSystemName": code.scheme, "originalText": code.display}
-    return _sub(parent, tag, attrs)
+def _attrs(attrs: dict[str, str]) -> str:
+    return "".join([f' {k}="{_attr(v)}"' for k, v in attrs.items()])
+
+
+def _text_element(tag: str, value: str) -> str:
+    text = value if _PLAIN(value) else _x(value).translate(_TEXT_ESCAPES)
+    return f"<{tag}>{text}</{tag}>" if text else f"<{tag}/>"
+
+
+@functools.lru_cache(maxsize=4096)
+def _coded(tag: str, code: Code) -> str:
+    return (f'<{tag} csd-code="{_attr(code.code)}" codeSystemName="{_attr(code.scheme)}" '
+            f'originalText="{_attr(code.display)}"/>')
+
+
+
+def _element(tag: str, attrs: dict[str, str], children: list[str]) -> str:
+    if not children:
+        return f"<{tag}{_attrs(attrs)}/>"
+    return f"<{tag}{_attrs(attrs)}>{''.join(children)}</{tag}>"
 
 
 def _b64(value: bytes) -> str:
     return base64.b64encode(value).decode("ascii")
 
 
-def _participant(root: etree._Element, p: ActiveParticipant) -> None:
+def _participant(p: ActiveParticipant) -> str:
     attrs = {"UserID": p.user_id}
     if p.alternative_user_id:
         attrs["AlternativeUserID"] = p.alternative_user_id
@@ -99,14 +131,13 @@ def _participant(root: etree._Element, p: ActiveParticipant) -> None:
         attrs["NetworkAccessPointID"] = p.network_access_point_id
         if p.network_access_point_type is not None:
             attrs["NetworkAccessPointTypeCode"] = str(int(p.network_access_point_type))
-    element = _sub(root, "ActiveParticipant", attrs)
-    for role in p.role_id_codes:
-        _coded(element, "RoleIDCode", role)
+    children = [_coded("RoleIDCode", role) for role in p.role_id_codes]
     if p.media_type is not None:
-        _coded(_sub(element, "MediaIdentifier"), "MediaType", p.media_type)
+        children.append(f"<MediaIdentifier>{_coded('MediaType', p.media_type)}</MediaIdentifier>")
+    return _element("ActiveParticipant", attrs, children)
 
 
-def _object(root: etree._Element, o: ParticipantObject) -> None:
+def _object(o: ParticipantObject) -> str:
     attrs = {
         "ParticipantObjectID": o.id,
         "ParticipantObjectTypeCode": str(int(o.type_code)),
@@ -116,67 +147,56 @@ def _object(root: etree._Element, o: ParticipantObject) -> None:
         attrs["ParticipantObjectDataLifeCycle"] = str(int(o.data_life_cycle))
     if o.sensitivity:
         attrs["ParticipantObjectSensitivity"] = o.sensitivity
-    element = _sub(root, "ParticipantObjectIdentification", attrs)
-    _coded(element, "ParticipantObjectIDTypeCode", o.id_type_code)
+    children = [_coded("ParticipantObjectIDTypeCode", o.id_type_code)]
     if o.query is not None:
-        _sub(element, "ParticipantObjectQuery").text = _b64(o.query)
+        children.append(_text_element("ParticipantObjectQuery", _b64(o.query)))
     else:
-        _sub(element, "ParticipantObjectName").text = _x(o.name or "")
+        children.append(_text_element("ParticipantObjectName", o.name or ""))
     for detail_type, value in o.details:
-        _sub(element, "ParticipantObjectDetail", {"type": detail_type, "value": _b64(value)})
+        children.append(_element("ParticipantObjectDetail", {"type": detail_type, "value": _b64(value)}, []))
     d = o.description
     if d is not None:
-        desc = _sub(element, "ParticipantObjectDescription")
-        for uid in d.mpps_uids:
-            _sub(desc, "MPPS", {"UID": uid})
-        for number in d.accession_numbers:
-            _sub(desc, "Accession", {"Number": number})
+        desc = [_element("MPPS", {"UID": uid}, []) for uid in d.mpps_uids]
+        desc += [_element("Accession", {"Number": number}, []) for number in d.accession_numbers]
         for sop in d.sop_classes:
-            sop_attrs = {"UID": sop.uid, "NumberOfInstances": str(sop.number_of_instances)}
-            sop_el = _sub(desc, "SOPClass", sop_attrs)
-            for instance_uid in sop.instance_uids:
-                _sub(sop_el, "Instance", {"UID": instance_uid})
+            desc.append(_element("SOPClass", {"UID": sop.uid, "NumberOfInstances": str(sop.number_of_instances)},
+                                 [_element("Instance", {"UID": uid}, []) for uid in sop.instance_uids]))
         if d.contains_studies:
-            contains = _sub(desc, "ParticipantObjectContainsStudy")
-            for uid in d.contains_studies:
-                _sub(contains, "StudyIDs", {"UID": uid})
+            desc.append(_element("ParticipantObjectContainsStudy", {},
+                                 [_element("StudyIDs", {"UID": uid}, []) for uid in d.contains_studies]))
         if d.encrypted is not None:
-            _sub(desc, "Encrypted").text = "true" if d.encrypted else "false"
+            desc.append(f"<Encrypted>{'true' if d.encrypted else 'false'}</Encrypted>")
         if d.anonymized is not None:
-            _sub(desc, "Anonymized").text = "true" if d.anonymized else "false"
+            desc.append(f"<Anonymized>{'true' if d.anonymized else 'false'}</Anonymized>")
+        children.append(_element("ParticipantObjectDescription", {}, desc))
+    return _element("ParticipantObjectIdentification", attrs, children)
+
+
+def _source(source: AuditSource) -> str:
+    attrs = {}
+    if source.enterprise_site_id:
+        attrs["AuditEnterpriseSiteID"] = source.enterprise_site_id
+    attrs["AuditSourceID"] = source.source_id
+    return _element("AuditSourceIdentification", attrs,
+                    [_coded("AuditSourceTypeCode", type_code) for type_code in source.type_codes])
 
 
 def to_atna_xml(event: AuditEvent, source: AuditSource) -> bytes:
     """Render ``event`` as an ``AuditMessage`` (PS3.15 A.5.1), UTF-8 with an XML declaration."""
-    root = etree.Element("AuditMessage")
-    ident = _sub(
-        root,
-        "EventIdentification",
-        {
-            "EventActionCode": str(event.action.value),
-            "EventDateTime": event_datetime(event),
-            "EventOutcomeIndicator": str(int(event.outcome)),
-        },
-    )
-    _coded(ident, "EventID", event.event_id.code)
-    for type_code in event.event_type_codes:
-        _coded(ident, "EventTypeCode", type_code)
+    ident = [_coded("EventID", event.event_id.code)]
+    ident += [_coded("EventTypeCode", type_code) for type_code in event.event_type_codes]
     if event.outcome_description:
-        _sub(ident, "EventOutcomeDescription").text = _x(event.outcome_description)
-    for purpose in event.purpose_of_use:
-        _coded(ident, "PurposeOfUse", purpose)
-    for participant in event.participants:
-        _participant(root, participant)
-    source_attrs = {}
-    if source.enterprise_site_id:
-        source_attrs["AuditEnterpriseSiteID"] = source.enterprise_site_id
-    source_attrs["AuditSourceID"] = source.source_id
-    source_el = _sub(root, "AuditSourceIdentification", source_attrs)
-    for type_code in source.type_codes:
-        _coded(source_el, "AuditSourceTypeCode", type_code)
-    for obj in event.objects:
-        _object(root, obj)
-    return etree.tostring(root, xml_declaration=True, encoding="UTF-8")
+        ident.append(_text_element("EventOutcomeDescription", event.outcome_description))
+    ident += [_coded("PurposeOfUse", purpose) for purpose in event.purpose_of_use]
+    parts = [_XML_DECLARATION, "<AuditMessage>",
+             _element("EventIdentification", {"EventActionCode": str(event.action.value),
+                                               "EventDateTime": event_datetime(event),
+                                               "EventOutcomeIndicator": str(int(event.outcome))}, ident)]
+    parts += [_participant(participant) for participant in event.participants]
+    parts.append(_source(source))
+    parts += [_object(obj) for obj in event.objects]
+    parts.append("</AuditMessage>")
+    return "".join(parts).encode("utf-8")
 
 
 _schema_lock = threading.Lock()

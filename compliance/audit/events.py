@@ -30,6 +30,7 @@ it and the person is listed as an "other participant"; without a client id, the 
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import uuid as uuid_module
 from collections.abc import Iterable, Mapping, Sequence
@@ -405,6 +406,7 @@ class StudyRef:
 # --------------------------------------------------------------------------- helpers
 
 
+@functools.lru_cache(maxsize=4096)
 def network_access_point_type(value: str) -> NetworkAccessPointType:
     """PS3.15 A.5.2.4: 2 for an IP address, 5 for a URI, 1 (machine name) otherwise."""
     try:
@@ -889,7 +891,7 @@ def security_alert_event(
         type_code_role=ObjectRole.RESOURCE,
         id_type_code=ObjectIDTypeCode.URI,
         name=resource,
-        details=(("Alert Description", description.encode("utf-8")),),
+        details=(("Alert Description", description.encode("utf-8", "replace")),),
     )
     return AuditEvent(
         event_id=EventID.SECURITY_ALERT,

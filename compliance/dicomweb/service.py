@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,17 @@ class BufferedResponse:
     body: bytes
 
 
+def _released_event(ctx: RequestContext) -> str | None:
+    """The event of a delegated retrieve the archive refused (set by the nginx front), if well formed."""
+    from compliance.front import RELEASED_EVENT_HEADER
+
+    value = ctx.headers.get(RELEASED_EVENT_HEADER, "")
+    try:
+        return str(uuid.UUID(value)) if value else None
+    except ValueError:
+        return None
+
+
 def outcome_of(status: int) -> Outcome:
     if status < 300:
         return Outcome.SUCCESS
@@ -103,6 +115,7 @@ class DicomwebService:
         archive_id: str = "archive",
         qido_max_response_bytes: int = 64 * 1024 * 1024,
         erasure: Any = None,
+        archive_dicomweb_path: str = "/dicom-web",
     ) -> None:
         #: ``compliance.archive.client.ArchiveKeyClient`` when the archive is encrypted: WADO checks
         #: the study's erasure state and explains archive read failures (410 / integrity alert).
@@ -113,6 +126,7 @@ class DicomwebService:
         self._gateway_id = gateway_id
         self._archive_id = archive_id
         self._qido_max = qido_max_response_bytes
+        self._archive_root = archive_dicomweb_path.rstrip("/")
 
     # -- authorization ------------------------------------------------------------------------
     async def authorize(self, ctx: RequestContext, route: Route) -> None:
@@ -209,6 +223,28 @@ class DicomwebService:
             raise
         return upstream
 
+    async def release(self, ctx: RequestContext, route: Route) -> str | None:
+        """Decide and audit a retrieve whose bytes the nginx front will push (compliance/front.py).
+
+        The same decision and the same 110104/110103 event as :meth:`retrieve`, committed before
+        anything is released; returns the ``X-Accel-Redirect`` target naming the event. Returns
+        ``None`` (nothing recorded) when the study's patient cannot be named from the index, so the
+        caller relays the request itself and audits whatever the archive answers.
+        """
+        await self.authorize(ctx, route)
+        assert route.study_uid is not None
+        try:
+            summary = await self._archive.study_summary(route.study_uid)
+        except Exception:  # noqa: BLE001 - the relayed request reports and audits the failure
+            return None
+        if summary is None or not summary.patient_id:
+            return None
+        event = self._retrieve_event(ctx, route, 200, summary)
+        await self._auditor.record(event)
+        from compliance.front import accel_redirect
+
+        return accel_redirect(str(event.uuid), self._archive_root + ctx.path, ctx.raw_query)
+
     async def _study_state(self, study_uid: str, summary_task: asyncio.Future[Any]) -> str:
         """The study's erasure state: one request to the key custodian once the patient is known.
 
@@ -280,6 +316,9 @@ class DicomwebService:
             StudyRef(study_uid=route.study_uid or "", accession=summary.accession if summary else None),
         )
         description = None if status < 300 else f"archive status {status}"
+        released = _released_event(ctx)
+        if released and description:
+            description += f"; the transfer released by event {released} was not delivered"
         if route.transaction is Transaction.RETRIEVE:
             return instances_transferred_event(
                 user=ctx.user,

@@ -347,3 +347,35 @@ def test_project_schema_is_its_own_file() -> None:
     assert project_xsd.is_file()
     if SHARED_XSD.is_file():
         assert project_xsd.read_bytes() != Path(SHARED_XSD).read_bytes()
+
+
+ODD = ["tab\there", "new\nline", "cr\rhere", 'q"uote', "a'pos", "amp&lt;", "<tag>", "]]>", "é山", "\x01bell\x7f",
+       "\U0001f600", "\ud800lone", "\ufffe"]
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_text_rendering_is_what_lxml_writes(name: str) -> None:
+    """The message is written as text: lxml, parsing and re-serialising it, must write the same bytes."""
+    xml = to_atna_xml(ALL[name], SOURCE)
+    assert etree.tostring(etree.fromstring(xml), xml_declaration=True, encoding="UTF-8") == xml
+
+
+@pytest.mark.parametrize("odd", ODD)
+def test_odd_characters_round_trip_through_attributes_and_text(odd: str) -> None:
+    event = security_alert_event(
+        user=UserRef(f"u{odd}", f"name{odd}", source_address="10.0.0.1"), gateway_id="gw",
+        alert_type=EventTypeCode.NODE_AUTHENTICATION, description=f"why{odd}", resource=f"res{odd}",
+        outcome=Outcome.MINOR_FAILURE, source_address="10.0.0.1", patients=(PatientRef(f"P{odd}", f"N{odd}"),))
+    xml = to_atna_xml(event, SOURCE)
+    validate_atna_xml(xml)
+    assert etree.tostring(etree.fromstring(xml), xml_declaration=True, encoding="UTF-8") == xml
+    root = etree.fromstring(xml)
+    carried = odd if all(c == "\t" or c == "\n" or c == "\r" or c >= " " for c in odd) else None
+    user = next(p for p in root.findall("ActiveParticipant") if p.get("UserID") != "gw")
+    name = user.get("UserName")
+    description = root.findtext("EventIdentification/EventOutcomeDescription")
+    if carried is not None and not any(0xD800 <= ord(c) <= 0xDFFF or c in "\ufffe\uffff" for c in odd):
+        assert name == f"name{odd}"
+        assert description == f"why{odd}"
+    else:
+        assert "\ufffd" in name and "\ufffd" in description

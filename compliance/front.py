@@ -1,0 +1,198 @@
+"""The nginx front: nginx listens where clients connect and pushes the retrieved bytes; the gateway decides.
+
+Python relaying a 0.5 MB WADO-RS answer costs more CPU than Orthanc spends serving it
+(README "Gateway overhead"), so the deployed gateway sits behind nginx (Debian ``nginx-light``), as
+DESIGN.md's request path allows: "the byte pushing may be delegated ... while the gateway keeps the
+decision and the audit". The protocol between the two, all on loopback:
+
+1. nginx passes every request to the gateway (``compliance serve``), adding
+   ``X-Compliance-Front: nginx`` and the client's address in ``X-Forwarded-For``; it overwrites both,
+   so a client cannot set them through nginx.
+2. For a WADO-RS retrieve of whole instances (``Transaction.RETRIEVE``) that carries the front header,
+   with ``COMPLIANCE_RETRIEVE_DELEGATION`` on, the gateway verifies the token, decides, looks the
+   study's patient up (cached) and commits the 110104 event to the outbox, exactly as when it
+   relays itself. Then, instead of fetching, it answers with an empty body and
+   ``X-Accel-Redirect: /_archive/{event uuid}/dicom-web/...``.
+3. nginx follows that internal location (no client can request it): it asks Orthanc with the
+   gateway's archive credentials and the client's ``Accept`` only (no token, no cookie, no other
+   header), and streams the answer back without spooling it to disk.
+4. If Orthanc answers anything but 2xx, nginx sends the original request back to the gateway with
+   ``X-Compliance-Archive-Status`` and ``X-Compliance-Released-Event`` set. The gateway then handles it
+   as if undelegated: it asks the archive itself, answers 404/410/integrity failure with its JSON
+   body, and records a second 110104 with the failure outcome naming the released event. A delegated
+   retrieve the archive refuses thus leaves two events: the release (outcome 0) and the refusal.
+
+Anything nginx itself must refuse (gateway down) is answered in JSON. nginx keeps no access log
+(request lines carry study UIDs and QIDO queries can carry patient names), buffers request and
+response bodies in memory only (``proxy_request_buffering off``, ``proxy_max_temp_file_size 0``), and
+passes bodies of any size to the gateway, which enforces its own STOW limit with a JSON 413.
+
+``compliance front`` renders the configuration (mode 0600: it holds the archive credentials) under
+``{stack_dir}/front/`` and runs nginx in the foreground; ``deploy/local/gateway`` starts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+#: Set by nginx on every request it passes to the gateway (overwriting any client value).
+FRONT_HEADER = "x-compliance-front"
+FRONT_VALUE = "nginx"
+#: Set by nginx when it hands a retrieve the archive refused back to the gateway.
+ARCHIVE_STATUS_HEADER = "x-compliance-archive-status"
+RELEASED_EVENT_HEADER = "x-compliance-released-event"
+#: The internal location nginx streams archive answers from.
+INTERNAL_PREFIX = "/_archive/"
+
+
+def accel_redirect(event_uuid: str, archive_path: str, raw_query: str) -> str:
+    """The ``X-Accel-Redirect`` target for a released retrieve (``archive_path`` includes the DICOMweb root)."""
+    return f"{INTERNAL_PREFIX}{event_uuid}{archive_path}" + (f"?{raw_query}" if raw_query else "")
+
+
+def _host_port(address: str) -> str:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return address
+
+
+def render_nginx_config(*, listen: str, backend: str, archive_url: str, archive_username: str,
+                        archive_password: str, state_dir: Path, workers: int = 1) -> str:
+    """nginx.conf for the front; ``state_dir`` holds its pid, error log and (unused) temp directories."""
+    listen, backend = _host_port(listen), _host_port(backend)
+    archive = urlsplit(archive_url)
+    if archive.scheme != "http" or not archive.hostname or not archive.port:
+        raise ValueError(f"the front reaches the archive over http://HOST:PORT, not {archive_url!r}")
+    basic = base64.b64encode(f"{archive_username}:{archive_password}".encode()).decode()
+    archive_hostport = f"{archive.hostname}:{archive.port}"
+    state = state_dir.resolve()
+    gateway_headers = """
+      proxy_set_header Host $http_host;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $remote_addr;
+      proxy_set_header X-Forwarded-Proto $scheme;
+      proxy_set_header X-Real-IP "";
+      proxy_set_header Forwarded "";"""
+    return f"""# Rendered by `compliance front` (compliance/front.py). Holds the archive credentials: mode 0600.
+worker_processes {int(workers)};
+daemon off;
+pid {state}/nginx.pid;
+error_log {state}/error.log warn;
+
+events {{ worker_connections 4096; }}
+
+http {{
+  access_log off;
+  server_tokens off;
+  default_type application/json;  # nginx's own answers (return) are JSON
+  client_body_temp_path {state}/client_body;
+  proxy_temp_path {state}/proxy;
+  fastcgi_temp_path {state}/fastcgi;
+  uwsgi_temp_path {state}/uwsgi;
+  scgi_temp_path {state}/scgi;
+
+  # Bodies of any size go to the gateway (its STOW limit answers 413 in JSON), streamed, never spooled;
+  # answers are buffered in memory only: a decrypted image never lands in nginx's temp files.
+  client_max_body_size 0;
+  proxy_request_buffering off;
+  proxy_max_temp_file_size 0;
+  proxy_buffer_size 64k;
+  proxy_buffers 32 64k;
+  proxy_busy_buffers_size 128k;
+  proxy_http_version 1.1;
+  proxy_read_timeout 300s;
+  proxy_send_timeout 300s;
+
+  upstream compliance_gateway {{
+    server {backend};
+    keepalive 64;
+  }}
+  upstream compliance_archive {{
+    server {archive_hostport};
+    keepalive 64;
+    keepalive_timeout 800ms;  # Orthanc closes idle connections after 1 s
+  }}
+
+  server {{
+    listen {listen};
+
+    location / {{
+      proxy_pass http://compliance_gateway;{gateway_headers}
+      proxy_set_header {FRONT_HEADER} {FRONT_VALUE};
+      proxy_set_header {ARCHIVE_STATUS_HEADER} "";
+      proxy_set_header {RELEASED_EVENT_HEADER} "";
+      error_page 502 503 504 = @gateway_unavailable;
+    }}
+
+    # Released retrieves only: reached through the gateway's X-Accel-Redirect, never from outside.
+    location ~ "^{INTERNAL_PREFIX}(?<released_event>[0-9a-f-]{{36}})(?<archive_path>/.*)$" {{
+      internal;
+      proxy_pass http://compliance_archive$archive_path$is_args$args;
+      proxy_method GET;
+      proxy_pass_request_headers off;
+      proxy_pass_request_body off;
+      proxy_set_header Host {archive_hostport};
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Basic {basic}";
+      proxy_set_header Accept $http_accept;
+      proxy_hide_header Set-Cookie;
+      proxy_hide_header WWW-Authenticate;
+      proxy_hide_header Keep-Alive;
+      proxy_intercept_errors on;
+      error_page 300 301 302 303 304 307 308 400 401 403 404 405 406 409 410 412 415 416 422
+                 500 501 502 503 504 = @archive_refused;
+    }}
+
+    # The archive refused a released retrieve: the gateway handles the request itself (and audits the refusal).
+    location @archive_refused {{
+      # Only a released DICOMweb retrieve comes back here; a client asking for the internal location
+      # itself is refused by it (404) and lands here too: answer it without the gateway.
+      if ($request_uri !~ "^/dicom-web/") {{
+        return 404 '{{"error": "not_found", "message": "no resource here"}}';
+      }}
+      proxy_pass http://compliance_gateway$request_uri;{gateway_headers}
+      proxy_set_header {FRONT_HEADER} "";
+      proxy_set_header {ARCHIVE_STATUS_HEADER} $upstream_status;
+      proxy_set_header {RELEASED_EVENT_HEADER} $released_event;
+      proxy_intercept_errors off;
+      error_page 502 503 504 = @gateway_unavailable;
+    }}
+
+    location @gateway_unavailable {{
+      return 503 '{{"error": "gateway_unavailable",
+                   "message": "the gateway behind this front does not answer; nothing was served"}}';
+    }}
+  }}
+}}
+"""
+
+
+def write_config(text: str, state_dir: Path) -> Path:
+    """Write nginx.conf under ``state_dir`` with mode 0600 (it holds the archive credentials)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (state_dir / sub).mkdir(exist_ok=True)
+    path = state_dir / "nginx.conf"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if found is None:
+        raise FileNotFoundError("nginx is not installed (Debian package nginx-light; deploy/local/up installs it)")
+    return found
+
+
+def nginx_command(config: Path, state_dir: Path) -> list[str]:
+    return [nginx_binary(), "-c", str(config), "-p", str(state_dir.resolve())]
