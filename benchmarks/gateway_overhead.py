@@ -106,8 +106,8 @@ def main() -> None:
                            "--workers", str(args.workers)], cwd=ROOT, env=env,
                           stdout=log, stderr=subprocess.STDOUT)
     front = subprocess.Popen([sys.executable, "-m", "compliance.cli", "front", "--listen", f"127.0.0.1:{front_port}",
-                              "--backend", f"127.0.0.1:{port}"], cwd=ROOT,
-                             env={**env, "COMPLIANCE_STACK_DIR": str(tmp / "stack")},
+                              "--backend", f"127.0.0.1:{port}", "--state-dir", str(tmp / "front")], cwd=ROOT,
+                             env=env,
                              stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -166,6 +166,13 @@ def main() -> None:
         gw_requests = sum(r[name]["requests"] for r in results for name in ("gateway", "front"))
         after = sqlite3.connect(db).execute("select count(*) from audit_outbox").fetchone()[0]
         audited = after - before
+        # A released retrieve the archive refused comes back to the gateway (two events, the second
+        # a failure): then the front measured the fallback, not itself.
+        refused = sqlite3.connect(db).execute(
+            "select count(*) from audit_outbox where event_code = '110104' "
+            "and json_extract(document, '$.\"event.outcome\"') != 0").fetchone()[0]
+        if refused:
+            raise SystemExit(f"{refused} audited retrieves were refused by the archive: see {tmp / 'front'}")
     finally:
         front.terminate()
         front.wait(timeout=30)

@@ -72,6 +72,7 @@ def front(
     backend: str = typer.Option(None, help="The gateway behind it, HOST:PORT (default: host:port)."),
     workers: int = typer.Option(1, help="nginx worker processes."),
     check: bool = typer.Option(False, "--check", help="Render and test the configuration, then exit."),
+    state_dir: Path = typer.Option(None, help="nginx.conf, pid, error log (default {stack_dir}/front)."),  # noqa: B008
 ) -> None:
     """Run the nginx front (compliance/front.py) in the foreground; it pushes released retrieves' bytes."""
     import os
@@ -80,7 +81,10 @@ def front(
     from compliance.front import nginx_command, render_nginx_config, write_config
 
     settings = get_settings()
-    state = settings.stack_dir / "front"
+    state = state_dir or settings.stack_dir / "front"
+    if not settings.archive_password.get_secret_value():
+        _fail("no archive password is configured (COMPLIANCE_ARCHIVE_PASSWORD or the stack's gateway.env): "
+              "the front could fetch nothing the gateway releases", 2)
     try:
         text = render_nginx_config(
             listen=listen or settings.effective_public_address, backend=backend or f"{settings.host}:{settings.port}",

@@ -7,6 +7,7 @@ reaches the archive, so an unlisted archive endpoint cannot be reached through a
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -71,8 +72,11 @@ _POST_ROUTES = [
 ]
 
 
+@functools.lru_cache(maxsize=8192)
 def classify(method: str, path: str) -> Route | None:
-    """The transaction of ``path`` (relative to the DICOMweb root), or None when not proxied."""
+    """The transaction of ``path`` (relative to the DICOMweb root), or None when not proxied.
+
+    Cached: viewers ask for the same resources again and again, and a :class:`Route` is immutable."""
     routes = _GET_ROUTES if method in ("GET", "HEAD") else _POST_ROUTES if method == "POST" else []
     for pattern, transaction in routes:
         m = pattern.match(path)
