@@ -137,7 +137,17 @@ class KeyOperations:
     async def shred_patient(self, patient_id: str, user: UserRef) -> dict[str, Any]:
         if not patient_id:
             raise InvalidRequest("a patient id is required")
-        studies = await self.client.patient_studies(patient_id)
+        try:
+            studies = await self.client.patient_studies(patient_id)
+        except BaseException as exc:
+            # Nothing was destroyed, but an administrator asked to erase a patient: that is on the trail.
+            await self._auditor.record(security_alert_event(
+                user=user, gateway_id=self._gateway_id, alert_type=EventTypeCode.SECURITY_CONFIGURATION,
+                description="shred not started: the archive could not list the patient's studies: "
+                            f"{getattr(exc, 'message', type(exc).__name__)}"[:1024],
+                resource="archive-keys:shred", outcome=_outcome(exc), source_address=user.source_address,
+                patients=(PatientRef(patient_id=patient_id, name=None),)))
+            raise
         name = next((n for _, n, _ in studies if n), None)
         patient = PatientRef(patient_id=patient_id, name=name)
         study_refs = tuple(StudyRef(study_uid=s, accession=a) for s, _, a in studies)
