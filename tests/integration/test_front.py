@@ -20,6 +20,7 @@ client and a privacy officer observe it:
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import stat
@@ -38,13 +39,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from compliance.config import PROJECT_ROOT
+from compliance.db.migrate import scratch_schema
 from compliance.demo import multipart_related
 
 from .conftest import (
     AuditIndex,
     Gateway,
     Stack,
-    _database_url,
     _free_port,
     _reset_database,
     drop_prefix,
@@ -140,8 +141,19 @@ class Deployment:
 def deployment(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     tmp = tmp_path_factory.mktemp("front")
     prefix = f"test-front-{uuid.uuid4().hex[:10]}"
-    db = _database_url(stack, tmp)
-    _reset_database(db)
+    with contextlib.ExitStack() as scope:
+        # A database of its own: sharing the session gateway's would let that gateway's shipper send
+        # these events to its own index (and a reset would pull the schema from under it).
+        if os.environ.get("COMPLIANCE_TEST_DATABASE", "sqlite") == "postgres":
+            assert stack.postgres_url, "COMPLIANCE_TEST_DATABASE=postgres needs the stack's PostgreSQL"
+            db = scope.enter_context(scratch_schema(stack.postgres_url, "front"))
+        else:
+            db = f"sqlite:///{tmp / 'front.db'}"
+            _reset_database(db)
+        yield from _deploy(stack, tmp, db, prefix)
+
+
+def _deploy(stack: Stack, tmp: Path, db: str, prefix: str) -> Iterator[Deployment]:
     front_port = _free_port()
     # The gateway keeps the real stack directory: the encrypted archive's key custodian lives there.
     gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix, extra_env={
