@@ -82,6 +82,9 @@ def front(
 
     settings = get_settings()
     state = state_dir or settings.stack_dir / "front"
+    if not settings.front_secret.get_secret_value():
+        _fail("no front secret is configured (COMPLIANCE_FRONT_SECRET or the stack's gateway.env): the "
+              "gateway could not tell the front's requests from anyone else's", 2)
     if not settings.archive_password.get_secret_value():
         _fail("no archive password is configured (COMPLIANCE_ARCHIVE_PASSWORD or the stack's gateway.env): "
               "the front could fetch nothing the gateway releases", 2)
@@ -89,7 +92,8 @@ def front(
         text = render_nginx_config(
             listen=listen or settings.effective_public_address, backend=backend or f"{settings.host}:{settings.port}",
             archive_url=settings.archive_url, archive_username=settings.archive_username,
-            archive_password=settings.archive_password.get_secret_value(), state_dir=state, workers=workers)
+            archive_password=settings.archive_password.get_secret_value(),
+            front_secret=settings.front_secret.get_secret_value(), state_dir=state, workers=workers)
         command = nginx_command(write_config(text, state), state)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc), 2)

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     #: Answer WADO-RS retrieves that came through the nginx front with X-Accel-Redirect once decided
     #: and audited, so nginx streams the bytes (compliance/front.py). Off: the gateway relays them.
     retrieve_delegation: bool = False
+    #: Shared by the gateway and its nginx front: nginx sends it in X-Compliance-Front, and the gateway
+    #: releases a retrieve only to a request carrying it. Empty: nothing is released. The stack
+    #: generates it into gateway.env.
+    front_secret: SecretStr = SecretStr("")
     #: Site identity written into every audit event (AuditSourceIdentification).
     audit_source_id: str = "compliance-gateway"
     audit_enterprise_site_id: str = "demo-hospital"

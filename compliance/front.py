@@ -6,10 +6,11 @@ DESIGN.md's request path allows: "the byte pushing may be delegated ... while th
 decision and the audit". The protocol between the two, all on loopback:
 
 1. nginx passes every request to the gateway (``compliance serve``), adding
-   ``X-Compliance-Front: nginx`` and the client's address in ``X-Forwarded-For``; it overwrites both,
-   so a client cannot set them through nginx.
-2. For a WADO-RS retrieve of whole instances (``Transaction.RETRIEVE``) that carries the front header,
-   with ``COMPLIANCE_RETRIEVE_DELEGATION`` on, the gateway verifies the token, decides, looks the
+   ``X-Compliance-Front: <secret>`` (``COMPLIANCE_FRONT_SECRET``, known to nginx and the gateway
+   only) and the client's address in ``X-Forwarded-For``; it overwrites both, so a client cannot set
+   them through nginx, and a client talking to the gateway's own port does not know the secret.
+2. For a WADO-RS retrieve of whole instances (``Transaction.RETRIEVE``) that carries the secret, with
+   ``COMPLIANCE_RETRIEVE_DELEGATION`` on, the gateway verifies the token, decides, looks the
    study's patient up (cached) and commits the 110104 event to the outbox, exactly as when it
    relays itself. Then, instead of fetching, it answers with an empty body and
    ``X-Accel-Redirect: /_archive/{event uuid}/dicom-web/...``.
@@ -27,26 +28,33 @@ Anything nginx itself must refuse (gateway down) is answered in JSON. nginx keep
 response bodies in memory only (``proxy_request_buffering off``, ``proxy_max_temp_file_size 0``), and
 passes bodies of any size to the gateway, which enforces its own STOW limit with a JSON 413.
 
-``compliance front`` renders the configuration (mode 0600: it holds the archive credentials) under
+``compliance front`` renders the configuration (mode 0600: it holds the archive credentials and the
+front secret) under
 ``{stack_dir}/front/`` and runs nginx in the foreground; ``deploy/local/gateway`` starts it.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-#: Set by nginx on every request it passes to the gateway (overwriting any client value).
+#: Set by nginx on every request it passes to the gateway (overwriting any client value), to the
+#: secret it shares with the gateway (``COMPLIANCE_FRONT_SECRET``).
 FRONT_HEADER = "x-compliance-front"
-FRONT_VALUE = "nginx"
 #: Set by nginx when it hands a retrieve the archive refused back to the gateway.
 ARCHIVE_STATUS_HEADER = "x-compliance-archive-status"
 RELEASED_EVENT_HEADER = "x-compliance-released-event"
 #: The internal location nginx streams archive answers from.
 INTERNAL_PREFIX = "/_archive/"
+
+
+def is_front(request_value: str | None, secret: str) -> bool:
+    """Whether a request came through the front: it carries the shared secret (constant-time compare)."""
+    return bool(secret) and request_value is not None and hmac.compare_digest(request_value.encode(), secret.encode())
 
 
 def accel_redirect(event_uuid: str, archive_path: str, raw_query: str) -> str:
@@ -62,9 +70,11 @@ def _host_port(address: str) -> str:
 
 
 def render_nginx_config(*, listen: str, backend: str, archive_url: str, archive_username: str,
-                        archive_password: str, state_dir: Path, workers: int = 1) -> str:
+                        archive_password: str, front_secret: str, state_dir: Path, workers: int = 1) -> str:
     """nginx.conf for the front; ``state_dir`` holds its pid, error log and (unused) temp directories."""
     listen, backend = _host_port(listen), _host_port(backend)
+    if not front_secret or not front_secret.isalnum():
+        raise ValueError("the front secret must be a non-empty alphanumeric string (COMPLIANCE_FRONT_SECRET)")
     archive = urlsplit(archive_url)
     if archive.scheme != "http" or not archive.hostname or not archive.port:
         raise ValueError(f"the front reaches the archive over http://HOST:PORT, not {archive_url!r}")
@@ -123,7 +133,7 @@ http {{
 
     location / {{
       proxy_pass http://compliance_gateway;{gateway_headers}
-      proxy_set_header {FRONT_HEADER} {FRONT_VALUE};
+      proxy_set_header {FRONT_HEADER} "{front_secret}";
       proxy_set_header {ARCHIVE_STATUS_HEADER} "";
       proxy_set_header {RELEASED_EVENT_HEADER} "";
       error_page 502 503 504 = @gateway_unavailable;

@@ -12,7 +12,7 @@ from compliance.dicomweb.interfaces import UpstreamResponse
 from compliance.dicomweb.routing import Transaction, classify
 from compliance.dicomweb.service import RequestContext, response_headers
 from compliance.errors import NotFound, PayloadTooLarge, UpstreamError
-from compliance.front import FRONT_HEADER, FRONT_VALUE
+from compliance.front import FRONT_HEADER, is_front
 
 router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
 
@@ -49,8 +49,9 @@ async def dicomweb_get(request: Request) -> Response:
         if result.status_code >= 400:
             _raise_for_upstream(result.status_code, path)
         return Response(result.body, status_code=result.status_code, headers=result.headers)
-    if (route.transaction is Transaction.RETRIEVE and services.settings.retrieve_delegation
-            and request.headers.get(FRONT_HEADER) == FRONT_VALUE):
+    settings = services.settings
+    if (route.transaction is Transaction.RETRIEVE and settings.retrieve_delegation
+            and is_front(request.headers.get(FRONT_HEADER), settings.front_secret.get_secret_value())):
         # Decided and audited here; the nginx front streams the bytes (compliance/front.py).
         target = await service.release(ctx, route)
         if target is not None:

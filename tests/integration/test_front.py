@@ -256,6 +256,24 @@ def test_stow_and_delegated_retrieve_through_the_front(deployment: Deployment, t
     assert all(d["event.outcome"] == 0 for d in docs)
 
 
+def test_a_forged_front_header_on_the_gateways_own_port_releases_nothing(deployment: Deployment, tokens,
+                                                                         stored: Stored):
+    """Only the front knows the shared secret: a client on the gateway's own port that claims to be the
+    front gets the bytes relayed by the gateway (one delivered event each), never an empty X-Accel answer."""
+    sample = stored.sample
+    terms = {"event.id": "110104", "user.name": "rita", "study.uids": sample.study_uid}
+    before = len(deployment.audit.wait_for(0, **terms))
+    for forged in ("nginx", "x" * 48):
+        r = httpx.get(deployment.gateway.url + instance_path(sample), timeout=60,
+                      headers={**bearer(tokens["rita"]), "Accept": WADO_ACCEPT, "X-Compliance-Front": forged})
+        assert r.status_code == 200, r.text[:2000]
+        assert "x-accel-redirect" not in r.headers
+        assert parts_of_multipart(r.content, r.headers["content-type"]) == [sample.data]
+    docs = deployment.audit.wait_for(before + 2, **terms)
+    assert len(docs) == before + 2, dump(docs)
+    assert all(d["event.outcome"] == 0 for d in docs), dump(docs)
+
+
 def test_the_archive_never_sees_the_callers_credentials(deployment: Deployment, tokens, stored: Stored,
                                                        stack: Stack):
     assert stored.stow.status_code == 200, stored.stow.text

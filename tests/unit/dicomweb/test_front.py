@@ -29,6 +29,7 @@ from compliance.front import (
     INTERNAL_PREFIX,
     RELEASED_EVENT_HEADER,
     accel_redirect,
+    is_front,
     nginx_command,
     render_nginx_config,
     write_config,
@@ -42,7 +43,8 @@ PATH = f"/studies/{STUDY}/series/1.2.3.4.5/instances/1.2.3.4.5.6"
 
 def render(tmp_path, **overrides):
     kwargs = dict(listen="127.0.0.1:18080", backend="127.0.0.1:18081", archive_url="http://127.0.0.1:8042",
-                  archive_username="gateway", archive_password="s3cret", state_dir=tmp_path / "front")
+                  archive_username="gateway", archive_password="s3cret", front_secret="f00dcafe",
+                  state_dir=tmp_path / "front")
     return render_nginx_config(**(kwargs | overrides))
 
 
@@ -56,9 +58,12 @@ def test_config_hands_the_archive_only_the_gateways_credentials_and_the_accept_h
     # nothing decrypted is spooled to disk, nothing PHI-bearing is logged
     assert "proxy_max_temp_file_size 0;" in text and "proxy_request_buffering off;" in text
     assert "access_log off;" in text
+    gateway = text[text.index("location / {"):text.index("location ~")]
+    assert 'proxy_set_header x-compliance-front "f00dcafe";' in gateway
 
 
-@pytest.mark.parametrize("field,value", [("listen", "nonsense"), ("backend", ":8081"),
+@pytest.mark.parametrize("field,value", [("listen", "nonsense"), ("backend", ":8081"), ("front_secret", ""),
+                                         ("front_secret", 'x"; proxy_pass http://evil'),
                                          ("archive_url", "https://127.0.0.1:8042"), ("archive_url", "http://x")])
 def test_bad_addresses_are_refused(tmp_path, field, value):
     with pytest.raises(ValueError):
@@ -77,6 +82,13 @@ def test_nginx_accepts_the_rendered_configuration(tmp_path):
     path = write_config(render(tmp_path), state)
     done = subprocess.run([*nginx_command(path, state), "-t"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_only_the_shared_secret_marks_a_request_as_the_fronts():
+    assert is_front("f00dcafe", "f00dcafe")
+    assert not is_front("nginx", "f00dcafe")
+    assert not is_front(None, "f00dcafe")
+    assert not is_front("", "")  # no secret configured: nothing is the front
 
 
 def test_accel_redirect_names_the_event_and_keeps_the_query():
