@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, authenticate, client_address
 from compliance.dicomweb.interfaces import UpstreamResponse
@@ -36,6 +37,10 @@ async def dicomweb_get(request: Request) -> Response:
     """QIDO-RS and WADO-RS. A plain Starlette route (registered below), not a FastAPI one: the hot
     path does its two look-ups itself rather than through dependency injection, which cost more CPU
     than the rest of a released retrieve's routing (README "Gateway overhead")."""
+    if request.method != "GET":
+        # Starlette answers HEAD on a GET route; DICOMweb does not need it, and it would be audited as
+        # a query or a transfer that sent nothing. Refused as the FastAPI route refused it.
+        raise StarletteHTTPException(405, "Method Not Allowed", headers={"Allow": "GET, POST"})
     path: str = request.path_params["path"]
     services: Services = request.app.state.services
     principal = await authenticate(request, services)

@@ -351,6 +351,12 @@ def test_refusals_through_the_front_are_json(deployment: Deployment, tokens, sto
     assert researcher.status_code == 403, researcher.text
     assert "error" in researcher.json()
 
+    # HEAD is not a DICOMweb transaction: refused before anything is fetched or audited as a transfer
+    for base in (deployment.front.url, deployment.gateway.url):
+        head = httpx.head(base + instance_path(stored.sample), headers={**bearer(tokens["rita"])}, timeout=30)
+        assert head.status_code == 405, head.headers
+        assert head.headers["allow"] == "GET, POST"
+
 
 @pytest.mark.parametrize("user", [None, "rita"])
 def test_the_internal_location_is_not_reachable_from_outside(deployment: Deployment, tokens, stored: Stored,
