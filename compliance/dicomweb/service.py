@@ -143,6 +143,9 @@ class DicomwebService:
             body = await _read_bounded(upstream, self._qido_max)
         finally:
             await upstream.aclose()
+        if upstream.status_code >= 500 and self._erasure is not None and route.study_uid:
+            # A study-scoped search reads the study's files: say why the archive failed, as WADO does.
+            await self._explain_failed_search(ctx, route, upstream.status_code)
         patients: dict[tuple[str | None, str | None], PatientRef] = {}
         studies: dict[str, StudyRef] = {}
         if upstream.status_code == 200 and body:
@@ -287,7 +290,6 @@ class DicomwebService:
             return
         await upstream.aclose()
         from compliance.archive.interfaces import ArchiveIntegrityError
-        from compliance.audit.events import EventTypeCode, security_alert_event
         from compliance.crypto.interfaces import KeyDestroyed
 
         study = route.study_uid or ""
@@ -295,6 +297,14 @@ class DicomwebService:
             await self._auditor.record(self._retrieve_event(ctx, route, 410, summary))
             raise KeyDestroyed("the study was permanently erased: its patient's data key was destroyed",
                                detail={"study_uid": study, "reason": "crypto-shredded"})
+        await self._integrity_alert(ctx, study, summary)
+        await self._auditor.record(self._retrieve_event(ctx, route, 500, summary))
+        raise ArchiveIntegrityError("a stored object of the study failed its integrity check and was not returned",
+                                    detail={"study_uid": study})
+
+    async def _integrity_alert(self, ctx: RequestContext, study: str, summary: StudySummary | None) -> None:
+        from compliance.audit.events import EventTypeCode, security_alert_event
+
         patients = ((PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
                     if summary is not None and summary.patient_id else ())
         await self._auditor.record(security_alert_event(
@@ -302,7 +312,41 @@ class DicomwebService:
             description=f"integrity failure: a stored file of study {study} does not authenticate; not returned",
             resource=f"dicomweb:{ctx.target}", outcome=Outcome.SERIOUS_FAILURE, source_address=ctx.source_address,
             patients=patients, studies=(StudyRef(study_uid=study),)))
-        await self._auditor.record(self._retrieve_event(ctx, route, 500, summary))
+
+    async def _explain_failed_search(self, ctx: RequestContext, route: Route, status: int) -> None:
+        """A study-scoped QIDO the encrypted archive failed: 410 for an erased study, 500 and a 110113
+        alert for a file that does not authenticate; otherwise return (the caller answers 502)."""
+        from compliance.archive.interfaces import ArchiveIntegrityError
+        from compliance.crypto.interfaces import KeyDestroyed
+
+        study = route.study_uid or ""
+        try:
+            report = await self._erasure.verify_study(study)
+        except Exception:  # noqa: BLE001 - the search's own failure is reported and audited by the caller
+            log.warning("could not ask the archive why a search of study %s failed", study, exc_info=True)
+            return
+        results = {f.get("result") for f in report.get("failures", [])}
+        if "decryption_failed" in results or "missing" in results:
+            reason, answer = "integrity", 500
+        elif "key_destroyed" in results:
+            reason, answer = "erased", 410
+        else:
+            return
+        try:
+            summary = await self._archive.study_summary(study)
+        except Exception:  # noqa: BLE001 - the patient is named when the index still knows it
+            summary = None
+        patients = ((PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
+                    if summary is not None and summary.patient_id else ())
+        if reason == "integrity":
+            await self._integrity_alert(ctx, study, summary)
+        await self._auditor.record(query_event(
+            user=ctx.user, gateway_id=self._gateway_id, outcome=outcome_of(answer),
+            outcome_description=f"archive status {status}: {reason}", query=f"{ctx.method} {ctx.target}".encode(),
+            sop_class_uid=None, patients=patients, studies=(StudyRef(study_uid=study),)))
+        if reason == "erased":
+            raise KeyDestroyed("the study was permanently erased: its patient's data key was destroyed",
+                               detail={"study_uid": study, "reason": "crypto-shredded"})
         raise ArchiveIntegrityError("a stored object of the study failed its integrity check and was not returned",
                                     detail={"study_uid": study})
 

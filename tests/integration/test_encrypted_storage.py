@@ -105,13 +105,19 @@ def test_a_corrupted_file_is_an_integrity_failure_never_returned(gateway, stack,
         metadata = httpx.get(f"{gateway.url}/dicom-web/studies/{s.study_uid}/metadata",
                              headers={**bearer(tokens["alice"]), "Accept": "application/dicom+json"}, timeout=60)
         assert metadata.status_code == 500 and metadata.json()["error"] == "archive_integrity_failure"
+        series = httpx.get(f"{gateway.url}/dicom-web/studies/{s.study_uid}/series", params={"includefield": "all"},
+                           headers={**bearer(tokens["alice"]), "Accept": "application/dicom+json"}, timeout=60)
+        # a study-scoped search reads the study's files too: the same answer and alert, not a bare 502
+        assert series.status_code == 500 and series.json()["error"] == "archive_integrity_failure", series.text
     finally:
         # A corrupted file left in the archive would fail every later search that reads it.
         found = httpx.post(f"{stack.orthanc_url}/tools/lookup", content=s.study_uid, auth=stack.orthanc_auth,
                            timeout=10).json()
         for item in found:
             httpx.delete(f"{stack.orthanc_url}/studies/{item['ID']}", auth=stack.orthanc_auth, timeout=30)
-    alerts = audit.wait_for(2, event__id="110113", study__uids=s.study_uid)
-    assert len(alerts) == 2, dump(alerts)
+    alerts = audit.wait_for(3, event__id="110113", study__uids=s.study_uid)
+    assert len(alerts) == 3, dump(alerts)
     assert all("integrity failure" in (a.get("event.outcome_description") or "") for a in alerts), dump(alerts)
     assert all(a["user.name"] == "alice" for a in alerts)
+    (query,) = audit.wait_for(1, event__id="110112", study__uids=s.study_uid)
+    assert query["event.outcome"] == 8 and query["event.outcome_description"] == "archive status 500: integrity"

@@ -148,3 +148,59 @@ async def test_a_failed_integrity_check_closes_the_archive_response_and_is_audit
     assert archive.stream.closed
     events = [row[2] for row in outbox.pending(10)]
     assert [(e["event.id"], e["event.outcome"]) for e in events] == [("110104", 8)]
+
+
+class ReportingCustodian(FakeCustodian):
+    def __init__(self, result: str | None) -> None:
+        super().__init__(shredded=set())
+        self.result = result
+
+    async def verify_study(self, study_uid: str) -> dict:
+        self.calls.append(("verify", study_uid))
+        return {"failures": [{"result": self.result}] if self.result else []}
+
+
+def _searching(outbox, custodian):
+    from compliance.audit.atna import AuditSource
+    from compliance.audit.recorder import AuditRecorder
+    from compliance.dicomweb.service import DicomwebService
+    from compliance.policy.rbac import RbacPolicy
+
+    policy = RbacPolicy.from_mapping({"version": 1, "roles": {"clinician": ["dicomweb:study:search"]}})
+    auditor = AuditRecorder(outbox, AuditSource(source_id="gw", enterprise_site_id="site"), fail_closed=True)
+    return DicomwebService(FailingArchive(), policy, auditor, gateway_id="gw", erasure=custodian)
+
+
+def _search_events(outbox):
+    return [(d["event.id"], d["event.outcome"], d.get("event.outcome_description")) for _, _, d in outbox.pending(10)]
+
+
+async def test_a_study_search_failing_on_a_corrupted_file_is_an_integrity_alert(outbox):
+    from compliance.archive.interfaces import ArchiveIntegrityError
+
+    custodian = ReportingCustodian("decryption_failed")
+    svc = _searching(outbox, custodian)
+    with pytest.raises(ArchiveIntegrityError):
+        await svc.search(ctx("clinician", path=f"/studies/{STUDY}/series"), classify("GET", f"/studies/{STUDY}/series"))
+    assert ("verify", STUDY) in custodian.calls
+    events = _search_events(outbox)
+    assert [e[:2] for e in events] == [("110113", 8), ("110112", 8)]
+    assert events[1][2] == "archive status 500: integrity"
+    assert [d["patient.ids"] for _, _, d in outbox.pending(10)] == [["PID-1"], ["PID-1"]]
+
+
+async def test_a_study_search_of_a_shredded_study_is_gone(outbox):
+    custodian = ReportingCustodian("key_destroyed")
+    svc = _searching(outbox, custodian)
+    with pytest.raises(KeyDestroyed):
+        await svc.search(ctx("clinician", path=f"/studies/{STUDY}/series"), classify("GET", f"/studies/{STUDY}/series"))
+    assert [e[:2] for e in _search_events(outbox)] == [("110112", 4)]
+
+
+async def test_a_study_search_failing_for_another_reason_stays_the_archives_failure(outbox):
+    custodian = ReportingCustodian(None)
+    svc = _searching(outbox, custodian)
+    result = await svc.search(ctx("clinician", path=f"/studies/{STUDY}/series"),
+                              classify("GET", f"/studies/{STUDY}/series"))
+    assert result.status_code == 500  # the API answers 502 for it, as before
+    assert [e[:2] for e in _search_events(outbox)] == [("110112", 8)]
