@@ -30,12 +30,13 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_EVERY_ROWS", "SAFETY_PAGES", "audit_transaction"]
+__all__ = ["CHECKPOINT_EVERY_ROWS", "SAFETY_PAGES", "audit_transaction", "sqlite_writes"]
 
 #: Rows written (inserted or marked) after which the background thread checkpoints the log.
 CHECKPOINT_EVERY_ROWS = 500
@@ -59,9 +60,17 @@ class _SqliteWrites:
         self.checkpoints = 0
 
     def prepare(self, conn: Connection) -> None:
-        info = conn.connection.info
+        self.prepare_dbapi(conn.connection)
+
+    def prepare_dbapi(self, pooled: Any) -> None:
+        """``pooled``: SQLAlchemy's pooled DBAPI connection (its ``info`` lives as long as the connection)."""
+        info = pooled.info
         if info.get("audit_wal_autocheckpoint") != SAFETY_PAGES:
-            conn.exec_driver_sql(f"PRAGMA wal_autocheckpoint={SAFETY_PAGES}")
+            cursor = pooled.cursor()
+            try:
+                cursor.execute(f"PRAGMA wal_autocheckpoint={SAFETY_PAGES}")
+            finally:
+                cursor.close()
             info["audit_wal_autocheckpoint"] = SAFETY_PAGES
 
     def written(self, rows: int) -> None:
@@ -102,7 +111,8 @@ _SET_LZ4 = "SET LOCAL default_toast_compression = 'lz4'"
 _STATES_GUARD = threading.Lock()
 
 
-def _sqlite_state(engine: Engine) -> _SqliteWrites:
+def sqlite_writes(engine: Engine) -> _SqliteWrites:
+    """The in-process write lock and WAL bookkeeping of a SQLite engine's audit transactions."""
     with _STATES_GUARD:
         state = _STATES.get(engine)
         if state is None:
@@ -139,7 +149,7 @@ def audit_transaction(engine: Engine, *, rows: int = 1, documents: bool = False)
                 conn.exec_driver_sql(_SET_LZ4)
             yield conn
         return
-    state = _sqlite_state(engine)
+    state = sqlite_writes(engine)
     with state.lock, engine.begin() as conn:
         state.prepare(conn)
         yield conn

@@ -32,7 +32,7 @@ def test_a_background_checkpoint_follows_enough_written_rows(engine, monkeypatch
     monkeypatch.setattr(writes, "CHECKPOINT_EVERY_ROWS", 10)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE t (x TEXT)")
-    state = writes._sqlite_state(engine)
+    state = writes.sqlite_writes(engine)
     before = state.checkpoints
     for _ in range(3):
         with audit_transaction(engine, rows=4) as conn:

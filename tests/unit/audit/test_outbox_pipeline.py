@@ -397,6 +397,8 @@ def test_a_failing_mark_never_fails_the_requests_in_its_group(outbox, monkeypatc
     calls, release, first = hold_writer(outbox, monkeypatch)
     broken = outbox_module.update(outbox_module._TABLE).values(no_such_column=1)
     monkeypatch.setattr(outbox_module, "_MARK_SHIPPED", broken)
+    # the writer runs the statement compiled at start-up: break that one too
+    monkeypatch.setattr(outbox._head_sql, "mark", ("UPDATE audit_outbox SET no_such_column = 1", None))
     marks = outbox.mark_shipped_soon([1, 2])
     recorded = outbox.submit(entry(10))
     release.set()
