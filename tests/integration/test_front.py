@@ -40,7 +40,7 @@ from pydicom.uid import generate_uid
 
 from compliance.config import PROJECT_ROOT
 from compliance.db.migrate import scratch_schema
-from compliance.demo import multipart_related
+from compliance.demo import multipart_related, synthetic_instance
 
 from .conftest import (
     AuditIndex,
@@ -395,3 +395,55 @@ def test_healthz_through_the_front_is_the_gateways(deployment: Deployment):
     r = httpx.get(f"{deployment.front.url}/healthz", timeout=10)
     assert r.status_code == 200
     assert json.loads(r.text) == httpx.get(f"{deployment.gateway.url}/healthz", timeout=10).json()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _nginx_workers(front: Front) -> list[int]:
+    children = Path(f"/proc/{front.process.pid}/task/{front.process.pid}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+def test_a_large_retrieve_through_the_front_is_never_held_nor_spooled(deployment: Deployment, stack: Stack,
+                                                                       tokens):
+    """A retrieve far larger than nginx's buffers, read slowly: nginx holds no more than its buffers,
+    writes nothing to its temp directories (decrypted images never land on disk), and the gateway,
+    which only decided and audited, does not grow either."""
+    size_mb = int(os.environ.get("COMPLIANCE_TEST_FRONT_BIG_INSTANCE_MB", "120"))
+    data, study, series, instance = synthetic_instance(frames=size_mb * 2, patient_id="FRONT-BIG",
+                                                      patient_name="Big^Front")
+    r = httpx.post(f"{stack.orthanc_url}/instances", content=data, auth=stack.orthanc_auth, timeout=300)
+    assert r.status_code == 200, r.text
+    size = len(data)
+    del data
+    temp_dirs = [deployment.front.stack_dir / "front" / d for d in ("proxy", "client_body")]
+    workers = _nginx_workers(deployment.front)
+    assert workers, "no nginx worker process"
+    before = {pid: _peak_rss_mb(pid) for pid in workers}
+    gateway_before = _peak_rss_mb(deployment.gateway.process.pid)
+    received = 0
+    spooled: list[str] = []
+    url = f"{deployment.front.url}/dicom-web/studies/{study}/series/{series}/instances/{instance}"
+    try:
+        with httpx.stream("GET", url, timeout=300, headers={**bearer(tokens["rita"]), "Accept": WADO_ACCEPT}) as resp:
+            assert resp.status_code == 200, resp.read()[:2000]
+            for i, chunk in enumerate(resp.iter_raw()):
+                received += len(chunk)
+                if i == 1:
+                    time.sleep(2)  # a slow client: the archive's answer piles up in front of it
+                    spooled = [str(p) for d in temp_dirs for p in d.rglob("*") if p.is_file()]
+        assert received > size
+        assert spooled == [], spooled
+        grown = {pid: _peak_rss_mb(pid) - before[pid] for pid in workers}
+        assert max(grown.values()) < 32, f"nginx peak RSS grew {grown} MiB for a {size >> 20} MiB retrieve"
+        assert _peak_rss_mb(deployment.gateway.process.pid) - gateway_before < 32
+    finally:
+        found = httpx.post(f"{stack.orthanc_url}/tools/lookup", content=study, auth=stack.orthanc_auth, timeout=30)
+        for item in found.json():
+            httpx.delete(f"{stack.orthanc_url}/studies/{item['ID']}", auth=stack.orthanc_auth, timeout=60)
