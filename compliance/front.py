@@ -29,8 +29,8 @@ response bodies in memory only (``proxy_request_buffering off``, ``proxy_max_tem
 passes bodies of any size to the gateway, which enforces its own STOW limit with a JSON 413.
 
 ``compliance front`` renders the configuration (mode 0600: it holds the archive credentials and the
-front secret) under
-``{stack_dir}/front/`` and runs nginx in the foreground; ``deploy/local/gateway`` starts it.
+front secret) under ``{stack_dir}/front/`` and runs nginx in the foreground; ``deploy/local/gateway``
+starts it.
 """
 
 from __future__ import annotations
