@@ -29,14 +29,20 @@ static OrthancPluginContext* ctx_ = NULL;
 
 /* ACTIVE_STORAGE.<method>(args built from format): a new reference, or NULL with the reason logged.
  * The caller holds the GIL. NULL refuses the operation (never a fallback). */
+static PyObject* module_name_ = NULL;
+
 static PyObject* call_storage(const char* method, const char* format, ...) {
-  PyObject* module = PyImport_ImportModule("compliance.archive.storage");
+  if (module_name_ == NULL) module_name_ = PyUnicode_InternFromString("compliance.archive.storage");
+  /* Only the module the Python plugin imported at start-up: importing it here, on one of Orthanc's
+   * request threads, crashed Orthanc (tests/integration/test_storage_shim_fail_closed.py). */
+  PyObject* module = module_name_ ? PyImport_GetModule(module_name_) : NULL;
   PyObject* storage = module ? PyObject_GetAttrString(module, "ACTIVE_STORAGE") : NULL;
   Py_XDECREF(module);
   PyObject* result = NULL;
-  if (storage == Py_None) {
+  if (storage == NULL || storage == Py_None) {
+    if (PyErr_Occurred()) PyErr_Print();
     OrthancPluginLogError(ctx_, "compliance storage shim: no storage object (is the Python plugin loaded?)");
-  } else if (storage != NULL) {
+  } else {
     va_list va;
     va_start(va, format);
     PyObject* args = Py_VaBuildValue(format, va);
