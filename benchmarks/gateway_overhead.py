@@ -10,7 +10,7 @@ instance through it, then for each concurrency runs wrk, one path after the othe
     gateway:  the gateway's own listener, a Keycloak bearer token (verified, authorized, audited);
               the gateway relays the bytes itself (aiohttp -> uvicorn)
     front:    the nginx front, the same token; the gateway decides and audits, nginx pushes the
-              bytes (X-Accel-Redirect, compliance/front.py): the deployed configuration
+              bytes (X-Accel-Redirect, compliance/dicomweb/front.py): the deployed configuration
 
 and prints p50/p95 latency and throughput for each, and their ratios to direct. Every gateway and
 front request is a real audited retrieve: the script checks afterwards that the outbox holds one
@@ -66,6 +66,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(base: str, log: Path, attempts: int = 120) -> None:
+    """Until ``base/healthz`` answers 200; exits with the log's tail otherwise."""
+    for _ in range(attempts):
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(log.read_text()[-3000:])
+
+
 def run_wrk(url: str, header: str, concurrency: int, duration: int, lua: Path) -> dict[str, float]:
     threads = min(concurrency, 2)
     out = subprocess.run(
@@ -111,22 +123,8 @@ def main() -> None:
                              stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit((tmp / "gateway.log").read_text()[-3000:])
-        for _ in range(60):
-            try:
-                if httpx.get(f"http://127.0.0.1:{front_port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit((tmp / "gateway.log").read_text()[-3000:])
+        wait_healthy(base, tmp / "gateway.log")
+        wait_healthy(f"http://127.0.0.1:{front_port}", tmp / "gateway.log")
 
         def token(user: str) -> str:
             r = httpx.post(f"{settings.keycloak_url}/realms/imaging/protocol/openid-connect/token",

@@ -74,11 +74,11 @@ def front(
     check: bool = typer.Option(False, "--check", help="Render and test the configuration, then exit."),
     state_dir: Path = typer.Option(None, help="nginx.conf, pid, error log (default {stack_dir}/front)."),  # noqa: B008
 ) -> None:
-    """Run the nginx front (compliance/front.py) in the foreground; it pushes released retrieves' bytes."""
+    """Run the nginx front (compliance/dicomweb/front.py) in the foreground; it pushes released retrieves' bytes."""
     import os
     import subprocess
 
-    from compliance.front import nginx_command, render_nginx_config, write_config
+    from compliance.dicomweb.front import nginx_command, render_nginx_config, write_config
 
     settings = get_settings()
     state = state_dir or settings.stack_dir / "front"

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     #: Archive answers that name URLs (WADO-RS metadata) point here.
     public_address: str = ""
     #: Answer WADO-RS retrieves that came through the nginx front with X-Accel-Redirect once decided
-    #: and audited, so nginx streams the bytes (compliance/front.py). Off: the gateway relays them.
+    #: and audited, so nginx streams the bytes (compliance/dicomweb/front.py). Off: the gateway relays them.
     retrieve_delegation: bool = False
     #: Shared by the gateway and its nginx front: nginx sends it in X-Compliance-Front, and the gateway
     #: releases a retrieve only to a request carrying it. Empty: nothing is released. The stack

@@ -9,11 +9,11 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, authenticate, client_address
+from compliance.dicomweb.front import FRONT_HEADER, RELEASED_EVENT_HEADER, is_front, released_event
 from compliance.dicomweb.interfaces import UpstreamResponse
 from compliance.dicomweb.routing import Transaction, classify
 from compliance.dicomweb.service import RequestContext, response_headers
 from compliance.errors import NotFound, PayloadTooLarge, UpstreamError
-from compliance.front import FRONT_HEADER, is_front
 
 router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
 
@@ -21,7 +21,7 @@ router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
 BUFFERED_RESPONSE_MAX = 1024 * 1024
 
 
-def _context(request: Request, principal, path: str) -> RequestContext:
+def _context(request: Request, principal, path: str, *, front: bool = False) -> RequestContext:
     return RequestContext(
         principal=principal,
         source_address=client_address(request),
@@ -30,6 +30,7 @@ def _context(request: Request, principal, path: str) -> RequestContext:
         query=list(request.query_params.multi_items()),
         raw_query=request.url.query,
         headers={k: v for k, v in request.headers.items()},
+        released_event=released_event(request.headers.get(RELEASED_EVENT_HEADER)) if front else None,
     )
 
 
@@ -47,17 +48,19 @@ async def dicomweb_get(request: Request) -> Response:
     route = classify("GET", "/" + path)
     if route is None:
         raise NotFound(f"no DICOMweb resource at /dicom-web/{path}")
-    ctx = _context(request, principal, path)
+    settings = services.settings
+    front = is_front(request.headers.get(FRONT_HEADER), settings.front_secret.get_secret_value())
+    ctx = _context(request, principal, path, front=front)
     service = services.dicomweb
     if route.transaction is Transaction.SEARCH:
         result = await service.search(ctx, route)
         if result.status_code >= 400:
             _raise_for_upstream(result.status_code, path)
         return Response(result.body, status_code=result.status_code, headers=result.headers)
-    settings = services.settings
-    if (route.transaction is Transaction.RETRIEVE and settings.retrieve_delegation
-            and is_front(request.headers.get(FRONT_HEADER), settings.front_secret.get_secret_value())):
-        # Decided and audited here; the nginx front streams the bytes (compliance/front.py).
+    if (route.transaction is Transaction.RETRIEVE and settings.retrieve_delegation and front
+            and ctx.released_event is None):
+        # Decided and audited here; the nginx front streams the bytes (compliance/dicomweb/front.py).
+        # A hand-back of a release the archive refused is relayed and audited here instead.
         target = await service.release(ctx, route)
         if target is not None:
             return Response(status_code=200, headers={"X-Accel-Redirect": target})

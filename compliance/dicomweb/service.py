@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +59,9 @@ class RequestContext:
     query: list[tuple[str, str]]
     raw_query: str
     headers: Mapping[str, str]
+    #: A retrieve the nginx front released and the archive then refused: the release's event uuid
+    #: (set by the API only for requests carrying the front's secret).
+    released_event: str | None = None
 
     @property
     def target(self) -> str:
@@ -77,15 +79,15 @@ class BufferedResponse:
     body: bytes
 
 
-def _released_event(ctx: RequestContext) -> str | None:
-    """The event of a delegated retrieve the archive refused (set by the nginx front), if well formed."""
-    from compliance.front import RELEASED_EVENT_HEADER
-
-    value = ctx.headers.get(RELEASED_EVENT_HEADER, "")
-    try:
-        return str(uuid.UUID(value)) if value else None
-    except ValueError:
-        return None
+def _failure_reason(report: Mapping[str, Any]) -> str | None:
+    """What the archive's verification of a study says: "integrity" (a file does not authenticate or
+    is missing), "erased" (its key was destroyed), or None (its files are fine)."""
+    results = {f.get("result") for f in report.get("failures", [])}
+    if "decryption_failed" in results or "missing" in results:
+        return "integrity"
+    if "key_destroyed" in results:
+        return "erased"
+    return None
 
 
 def outcome_of(status: int) -> Outcome:
@@ -227,7 +229,7 @@ class DicomwebService:
         return upstream
 
     async def release(self, ctx: RequestContext, route: Route) -> str | None:
-        """Decide and audit a retrieve whose bytes the nginx front will push (compliance/front.py).
+        """Decide and audit a retrieve whose bytes the nginx front will push (compliance/dicomweb/front.py).
 
         The same decision and the same 110104/110103 event as :meth:`retrieve`, committed before
         anything is released; returns the ``X-Accel-Redirect`` target naming the event. Returns
@@ -244,7 +246,7 @@ class DicomwebService:
             return None
         event = self._retrieve_event(ctx, route, 200, summary)
         await self._auditor.record(event)
-        from compliance.front import accel_redirect
+        from compliance.dicomweb.front import accel_redirect
 
         return accel_redirect(str(event.uuid), self._archive_root + ctx.path, ctx.raw_query)
 
@@ -281,11 +283,7 @@ class DicomwebService:
                 await upstream.aclose()
                 await self._auditor.record(self._retrieve_event(ctx, route, upstream.status_code, summary))
                 raise
-            results = {f.get("result") for f in report.get("failures", [])}
-            if "decryption_failed" in results or "missing" in results:
-                reason = "integrity"
-            elif "key_destroyed" in results:
-                reason = "erased"
+            reason = _failure_reason(report)
         if reason is None:
             return
         await upstream.aclose()
@@ -325,13 +323,10 @@ class DicomwebService:
         except Exception:  # noqa: BLE001 - the search's own failure is reported and audited by the caller
             log.warning("could not ask the archive why a search of study %s failed", study, exc_info=True)
             return
-        results = {f.get("result") for f in report.get("failures", [])}
-        if "decryption_failed" in results or "missing" in results:
-            reason, answer = "integrity", 500
-        elif "key_destroyed" in results:
-            reason, answer = "erased", 410
-        else:
+        reason = _failure_reason(report)
+        if reason is None:
             return
+        answer = 500 if reason == "integrity" else 410
         try:
             summary = await self._archive.study_summary(study)
         except Exception:  # noqa: BLE001 - the patient is named when the index still knows it
@@ -360,9 +355,8 @@ class DicomwebService:
             StudyRef(study_uid=route.study_uid or "", accession=summary.accession if summary else None),
         )
         description = None if status < 300 else f"archive status {status}"
-        released = _released_event(ctx)
-        if released and description:
-            description += f"; the transfer released by event {released} was not delivered"
+        if ctx.released_event and description:
+            description += f"; the transfer released by event {ctx.released_event} was not delivered"
         if route.transaction is Transaction.RETRIEVE:
             return instances_transferred_event(
                 user=ctx.user,

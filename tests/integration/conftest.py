@@ -145,13 +145,47 @@ def start_gateway(stack: Stack, tmp: Path, *, database_url: str, index_prefix: s
     pytest.fail(f"the gateway did not become healthy:\n{log_path.read_text()[-4000:]}", pytrace=False)
 
 
-def stop_gateway(gw: Gateway) -> None:
-    if gw.process.poll() is None:
-        gw.process.terminate()
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if process.poll() is None:
+        process.terminate()
         try:
-            gw.process.wait(timeout=20)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            gw.process.kill()
+            process.kill()
+            process.wait(timeout=timeout)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's high-water mark of resident memory (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def store_big_instance(stack: Stack, size_mb: int, patient_id: str, patient_name: str) -> tuple[int, str, str, str]:
+    """A synthetic instance of about ``size_mb`` MiB stored straight into the archive (past the test
+    gateways' small STOW limit): its size and its study, series and instance UIDs."""
+    from compliance.demo import synthetic_instance
+
+    data, study, series, instance = synthetic_instance(frames=size_mb * 2, patient_id=patient_id,
+                                                      patient_name=patient_name)
+    r = httpx.post(f"{stack.orthanc_url}/instances", content=data, auth=stack.orthanc_auth, timeout=300)
+    assert r.status_code == 200, r.text
+    return len(data), study, series, instance
+
+
+def delete_study(stack: Stack, study_uid: str) -> None:
+    """Remove a test's study from the archive (big or corrupted files must not outlive the test)."""
+    found = httpx.post(f"{stack.orthanc_url}/tools/lookup", content=study_uid, auth=stack.orthanc_auth, timeout=30)
+    for item in found.json():
+        httpx.delete(f"{stack.orthanc_url}/studies/{item['ID']}", auth=stack.orthanc_auth, timeout=60)
+
+
+def stop_gateway(gw: Gateway) -> None:
+    stop_process(gw.process)
 
 
 def drop_prefix(stack: Stack, prefix: str) -> None:

@@ -34,7 +34,7 @@ from compliance.config import PROJECT_ROOT
 from compliance.crypto.streaming import read_header
 from compliance.dicomweb.stow import multipart_related
 
-from .conftest import _free_port
+from .conftest import _free_port, stop_process
 from .dicom_samples import Sample, parts_of_multipart, unique_instance
 
 pytestmark = pytest.mark.integration
@@ -139,13 +139,7 @@ class Pkcs11Archive:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, timeout=30)
         self.process = None
 
     def log_tail(self) -> str:

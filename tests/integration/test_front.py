@@ -1,4 +1,4 @@
-"""The nginx front (``compliance front``, compliance/front.py) with retrieve delegation, on the real stack.
+"""The nginx front (``compliance front``, compliance/dicomweb/front.py) with retrieve delegation, on the real stack.
 
 nginx listens where clients connect and passes every request to a gateway of our own started with
 ``COMPLIANCE_RETRIEVE_DELEGATION=true``; the gateway decides and audits a WADO-RS retrieve, then
@@ -40,7 +40,7 @@ from pydicom.uid import generate_uid
 
 from compliance.config import PROJECT_ROOT
 from compliance.db.migrate import scratch_schema
-from compliance.demo import multipart_related, synthetic_instance
+from compliance.demo import multipart_related
 
 from .conftest import (
     AuditIndex,
@@ -48,10 +48,14 @@ from .conftest import (
     Stack,
     _free_port,
     _reset_database,
+    delete_study,
     drop_prefix,
     dump,
+    peak_rss_mb,
     start_gateway,
     stop_gateway,
+    stop_process,
+    store_big_instance,
 )
 from .dicom_samples import Sample, parts_of_multipart, unique_instance
 
@@ -120,13 +124,7 @@ def start_front(gw: Gateway, tmp: Path, name: str, port: int, **extra_env: str) 
 
 def stop_front(front: Front) -> None:
     """SIGTERM to nginx's master (``compliance front`` exec'd it, in the foreground)."""
-    if front.process.poll() is None:
-        front.process.terminate()
-        try:
-            front.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            front.process.kill()
-            front.process.wait(timeout=20)
+    stop_process(front.process)
 
 
 @dataclass
@@ -273,6 +271,16 @@ def test_a_forged_front_header_on_the_gateways_own_port_releases_nothing(deploym
     assert len(docs) == before + 2, dump(docs)
     assert all(d["event.outcome"] == 0 for d in docs), dump(docs)
 
+    # nor can it make its own refusal claim to follow somebody else's release
+    forged_event = str(uuid.uuid4())
+    r = httpx.get(deployment.gateway.url + instance_path(sample, generate_uid()), timeout=60,
+                  headers={**bearer(tokens["rita"]), "Accept": WADO_ACCEPT, "X-Compliance-Front": "nginx",
+                           "X-Compliance-Released-Event": forged_event})
+    assert r.status_code == 404, r.text[:500]
+    docs = deployment.audit.wait_for(before + 3, **terms)
+    assert len(docs) == before + 3, dump(docs)
+    assert not any(forged_event in (d.get("event.outcome_description") or "") for d in docs), dump(docs)
+
 
 def test_the_archive_never_sees_the_callers_credentials(deployment: Deployment, tokens, stored: Stored,
                                                        stack: Stack):
@@ -390,19 +398,22 @@ def test_front_check_renders_a_private_configuration(deployment: Deployment, tmp
     assert bad.returncode != 0
     assert "error" in bad.stderr.lower() and "nonsense" in bad.stderr, bad.stderr
 
+    # without the shared secret (or the archive password) the front refuses to start, and writes nothing
+    for missing in ("COMPLIANCE_FRONT_SECRET", "COMPLIANCE_ARCHIVE_PASSWORD"):
+        empty_dir = tmp_path / f"no-{missing.lower()}"
+        refused = subprocess.run([sys.executable, "-m", "compliance.cli", "front", "--check",
+                                  "--listen", f"127.0.0.1:{_free_port()}", "--backend", backend],
+                                 cwd=PROJECT_ROOT, env=front_env(deployment.gateway, empty_dir, **{missing: ""}),
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2, refused.stderr
+        assert missing in refused.stderr, refused.stderr
+        assert not (empty_dir / "front" / "nginx.conf").exists()
+
 
 def test_healthz_through_the_front_is_the_gateways(deployment: Deployment):
     r = httpx.get(f"{deployment.front.url}/healthz", timeout=10)
     assert r.status_code == 200
     assert json.loads(r.text) == httpx.get(f"{deployment.gateway.url}/healthz", timeout=10).json()
-
-
-def _peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def _nginx_workers(front: Front) -> list[int]:
@@ -416,17 +427,12 @@ def test_a_large_retrieve_through_the_front_is_never_held_nor_spooled(deployment
     writes nothing to its temp directories (decrypted images never land on disk), and the gateway,
     which only decided and audited, does not grow either."""
     size_mb = int(os.environ.get("COMPLIANCE_TEST_FRONT_BIG_INSTANCE_MB", "120"))
-    data, study, series, instance = synthetic_instance(frames=size_mb * 2, patient_id="FRONT-BIG",
-                                                      patient_name="Big^Front")
-    r = httpx.post(f"{stack.orthanc_url}/instances", content=data, auth=stack.orthanc_auth, timeout=300)
-    assert r.status_code == 200, r.text
-    size = len(data)
-    del data
+    size, study, series, instance = store_big_instance(stack, size_mb, "FRONT-BIG", "Big^Front")
     temp_dirs = [deployment.front.stack_dir / "front" / d for d in ("proxy", "client_body")]
     workers = _nginx_workers(deployment.front)
     assert workers, "no nginx worker process"
-    before = {pid: _peak_rss_mb(pid) for pid in workers}
-    gateway_before = _peak_rss_mb(deployment.gateway.process.pid)
+    before = {pid: peak_rss_mb(pid) for pid in workers}
+    gateway_before = peak_rss_mb(deployment.gateway.process.pid)
     received = 0
     spooled: list[str] = []
     url = f"{deployment.front.url}/dicom-web/studies/{study}/series/{series}/instances/{instance}"
@@ -440,10 +446,8 @@ def test_a_large_retrieve_through_the_front_is_never_held_nor_spooled(deployment
                     spooled = [str(p) for d in temp_dirs for p in d.rglob("*") if p.is_file()]
         assert received > size
         assert spooled == [], spooled
-        grown = {pid: _peak_rss_mb(pid) - before[pid] for pid in workers}
+        grown = {pid: peak_rss_mb(pid) - before[pid] for pid in workers}
         assert max(grown.values()) < 32, f"nginx peak RSS grew {grown} MiB for a {size >> 20} MiB retrieve"
-        assert _peak_rss_mb(deployment.gateway.process.pid) - gateway_before < 32
+        assert peak_rss_mb(deployment.gateway.process.pid) - gateway_before < 32
     finally:
-        found = httpx.post(f"{stack.orthanc_url}/tools/lookup", content=study, auth=stack.orthanc_auth, timeout=30)
-        for item in found.json():
-            httpx.delete(f"{stack.orthanc_url}/studies/{item['ID']}", auth=stack.orthanc_auth, timeout=60)
+        delete_study(stack, study)

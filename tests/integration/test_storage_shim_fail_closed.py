@@ -25,7 +25,7 @@ from pydicom.data import get_testdata_file
 
 from compliance.config import PROJECT_ROOT, load_settings
 
-from .conftest import _free_port
+from .conftest import _free_port, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -90,13 +90,7 @@ class Archive:
         return [p for p in (self.base / "storage").rglob("*") if p.is_file()]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, timeout=30)
 
 
 @pytest.fixture

@@ -7,10 +7,7 @@ import pytest
 from compliance.archive.operations import KeyOperations
 from compliance.audit.atna import AuditSource
 from compliance.audit.events import UserRef
-from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
-from compliance.db.migrate import upgrade
-from compliance.db.session import make_engine
 from compliance.errors import UpstreamUnavailable
 
 
@@ -27,14 +24,6 @@ class UnreachableArchive:
         self.shredded.append(patient_id)
         return {"destroyed": 1, "state": "shredded"}
 
-
-@pytest.fixture
-def outbox(tmp_path):
-    url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    upgrade(url)
-    box = SqlAuditOutbox(make_engine(url))
-    yield box
-    box.close()
 
 
 async def test_shred_whose_study_listing_fails_is_audited_and_destroys_nothing(outbox):

@@ -44,17 +44,9 @@ def entry(i: int) -> OutboxEntry:
                        occurred_at=datetime(2026, 11, 28, tzinfo=UTC), document={"n": i})
 
 
-@pytest.fixture
-def outbox(tmp_path):
-    url = f"sqlite:///{tmp_path / 'o.db'}"
-    upgrade(url)
-    ob = SqlAuditOutbox(make_engine(url))
-    yield ob
-    ob.close()
-
 
 def rows(tmp_path) -> list[tuple]:
-    con = sqlite3.connect(tmp_path / "o.db")
+    con = sqlite3.connect(tmp_path / "outbox.db")
     try:
         return con.execute("select seq, uuid, document, shipped_at from audit_outbox order by seq").fetchall()
     finally:
@@ -176,7 +168,7 @@ def test_concurrent_writers_on_separate_connections_never_fork_the_chain(tmp_pat
 
 def test_rows_carry_the_chain_in_columns_and_document(outbox, tmp_path):
     outbox.append_now([entry(1), entry(2)])
-    con = sqlite3.connect(tmp_path / "o.db")
+    con = sqlite3.connect(tmp_path / "outbox.db")
     rows = con.execute("select seq, prev_hash, hash, document from audit_outbox order by seq").fetchall()
     con.close()
     assert rows[0][1] == "0" * 64

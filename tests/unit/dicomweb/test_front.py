@@ -1,4 +1,4 @@
-"""The nginx front (compliance/front.py): its configuration and the gateway's release of a retrieve.
+"""The nginx front (compliance/dicomweb/front.py): its configuration and the gateway's release of a retrieve.
 
 Pure logic: the rendered configuration is checked by nginx itself (``nginx -t``) when nginx is
 installed; the release runs against a fake archive and a real SQLite outbox. The front on the real
@@ -8,6 +8,7 @@ stack is tested in tests/integration/test_front.py.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import shutil
 import stat
@@ -19,21 +20,20 @@ from compliance.audit.atna import AuditSource
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
-from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
+from compliance.dicomweb.front import (
+    INTERNAL_PREFIX,
+    accel_redirect,
+    is_front,
+    nginx_command,
+    released_event,
+    render_nginx_config,
+    write_config,
+)
 from compliance.dicomweb.interfaces import StudySummary
 from compliance.dicomweb.routing import classify
 from compliance.dicomweb.service import DicomwebService, RequestContext
 from compliance.errors import AuditFailure, PermissionDenied
-from compliance.front import (
-    INTERNAL_PREFIX,
-    RELEASED_EVENT_HEADER,
-    accel_redirect,
-    is_front,
-    nginx_command,
-    render_nginx_config,
-    write_config,
-)
 from compliance.policy.rbac import RbacPolicy
 
 STUDY = "1.2.3.4"
@@ -120,14 +120,6 @@ def service(outbox: SqlAuditOutbox, archive: FakeArchive) -> DicomwebService:
     return DicomwebService(archive, policy, auditor, gateway_id="gw")
 
 
-@pytest.fixture
-def outbox(tmp_path):
-    url = f"sqlite:///{tmp_path / 'outbox.db'}"
-    upgrade(url)
-    box = SqlAuditOutbox(make_engine(url))
-    yield box
-    box.close()
-
 
 async def test_release_commits_the_event_before_naming_it(outbox):
     archive = FakeArchive()
@@ -163,10 +155,14 @@ async def test_unknown_study_is_not_released(outbox):
 async def test_refused_release_is_audited_with_the_released_event(outbox):
     released = "0f8fad5b-d9cb-469f-a165-70867728950e"
     svc = service(outbox, FakeArchive())
-    event = svc._retrieve_event(ctx("clinician", headers={RELEASED_EVENT_HEADER: released}),
-                                classify("GET", PATH), 404, StudySummary(STUDY, "PID-1", "Doe^Jane"))
+    handed_back = dataclasses.replace(ctx("clinician"), released_event=released)
+    event = svc._retrieve_event(handed_back, classify("GET", PATH), 404, SUMMARY)
     assert event.outcome_description == (f"archive status 404; the transfer released by event {released} "
                                          "was not delivered")
-    forged = svc._retrieve_event(ctx("clinician", headers={RELEASED_EVENT_HEADER: "<script>"}),
-                                 classify("GET", PATH), 404, None)
-    assert forged.outcome_description == "archive status 404"
+    assert svc._retrieve_event(ctx("clinician"), classify("GET", PATH), 404, None).outcome_description == (
+        "archive status 404")
+
+
+@pytest.mark.parametrize("value", [None, "", "<script>", "0f8fad5b"])
+def test_a_malformed_released_event_is_not_believed(value):
+    assert released_event(value) is None

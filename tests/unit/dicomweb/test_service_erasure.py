@@ -10,10 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from compliance.audit.outbox import SqlAuditOutbox
 from compliance.crypto.interfaces import KeyDestroyed
-from compliance.db.migrate import upgrade
-from compliance.db.session import make_engine
 from compliance.dicomweb.routing import classify
 from compliance.errors import UpstreamUnavailable
 
@@ -38,14 +35,6 @@ class FakeCustodian:
         self.calls.append(("verify", study_uid))
         return {"failures": []}
 
-
-@pytest.fixture
-def outbox(tmp_path):
-    url = f"sqlite:///{tmp_path / 'erasure.db'}"
-    upgrade(url)
-    box = SqlAuditOutbox(make_engine(url))
-    yield box
-    box.close()
 
 
 def _with_custodian(outbox, archive, custodian):

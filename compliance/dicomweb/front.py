@@ -18,10 +18,12 @@ decision and the audit". The protocol between the two, all on loopback:
    gateway's archive credentials and the client's ``Accept`` only (no token, no cookie, no other
    header), and streams the answer back without spooling it to disk.
 4. If Orthanc answers anything but 2xx, nginx sends the original request back to the gateway with
-   ``X-Compliance-Archive-Status`` and ``X-Compliance-Released-Event`` set. The gateway then handles it
-   as if undelegated: it asks the archive itself, answers 404/410/integrity failure with its JSON
-   body, and records a second 110104 with the failure outcome naming the released event. A delegated
-   retrieve the archive refuses thus leaves two events: the release (outcome 0) and the refusal.
+   the secret, ``X-Compliance-Archive-Status`` and ``X-Compliance-Released-Event`` set (the gateway
+   believes the released event only next to the secret, and never releases such a request again).
+   The gateway then handles it as if undelegated: it asks the archive itself, answers
+   404/410/integrity failure with its JSON body, and records a second 110104 with the failure
+   outcome naming the released event. A delegated retrieve the archive refuses thus leaves two
+   events: the release (outcome 0) and the refusal.
 
 Anything nginx itself must refuse (gateway down) is answered in JSON. nginx keeps no access log
 (request lines carry study UIDs and QIDO queries can carry patient names), buffers request and
@@ -39,6 +41,7 @@ import base64
 import hmac
 import os
 import shutil
+import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -55,6 +58,14 @@ INTERNAL_PREFIX = "/_archive/"
 def is_front(request_value: str | None, secret: str) -> bool:
     """Whether a request came through the front: it carries the shared secret (constant-time compare)."""
     return bool(secret) and request_value is not None and hmac.compare_digest(request_value.encode(), secret.encode())
+
+
+def released_event(value: str | None) -> str | None:
+    """The released event a refused hand-back names (a UUID), or None when absent or malformed."""
+    try:
+        return str(uuid.UUID(value)) if value else None
+    except ValueError:
+        return None
 
 
 def accel_redirect(event_uuid: str, archive_path: str, raw_query: str) -> str:
@@ -88,7 +99,7 @@ def render_nginx_config(*, listen: str, backend: str, archive_url: str, archive_
       proxy_set_header X-Forwarded-Proto $scheme;
       proxy_set_header X-Real-IP "";
       proxy_set_header Forwarded "";"""
-    return f"""# Rendered by `compliance front` (compliance/front.py). Holds the archive credentials: mode 0600.
+    return f"""# Rendered by `compliance front` (compliance/dicomweb/front.py). Mode 0600: it holds secrets.
 worker_processes {int(workers)};
 daemon off;
 pid {state}/nginx.pid;
@@ -166,7 +177,7 @@ http {{
         return 404 '{{"error": "not_found", "message": "no resource here"}}';
       }}
       proxy_pass http://compliance_gateway$request_uri;{gateway_headers}
-      proxy_set_header {FRONT_HEADER} "";
+      proxy_set_header {FRONT_HEADER} "{front_secret}";
       proxy_set_header {ARCHIVE_STATUS_HEADER} $upstream_status;
       proxy_set_header {RELEASED_EVENT_HEADER} $released_event;
       proxy_intercept_errors off;
