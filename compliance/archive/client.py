@@ -142,6 +142,11 @@ class ArchiveKeyClient:
         report = await self._call("POST", "/compliance/archive/verify", {"attachments": attachments})
         return {"study_uid": study_uid, **report}
 
+    async def recent_failures(self, within_seconds: float) -> list[dict[str, Any]]:
+        """Files the custodian failed to authenticate on a read in the last ``within_seconds`` (its clock)."""
+        report = await self._call("POST", "/compliance/archive/failures", {"within_seconds": within_seconds})
+        return list(report.get("failures") or [])
+
     async def patient_studies(self, patient_id: str) -> list[tuple[str, str | None, str | None]]:
         """(study uid, patient name, accession) of the patient's studies in the archive's index."""
         try:

@@ -21,6 +21,11 @@ Routes (all JSON; bodies carry ids so no patient id ever sits in a URL or an acc
                                    {"study_uid"}      shredded (a tombstone) | unknown_study
     POST /compliance/archive/verify {"attachments": [{"instance", "uuid", "content_type"}]}
                                                       decrypt each file, report failures
+    POST /compliance/archive/failures {"within_seconds"}
+                                                      files that failed to authenticate on a read
+                                                      in that many seconds (the plugin's journal,
+                                                      its own clock): {"failures": [{"uuid",
+                                                      "content_type", "at"}], "count"}
 
 The handlers never call back into Orthanc's REST API: a Python REST callback that calls
 ``orthanc.RestApiGet`` holds the GIL while Orthanc serves the inner request, and a storage callback
@@ -37,10 +42,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
+from compliance.archive.interfaces import MAX_FAILURE_WINDOW
 from compliance.archive.storage import EncryptedFilesystemStorage
 from compliance.crypto.keys import KeyService
 from compliance.crypto.models import CryptoDataKey
@@ -126,6 +133,11 @@ class KeyControl:
             except (KeyError, TypeError, ValueError) as exc:
                 raise InvalidRequest("each attachment needs instance, uuid and content_type") from exc
             return Response(200, self.verify(attachments))
+        if route[1] == "/compliance/archive/failures":
+            within = p.get("within_seconds")
+            if isinstance(within, bool) or not isinstance(within, int | float) or not 0 < within <= MAX_FAILURE_WINDOW:
+                raise InvalidRequest(f"'within_seconds' must be a number in (0, {MAX_FAILURE_WINDOW}]")
+            return Response(200, self.failures(float(within)))
         return Response(404, {"error": "not_found", "message": f"no route {path}"})
 
     # --- the operations ----------------------------------------------------------------------
@@ -155,6 +167,14 @@ class KeyControl:
         if any(r.destroyed_at is None for r in rows):
             return "live"
         return "shredded" if rows else "none"
+
+    def failures(self, within_seconds: float) -> dict[str, Any]:
+        """Reads that failed authentication in the last ``within_seconds``: what made a search fail
+        when the gateway cannot tell which study it touched."""
+        recent = self._storage.recent_failures(timedelta(seconds=within_seconds))
+        return {"failures": [{"uuid": f.uuid, "content_type": f.content_type, "at": f.at.isoformat()}
+                             for f in recent],
+                "count": self._storage.integrity_failures}
 
     def verify(self, attachments: Sequence[Attachment]) -> dict[str, Any]:
         failures = []

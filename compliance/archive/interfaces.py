@@ -1,4 +1,4 @@
-"""The archive domain's errors.
+"""The archive domain's errors (and the one limit its custodian and the gateway share).
 
     ComplianceError
     └── IntegrityError
@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from compliance.errors import IntegrityError
 
-__all__ = ["ArchiveIntegrityError"]
+__all__ = ["MAX_FAILURE_WINDOW", "ArchiveIntegrityError"]
+
+#: The longest look back (seconds) the custodian's ``/compliance/archive/failures`` answers.
+MAX_FAILURE_WINDOW = 3600
 
 
 class ArchiveIntegrityError(IntegrityError):

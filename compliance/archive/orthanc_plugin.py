@@ -15,7 +15,7 @@ What it registers:
   area with range reads, this plugin publishes the storage to it instead
   (``compliance.archive.storage.ACTIVE_STORAGE``), so Orthanc stores one file per instance rather
   than two; without the shim it registers orthanc-python's whole-file storage area itself;
-- ``/compliance/keys/*`` and ``/compliance/archive/verify`` REST routes
+- ``/compliance/keys/*``, ``/compliance/archive/verify`` and ``/compliance/archive/failures`` REST routes
   (:mod:`compliance.archive.control`) through which the gateway and the operator CLI run key
   operations. They sit behind Orthanc's own HTTP authentication (the gateway's generated
   credentials; ``RemoteAccessAllowed: false``).
@@ -108,6 +108,7 @@ def _install() -> None:
         orthanc.RegisterStorageArea(on_create, on_read, on_remove)
     orthanc.RegisterRestCallback("/compliance/keys/.*", on_rest)
     orthanc.RegisterRestCallback("/compliance/archive/verify", on_rest)
+    orthanc.RegisterRestCallback("/compliance/archive/failures", on_rest)
     orthanc.LogWarning(f"compliance storage: encrypting {storage_dir} with provider {store.provider.name}")
 
 

@@ -53,7 +53,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -283,6 +283,12 @@ class EncryptedFilesystemStorage:
         with self._journal_lock:
             return self._journal.count
 
-    def recent_failures(self) -> list[IntegrityFailure]:
+    def recent_failures(self, within: timedelta | None = None) -> list[IntegrityFailure]:
+        """The journal's failures (the last 1000), oldest first; ``within``: only those recorded in
+        that much time before now (by this process's clock, so a caller's clock never matters)."""
         with self._journal_lock:
-            return list(self._journal.recent)
+            recent = list(self._journal.recent)
+        if within is None:
+            return recent
+        since = self._clock() - within
+        return [f for f in recent if f.at >= since]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -77,6 +78,10 @@ class BufferedResponse:
     status_code: int
     headers: dict[str, str]
     body: bytes
+
+
+#: Seconds added to a failed search's duration when asking the archive which files failed in it.
+FAILURE_WINDOW_MARGIN = 2.0
 
 
 def _failure_reason(report: Mapping[str, Any]) -> str | None:
@@ -140,14 +145,18 @@ class DicomwebService:
     # -- QIDO-RS ------------------------------------------------------------------------------
     async def search(self, ctx: RequestContext, route: Route) -> BufferedResponse:
         await self.authorize(ctx, route)
+        started = time.monotonic()
         upstream = await self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers)
         try:
             body = await _read_bounded(upstream, self._qido_max)
         finally:
             await upstream.aclose()
-        if upstream.status_code >= 500 and self._erasure is not None and route.study_uid:
-            # A study-scoped search reads the study's files: say why the archive failed, as WADO does.
-            await self._explain_failed_search(ctx, route, upstream.status_code)
+        if upstream.status_code >= 500 and self._erasure is not None:
+            if route.study_uid:
+                # A study-scoped search reads the study's files: say why the archive failed, as WADO does.
+                await self._explain_failed_search(ctx, route, upstream.status_code)
+            else:
+                await self._explain_failed_broad_search(ctx, upstream.status_code, time.monotonic() - started)
         patients: dict[tuple[str | None, str | None], PatientRef] = {}
         studies: dict[str, StudyRef] = {}
         if upstream.status_code == 200 and body:
@@ -344,6 +353,41 @@ class DicomwebService:
                                detail={"study_uid": study, "reason": "crypto-shredded"})
         raise ArchiveIntegrityError("a stored object of the study failed its integrity check and was not returned",
                                     detail={"study_uid": study})
+
+    async def _explain_failed_broad_search(self, ctx: RequestContext, status: int, elapsed: float) -> None:
+        """A search across studies the encrypted archive failed: if the custodian failed to
+        authenticate a stored file while the search ran, answer 500 with a 110113 alert naming the
+        file(s); otherwise return (the caller answers 502).
+
+        The study is unknown here (the archive's read callback sees only the file's uuid), so the
+        alert names the files; ``compliance archive verify`` or a study-scoped request names the
+        study. A failure of another request in the same seconds is attributed here too: the search
+        read the archive while it was failing integrity checks, which is what the alert says.
+        """
+        from compliance.archive.interfaces import MAX_FAILURE_WINDOW, ArchiveIntegrityError
+        from compliance.audit.events import EventTypeCode, security_alert_event
+
+        try:
+            window = min(round(elapsed + FAILURE_WINDOW_MARGIN, 3), MAX_FAILURE_WINDOW)
+            failures = await self._erasure.recent_failures(window)
+        except Exception:  # noqa: BLE001 - the search's own failure is reported and audited by the caller
+            log.warning("could not ask the archive why a search failed", exc_info=True)
+            return
+        files = sorted({str(f.get("uuid")) for f in failures})
+        if not files:
+            return
+        shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+        await self._auditor.record(security_alert_event(
+            user=ctx.user, gateway_id=self._gateway_id, alert_type=EventTypeCode.OBJECT_SECURITY_ATTRIBUTES_CHANGED,
+            description=f"integrity failure: stored file(s) {shown} did not authenticate while the archive "
+                        f"answered a search; nothing was returned",
+            resource=f"dicomweb:{ctx.target}", outcome=Outcome.SERIOUS_FAILURE, source_address=ctx.source_address))
+        await self._auditor.record(query_event(
+            user=ctx.user, gateway_id=self._gateway_id, outcome=outcome_of(500),
+            outcome_description=f"archive status {status}: integrity", query=f"{ctx.method} {ctx.target}".encode(),
+            sop_class_uid=None, patients=(), studies=()))
+        raise ArchiveIntegrityError("a stored object failed its integrity check while the archive answered the "
+                                    "search; nothing was returned", detail={"files": len(files)})
 
     def _retrieve_event(self, ctx: RequestContext, route: Route, status: int, summary: StudySummary | None):
         patients = (

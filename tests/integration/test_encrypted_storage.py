@@ -6,6 +6,8 @@ documents in Elasticsearch.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -88,6 +90,36 @@ def test_one_file_per_instance_through_the_storage_shim(gateway, stack, tokens):
                   headers={**bearer(tokens["alice"]), "Accept": "application/dicom+json"}, timeout=30)
     assert r.status_code == 200, r.text[:300]
     assert r.json()[0]["00100020"]["Value"] == [s.patient_id]
+
+
+def test_a_search_across_studies_failing_on_a_corrupted_file_is_an_integrity_alert(gateway, stack, tokens,
+                                                                                  audit: AuditIndex):
+    """A search not scoped to a study cannot verify a study: the custodian's journal of reads that
+    failed authentication names the file, and the search answers 500 with a 110113 alert."""
+    s = unique_instance()
+    assert stow(gateway, tokens["tom"], s).status_code == 200
+    path = attachment_path(stack, s)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    try:
+        r = httpx.get(f"{gateway.url}/dicom-web/instances",
+                      params={"StudyInstanceUID": s.study_uid, "includefield": "all"},
+                      headers={**bearer(tokens["alice"]), "Accept": "application/dicom+json"}, timeout=60)
+        assert r.status_code == 500, r.text[:500]
+        assert r.json()["error"] == "archive_integrity_failure"
+        assert s.patient_id.encode() not in r.content
+    finally:
+        delete_study(stack, s.study_uid)
+    deadline = time.monotonic() + 60
+    alerts: list[dict] = []
+    while not alerts and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alerts = [a for a in audit.wait_for(1, within=5, event__id="110113", user__name="alice")
+                  if path.name in (a.get("event.outcome_description") or "")]
+    assert len(alerts) == 1, dump(alerts)
+    assert alerts[0]["event.outcome"] == 8
+    assert "did not authenticate while the archive answered a search" in alerts[0]["event.outcome_description"]
 
 
 def test_a_corrupted_file_is_an_integrity_failure_never_returned(gateway, stack, tokens, audit: AuditIndex):

@@ -206,3 +206,35 @@ def test_files_are_private_and_leave_no_temporary_files(storage: EncryptedFilesy
     storage.create(u, 1, dicom())
     assert storage.path_of(u).stat().st_mode & 0o777 == 0o600
     assert [p.name for p in storage.path_of(u).parent.iterdir()] == [u]
+
+
+def test_the_failures_route_answers_the_reads_that_failed_in_the_window(tmp_path: Path, store):
+    from datetime import UTC, datetime, timedelta
+
+    now = [datetime(2026, 11, 30, 8, 0, tzinfo=UTC)]
+    storage = EncryptedFilesystemStorage(tmp_path / "storage", store.keys, fsync=False, clock=lambda: now[0])
+    control = KeyControl(store.keys, storage)
+    old, new, good = (str(uuid.uuid4()) for _ in range(3))
+    for u in (old, new, good):
+        storage.create(u, 1, dicom())
+    for u in (old, new):
+        raw = bytearray(storage.path_of(u).read_bytes())
+        raw[len(raw) // 2] ^= 1
+        storage.path_of(u).write_bytes(bytes(raw))
+    with pytest.raises(DecryptionError):
+        storage.read(old, 1)
+    now[0] += timedelta(seconds=30)
+    with pytest.raises(DecryptionError):
+        storage.read_range(new, 1, 0, 10)
+    assert storage.read(good, 1)
+    now[0] += timedelta(seconds=5)
+
+    body = control.handle("POST", "/compliance/archive/failures", b'{"within_seconds": 10}').body
+    assert body == {"failures": [{"uuid": new, "content_type": 1, "at": "2026-11-30T08:00:30+00:00"}], "count": 2}
+    wide = control.handle("POST", "/compliance/archive/failures", b'{"within_seconds": 60.5}').body
+    assert [f["uuid"] for f in wide["failures"]] == [old, new]
+    for bad in (b"{}", b'{"within_seconds": 0}', b'{"within_seconds": -1}', b'{"within_seconds": "10"}',
+                b'{"within_seconds": true}', b'{"within_seconds": 3601}'):
+        refused = control.handle("POST", "/compliance/archive/failures", bad)
+        assert refused.status == 400 and refused.body["error"] == "invalid_request", bad
+    assert control.handle("GET", "/compliance/archive/failures", b"").status == 405

@@ -35,6 +35,9 @@ class FakeCustodian:
         self.calls.append(("verify", study_uid))
         return {"failures": []}
 
+    async def recent_failures(self, within_seconds: float) -> list[dict]:
+        self.calls.append(("failures", within_seconds))
+        return []
 
 
 def _with_custodian(outbox, archive, custodian):
@@ -192,4 +195,57 @@ async def test_a_study_search_failing_for_another_reason_stays_the_archives_fail
     result = await svc.search(ctx("clinician", path=f"/studies/{STUDY}/series"),
                               classify("GET", f"/studies/{STUDY}/series"))
     assert result.status_code == 500  # the API answers 502 for it, as before
+    assert [e[:2] for e in _search_events(outbox)] == [("110112", 8)]
+
+
+class JournalCustodian(FakeCustodian):
+    """The custodian's journal of reads that failed authentication (``/compliance/archive/failures``)."""
+
+    def __init__(self, uuids: list[str]) -> None:
+        super().__init__(shredded=set())
+        self.uuids = uuids
+
+    async def recent_failures(self, within_seconds: float) -> list[dict]:
+        self.calls.append(("failures", within_seconds))
+        return [{"uuid": u, "content_type": 1, "at": "2026-11-30T08:00:00+00:00"} for u in self.uuids]
+
+
+BAD_FILE = "0b6c4f3e-6a53-4f43-9b7c-1d2e3f405162"
+
+
+async def test_a_broad_search_failing_on_a_corrupted_file_is_an_integrity_alert_naming_the_file(outbox):
+    from compliance.archive.interfaces import ArchiveIntegrityError
+    from compliance.dicomweb.service import FAILURE_WINDOW_MARGIN
+
+    custodian = JournalCustodian([BAD_FILE, BAD_FILE])
+    with pytest.raises(ArchiveIntegrityError) as raised:
+        await _searching(outbox, custodian).search(ctx("clinician", path="/instances"), classify("GET", "/instances"))
+    assert raised.value.detail == {"files": 1}
+    ((kind, window),) = custodian.calls  # no study to verify: only the journal is asked
+    assert kind == "failures" and FAILURE_WINDOW_MARGIN <= window < FAILURE_WINDOW_MARGIN + 5
+    events = _search_events(outbox)
+    assert [e[:2] for e in events] == [("110113", 8), ("110112", 8)]
+    assert BAD_FILE in events[0][2] and "integrity failure" in events[0][2]
+    assert events[1][2] == "archive status 500: integrity"
+    alert = outbox.pending(10)[0][2]
+    assert alert["user.name"] == "alice" and alert.get("patient.ids", []) == []
+
+
+async def test_a_broad_search_failing_with_no_integrity_failure_stays_the_archives_failure(outbox):
+    custodian = FakeCustodian(shredded=set())
+    result = await _searching(outbox, custodian).search(ctx("clinician", path="/studies"), classify("GET", "/studies"))
+    assert result.status_code == 500  # the API answers 502 for it
+    assert custodian.calls[0][0] == "failures"
+    assert [e[:2] for e in _search_events(outbox)] == [("110112", 8)]
+
+
+async def test_a_broad_search_whose_custodian_is_unreachable_stays_the_archives_failure(outbox):
+    custodian = JournalCustodian([BAD_FILE])
+
+    async def unreachable(within_seconds: float) -> list[dict]:
+        raise UpstreamUnavailable("the key custodian cannot be reached")
+
+    custodian.recent_failures = unreachable  # type: ignore[method-assign]
+    result = await _searching(outbox, custodian).search(ctx("clinician", path="/studies"), classify("GET", "/studies"))
+    assert result.status_code == 500
     assert [e[:2] for e in _search_events(outbox)] == [("110112", 8)]
