@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from compliance import __version__
 from compliance.api import audit as audit_routes
@@ -44,6 +45,18 @@ class Overrides:
     verifier: TokenVerifier | None = None
     archive: ArchiveBackend | None = None
     sink: AuditSink | None = None
+
+class GatewayApp(FastAPI):
+    """The gateway's ASGI app: GET /dicom-web/... takes the DICOMweb fast lane
+    (:func:`compliance.api.dicomweb.serve_get`); everything else goes through FastAPI as usual."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] == "http" and scope["method"] == "GET" and not self.root_path
+                and scope["path"].startswith(dicomweb_routes.FAST_LANE_PREFIX)):
+            await dicomweb_routes.serve_get(self, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
 
 def create_app(settings: Settings | None = None, overrides: Overrides | None = None) -> FastAPI:
     settings = settings or get_settings()
@@ -129,7 +142,7 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
                 await http.aclose()
                 engine.dispose()
 
-    app = FastAPI(title="Imaging compliance gateway", version=__version__, lifespan=lifespan,
+    app = GatewayApp(title="Imaging compliance gateway", version=__version__, lifespan=lifespan,
                   docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
     error_handlers.install(app, realm=settings.keycloak_realm)
     app.include_router(health.router)

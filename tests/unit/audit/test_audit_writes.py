@@ -82,3 +82,58 @@ def test_an_exception_rolls_back(engine):
         assert conn.exec_driver_sql("SELECT count(*) FROM r").scalar() == 0
     with audit_transaction(engine) as conn:  # the lock was released
         conn.exec_driver_sql("INSERT INTO r VALUES (2)")
+
+
+def _entry(n: int):
+    import uuid
+    from datetime import UTC, datetime
+
+    from compliance.audit.outbox import OutboxEntry
+
+    return OutboxEntry(uuid=str(uuid.uuid4()), event_code="110112", occurred_at=datetime.now(UTC),
+                       document={"event": {"id": "110112"}, "n": n})
+
+
+def test_the_group_commit_writer_keeps_one_connection_and_gives_it_back_when_it_stops(tmp_path):
+    from compliance.audit.outbox import SqlAuditOutbox
+
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    box = SqlAuditOutbox(engine)
+    for n in range(5):
+        box.submit(_entry(n)).result(timeout=10)
+        assert engine.pool.checkedout() == 1, "the writer holds its one connection between commits"
+    kept = box._writer_conn
+    box.submit(_entry(5)).result(timeout=10)
+    assert box._writer_conn is kept
+    box.append_now([_entry(6)])  # another thread borrows from the pool and gives back
+    assert engine.pool.checkedout() == 1
+    box.close()
+    assert engine.pool.checkedout() == 0 and box._writer_conn is None
+    assert box.total() == 7 and [d["n"] for _, _, d in box.pending(10)] == list(range(7))
+    engine.dispose()
+
+
+def test_a_writer_connection_that_failed_a_commit_is_not_kept(tmp_path):
+    from compliance.audit.outbox import SqlAuditOutbox
+    from compliance.errors import AuditFailure
+
+    url = f"sqlite:///{tmp_path / 'outbox.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    box = SqlAuditOutbox(engine)
+    box.submit(_entry(0)).result(timeout=10)
+    kept = box._writer_conn
+    with engine.begin() as conn:  # the next insert fails: the table is gone
+        conn.execute(text("ALTER TABLE audit_outbox RENAME TO audit_outbox_away"))
+    with pytest.raises(AuditFailure):
+        box.submit(_entry(1)).result(timeout=10)
+    assert box._writer_conn is None and engine.pool.checkedout() == 0
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_outbox_away RENAME TO audit_outbox"))
+    box.submit(_entry(2)).result(timeout=10)
+    assert box._writer_conn is not None and box._writer_conn is not kept
+    box.close()
+    assert [d["n"] for _, _, d in box.pending(10)] == [0, 2]
+    engine.dispose()
