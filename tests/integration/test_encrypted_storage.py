@@ -7,6 +7,7 @@ documents in Elasticsearch.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -92,16 +93,22 @@ def test_one_file_per_instance_through_the_storage_shim(gateway, stack, tokens):
     assert r.json()[0]["00100020"]["Value"] == [s.patient_id]
 
 
-def test_a_search_across_studies_failing_on_a_corrupted_file_is_an_integrity_alert(gateway, stack, tokens,
-                                                                                  audit: AuditIndex):
-    """A search not scoped to a study cannot verify a study: the custodian's journal of reads that
-    failed authentication names the file, and the search answers 500 with a 110113 alert."""
+def stored_then_corrupted(gw: Gateway, stack: Stack, token: str) -> tuple[Sample, Path]:
+    """A new instance stored through the gateway, then one bit of its stored file flipped."""
     s = unique_instance()
-    assert stow(gateway, tokens["tom"], s).status_code == 200
+    assert stow(gw, token, s).status_code == 200
     path = attachment_path(stack, s)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
+    return s, path
+
+
+def test_a_search_across_studies_failing_on_a_corrupted_file_is_an_integrity_alert(gateway, stack, tokens,
+                                                                                  audit: AuditIndex):
+    """A search not scoped to a study cannot verify a study: the custodian's journal of reads that
+    failed authentication names the file, and the search answers 500 with a 110113 alert."""
+    s, path = stored_then_corrupted(gateway, stack, tokens["tom"])
     try:
         r = httpx.get(f"{gateway.url}/dicom-web/instances",
                       params={"StudyInstanceUID": s.study_uid, "includefield": "all"},
@@ -123,12 +130,7 @@ def test_a_search_across_studies_failing_on_a_corrupted_file_is_an_integrity_ale
 
 
 def test_a_corrupted_file_is_an_integrity_failure_never_returned(gateway, stack, tokens, audit: AuditIndex):
-    s = unique_instance()
-    assert stow(gateway, tokens["tom"], s).status_code == 200
-    path = attachment_path(stack, s)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    s, _ = stored_then_corrupted(gateway, stack, tokens["tom"])
     try:
         r = wado_instance(gateway, tokens["alice"], s)
         assert r.status_code == 500, r.text[:500]
