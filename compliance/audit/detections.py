@@ -12,8 +12,9 @@ Rules and thresholds are data (``policies/detections.yaml``, restricted patients
 * ``vip_access``: any access to a restricted patient by a user not listed as exempt;
 * ``disabled_account``: any activity recorded for an account the directory says is disabled (a
   token issued before the account was disabled is still valid until it expires);
-* ``failed_auth_burst``: ``threshold`` refused authentications (110113 / 110143) from one source
-  address within ``window_seconds``.
+* ``failed_auth_burst``: ``threshold`` refused authentications from one source address within
+  ``window_seconds``: tokens the gateway refused (110113 / 110143) and logins Keycloak refused
+  (110114 Login with a failure outcome, imported by ``compliance audit import-logins``).
 
 How it runs: :class:`DetectionJob` is a batch job, ``compliance audit detect``, meant for cron or a
 systemd timer. It is not a task inside the gateway because the gateway runs one process per core:
@@ -575,16 +576,25 @@ class DetectionEngine:
         threshold = int(rule.options["threshold"])
         window = timedelta(seconds=int(rule.options["window_seconds"]))
         # Look back one window so a burst straddling two runs is still seen whole.
-        search = AuditSearch(start=start - window, end=end, extra_filters=(
-            {"term": {"event.id": "110113"}},
-            {"term": {"event.type_codes": EventTypeCode.AUTHENTICATION_DECISION.code}}))
+        # Refused tokens at the gateway (110113 Authentication Decision) and refused logins at
+        # Keycloak (110114 with a failure outcome, imported by compliance audit import-logins).
+        refused = {"bool": {"minimum_should_match": 1, "should": [
+            {"bool": {"filter": [{"term": {"event.id": "110113"}},
+                                 {"term": {"event.type_codes": EventTypeCode.AUTHENTICATION_DECISION.code}}]}},
+            {"bool": {"filter": [{"term": {"event.id": "110114"}},
+                                 {"term": {"event.type_codes": EventTypeCode.LOGIN.code}}],
+                      "must_not": [{"term": {"event.outcome": 0}}]}},
+        ]}}
+        search = AuditSearch(start=start - window, end=end, extra_filters=(refused,))
         recent: dict[str, deque[tuple[datetime, str, str | None]]] = defaultdict(deque)
         bursts: dict[str, _Burst] = {}
         done: list[tuple[str, _Burst]] = []
         for doc in self._events("failed_auth_burst", search, [*_FIELDS, "user.unverified_claim"]):
             source = str(doc.get("source.address") or "unknown")
             when, uuid = _ts(doc), str(doc["event.uuid"])
-            claim = str(doc["user.unverified_claim"]) if doc.get("user.unverified_claim") else None
+            claimed = doc.get("user.unverified_claim") or (
+                doc.get("user.name") if doc.get("event.id") == "110114" else None)
+            claim = str(claimed) if claimed else None
             burst = bursts.get(source)
             if burst is not None:
                 if when - burst.last_time <= window:

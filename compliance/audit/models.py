@@ -76,3 +76,14 @@ class AuditOutboxDelivery(Base):
     sink: Mapped[str] = mapped_column(String(32), primary_key=True)
     uuid: Mapped[str] = mapped_column(String(36), primary_key=True)
     delivered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class AuditImportCursor(Base):
+    """Where the last import of an external log into the outbox ended, per source (e.g. one Keycloak
+    realm's login events, compliance/audit/logins.py): the time of the newest event imported."""
+
+    __tablename__ = "audit_import_cursor"
+
+    source: Mapped[str] = mapped_column(String(255), primary_key=True)
+    position: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)

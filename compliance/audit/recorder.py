@@ -46,6 +46,21 @@ class AuditRecorder:
         except Exception as exc:
             self._failed(event, exc)
 
+    def record_many_now(self, events: list[AuditEvent]) -> None:
+        """Append several events in one transaction (a batch job's page); all or none are recorded.
+
+        Always fails closed: a batch job has nothing to let through, and its caller must not move on
+        as if the events were recorded."""
+        if not events:
+            return
+        try:
+            self._outbox.append_now([self.entry(e) for e in events])
+        except Exception as exc:
+            log.critical("AUDIT EVENTS NOT RECORDED: %d events from %s (%s)", len(events), events[0].uuid, exc)
+            if isinstance(exc, AuditFailure):
+                raise
+            raise AuditFailure("the audit events could not be recorded") from exc
+
     def _failed(self, event: AuditEvent, exc: Exception) -> None:
         log.critical("AUDIT EVENT NOT RECORDED: %s %s (%s)", event.event_id.code.code, event.uuid, exc)
         if self._fail_closed:

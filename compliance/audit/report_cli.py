@@ -299,8 +299,40 @@ def audit_detect(
     typer.echo(json.dumps(run.to_json_obj()))
 
 
+def audit_import_logins(
+    since: str = typer.Option(None, "--since", help="Read from this time (ISO 8601) instead of the cursor."),
+) -> None:
+    """Copy Keycloak's login events (logins, refused logins, logouts) into the audit trail as 110114
+    User Authentication events, once each (run it from cron, before ``detect``). Prints a JSON summary."""
+    from compliance.audit.cli import cli_engine, cli_recorder
+    from compliance.audit.logins import KeycloakAdminEvents, LoginImport
+    from compliance.config import get_settings
+    from compliance.errors import ComplianceError
+
+    settings = get_settings()
+    start = _when(since, "--since")
+    secret = settings.oidc_client_secret.get_secret_value()
+    if not secret:
+        _fail("COMPLIANCE_OIDC_CLIENT_SECRET is not set: the import reads Keycloak's events as the gateway's "
+              "confidential client", 2)
+    realm_url = f"{settings.keycloak_url.rstrip('/')}/realms/{settings.keycloak_realm}"
+    events = KeycloakAdminEvents(settings.keycloak_url, settings.keycloak_realm,
+                                 client_id=settings.oidc_client_id, client_secret=secret)
+    engine = cli_engine(settings)
+    try:
+        result = LoginImport(engine, cli_recorder(settings, engine), events, realm_url=realm_url,
+                             gateway_id=settings.audit_source_id).run(since=start)
+    except ComplianceError as exc:
+        _fail(exc.message)
+        raise
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(result.to_json_obj()))
+
+
 def register(audit_app: typer.Typer) -> None:
-    """Add ``search``, ``report`` and ``detect`` to the ``compliance audit`` command group."""
+    """Add ``search``, ``report``, ``detect`` and ``import-logins`` to the ``compliance audit`` command group."""
     audit_app.command("search")(audit_search)
     audit_app.command("report")(audit_report)
     audit_app.command("detect")(audit_detect)
+    audit_app.command("import-logins")(audit_import_logins)
