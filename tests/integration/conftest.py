@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,23 @@ def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield gw
     finally:
         stop_gateway(gw)
+        drop_prefix(stack, prefix)
+
+
+@contextmanager
+def private_trail(stack: Stack, tmp_path: Path, name: str, policy: dict) -> Iterator[tuple[dict[str, str], str, str]]:
+    """A deployment of a test's own, without a gateway: a fresh SQLite database, indices under a
+    prefix of its own (deleted afterwards) and a detections policy file. Yields the CLI environment,
+    the prefix and the policy's path; nothing is shipped until ``compliance audit ship``."""
+    prefix = f"test-{name}-{uuid.uuid4().hex[:10]}"
+    db = f"sqlite:///{tmp_path / f'{name}.db'}"
+    _reset_database(db)
+    policy_file = tmp_path / "detections.yaml"
+    policy_file.write_text(json.dumps(policy))
+    env = {**os.environ, **stack.settings_env, "COMPLIANCE_DATABASE_URL": db, "COMPLIANCE_AUDIT_INDEX_PREFIX": prefix}
+    try:
+        yield env, prefix, str(policy_file)
+    finally:
         drop_prefix(stack, prefix)
 
 

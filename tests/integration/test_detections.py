@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import getpass
 import json
-import os
 import re
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from compliance.audit.review import SqlReviewQueue
 from compliance.config import PROJECT_ROOT, load_settings
 from compliance.db.session import make_engine
 
-from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, start_gateway, stop_gateway
+from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, private_trail, start_gateway, stop_gateway
 from .test_privacy_officer_api import seed
 
 pytestmark = pytest.mark.integration
@@ -300,20 +299,12 @@ def late_trail(stack: Stack, tmp_path):
     """A deployment of its own (database, indices, a policy with only the VIP rule) and no gateway: no
     shipper runs, so what is recorded stays in the outbox until ``compliance audit ship`` (the
     repository "comes back")."""
-    prefix = f"test-late-{uuid.uuid4().hex[:10]}"
-    db = f"sqlite:///{tmp_path / 'late.db'}"
-    _reset_database(db)
-    policy = tmp_path / "detections.yaml"
-    policy.write_text(json.dumps({
+    with private_trail(stack, tmp_path, "late", {
         "version": 1, "timezone": "UTC", "settle_seconds": 60, "initial_lookback_hours": 24,
         "rules": {"vip_access": {"alert_type": "110132", "outcome": 4,
-                                 "patients_file": str(PROJECT_ROOT / "policies" / "vip-patients.yaml")}}}))
-    env = {**os.environ, **stack.settings_env, "COMPLIANCE_DATABASE_URL": db,
-           "COMPLIANCE_AUDIT_INDEX_PREFIX": prefix}
-    try:
-        yield env, db, str(policy)
-    finally:
-        drop_prefix(stack, prefix)
+                                 "patients_file": str(PROJECT_ROOT / "policies" / "vip-patients.yaml")}}},
+    ) as (env, _, policy):
+        yield env, env["COMPLIANCE_DATABASE_URL"], policy
 
 
 def test_an_event_shipped_after_settle_seconds_is_examined_by_the_next_run(stack, late_trail):

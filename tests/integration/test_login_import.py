@@ -8,8 +8,6 @@ ship` delivers), once each; the failed-authentication burst detection then sees 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -17,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from .conftest import AuditIndex, Stack, _reset_database, drop_prefix, dump
+from .conftest import AuditIndex, Stack, dump, private_trail
 from .test_detections import cli
 
 pytestmark = pytest.mark.integration
@@ -27,19 +25,12 @@ NOBODY = f"nobody-{uuid.uuid4().hex[:8]}"
 
 @pytest.fixture()
 def trail(stack: Stack, tmp_path):
-    prefix = f"test-logins-{uuid.uuid4().hex[:10]}"
-    db = f"sqlite:///{tmp_path / 'logins.db'}"
-    _reset_database(db)
-    policy = tmp_path / "detections.yaml"
-    policy.write_text(json.dumps({
+    with private_trail(stack, tmp_path, "logins", {
         "version": 1, "timezone": "UTC", "settle_seconds": 1, "initial_lookback_hours": 1,
         "rules": {"failed_auth_burst": {"alert_type": "110143", "outcome": 8, "threshold": 10,
-                                        "window_seconds": 300}}}))
-    env = {**os.environ, **stack.settings_env, "COMPLIANCE_DATABASE_URL": db, "COMPLIANCE_AUDIT_INDEX_PREFIX": prefix}
-    try:
-        yield env, prefix, str(policy)
-    finally:
-        drop_prefix(stack, prefix)
+                                        "window_seconds": 300}}},
+    ) as trail:
+        yield trail
 
 
 def login(stack: Stack, username: str, password: str) -> int:
