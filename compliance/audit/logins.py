@@ -50,7 +50,7 @@ from sqlalchemy import Engine, select
 from compliance.audit.events import AuditEvent, EventTypeCode, Outcome, UserRef, authentication_event
 from compliance.audit.models import AuditImportCursor, AuditOutboxRow
 from compliance.audit.recorder import AuditRecorder
-from compliance.errors import UpstreamUnavailable
+from compliance.errors import AuditFailure, UpstreamUnavailable
 
 __all__ = ["IMPORTED_TYPES", "KeycloakEvents", "LoginImport", "LoginImportResult", "event_from_keycloak"]
 
@@ -187,19 +187,36 @@ class LoginImport:
                     skipped += 1
                     continue
                 events.append(event)
-            recorded = self._recorded({e.uuid for e in events})
-            fresh = list({e.uuid: e for e in events if e.uuid not in recorded}.values())
+            fresh = self._record_new(events)
             already += len(events) - len(fresh)
-            if fresh:
-                # One transaction per page: the chain, and the outbox's durability, as for any event.
-                self._recorder.record_many_now(fresh)
-                imported += len(fresh)
+            imported += len(fresh)
             if events:
                 latest = max(e.occurred_at for e in events)
                 newest = latest if newest is None or latest > newest else newest
             if newest is not None:
                 self._save_cursor(newest)  # after the page is durable: a crash re-reads, never skips
         return LoginImportResult(start, read, imported, already, skipped, newest)
+
+    def _record_new(self, events: list[AuditEvent]) -> list[AuditEvent]:
+        """Record the events not in the outbox yet, in one transaction; return them.
+
+        Another import running at the same time may record some of them between the look-up and the
+        insert (the uuid is unique, so the insert fails and nothing is recorded): then look again,
+        once, and record what is still missing.
+        """
+        for attempt in (1, 2):
+            recorded = self._recorded({e.uuid for e in events})
+            fresh = list({e.uuid: e for e in events if e.uuid not in recorded}.values())
+            if not fresh:
+                return []
+            try:
+                # One transaction per page: the chain, and the outbox's durability, as for any event.
+                self._recorder.record_many_now(fresh)
+                return fresh
+            except AuditFailure:
+                if attempt == 2 or len(self._recorded({e.uuid for e in fresh})) == 0:
+                    raise  # not a race with another import: the outbox cannot be written
+        raise AssertionError("unreachable")
 
     def _pages(self, start: datetime) -> Iterator[list[dict[str, Any]]]:
         first = 0

@@ -125,3 +125,24 @@ def test_an_import_that_cannot_record_fails_and_leaves_the_cursor(outbox, monkey
     retry = importer(outbox, events).run()
     assert retry.started_at == T0 + timedelta(hours=1) - timedelta(days=7), "no cursor was saved"
     assert retry.imported == 1
+
+
+def test_an_import_racing_another_records_only_what_is_still_missing(outbox, monkeypatch):
+    events = Events([kc(1), kc(2), kc(3)])
+    other = importer(outbox, Events([kc(2)]))
+    run = importer(outbox, events)
+    looked = []
+    real = LoginImport._recorded
+
+    def racing(self, uuids):
+        found = real(self, uuids)
+        if not looked:  # the other import records kc-2 right after this one looked
+            looked.append(1)
+            other.run()
+        return found
+
+    monkeypatch.setattr(LoginImport, "_recorded", racing)
+    result = run.run()
+    assert (result.imported, result.already_recorded) == (2, 1)
+    uuids = [u for _, u, d in outbox.pending(100) if d["event.id"] == "110114"]
+    assert sorted(uuids) == sorted(event_uuid(REALM, f"kc-{n}") for n in (1, 2, 3))
