@@ -12,7 +12,8 @@ Four reports (:class:`ReportKind`), each a query over the flat document fields
   Override Started, on a 110113 alert or on the access event itself) and re-identification (events
   with EventTypeCode 110132 "Use of Restricted Function" naming the patient: the convention the
   re-identification workflow records with);
-* **security**: denials and security alerts (every 110113 in the period).
+* **security**: denials, security alerts and refused logins (every 110113 in the period, and every
+  110114 with a failure outcome).
 
 Formats: JSON and CSV (stdlib ``csv``) for all; PDF (fpdf2, core Helvetica font, no external files)
 for the two a patient may receive: the patient access report and the accounting of disclosures.
@@ -51,6 +52,7 @@ __all__ = [
 #: Events that are an access to a patient's images (PS3.15 A.5.3 event IDs).
 ACCESS_EVENT_IDS = ("110103", "110104", "110105", "110106", "110107", "110112")
 SECURITY_ALERT = "110113"
+USER_AUTHENTICATION = "110114"
 EXPORT = "110106"
 EMERGENCY_OVERRIDE = "110127"
 USE_OF_RESTRICTED_FUNCTION = "110132"
@@ -231,7 +233,7 @@ class DisclosureRow:
 
 @dataclass(frozen=True)
 class SecurityRow:
-    """One denial or security alert (110113)."""
+    """One denial or security alert (110113), or one refused login (110114 with a failure outcome)."""
 
     time: str
     event_uuid: str
@@ -366,10 +368,16 @@ class ReportService:
                             truncated, start, end, {"patient": patient_id})
 
     def security(self, start: datetime, end: datetime) -> Report:
-        search = AuditSearch(event_types=(SECURITY_ALERT,), start=start, end=end,
-                             extra_filters=({"term": {"event.id": SECURITY_ALERT}},))
+        # Every 110113, and every refused login (110114 with a failure outcome: at Keycloak, imported
+        # by compliance audit import-logins, or through compliance token).
+        search = AuditSearch(start=start, end=end, extra_filters=({"bool": {"minimum_should_match": 1, "should": [
+            {"term": {"event.id": SECURITY_ALERT}},
+            {"bool": {"filter": [{"term": {"event.id": USER_AUTHENTICATION}}],
+                      "must_not": [{"term": {"event.outcome": 0}}]}},
+        ]}},))
         rows, truncated = self._rows(search, SecurityRow.from_document)
-        return self._report(ReportKind.SECURITY, "Denials and security alerts", rows, truncated, start, end, {})
+        return self._report(ReportKind.SECURITY, "Denials, refused logins and security alerts", rows, truncated,
+                            start, end, {})
 
     # ------------------------------------------------------------------ helpers
 

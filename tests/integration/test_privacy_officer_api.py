@@ -35,6 +35,7 @@ from compliance.audit.events import (
     PatientRef,
     StudyRef,
     UserRef,
+    authentication_event,
     export_event,
     instances_accessed_event,
     instances_transferred_event,
@@ -92,6 +93,15 @@ def seeded_events() -> dict[str, object]:
                                           description="refused credentials", resource="/dicom-web/studies",
                                           source_address="10.9.9.9", alternative_user_id="mallory",
                                           occurred_at=at(9, 15)),
+        # a login Keycloak refused (as compliance audit import-logins records it), and one it allowed
+        "refused_login": authentication_event(
+            user=UserRef("unverified:eve", "eve", "compliance-cli", (), "10.9.9.8"), gateway_id=GW,
+            outcome=Outcome.MINOR_FAILURE, authenticator_id="http://127.0.0.1:8180/realms/imaging",
+            outcome_description="Keycloak LOGIN_ERROR, client compliance-cli: user_not_found", occurred_at=at(9, 16)),
+        "login_ok": authentication_event(
+            user=UserRef("sub-olga", "olga", "compliance-cli", (), "10.0.0.9"), gateway_id=GW, outcome=OK,
+            authenticator_id="http://127.0.0.1:8180/realms/imaging", outcome_description="Keycloak LOGIN",
+            occurred_at=at(9, 17)),
         "detection_p1": security_alert_event(user=ALICE, gateway_id=GW,
                                              alert_type=EventTypeCode.USE_OF_RESTRICTED_FUNCTION,
                                              description="alice accessed restricted patient PO-PAT-1",
@@ -201,13 +211,17 @@ def test_user_activity_report(po_gateway, priya):
     assert report(po_gateway, priya, "user-activity", user="sub-alice", **MARCH)["count"] == 4
 
 
-def test_security_report_lists_denials_and_alerts(po_gateway, priya):
+def test_security_report_lists_denials_refused_logins_and_alerts(po_gateway, priya):
     body = report(po_gateway, priya, "security", **MARCH)
     assert [r["event_uuid"] for r in body["rows"]] == [
-        uuid_of("denied_p1"), uuid_of("bad_token"), uuid_of("detection_p1")]
+        uuid_of("denied_p1"), uuid_of("bad_token"), uuid_of("refused_login"), uuid_of("detection_p1")]
     bad = body["rows"][1]
     assert (bad["unverified_claim"], bad["source_address"], bad["resource"]) == ("mallory", "10.9.9.9",
                                                                                   "/dicom-web/studies")
+    login = body["rows"][2]
+    assert (login["user_name"], login["source_address"], login["alert_type"], login["outcome"]) == (
+        "eve", "10.9.9.8", "Login", 4)
+    assert login["description"].endswith("user_not_found")
 
 
 def test_csv_has_a_header_and_the_same_rows(po_gateway, priya):
@@ -284,8 +298,8 @@ def test_deep_paging_returns_every_event_once(po_gateway, priya):
             break
     march = [n for n in EVENTS if n != "february_p1"]
     assert sorted(seen) == sorted(uuid_of(n) for n in march)
-    assert len(seen) == len(set(seen)) == 9
-    assert pages == 5
+    assert len(seen) == len(set(seen)) == 11
+    assert pages == 6
 
 
 @pytest.mark.parametrize("params", [{"size": "0"}, {"size": "5000"}, {"from": "yesterday"}, {"cursor": "@@@"},
