@@ -26,7 +26,7 @@ Failure handling:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,21 @@ def load_template(prefix: str, path: Path = TEMPLATE_PATH) -> dict[str, Any]:
     return template
 
 
+def additive_properties(wanted: Mapping[str, Any], existing: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``wanted`` (a mapping's ``properties``) that ``existing`` lacks: new fields, and new
+    sub-fields of objects that both have. Fields both have are left out, whatever their parameters."""
+    out: dict[str, Any] = {}
+    for name, spec in wanted.items():
+        have = existing.get(name)
+        if have is None:
+            out[name] = spec
+        elif isinstance(spec, Mapping) and "properties" in spec and isinstance(have, Mapping) and "properties" in have:
+            sub = additive_properties(spec["properties"], have["properties"])
+            if sub:
+                out[name] = {"properties": sub}
+    return out
+
+
 class ElasticsearchAuditSink:
     """An :class:`~compliance.audit.interfaces.AuditSink` writing to Elasticsearch (client 9.x)."""
 
@@ -127,14 +142,18 @@ class ElasticsearchAuditSink:
                 template=template["template"],
                 meta=template.get("_meta"),
             )
-            # A template only shapes new indices: add fields introduced since (additive only, which
-            # Elasticsearch allows on live indices) to the existing monthly indices too.
-            self._client.indices.put_mapping(
-                index=f"{self.index_prefix}-*",
-                properties=template["template"]["mappings"]["properties"],
-                ignore_unavailable=True,
-                allow_no_indices=True,
-            )
+            # A template only shapes new indices: add the fields introduced since to the existing
+            # monthly indices too. Only what an index lacks is sent: a field it already has keeps
+            # the parameters it was created with (Elasticsearch refuses to change most of them on a
+            # live index, e.g. chain.hash losing its index and doc values), and the template gives
+            # the next month's index the new ones.
+            wanted = template["template"]["mappings"]["properties"]
+            existing = self._client.indices.get_mapping(
+                index=f"{self.index_prefix}-*", ignore_unavailable=True, allow_no_indices=True)
+            for index, body in sorted(dict(existing).items()):
+                missing = additive_properties(wanted, (body.get("mappings") or {}).get("properties") or {})
+                if missing:
+                    self._client.indices.put_mapping(index=index, properties=missing)
         except _UNREACHABLE as exc:
             raise AuditSinkUnavailable(f"Elasticsearch at {self.url} is unreachable: {exc}") from exc
         except ApiError as exc:

@@ -199,3 +199,25 @@ def test_stored_text_is_indexed_as_is_and_a_redelivery_changes_nothing(sink: Ela
         assert got["_source"] == json.loads(text)
         stored.append(got["_source"])
     assert verify_chain(stored, start_prev=GENESIS, expected_first_seq=1, expected_last_seq=3).intact
+
+
+def test_an_index_made_by_an_older_template_takes_new_fields_and_keeps_its_own(sink: ElasticsearchAuditSink) -> None:
+    """Upgrading a deployment: this month's index was created before chain.prev/chain.hash lost their
+    index and doc values (Elasticsearch cannot change that on a live index). The shipper must still
+    get ready and ship into it; fields the index lacks are added."""
+    from compliance.audit.elasticsearch import load_template
+
+    event = _events(f"IT-{uuid.uuid4().hex[:8]}")[0]
+    index = index_name(sink.index_prefix, event.occurred_at)
+    properties = load_template(sink.index_prefix)["template"]["mappings"]["properties"]
+    older = {name: spec for name, spec in properties.items() if name != "recipient"}  # a field added since
+    older["chain"] = {"properties": {"seq": {"type": "long"}, "prev": {"type": "keyword"}, "hash": {"type": "keyword"}}}
+    sink.client.indices.create(index=index, mappings={"dynamic": "strict", "properties": older})
+
+    sink.ensure_ready()
+    sink.ensure_ready()  # idempotent on the upgraded index too
+    mapping = sink.client.indices.get_mapping(index=index)[index]["mappings"]["properties"]
+    assert mapping["chain"]["properties"]["hash"] == {"type": "keyword"}  # as the index was made
+    assert mapping["recipient"] == properties["recipient"]  # added
+    result = sink.ship([(event.uuid, to_document(event, SOURCE))])
+    assert result.shipped == (event.uuid,) and not result.failed

@@ -180,3 +180,19 @@ def test_the_ndjson_serializer_passes_a_prebuilt_body_through():
     body = b'{"create":{}}\n{"a":1}\n'
     assert ser.dumps(body) is body
     assert ser.dumps([{"a": 1}, b'{"b":2}']) == b'{"a":1}\n{"b":2}\n'
+
+
+def test_only_what_an_existing_index_lacks_is_added_to_it():
+    from compliance.audit.elasticsearch import additive_properties
+
+    wanted = {"chain": {"properties": {"seq": {"type": "long"},
+                                       "hash": {"type": "keyword", "index": False, "doc_values": False},
+                                       "new": {"type": "keyword"}}},
+              "event": {"properties": {"id": {"type": "keyword"}}},
+              "fresh": {"type": "long"}}
+    existing = {"chain": {"properties": {"seq": {"type": "long"}, "hash": {"type": "keyword"}}},
+                "event": {"properties": {"id": {"type": "keyword"}}}}
+    assert additive_properties(wanted, existing) == {"chain": {"properties": {"new": {"type": "keyword"}}},
+                                                     "fresh": {"type": "long"}}
+    assert additive_properties(wanted, {}) == wanted
+    assert additive_properties(existing, wanted) == {}
