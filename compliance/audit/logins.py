@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Table, select
 
 from compliance.audit.events import AuditEvent, EventTypeCode, Outcome, UserRef, authentication_event
 from compliance.audit.models import AuditImportCursor, AuditOutboxRow
@@ -89,7 +89,8 @@ def event_from_keycloak(kc: Mapping[str, Any], *, realm_url: str, gateway_id: st
     kc_id, when = kc.get("id"), kc.get("time")
     if kind is None or not kc_id or not isinstance(when, int | float) or isinstance(when, bool):
         return None
-    details = kc.get("details") if isinstance(kc.get("details"), Mapping) else {}
+    raw_details = kc.get("details")
+    details: Mapping[str, Any] = raw_details if isinstance(raw_details, Mapping) else {}
     username = _text(details.get("username"))
     user_id = _text(kc.get("userId"), 64)
     client = _text(kc.get("clientId"))
@@ -247,7 +248,7 @@ class LoginImport:
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
     def _save_cursor(self, position: datetime) -> None:
-        table = AuditImportCursor.__table__
+        table: Table = AuditImportCursor.__table__  # type: ignore[assignment]
         now = self._clock()
         with self._engine.begin() as conn:
             updated = conn.execute(table.update().where(table.c.source == self._source)
