@@ -578,12 +578,12 @@ class DetectionEngine:
         # Look back one window so a burst straddling two runs is still seen whole.
         # Refused tokens at the gateway (110113 Authentication Decision) and refused logins at
         # Keycloak (110114 with a failure outcome, imported by compliance audit import-logins).
+        from compliance.audit.logins import refused_logins_query
+
         refused = {"bool": {"minimum_should_match": 1, "should": [
             {"bool": {"filter": [{"term": {"event.id": "110113"}},
                                  {"term": {"event.type_codes": EventTypeCode.AUTHENTICATION_DECISION.code}}]}},
-            {"bool": {"filter": [{"term": {"event.id": "110114"}},
-                                 {"term": {"event.type_codes": EventTypeCode.LOGIN.code}}],
-                      "must_not": [{"term": {"event.outcome": 0}}]}},
+            refused_logins_query(),
         ]}}
         search = AuditSearch(start=start - window, end=end, extra_filters=(refused,))
         recent: dict[str, deque[tuple[datetime, str, str | None]]] = defaultdict(deque)

@@ -52,7 +52,8 @@ from compliance.audit.models import AuditImportCursor, AuditOutboxRow
 from compliance.audit.recorder import AuditRecorder
 from compliance.errors import AuditFailure, UpstreamUnavailable
 
-__all__ = ["IMPORTED_TYPES", "KeycloakEvents", "LoginImport", "LoginImportResult", "event_from_keycloak"]
+__all__ = ["IMPORTED_TYPES", "KeycloakEvents", "LoginImport", "LoginImportResult", "event_from_keycloak",
+           "refused_logins_query"]
 
 #: Keycloak event type -> (EventTypeCode, outcome).
 IMPORTED_TYPES: Mapping[str, tuple[Any, Outcome]] = {
@@ -69,6 +70,26 @@ OVERLAP = timedelta(minutes=5)
 #: Keycloak's admin API returns events a page at a time.
 PAGE = 500
 _NAMESPACE = uuid_module.UUID("6f1c1d2e-6a3b-5c4d-9e8f-0a1b2c3d4e5f")
+
+
+#: Keycloak event types that are refused logins (counted by the burst detection, listed by the
+#: security report).
+REFUSED_LOGIN_TYPES = ("LOGIN_ERROR", "CLIENT_LOGIN_ERROR")
+
+
+def refused_logins_query() -> dict[str, Any]:
+    """An Elasticsearch filter for the refused logins imported from Keycloak, one per Keycloak event.
+
+    A refused ``compliance token`` login is also recorded by the CLI itself (``record_cli_authentication``);
+    Keycloak's event of the same login is the one that counts, so nothing is counted twice. The
+    imported events are told by the description this module gives them (``Keycloak <TYPE>...``).
+    """
+    return {"bool": {
+        "filter": [{"term": {"event.id": "110114"}}],
+        "must_not": [{"term": {"event.outcome": int(Outcome.SUCCESS)}}],
+        "should": [{"prefix": {"event.outcome_description.keyword": f"Keycloak {kind}"}}
+                   for kind in REFUSED_LOGIN_TYPES],
+        "minimum_should_match": 1}}
 
 
 def event_uuid(realm_url: str, keycloak_event_id: str) -> str:

@@ -13,7 +13,7 @@ Four reports (:class:`ReportKind`), each a query over the flat document fields
   with EventTypeCode 110132 "Use of Restricted Function" naming the patient: the convention the
   re-identification workflow records with);
 * **security**: denials, security alerts and refused logins (every 110113 in the period, and every
-  110114 with a failure outcome).
+  login Keycloak refused, as imported by ``compliance audit import-logins``).
 
 Formats: JSON and CSV (stdlib ``csv``) for all; PDF (fpdf2, core Helvetica font, no external files)
 for the two a patient may receive: the patient access report and the accounting of disclosures.
@@ -52,7 +52,6 @@ __all__ = [
 #: Events that are an access to a patient's images (PS3.15 A.5.3 event IDs).
 ACCESS_EVENT_IDS = ("110103", "110104", "110105", "110106", "110107", "110112")
 SECURITY_ALERT = "110113"
-USER_AUTHENTICATION = "110114"
 EXPORT = "110106"
 EMERGENCY_OVERRIDE = "110127"
 USE_OF_RESTRICTED_FUNCTION = "110132"
@@ -233,7 +232,7 @@ class DisclosureRow:
 
 @dataclass(frozen=True)
 class SecurityRow:
-    """One denial or security alert (110113), or one refused login (110114 with a failure outcome)."""
+    """One denial or security alert (110113), or one login Keycloak refused (110114, imported)."""
 
     time: str
     event_uuid: str
@@ -368,13 +367,12 @@ class ReportService:
                             truncated, start, end, {"patient": patient_id})
 
     def security(self, start: datetime, end: datetime) -> Report:
-        # Every 110113, and every refused login (110114 with a failure outcome: at Keycloak, imported
-        # by compliance audit import-logins, or through compliance token).
+        # Every 110113, and every login Keycloak refused (imported by compliance audit import-logins;
+        # one row per Keycloak event, compliance.audit.logins.refused_logins_query).
+        from compliance.audit.logins import refused_logins_query
+
         search = AuditSearch(start=start, end=end, extra_filters=({"bool": {"minimum_should_match": 1, "should": [
-            {"term": {"event.id": SECURITY_ALERT}},
-            {"bool": {"filter": [{"term": {"event.id": USER_AUTHENTICATION}}],
-                      "must_not": [{"term": {"event.outcome": 0}}]}},
-        ]}},))
+            {"term": {"event.id": SECURITY_ALERT}}, refused_logins_query()]}},))
         rows, truncated = self._rows(search, SecurityRow.from_document)
         return self._report(ReportKind.SECURITY, "Denials, refused logins and security alerts", rows, truncated,
                             start, end, {})

@@ -98,6 +98,11 @@ def seeded_events() -> dict[str, object]:
             user=UserRef("unverified:eve", "eve", "compliance-cli", (), "10.9.9.8"), gateway_id=GW,
             outcome=Outcome.MINOR_FAILURE, authenticator_id="http://127.0.0.1:8180/realms/imaging",
             outcome_description="Keycloak LOGIN_ERROR, client compliance-cli: user_not_found", occurred_at=at(9, 16)),
+        # the CLI's own record of a refused `compliance token` login: Keycloak's event of it is the row
+        "cli_refused_login": authentication_event(
+            user=UserRef("unverified:eve", "eve", "compliance-cli", (), "127.0.0.1"), gateway_id=GW,
+            outcome=Outcome.SERIOUS_FAILURE, authenticator_id="http://127.0.0.1:8180/realms/imaging",
+            outcome_description="Keycloak refused the login: 401", occurred_at=at(9, 16, 30)),
         "login_ok": authentication_event(
             user=UserRef("sub-olga", "olga", "compliance-cli", (), "10.0.0.9"), gateway_id=GW, outcome=OK,
             authenticator_id="http://127.0.0.1:8180/realms/imaging", outcome_description="Keycloak LOGIN",
@@ -298,8 +303,8 @@ def test_deep_paging_returns_every_event_once(po_gateway, priya):
             break
     march = [n for n in EVENTS if n != "february_p1"]
     assert sorted(seen) == sorted(uuid_of(n) for n in march)
-    assert len(seen) == len(set(seen)) == 11
-    assert pages == 6
+    assert len(seen) == len(set(seen)) == 12
+    assert pages == 7  # six full pages, then an empty one ends the walk
 
 
 @pytest.mark.parametrize("params", [{"size": "0"}, {"size": "5000"}, {"from": "yesterday"}, {"cursor": "@@@"},

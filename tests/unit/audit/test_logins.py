@@ -54,6 +54,8 @@ def test_a_login_and_a_refused_login_become_110114_events_that_validate():
     r = doc(refused)
     assert (r["event.outcome"], r["user.id"], r["user.name"]) == (4, "unverified:mallory", "mallory")
     assert r["event.outcome_description"].endswith(": user_not_found")
+    # what refused_logins_query() selects imported refusals by
+    assert r["event.outcome_description"].startswith("Keycloak LOGIN_ERROR")
     assert ok.uuid == event_uuid(REALM, "kc-1") == event_from_keycloak(kc(1), realm_url=REALM, gateway_id="gw").uuid
     assert ok.uuid != event_uuid("http://other/realms/imaging", "kc-1")
 
