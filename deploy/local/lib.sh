@@ -19,6 +19,7 @@ STACK_USER="${COMPLIANCE_STACK_USER:-compliance-stack}"
 
 # shellcheck source=versions.env
 . "$LIB_DIR/versions.env"
+. "$LIB_DIR/stamp.sh"
 
 ALL_COMPONENTS=(orthanc keycloak elasticsearch postgres)
 
@@ -421,6 +422,7 @@ render_orthanc_config() {
   ORTHANC_GATEWAY_PASSWORD="$SECRET_ORTHANC_GATEWAY_PASSWORD" \
   PYTHON_PLUGIN="$(orthanc_plugin_script)" \
   STORAGE_SHIM="$(orthanc_shim)" \
+  CODE_STAMP="$(code_stamp "$CHECKOUT" "$(orthanc_shim)")" \
   python3 - "$DEPLOY_DIR/orthanc/orthanc.json" "$out" <<'PY'
 import json, os, sys
 src, out = sys.argv[1], sys.argv[2]
@@ -455,6 +457,9 @@ if script:
     cfg["StorageDirectory"] = base + "/storage-encrypted"
     cfg["IndexDirectory"] = base + "/index-encrypted"
     cfg["MaximumStorageCacheSize"] = 0
+    # The storage plugin runs this checkout's code, loaded at start: a new stamp (the code changed)
+    # changes the configuration, and orthanc_up restarts Orthanc. Orthanc ignores the key.
+    cfg["ComplianceCodeStamp"] = os.environ.get("CODE_STAMP", "")
 # ---- end of hook
 with open(out, "w") as f:
     json.dump(cfg, f, indent=2)
@@ -486,7 +491,7 @@ orthanc_up() {
     if [[ -z $changed ]] && orthanc_healthy >/dev/null 2>&1; then
       rm -f "$tmp"; log "orthanc: already up"; return 0
     fi
-    log "orthanc: configuration changed or unhealthy, restarting"
+    log "orthanc: configuration or plugin code changed, or unhealthy: restarting"
     stop_pid orthanc 30
   fi
   mv -f "$tmp" "$conf"
