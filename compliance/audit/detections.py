@@ -272,21 +272,14 @@ class KeycloakDirectory:
     def __init__(self, server_url: str, realm: str, *, client_id: str, client_secret: str,
                  ttl: timedelta = timedelta(minutes=5),
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
-        self._args: dict[str, Any] = dict(
-            server_url=server_url.rstrip("/") + "/", client_id=client_id, client_secret_key=client_secret,
-            realm_name=realm, user_realm_name=realm, timeout=20)
+        from compliance.auth.service_account import ServiceAccountAdmin
+
+        self._admin = ServiceAccountAdmin(server_url, realm, client_id=client_id, client_secret=client_secret,
+                                          timeout=20)
         self._ttl = ttl
         self._clock = clock
         self._cache: dict[str, tuple[datetime, DirectoryUser | None]] = {}
-        self._admin: Any = None
         self._lock = threading.Lock()
-
-    def _client(self) -> Any:
-        if self._admin is None:
-            from keycloak import KeycloakAdmin
-
-            self._admin = KeycloakAdmin(**self._args)
-        return self._admin
 
     def lookup(self, username: str) -> DirectoryUser | None:
         now = self._clock()
@@ -295,7 +288,7 @@ class KeycloakDirectory:
             if cached is not None and now - cached[0] < self._ttl:
                 return cached[1]
         try:
-            users = self._client().get_users({"username": username, "exact": True})
+            users = self._admin.client().get_users({"username": username, "exact": True})
         except Exception as exc:  # python-keycloak raises its own errors and requests' ones
             raise UpstreamUnavailable(f"cannot read account {username!r} from Keycloak: {type(exc).__name__}") from exc
         match = next((u for u in users if str(u.get("username", "")).lower() == username.lower()), None)

@@ -26,6 +26,7 @@ Failure handling:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -150,7 +151,10 @@ class ElasticsearchAuditSink:
             wanted = template["template"]["mappings"]["properties"]
             existing = self._client.indices.get_mapping(
                 index=f"{self.index_prefix}-*", ignore_unavailable=True, allow_no_indices=True)
+            monthly = re.compile(rf"{re.escape(self.index_prefix)}-\d{{4}}\.\d{{2}}")
             for index, body in sorted(dict(existing).items()):
+                if not monthly.fullmatch(index):
+                    continue  # e.g. another deployment's "{prefix}-staging-..." indices: not ours to change
                 missing = additive_properties(wanted, (body.get("mappings") or {}).get("properties") or {})
                 if missing:
                     self._client.indices.put_mapping(index=index, properties=missing)

@@ -46,10 +46,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, Table, select
+from sqlalchemy.exc import IntegrityError
 
 from compliance.audit.events import AuditEvent, EventTypeCode, Outcome, UserRef, authentication_event
 from compliance.audit.models import AuditImportCursor, AuditOutboxRow
 from compliance.audit.recorder import AuditRecorder
+from compliance.auth.service_account import ServiceAccountAdmin
 from compliance.errors import AuditFailure, UpstreamUnavailable
 
 __all__ = ["IMPORTED_TYPES", "KeycloakEvents", "LoginImport", "LoginImportResult", "event_from_keycloak",
@@ -146,18 +148,11 @@ class KeycloakAdminEvents:
     confidential client (service account with realm-management ``view-events``)."""
 
     def __init__(self, server_url: str, realm: str, *, client_id: str, client_secret: str) -> None:
-        self._args: dict[str, Any] = dict(
-            server_url=server_url.rstrip("/") + "/", client_id=client_id, client_secret_key=client_secret,
-            realm_name=realm, user_realm_name=realm, timeout=30)
-        self._admin: Any = None
+        self._admin = ServiceAccountAdmin(server_url, realm, client_id=client_id, client_secret=client_secret)
 
     def read(self, since: datetime, *, types: Sequence[str], first: int, limit: int) -> list[dict[str, Any]]:
         try:
-            if self._admin is None:
-                from keycloak import KeycloakAdmin
-
-                self._admin = KeycloakAdmin(**self._args)
-            events = self._admin.get_events({
+            events = self._admin.client().get_events({
                 "type": list(types), "dateFrom": str(int(since.timestamp() * 1000)), "direction": "asc",
                 "first": first, "max": limit})
         except Exception as exc:  # python-keycloak raises its own errors and requests' ones
@@ -269,13 +264,22 @@ class LoginImport:
         return value if value.tzinfo else value.replace(tzinfo=UTC)
 
     def _save_cursor(self, position: datetime) -> None:
+        """Move the cursor forward to ``position``, never back (an import that overlapped another may
+        end behind it). The first run creates it; if another import created it meanwhile, or it is
+        already further on, the insert is refused and the cursor is only moved forward."""
         table: Table = AuditImportCursor.__table__  # type: ignore[assignment]
         now = self._clock()
+        forward = (table.update().where(table.c.source == self._source, table.c.position < position)
+                   .values(position=position, updated_at=now))
         with self._engine.begin() as conn:
-            updated = conn.execute(table.update().where(table.c.source == self._source)
-                                   .values(position=position, updated_at=now)).rowcount
-            if not updated:
+            if conn.execute(forward).rowcount:
+                return
+        try:
+            with self._engine.begin() as conn:
                 conn.execute(table.insert().values(source=self._source, position=position, updated_at=now))
+        except IntegrityError:  # it exists: at or past ``position``, or created by another import just now
+            with self._engine.begin() as conn:
+                conn.execute(forward)
 
     @property
     def _source(self) -> str:

@@ -1,4 +1,4 @@
-"""``compliance audit search|report|detect``: the privacy officer's commands and the detection job.
+"""``compliance audit search|report|detect|import-logins``: the privacy officer's commands and the batch jobs.
 
 ``search`` and ``report`` work two ways, and the read is audited as 110101 Audit Log Used either way:
 
@@ -11,6 +11,9 @@
 run; schedule it with cron or a systemd timer (see :mod:`compliance.audit.detections`). It reads
 Elasticsearch directly as the local operator, and that read is audited too: one 110101 event per run,
 naming the operating-system user.
+
+``import-logins`` copies Keycloak's login events into the trail (:mod:`compliance.audit.logins`); run
+it before ``detect``, so that the failed-authentication bursts see the logins Keycloak refused.
 
 :func:`register` adds the commands to the ``audit`` typer app, wherever that app lives.
 """

@@ -28,6 +28,7 @@ from typing import Any
 
 from compliance.audit.events import (
     Action,
+    AuditEvent,
     Outcome,
     PatientRef,
     StudyRef,
@@ -93,6 +94,13 @@ def _failure_reason(report: Mapping[str, Any]) -> str | None:
     if "key_destroyed" in results:
         return "erased"
     return None
+
+
+def _study_patient(summary: StudySummary | None) -> tuple[PatientRef, ...]:
+    """The patient of a study, as the archive's index names it (none when it does not)."""
+    if summary is None or not summary.patient_id:
+        return ()
+    return (PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
 
 
 def outcome_of(status: int) -> Outcome:
@@ -181,18 +189,10 @@ class DicomwebService:
                     PatientRef(patient_id=summary.patient_id, name=summary.patient_name),
                 )
                 studies.setdefault(route.study_uid, StudyRef(study_uid=route.study_uid, accession=summary.accession))
-        await self._auditor.record(
-            query_event(
-                user=ctx.user,
-                gateway_id=self._gateway_id,
-                outcome=outcome_of(upstream.status_code),
-                outcome_description=None if upstream.status_code < 300 else f"archive status {upstream.status_code}",
-                query=f"{ctx.method} {ctx.target}".encode(),
-                sop_class_uid=None,
-                patients=tuple(patients.values()),
-                studies=tuple(studies.values()),
-            )
-        )
+        await self._auditor.record(self._search_event(
+            ctx, upstream.status_code,
+            None if upstream.status_code < 300 else f"archive status {upstream.status_code}",
+            tuple(patients.values()), tuple(studies.values())))
         return BufferedResponse(upstream.status_code, response_headers(upstream), body)
 
     # -- WADO-RS ------------------------------------------------------------------------------
@@ -312,8 +312,7 @@ class DicomwebService:
     async def _integrity_alert(self, ctx: RequestContext, study: str, summary: StudySummary | None) -> None:
         from compliance.audit.events import EventTypeCode, security_alert_event
 
-        patients = ((PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
-                    if summary is not None and summary.patient_id else ())
+        patients = _study_patient(summary)
         await self._auditor.record(security_alert_event(
             user=ctx.user, gateway_id=self._gateway_id, alert_type=EventTypeCode.OBJECT_SECURITY_ATTRIBUTES_CHANGED,
             description=f"integrity failure: a stored file of study {study} does not authenticate; not returned",
@@ -340,14 +339,11 @@ class DicomwebService:
             summary = await self._archive.study_summary(study)
         except Exception:  # noqa: BLE001 - the patient is named when the index still knows it
             summary = None
-        patients = ((PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
-                    if summary is not None and summary.patient_id else ())
+        patients = _study_patient(summary)
         if reason == "integrity":
             await self._integrity_alert(ctx, study, summary)
-        await self._auditor.record(query_event(
-            user=ctx.user, gateway_id=self._gateway_id, outcome=outcome_of(answer),
-            outcome_description=f"archive status {status}: {reason}", query=f"{ctx.method} {ctx.target}".encode(),
-            sop_class_uid=None, patients=patients, studies=(StudyRef(study_uid=study),)))
+        await self._auditor.record(self._search_event(
+            ctx, answer, f"archive status {status}: {reason}", patients, (StudyRef(study_uid=study),)))
         if reason == "erased":
             raise KeyDestroyed("the study was permanently erased: its patient's data key was destroyed",
                                detail={"study_uid": study, "reason": "crypto-shredded"})
@@ -360,7 +356,7 @@ class DicomwebService:
         file(s); otherwise return (the caller answers 502).
 
         The study is unknown here (the archive's read callback sees only the file's uuid), so the
-        alert names the files; ``compliance archive verify`` or a study-scoped request names the
+        alert names the files; a request scoped to the study (WADO, or QIDO of its series) names the
         study. A failure of another request in the same seconds is attributed here too: the search
         read the archive while it was failing integrity checks, which is what the alert says.
         """
@@ -382,19 +378,19 @@ class DicomwebService:
             description=f"integrity failure: stored file(s) {shown} did not authenticate while the archive "
                         f"answered a search; nothing was returned",
             resource=f"dicomweb:{ctx.target}", outcome=Outcome.SERIOUS_FAILURE, source_address=ctx.source_address))
-        await self._auditor.record(query_event(
-            user=ctx.user, gateway_id=self._gateway_id, outcome=outcome_of(500),
-            outcome_description=f"archive status {status}: integrity", query=f"{ctx.method} {ctx.target}".encode(),
-            sop_class_uid=None, patients=(), studies=()))
+        await self._auditor.record(self._search_event(ctx, 500, f"archive status {status}: integrity", (), ()))
         raise ArchiveIntegrityError("a stored object failed its integrity check while the archive answered the "
                                     "search; nothing was returned", detail={"files": len(files)})
 
+    def _search_event(self, ctx: RequestContext, status: int, description: str | None,
+                      patients: tuple[PatientRef, ...], studies: tuple[StudyRef, ...]) -> AuditEvent:
+        """The 110112 Query event of a search, with the outcome of the status it is answered with."""
+        return query_event(user=ctx.user, gateway_id=self._gateway_id, outcome=outcome_of(status),
+                           outcome_description=description, query=f"{ctx.method} {ctx.target}".encode(),
+                           sop_class_uid=None, patients=patients, studies=studies)
+
     def _retrieve_event(self, ctx: RequestContext, route: Route, status: int, summary: StudySummary | None):
-        patients = (
-            (PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
-            if summary is not None and summary.patient_id
-            else ()
-        )
+        patients = _study_patient(summary)
         studies = (
             StudyRef(study_uid=route.study_uid or "", accession=summary.accession if summary else None),
         )

@@ -284,8 +284,14 @@ def test_the_account_directory_reads_with_the_gateways_service_account_and_canno
     alice = directory.lookup("alice")
     assert alice is not None and alice.enabled and alice.family_name
     assert directory.lookup(f"nobody-{uuid.uuid4().hex[:8]}") is None
+    # The service account reads accounts and events, and can change nothing.
+    from compliance.auth.service_account import ServiceAccountAdmin
+
+    admin = ServiceAccountAdmin(stack.keycloak_url, "imaging", client_id="compliance-gateway",
+                                client_secret=stack.settings_env["COMPLIANCE_OIDC_CLIENT_SECRET"]).client()
+    assert isinstance(admin.get_events({"max": 1}), list)
     with pytest.raises(KeycloakPostError) as refused:
-        directory._client().create_user({"username": f"intruder-{uuid.uuid4().hex[:8]}", "enabled": True})
+        admin.create_user({"username": f"intruder-{uuid.uuid4().hex[:8]}", "enabled": True})
     assert refused.value.response_code == 403
 
 

@@ -213,11 +213,16 @@ def test_an_index_made_by_an_older_template_takes_new_fields_and_keeps_its_own(s
     older = {name: spec for name, spec in properties.items() if name != "recipient"}  # a field added since
     older["chain"] = {"properties": {"seq": {"type": "long"}, "prev": {"type": "keyword"}, "hash": {"type": "keyword"}}}
     sink.client.indices.create(index=index, mappings={"dynamic": "strict", "properties": older})
+    # another deployment whose prefix starts with this one's: the same pattern matches it, it is not ours
+    other = f"{sink.index_prefix}-staging-2026.11"
+    sink.client.indices.create(index=other, mappings={"properties": {"note": {"type": "keyword"}}})
 
     sink.ensure_ready()
     sink.ensure_ready()  # idempotent on the upgraded index too
     mapping = sink.client.indices.get_mapping(index=index)[index]["mappings"]["properties"]
     assert mapping["chain"]["properties"]["hash"] == {"type": "keyword"}  # as the index was made
     assert mapping["recipient"] == properties["recipient"]  # added
+    assert sink.client.indices.get_mapping(index=other)[other]["mappings"]["properties"] == {
+        "note": {"type": "keyword"}}
     result = sink.ship([(event.uuid, to_document(event, SOURCE))])
     assert result.shipped == (event.uuid,) and not result.failed

@@ -8,12 +8,17 @@ ship` delivers), once each; the failed-authentication burst detection then sees 
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+
+from compliance.config import PROJECT_ROOT
 
 from .conftest import AuditIndex, Stack, dump, private_trail
 from .test_detections import cli
@@ -82,16 +87,22 @@ def test_keycloak_logins_are_imported_once_and_refused_ones_raise_the_burst_aler
     assert NOBODY in alert["event.outcome_description"]
 
 
-def test_import_logins_without_the_gateways_client_secret_exits_2(stack: Stack, trail):
+def import_logins(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "compliance.cli", "audit", "import-logins", *args], cwd=PROJECT_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_import_logins_refuses_bad_input_and_an_unreachable_keycloak_changing_nothing(stack: Stack, trail):
     env, _, _ = trail
-    import subprocess
-    import sys
-
-    from compliance.config import PROJECT_ROOT
-
-    out = subprocess.run([sys.executable, "-m", "compliance.cli", "audit", "import-logins"], cwd=PROJECT_ROOT,
-                         env={**env, "COMPLIANCE_OIDC_CLIENT_SECRET": ""}, capture_output=True, text=True, timeout=120)
+    out = import_logins({**env, "COMPLIANCE_OIDC_CLIENT_SECRET": ""})
     assert out.returncode == 2 and "COMPLIANCE_OIDC_CLIENT_SECRET" in out.stderr
-    bad = subprocess.run([sys.executable, "-m", "compliance.cli", "audit", "import-logins", "--since", "yesterday"],
-                         cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    bad = import_logins(env, "--since", "yesterday")
     assert bad.returncode == 2 and "--since" in bad.stderr
+    # Keycloak out of reach: a clear message, exit 1, and nothing recorded (no cursor either)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    down = import_logins({**env, "COMPLIANCE_KEYCLOAK_URL": f"http://127.0.0.1:{dead}"})
+    assert down.returncode == 1 and "cannot read login events from Keycloak" in down.stderr, down.stderr
+    assert "Traceback" not in down.stderr
+    assert cli(env, "audit", "status")["recorded"] == 0

@@ -42,6 +42,7 @@ from compliance.audit.events import (
     query_event,
     security_alert_event,
 )
+from compliance.audit.logins import event_from_keycloak
 from compliance.config import PROJECT_ROOT
 from compliance.exports.audit import reidentification_event
 
@@ -94,10 +95,11 @@ def seeded_events() -> dict[str, object]:
                                           source_address="10.9.9.9", alternative_user_id="mallory",
                                           occurred_at=at(9, 15)),
         # a login Keycloak refused (as compliance audit import-logins records it), and one it allowed
-        "refused_login": authentication_event(
-            user=UserRef("unverified:eve", "eve", "compliance-cli", (), "10.9.9.8"), gateway_id=GW,
-            outcome=Outcome.MINOR_FAILURE, authenticator_id="http://127.0.0.1:8180/realms/imaging",
-            outcome_description="Keycloak LOGIN_ERROR, client compliance-cli: user_not_found", occurred_at=at(9, 16)),
+        "refused_login": event_from_keycloak(  # exactly as compliance audit import-logins records it
+            {"id": "kc-po-1", "time": int(at(9, 16).timestamp() * 1000), "type": "LOGIN_ERROR",
+             "clientId": "compliance-cli", "ipAddress": "10.9.9.8", "error": "user_not_found",
+             "details": {"username": "eve", "grant_type": "password"}},
+            realm_url="http://127.0.0.1:8180/realms/imaging", gateway_id=GW),
         # the CLI's own record of a refused `compliance token` login: Keycloak's event of it is the row
         "cli_refused_login": authentication_event(
             user=UserRef("unverified:eve", "eve", "compliance-cli", (), "127.0.0.1"), gateway_id=GW,

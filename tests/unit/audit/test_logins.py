@@ -148,3 +148,34 @@ def test_an_import_racing_another_records_only_what_is_still_missing(outbox, mon
     assert (result.imported, result.already_recorded) == (2, 1)
     uuids = [u for _, u, d in outbox.pending(100) if d["event.id"] == "110114"]
     assert sorted(uuids) == sorted(event_uuid(REALM, f"kc-{n}") for n in (1, 2, 3))
+
+
+def test_the_cursor_never_moves_back(outbox):
+    from sqlalchemy import select
+
+    from compliance.audit.models import AuditImportCursor
+
+    def cursor():
+        with outbox._engine.connect() as conn:
+            value = conn.execute(select(AuditImportCursor.position)).scalar_one()
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+    assert importer(outbox, Events([kc(30)])).run().cursor == T0 + timedelta(seconds=30)
+    # An import that overlapped it and ended behind it (its insert is refused, nothing moves back).
+    importer(outbox, Events([kc(10)])).run(since=T0)
+    assert cursor() == T0 + timedelta(seconds=30)
+    importer(outbox, Events([kc(40)])).run(since=T0)
+    assert cursor() == T0 + timedelta(seconds=40)
+
+
+def test_keycloak_out_of_reach_records_nothing_and_leaves_the_cursor(outbox):
+    from compliance.errors import UpstreamUnavailable
+
+    class Down:
+        def read(self, since, *, types, first, limit):
+            raise UpstreamUnavailable("cannot read login events from Keycloak: ConnectionError")
+
+    with pytest.raises(UpstreamUnavailable):
+        importer(outbox, Down()).run()
+    assert outbox.total() == 0
+    assert importer(outbox, Events([kc(1)])).run().started_at == T0 + timedelta(hours=1) - timedelta(days=7)
