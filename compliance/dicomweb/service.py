@@ -43,7 +43,7 @@ from compliance.auth.interfaces import Principal
 from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary, UpstreamResponse
 from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
-from compliance.dicomweb.stow import StowInstance, StowStreamValidator
+from compliance.dicomweb.stow import PROCESSING_FAILURE, StowInstance, StowStreamValidator, parse_stow_answer
 from compliance.errors import ComplianceError, UpstreamError
 from compliance.policy.enforce import enforce, user_ref
 from compliance.policy.interfaces import PolicyDecisionPoint
@@ -104,9 +104,11 @@ def _study_patient(summary: StudySummary | None) -> tuple[PatientRef, ...]:
 
 
 def outcome_of(status: int) -> Outcome:
+    if status == 202:  # PS3.18: accepted with warnings or failures (a STOW that stored only some)
+        return Outcome.MINOR_FAILURE
     if status < 300:
         return Outcome.SUCCESS
-    if status in (202,) or status < 500:
+    if status < 500:
         return Outcome.MINOR_FAILURE
     return Outcome.SERIOUS_FAILURE
 
@@ -467,17 +469,30 @@ class DicomwebService:
         for inst in instances:
             if forget is not None:
                 forget(inst.study_uid)
+        status, headers = upstream.status_code, response_headers(upstream)
+        outcome = outcome_of(status)
+        description = None if status == 200 else f"archive status {status}"
+        checked = reconcile_stow(status, payload, instances)
+        if checked is not None:
+            status, payload, not_stored = checked
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+            headers["content-type"] = "application/dicom+json"
+            outcome = Outcome.SERIOUS_FAILURE if len(not_stored) == len(instances) else Outcome.MINOR_FAILURE
+            named = "; ".join(f"{uid}: {why}" for uid, why in list(not_stored.items())[:10])
+            description = (f"the archive stored {len(instances) - len(not_stored)} of {len(instances)} instances; "
+                           f"not stored: {named}")[:1024]
+            log.warning("STOW-RS: %s", description)
         await self._auditor.record(
             import_event(
                 user=ctx.user,
                 gateway_id=self._gateway_id,
-                outcome=outcome_of(upstream.status_code),
-                outcome_description=None if upstream.status_code == 200 else f"archive status {upstream.status_code}",
+                outcome=outcome,
+                outcome_description=description,
                 patients=_patients_of(instances),
                 studies=_studies_of(instances),
             )
         )
-        return BufferedResponse(upstream.status_code, response_headers(upstream), payload)
+        return BufferedResponse(status, headers, payload)
 
     async def audit_rejected_store(self, ctx: RequestContext, reason: str) -> None:
         await self._auditor.record(
@@ -490,6 +505,41 @@ class DicomwebService:
                 studies=(),
             )
         )
+
+
+def reconcile_stow(status: int, payload: bytes,
+                   instances: list[StowInstance]) -> tuple[int, bytes, dict[str, str]] | None:
+    """Check the archive's STOW-RS answer against the instances sent; ``None`` when it stored them all.
+
+    Orthanc's DICOMweb plugin answers 200 even when it stored nothing: an instance its storage
+    refused is missing from both the Referenced and the Failed SOP Sequence. The client, and the
+    audit trail, must not be told it was stored. Otherwise: the PS3.18 Table 10.5.3-1 status (202
+    when some were stored, 409 when none were), the answer with a Failed SOP Sequence item
+    (Processing failure) for each instance the archive did not acknowledge, and the reasons by SOP
+    Instance UID. An answer that is not a DICOM JSON STOW response is passed on as it came.
+    """
+    if status not in (200, 202) or not instances:
+        return None
+    try:
+        answer = parse_stow_answer(payload)
+        doc = json.loads(payload)
+    except ValueError:
+        return None
+    if isinstance(doc, list):
+        doc = doc[0] if doc and isinstance(doc[0], dict) else {}
+    not_stored = {i.sop_instance_uid: answer.failed.get(i.sop_instance_uid, "not acknowledged by the archive")
+                  for i in instances if i.sop_instance_uid not in answer.stored}
+    if not not_stored:
+        return None
+    failed_seq = doc.setdefault("00081198", {"vr": "SQ"})
+    items = failed_seq.setdefault("Value", [])
+    for inst in instances:
+        if inst.sop_instance_uid in not_stored and inst.sop_instance_uid not in answer.failed:
+            items.append({"00081150": {"vr": "UI", "Value": [inst.sop_class_uid]},
+                          "00081155": {"vr": "UI", "Value": [inst.sop_instance_uid]},
+                          "00081197": {"vr": "US", "Value": [PROCESSING_FAILURE]}})
+    new_status = 409 if len(not_stored) == len(instances) else 202
+    return new_status, json.dumps(doc).encode(), not_stored
 
 
 def _patients_of(instances: list[StowInstance]) -> tuple[PatientRef, ...]:

@@ -27,6 +27,7 @@ The multipart framing is parsed by python-multipart; DICOM parsing is pydicom's.
 from __future__ import annotations
 
 import io
+import json
 import re
 import uuid
 from collections.abc import Sequence
@@ -69,6 +70,45 @@ def multipart_related(parts: Sequence[bytes], media_type: str = "application/dic
         chunks += [f"--{boundary}\r\nContent-Type: {media_type}\r\n\r\n".encode(), part, b"\r\n"]
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
+
+
+#: Failure Reason (0008,1197) values of PS3.18 Table I.2-1 / PS3.4 Annex GG, as words.
+FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match SOP class",
+                   0xC000: "cannot understand", 0xC122: "referenced transfer syntax not supported",
+                   0x0110: "processing failure", 0x0122: "referenced SOP class not supported",
+                   0x0111: "duplicate SOP instance", 0xC123: "SOP instance already exists"}
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class StowAnswer:
+    """What a STOW-RS response body (PS3.18 10.5.3) says about each instance it names."""
+
+    stored: frozenset[str]
+    #: SOP Instance UID -> the failure reason in words
+    failed: dict[str, str]
+
+
+def parse_stow_answer(body: bytes) -> StowAnswer:
+    """Read the Referenced SOP Sequence (0008,1199) and Failed SOP Sequence (0008,1198) of a DICOM
+    JSON STOW-RS response. Raises ``ValueError`` when the body is not such a document."""
+    try:
+        doc = json.loads(body) if body else {}
+        if isinstance(doc, list):  # some servers answer a one-element array
+            doc = doc[0] if doc else {}
+        stored: set[str] = set()
+        failed: dict[str, str] = {}
+        for item in (doc.get("00081199") or {}).get("Value") or []:
+            stored.update(str(v) for v in (item.get("00081155") or {}).get("Value") or [])
+        for item in (doc.get("00081198") or {}).get("Value") or []:
+            reason = ((item.get("00081197") or {}).get("Value") or [None])[0]
+            text = "no reason given" if reason is None else \
+                FAILURE_REASONS.get(int(reason), f"failure reason {int(reason):04X}H")
+            for v in (item.get("00081155") or {}).get("Value") or []:
+                failed[str(v)] = text
+    except (ValueError, AttributeError, TypeError, IndexError) as exc:
+        raise ValueError("not a DICOM JSON STOW-RS response") from exc
+    return StowAnswer(frozenset(stored - failed.keys()), failed)
 
 
 def parse_content_type(content_type: str | None) -> bytes:

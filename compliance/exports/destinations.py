@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import httpx
 import yaml
 
-from compliance.dicomweb.stow import multipart_related
+from compliance.dicomweb.stow import multipart_related, parse_stow_answer
 from compliance.errors import ConfigurationError
 from compliance.exports.interfaces import InvalidExportRequest
 
@@ -40,11 +40,6 @@ DICOMWEB = "dicomweb"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _AUTH = ("none", "basic", "bearer")
 _RETRY_STATUS = (502, 503, 504)
-#: PS3.18 Table 10.5.3-2 / PS3.4 Annex B failure reasons a destination may give, for the status.
-_FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match SOP class",
-                    0xC000: "cannot understand", 0xC122: "referenced transfer syntax not supported",
-                    0x0110: "processing failure", 0x0122: "referenced SOP class not supported",
-                    0x0111: "duplicate SOP instance", 0xC123: "SOP instance already exists"}
 
 
 @dataclass(frozen=True)
@@ -246,24 +241,14 @@ def _per_instance(resp: httpx.Response, uids: list[str]) -> dict[str, Outcome]:
         return dict.fromkeys(uids, (FAILED, f"destination answered HTTP {status} (redirects are not followed)"))
     if status not in (200, 202, 409):
         return dict.fromkeys(uids, (FAILED, f"destination answered HTTP {status}"))
-    stored: set[str] = set()
-    failed: dict[str, str] = {}
     try:
-        doc = resp.json() if resp.content else {}
-        if isinstance(doc, list):  # some servers answer a one-element array
-            doc = doc[0] if doc else {}
-        for item in (doc.get("00081199") or {}).get("Value") or []:
-            stored.update(str(v) for v in (item.get("00081155") or {}).get("Value") or [])
-        for item in (doc.get("00081198") or {}).get("Value") or []:
-            reason = ((item.get("00081197") or {}).get("Value") or [None])[0]
-            text = _FAILURE_REASONS.get(int(reason), f"failure reason {int(reason):04X}H") if reason is not None \
-                else "no reason given"
-            for v in (item.get("00081155") or {}).get("Value") or []:
-                failed[str(v)] = f"destination refused the instance: {text}"
-    except (ValueError, AttributeError, TypeError, IndexError):
+        answer = parse_stow_answer(resp.content)
+    except ValueError:
         if status == 200:  # an unreadable body after 200 OK: the request as a whole succeeded
             return dict.fromkeys(uids, (STORED, None))
         return dict.fromkeys(uids, (UNCONFIRMED, f"destination answered HTTP {status} with an unreadable body"))
+    stored = answer.stored
+    failed = {uid: f"destination refused the instance: {text}" for uid, text in answer.failed.items()}
     out: dict[str, Outcome] = {}
     for uid in uids:
         if uid in failed:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,42 @@ import pytest
 from compliance.config import PROJECT_ROOT, load_settings
 
 pytestmark = pytest.mark.integration
+
+#: The shared archive's log: a failed test shows the errors Orthanc logged while it ran (CI keeps
+#: only the test output, and the stack is gone afterwards).
+ORTHANC_LOG = load_settings().stack_dir / "logs" / "orthanc.log"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    try:
+        item.stash[_LOG_OFFSET] = ORTHANC_LOG.stat().st_size
+    except OSError:
+        pass
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or _LOG_OFFSET not in item.stash:
+        return
+    try:
+        with open(ORTHANC_LOG, "rb") as f:
+            f.seek(item.stash[_LOG_OFFSET])
+            text = f.read(256 * 1024).decode("utf-8", "replace")
+    except OSError:
+        return
+    # error lines (E1130 ...) and the Python tracebacks the storage plugin logs under them: not
+    # Orthanc's info, warning and trace lines
+    errors = [line for line in text.splitlines() if line.strip() and not _ORTHANC_CHATTER.match(line)]
+    if errors:
+        report.sections.append(("Orthanc's errors during the test", "\n".join(errors[-60:])))
+
+
+_LOG_OFFSET = pytest.StashKey[int]()
+_ORTHANC_CHATTER = re.compile(r"^[IWT]\d{4} ")
 
 
 def _free_port() -> int:

@@ -6,7 +6,11 @@ audit documents in Elasticsearch.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import subprocess
+import tempfile
+from pathlib import Path
 
 import httpx
 import pydicom
@@ -14,7 +18,7 @@ import pytest
 from lxml import etree
 
 from compliance.audit.atna import validate_atna_xml
-from compliance.config import PROJECT_ROOT
+from compliance.config import PROJECT_ROOT, load_settings
 from compliance.demo import multipart_related
 
 from .conftest import AuditIndex, Gateway, Stack, dump
@@ -240,6 +244,50 @@ def test_chunked_body_crossing_the_limit_is_413_and_nothing_is_stored(gateway, t
     assert any("larger than" in (d["event.outcome_description"] or "") for d in docs), dump(docs)
 
 
+@contextlib.contextmanager
+def archive_refuses_writes():
+    """Make the real archive's storage area refuse every write: its directories immutable (chattr +i,
+    which binds root too) for the duration. Orthanc's storage plugin then fails to create the file."""
+    root = load_settings().stack_dir / "orthanc" / "storage-encrypted"
+    probe = Path(tempfile.mkdtemp(dir=load_settings().stack_dir))
+    try:
+        if subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not permitted here (needs CAP_LINUX_IMMUTABLE)")
+        subprocess.run(["chattr", "-i", str(probe)], check=True)
+    finally:
+        probe.rmdir()
+    dirs = [str(p) for p in (root, *root.rglob("*")) if p.is_dir()]
+    subprocess.run(["chattr", "+i", *dirs], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *dirs], check=True)
+
+
+def test_a_store_the_archive_failed_is_a_409_and_audited_as_failed(gateway, tokens, stack, audit: AuditIndex):
+    """Orthanc answers 200, naming nothing, when its storage refuses the write: the gateway must not
+    report, or audit, the instance as stored."""
+    sample = unique_instance()
+    with archive_refuses_writes():
+        r = stow(gateway, tokens["tom"], sample)
+    assert r.status_code == 409, r.text
+    failed = r.json()["00081198"]["Value"]
+    assert [(f["00081155"]["Value"], f["00081197"]["Value"]) for f in failed] == \
+        [([sample.sop_instance_uid], [0x0110])]
+    assert not orthanc_has_study(stack, sample.study_uid)
+    docs = audit.wait_for(1, **{"event.id": "110107", "study.uids": sample.study_uid})
+    assert len(docs) == 1, dump(docs)
+    assert docs[0]["event.outcome"] == 8
+    assert docs[0]["event.outcome_description"] == (
+        f"the archive stored 0 of 1 instances; not stored: {sample.sop_instance_uid}: "
+        "not acknowledged by the archive")
+    assert docs[0]["patient.ids"] == [sample.patient_id]
+    # the archive writes again once its storage does
+    again = unique_instance()
+    assert stow(gateway, tokens["tom"], again).status_code == 200
+    assert orthanc_has_study(stack, again.study_uid)
+
+
 def test_unknown_paths_are_not_proxied(gateway, tokens):
     for path in ("/dicom-web/tools/find", "/dicom-web/studies/abc", "/dicom-web/../system"):
         r = httpx.get(gateway.url + path, headers=bearer(tokens["alice"]), timeout=30)
@@ -262,7 +310,9 @@ def test_dicomweb_client_works_unchanged(gateway, tokens):
     client = DICOMwebClient(url=f"{gateway.url}/dicom-web", headers=bearer(tokens["tom"]))
     sample = unique_instance()
     ds = pydicom.dcmread(io.BytesIO(sample.data))
-    client.store_instances([ds])
+    answer = client.store_instances([ds])
+    assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [sample.sop_instance_uid]
+    assert "FailedSOPSequence" not in answer or not answer.FailedSOPSequence
     found = client.search_for_studies(search_filters={"PatientID": sample.patient_id})
     assert [f["0020000D"]["Value"][0] for f in found] == [sample.study_uid]
     inst = client.retrieve_instance(sample.study_uid, sample.series_uid, sample.sop_instance_uid)
