@@ -304,7 +304,7 @@ def test_unknown_study_is_404_json_and_audited_as_a_failure(gateway, tokens, aud
     assert len(docs) == 1 and docs[0]["event.outcome"] == 4, dump(docs)
 
 
-def test_dicomweb_client_works_unchanged(gateway, tokens):
+def test_dicomweb_client_works_unchanged(gateway, tokens, stack):
     from dicomweb_client.api import DICOMwebClient
 
     client = DICOMwebClient(url=f"{gateway.url}/dicom-web", headers=bearer(tokens["tom"]))
@@ -314,7 +314,8 @@ def test_dicomweb_client_works_unchanged(gateway, tokens):
     assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [sample.sop_instance_uid]
     assert "FailedSOPSequence" not in answer or not answer.FailedSOPSequence
     found = client.search_for_studies(search_filters={"PatientID": sample.patient_id})
-    assert [f["0020000D"]["Value"][0] for f in found] == [sample.study_uid]
+    assert [f["0020000D"]["Value"][0] for f in found] == [sample.study_uid], \
+        f"in the archive's index: {orthanc_has_study(stack, sample.study_uid)}"
     inst = client.retrieve_instance(sample.study_uid, sample.series_uid, sample.sop_instance_uid)
     assert inst.SOPInstanceUID == sample.sop_instance_uid
     assert inst.PatientID == sample.patient_id
