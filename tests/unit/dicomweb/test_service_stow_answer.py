@@ -12,7 +12,6 @@ import json
 
 import httpx
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -21,8 +20,6 @@ from compliance.audit.events import Outcome
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
-from compliance.db.migrate import upgrade
-from compliance.db.session import make_engine
 from compliance.dicomweb.routing import PERMISSIONS, Transaction, classify
 from compliance.dicomweb.service import DicomwebService, RequestContext, outcome_of
 from compliance.dicomweb.stow import multipart_related
@@ -70,15 +67,6 @@ class Archive:
 
     async def aclose(self):
         pass
-
-
-@pytest.fixture
-def outbox(tmp_path):
-    url = f"sqlite:///{tmp_path / 'stow.db'}"
-    upgrade(url)
-    box = SqlAuditOutbox(make_engine(url))
-    yield box
-    box.close()
 
 
 async def stow(outbox: SqlAuditOutbox, archive: Archive, parts: list[bytes]):
