@@ -109,3 +109,16 @@ def test_machine_name_access_point() -> None:
     assert event.objects[0].id_type_code == ObjectIDTypeCode.STUDY_INSTANCE_UID
     assert "110152" in {c.code for c in person.role_id_codes}
     assert {c.code for c in event.participants[0].role_id_codes} == {"110153"}
+
+
+def test_event_ids_are_time_ordered_uuids() -> None:
+    """Version 7 (RFC 9562): new ids land at the end of the outbox's unique index and of
+    Elasticsearch's id terms, not at random places; each is still unique."""
+    import uuid
+
+    events = [instances_accessed_event(user=USER, gateway_id="gw", action=Action.READ, outcome=Outcome.SUCCESS,
+                                       patients=[PatientRef("P1")], studies=[StudyRef("1.2.3")])
+              for _ in range(2000)]
+    ids = [e.uuid for e in events]
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
