@@ -24,7 +24,15 @@ from compliance.audit.events import (
     ParticipantKind,
 )
 
-__all__ = ["index_name", "to_document"]
+__all__ = ["event_indices", "index_name", "to_document"]
+
+
+def event_indices(prefix: str) -> str:
+    """The index expression that reads this deployment's monthly event indices ``{prefix}-YYYY.MM``
+    and no other deployment's: ``{prefix}-*`` minus every ``{prefix}-…-…``, which is where a
+    deployment whose prefix extends this one's keeps its events (``{prefix}-staging-2026.11``).
+    Checkpoints are in ``{prefix}.checkpoints``, which neither part matches."""
+    return f"{prefix}-*,-{prefix}-*-*"
 
 
 def index_name(prefix: str, occurred_at: datetime) -> str:

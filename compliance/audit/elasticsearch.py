@@ -38,7 +38,7 @@ from elastic_transport import ConnectionTimeout, TransportError
 from elasticsearch import ApiError, Elasticsearch
 from elasticsearch.serializer import NdjsonSerializer
 
-from compliance.audit.documents import index_name
+from compliance.audit.documents import event_indices, index_name
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
 from compliance.config import PROJECT_ROOT
 from compliance.errors import ConfigurationError
@@ -275,4 +275,4 @@ class ElasticsearchAuditSink:
 
     def refresh_for_tests(self) -> None:
         """Make every shipped document searchable now (tests only; production relies on refresh_interval)."""
-        self._client.indices.refresh(index=f"{self.index_prefix}-*", allow_no_indices=True)
+        self._client.indices.refresh(index=event_indices(self.index_prefix), allow_no_indices=True)

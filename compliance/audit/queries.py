@@ -28,6 +28,7 @@ from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout, TransportError
 from elasticsearch import ApiError, Elasticsearch
 
+from compliance.audit.documents import event_indices
 from compliance.errors import InvalidRequest, UpstreamError, UpstreamUnavailable
 
 __all__ = ["MAX_PAGE_SIZE", "AuditPage", "AuditQueryService", "AuditSearch", "decode_cursor", "encode_cursor"]
@@ -163,7 +164,7 @@ class AuditQueryService:
 
     @property
     def index_pattern(self) -> str:
-        return f"{self.index_prefix}-*"
+        return event_indices(self.index_prefix)
 
     def search(
         self,

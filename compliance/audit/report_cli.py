@@ -252,6 +252,7 @@ def audit_detect(
         OutboxBacklog,
         StaticDirectory,
     )
+    from compliance.audit.documents import event_indices
     from compliance.audit.queries import AuditQueryService
     from compliance.audit.review import SqlReviewQueue
     from compliance.config import get_settings
@@ -278,7 +279,7 @@ def audit_detect(
 
     def refresh() -> None:
         try:
-            client.indices.refresh(index=f"{prefix}-*", allow_no_indices=True, ignore_unavailable=True)
+            client.indices.refresh(index=event_indices(prefix), allow_no_indices=True, ignore_unavailable=True)
         except (ApiError, TransportError) as exc:
             raise UpstreamUnavailable(f"cannot refresh the audit repository: {type(exc).__name__}") from exc
 

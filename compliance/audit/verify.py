@@ -23,6 +23,7 @@ from elasticsearch.exceptions import ApiError
 
 from compliance.audit.chain import GENESIS, HASH, SEQ, Finding, Verification, verify_chain
 from compliance.audit.checkpoints import Checkpoint, ElasticsearchCheckpoints, SqlCheckpointStore, merkle_root
+from compliance.audit.documents import event_indices
 from compliance.audit.interfaces import AuditSinkUnavailable
 from compliance.audit.outbox import SqlAuditOutbox
 
@@ -34,7 +35,7 @@ def iter_repository(client: Elasticsearch, prefix: str, *, from_seq: int = 1,
     """Every event document with its ``_id``, in chain order, plus those without chain fields first."""
     try:
         # Documents without chain fields are insertions by someone else: list them too.
-        orphans = client.search(index=f"{prefix}-*", size=PAGE, ignore_unavailable=True, allow_no_indices=True,
+        orphans = client.search(index=event_indices(prefix), size=PAGE, ignore_unavailable=True, allow_no_indices=True,
                                 query={"bool": {"must_not": {"exists": {"field": SEQ}}}})
         for hit in orphans["hits"]["hits"]:
             yield {**hit["_source"], "_id": hit["_id"]}
@@ -44,7 +45,7 @@ def iter_repository(client: Elasticsearch, prefix: str, *, from_seq: int = 1,
         after: list[Any] | None = None
         while True:
             page = client.search(
-                index=f"{prefix}-*", size=PAGE, ignore_unavailable=True, allow_no_indices=True,
+                index=event_indices(prefix), size=PAGE, ignore_unavailable=True, allow_no_indices=True,
                 query={"range": {SEQ: seq_range}}, sort=[{SEQ: {"order": "asc", "unmapped_type": "long"}},
                       {"event.uuid": {"order": "asc", "unmapped_type": "keyword"}}],
                 search_after=after,

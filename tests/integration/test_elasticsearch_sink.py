@@ -82,7 +82,7 @@ def test_template_installed(sink: ElasticsearchAuditSink) -> None:
     sink.ensure_ready()  # idempotent
     response = sink.client.indices.get_index_template(name=sink.template_name)
     (entry,) = response["index_templates"]
-    assert entry["index_template"]["index_patterns"] == [f"{sink.index_prefix}-*"]
+    assert entry["index_template"]["index_patterns"] == [f"{sink.index_prefix}-{d}*" for d in range(10)]
     properties = entry["index_template"]["template"]["mappings"]["properties"]
     assert properties["patient"]["properties"]["ids"]["type"] == "keyword"
 
@@ -226,3 +226,34 @@ def test_an_index_made_by_an_older_template_takes_new_fields_and_keeps_its_own(s
         "note": {"type": "keyword"}}
     result = sink.ship([(event.uuid, to_document(event, SOURCE))])
     assert result.shipped == (event.uuid,) and not result.failed
+
+
+def test_a_deployment_whose_prefix_extends_this_ones_shares_the_cluster_unseen(
+        sink: ElasticsearchAuditSink) -> None:
+    """On a shared cluster another deployment's prefix may extend this one's ("{prefix}-staging"): it
+    can install its template, and its events about the same patient are neither found by this
+    deployment's searches nor taken for insertions into this trail by ``verify``, and vice versa."""
+    from compliance.audit.queries import AuditQueryService, AuditSearch
+    from compliance.audit.verify import iter_repository
+
+    staging = ElasticsearchAuditSink(URL, f"{sink.index_prefix}-staging", request_timeout=30)
+    try:
+        sink.ensure_ready()
+        staging.ensure_ready()  # Elasticsearch refuses overlapping templates of the same priority
+        patient = f"IT-{uuid.uuid4().hex[:8]}"
+        ours, theirs = _events(patient), _events(patient)
+        for target, events in ((sink, ours), (staging, theirs)):
+            shipped = target.ship([(e.uuid, to_document(e, SOURCE)) for e in events]).shipped
+            assert set(shipped) == {e.uuid for e in events}
+            target.refresh_for_tests()
+        for target, events in ((sink, ours), (staging, theirs)):
+            page = AuditQueryService(target.client, target.index_prefix).search(
+                AuditSearch(patients=(patient,)), size=100)
+            naming = [e.uuid for e in events[:2]]  # the third, a security alert, names no patient
+            assert sorted(d["event.uuid"] for d in page.events) == sorted(naming) and page.total == 2
+            # the other's documents carry no chain fields here: they would be reported as insertions
+            assert sorted(d["_id"] for d in iter_repository(target.client, target.index_prefix)) == \
+                sorted(e.uuid for e in events)
+    finally:
+        _delete_template(staging)
+        staging.close()

@@ -10,7 +10,7 @@ from lxml import etree
 from test_audit_atna import ALL, CT, MR, SOURCE, STUDY
 
 from compliance.audit.atna import validate_atna_xml
-from compliance.audit.documents import index_name, to_document
+from compliance.audit.documents import event_indices, index_name, to_document
 from compliance.audit.elasticsearch import TEMPLATE_PATH, load_template
 
 
@@ -117,7 +117,9 @@ def test_every_document_field_is_mapped(name: str) -> None:
 
 def test_template_prefix_substitution_and_settings() -> None:
     template = load_template("site-a-audit")
-    assert template["index_patterns"] == ["site-a-audit-*"]
+    # a monthly index begins with its year: "site-a-audit-staging-*" is another deployment's
+    assert template["index_patterns"] == [f"site-a-audit-{d}*" for d in range(10)]
+    assert event_indices("site-a-audit") == "site-a-audit-*,-site-a-audit-*-*"
     settings = template["template"]["settings"]
     assert settings["index.number_of_shards"] == 1 and settings["index.number_of_replicas"] == 0
     xml_mapping = template["template"]["mappings"]["properties"]["atna"]["properties"]["xml"]
