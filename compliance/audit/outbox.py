@@ -40,12 +40,13 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import Engine, Table, bindparam, func, insert, select, update
+from sqlalchemy import Engine, Table, bindparam, func, select, update
 
 from compliance.audit.chain import HASH, PREV, SEQ, extend_serialized
 from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable, ShipResult
 from compliance.audit.models import AuditChainHead, AuditOutboxRow
 from compliance.audit.writes import audit_transaction, sqlite_writes
+from compliance.db.compiled import CompiledInsert
 from compliance.errors import AuditFailure
 
 log = logging.getLogger(__name__)
@@ -108,38 +109,6 @@ _INSERT_COLUMNS = ("seq", "uuid", "event_code", "occurred_at", "document", "reco
                    "prev_hash", "hash")
 
 
-class _RowInsert:
-    """The outbox INSERT compiled once for a dialect, with parameters converted up front.
-
-    The rows are prepared (chain linked, values converted by the column types' own bind processors)
-    before the write transaction starts, so the transaction only hands them to the driver.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        dialect = engine.dialect
-        compiled = insert(_TABLE).compile(dialect=dialect, column_keys=list(_INSERT_COLUMNS))
-        self.sql = str(compiled)
-        self.positional = bool(compiled.positional)
-        names = list(compiled.positiontup or ()) if self.positional else list(_INSERT_COLUMNS)
-        if self.positional and sorted(names) != sorted(_INSERT_COLUMNS):
-            raise RuntimeError(f"unexpected outbox INSERT parameters {names}")
-        self.names = names
-        self.processors = {name: _TABLE.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-                           for name in _INSERT_COLUMNS}
-        self._converting = tuple((n, p) for n, p in self.processors.items() if p is not None)
-
-    def convert(self, name: str, value: Any) -> Any:
-        processor = self.processors[name]
-        return value if processor is None else processor(value)
-
-    def params(self, row: dict[str, Any], *, converted: tuple[str, ...] = ()) -> tuple[Any, ...] | dict[str, Any]:
-        """Driver parameters of one row (``converted``: columns whose values are converted already)."""
-        for name, processor in self._converting:
-            if name not in converted:
-                row[name] = processor(row[name])
-        return tuple([row[n] for n in self.names]) if self.positional else row
-
-
 class _HeadStatements:
     """The chain head's two statements, compiled once for the dialect and run as driver SQL.
 
@@ -191,7 +160,7 @@ class SqlAuditOutbox:
         self._queue: queue.SimpleQueue[tuple[OutboxEntry, _Waiter] | _Marks | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._insert = _RowInsert(engine)
+        self._insert = CompiledInsert(engine, _TABLE, _INSERT_COLUMNS)
         self._head_sql = _HeadStatements(engine)
         self._shipped_processor = _TABLE.c.shipped_at.type.dialect_impl(engine.dialect).bind_processor(engine.dialect)
         #: The chain head as this process last wrote it: rows are linked to it before the write
