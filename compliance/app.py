@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 from fastapi import FastAPI
@@ -101,7 +102,8 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
             archive_keys = KeyOperations(
                 ArchiveKeyClient(settings.archive_url, username=settings.archive_username,
                                  password=settings.archive_password.get_secret_value(),
-                                 dicomweb_path=settings.archive_dicomweb_path, client=archive.http_client),
+                                 dicomweb_path=settings.archive_dicomweb_path,
+                                 client=cast(OrthancArchive, archive).http_client),
                 auditor, gateway_id=settings.audit_source_id)
         dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
                                    qido_max_response_bytes=settings.qido_max_response_bytes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from compliance.dicomweb.stow import multipart_related  # noqa: F401 - re-exported for demo and test callers
 
@@ -31,11 +32,12 @@ def synthetic_instance(*, frames: int = 1, patient_id: str = "SYNTH-0001", patie
 
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
     # CT for one frame; Multi-frame Grayscale Word Secondary Capture for more.
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2" if frames == 1 else "1.2.840.10008.5.1.4.1.1.7.3"
+    meta.MediaStorageSOPClassUID = cast(  # a str: pydicom makes it a UID when set
+        UID, "1.2.840.10008.5.1.4.1.1.2" if frames == 1 else "1.2.840.10008.5.1.4.1.1.7.3")
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()

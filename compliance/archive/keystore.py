@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import binascii
 from dataclasses import dataclass
+from typing import cast
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
 
 from compliance.archive.keycache import ArchiveKeyService
 from compliance.config import Settings
@@ -103,11 +104,11 @@ def open_key_store(settings: Settings, *, create: bool = False) -> ArchiveKeySto
     provider = build_provider(settings, create_if_missing=create)
     engine = make_engine(url)
     if create:
-        Base.metadata.create_all(engine, tables=[CryptoKek.__table__, CryptoDataKey.__table__,
-                                                 CryptoErasedStudy.__table__])
+        Base.metadata.create_all(engine, tables=cast(list[Table], [CryptoKek.__table__, CryptoDataKey.__table__,
+                                                                   CryptoErasedStudy.__table__]))
     else:
         # Key stores set up before shreds left tombstones gain the table on first open.
-        Base.metadata.create_all(engine, tables=[CryptoErasedStudy.__table__])
+        Base.metadata.create_all(engine, tables=cast(list[Table], [CryptoErasedStudy.__table__]))
         if url.startswith("sqlite:///"):
             db = url.removeprefix("sqlite:///")
             import os

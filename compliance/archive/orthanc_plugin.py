@@ -38,6 +38,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import cast
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +77,8 @@ def _install() -> None:
     control = KeyControl(store.keys, storage)
 
     def on_rest(output: object, uri: str, **request: object) -> None:
-        response = control.handle(str(request.get("method", "GET")), uri, bytes(request.get("body") or b""))  # type: ignore[arg-type]
+        response = control.handle(str(request.get("method", "GET")), uri,
+                                  bytes(cast(bytes, request.get("body") or b"")))
         if response.status == 200:
             output.AnswerBuffer(response.encode(), "application/json")  # type: ignore[attr-defined]
         else:

@@ -241,7 +241,8 @@ class ElasticsearchAuditSink:
     def _send(self, chunk: Sequence[tuple[str, bytes]], shipped: list[str], failed: dict[str, str],
               retryable: list[str]) -> None:
         try:
-            response = self._client.bulk(operations=b"".join(line for _, line in chunk),
+            # the stubs want a sequence of mappings; the client sends bytes (NDJSON lines) as they are
+            response = self._client.bulk(operations=b"".join(line for _, line in chunk),  # type: ignore[arg-type]
                                          filter_path=_BULK_FILTER)
         except _UNREACHABLE as exc:
             raise AuditSinkUnavailable(f"Elasticsearch at {self.url} is unreachable: {exc}") from exc

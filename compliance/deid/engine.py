@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from pydicom.charset import default_encoding
 from pydicom.datadict import get_entry
@@ -197,7 +197,7 @@ class _Walk:
         if found is None:
             return None
         raw, value = found
-        return _Light(raw.VR, keyword(int(tag)), value, raw)
+        return _Light(cast(str, raw.VR), keyword(int(tag)), value, raw)  # a VR of LIGHT_VRS: raw_value checked
 
     @staticmethod
     def set_raw(ds: Dataset, tag: Any, light: _Light, data: bytes) -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import re
 from bisect import bisect_right
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement
@@ -141,7 +143,7 @@ def _strings(value: object) -> list[str]:
     if value is None:
         return []
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return [str(x) for x in value if x is not None]  # type: ignore[union-attr]
+        return [str(x) for x in cast(Iterable[object], value) if x is not None]
     if isinstance(value, (bytes, bytearray)):
         return []
     return [str(value)]

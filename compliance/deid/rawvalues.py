@@ -13,8 +13,9 @@ else returns None and the caller takes pydicom's general path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pydicom import hooks as pydicom_hooks
@@ -38,6 +39,8 @@ NOT_LIGHT_TAGS = frozenset({0x00080005, *_LUT_DESCRIPTOR_TAGS, *(int(t) for t in
 UNDEFINED = 0xFFFFFFFF
 #: Text VRs whose converter validates each value only to warn (unless pydicom is set to raise).
 _TEXT = frozenset(CUSTOMIZABLE_CHARSET_VR) - {"PN"}
+#: pydicom's converters by VR (its keys are ``VR`` str enums, so a plain VR string finds them)
+_CONVERTERS = cast(dict[str, Callable[..., Any]], converters)
 
 
 def default_conversion() -> bool:
@@ -88,7 +91,7 @@ def raw_value(ds: Dataset, tag: Any, charset: Any, *, pixels: bool = False) -> t
         if vr in _TEXT and raw.length and pydicom_config.settings.reading_validation_mode != pydicom_config.RAISE:
             # pydicom's own converter, without the validation that could only warn
             try:
-                return raw, converters[vr](raw.value, [charset] if isinstance(charset, str) else charset, None)
+                return raw, _CONVERTERS[vr](raw.value, [charset] if isinstance(charset, str) else charset, None)
             except ValueError:
                 pass  # convert_value retries other VRs: let it
         return raw, convert_value(vr, raw, charset)

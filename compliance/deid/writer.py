@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 from io import BytesIO
+from typing import cast
 
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -129,7 +130,7 @@ def encode(ds: Dataset) -> bytes:
         if type(elem) is RawDataElement and elem.value is not None and elem.length != _UNDEFINED \
                 and (implicit or elem.VR not in ("SQ", None)):
             value = elem.value
-            vr = elem.VR
+            vr = cast(str, elem.VR)  # None only when implicit, where it is not used
             n = len(value)
             if implicit:
                 write(_IMPLICIT.pack(tag.group, tag.element, n))

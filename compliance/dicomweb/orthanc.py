@@ -21,7 +21,7 @@ import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import httpx
@@ -172,7 +172,7 @@ class OrthancArchive:
         if response.status_code in (401, 403):
             await response.aclose()
             raise UpstreamError("the archive refused the gateway's credentials")
-        return response
+        return cast(UpstreamResponse, response)  # read-only ``content``: read, never set, by the proxy
 
     def _aiohttp(self) -> aiohttp.ClientSession:
         if self._session is None:  # created on first use, inside the running event loop

@@ -222,7 +222,7 @@ class DicomwebService:
                 raise UpstreamError("the archive's key custodian could not be asked") from exc
             # Before the lookup's error: a study lookup may itself fail on a shredded or corrupted file.
             await self._check_stored_objects(ctx, route, upstream, known, state)
-        if any(isinstance(r, BaseException) for r in results):
+        if isinstance(upstream, BaseException) or isinstance(summary, BaseException):  # results holds just these two
             if not isinstance(upstream, BaseException):
                 await upstream.aclose()
             err = next(r for r in results if isinstance(r, BaseException))

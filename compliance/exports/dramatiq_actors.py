@@ -86,8 +86,8 @@ def configure(redis_url: str) -> Any:
             broker.add_middleware(ExportSweepMiddleware())
             dramatiq.set_broker(broker)
             # Jobs are long; failures are recorded on the request (failed), so no automatic retries.
-            _actor = dramatiq.actor(run_export, queue_name="compliance-exports", max_retries=0,
-                                    time_limit=6 * 3600 * 1000)
+            _actor = dramatiq.actor(queue_name="compliance-exports", max_retries=0,
+                                    time_limit=6 * 3600 * 1000)(run_export)
         return _actor
 
 

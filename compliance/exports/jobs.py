@@ -107,7 +107,8 @@ class DicomwebArchiveReader:
         self._client = httpx.Client(base_url=base_url.rstrip("/"), auth=httpx.BasicAuth(username, password),
                                     timeout=httpx.Timeout(timeout, connect=5.0))
 
-    def _get(self, path: str, *, params: list[tuple[str, str]] | None = None, accept: str) -> httpx.Response:
+    def _get(self, path: str, *, params: list[tuple[str, str | int | float | bool | None]] | None = None,
+             accept: str) -> httpx.Response:
         try:
             resp = self._client.get(self._root + path, params=params, headers={"Accept": accept})
         except httpx.TransportError as exc:
@@ -347,7 +348,8 @@ class ExportJob:
             last = time.monotonic()
             with partial.open("wb") as out:
                 sink = EncryptingFile(out, encryptor)
-                with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
+                # the stubs want close() too, which ZipFile never calls on a file object it was given
+                with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:  # type: ignore[call-overload]
                     for n, (study, series, sop) in enumerate(plan, start=1):
                         lease.check()
                         p = self._one(engine, archive, n, study, series, sop, cohort, transferred)
@@ -554,6 +556,7 @@ class ExportJob:
                                                             "was recorded")
                     tally[UNCONFIRMED] += 1
             message = exc.message if hasattr(exc, "message") else type(exc).__name__
+            delivery: dict[str, Any] | None  # None when the report itself cannot be kept
             delivery = self._delivery(dest, c, tally, files, earlier, seen)
             if delivery["stored"] or delivery["unconfirmed"]:
                 message = (f"{message} (before the job stopped: {delivery['stored']} instances stored at {dest.name}, "

@@ -159,7 +159,7 @@ class PseudonymMap:
         key = self._keys.key(project, "map")
         by_pseudonym = {(kind, pseudonym): original for kind, original, pseudonym in entries}
         with self._sessions() as session:
-            known = set()
+            known: set[tuple[str, str]] = set()
             kinds = {k for k, _ in by_pseudonym}
             for kind in kinds:
                 names = [p for k, p in by_pseudonym if k == kind]

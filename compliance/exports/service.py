@@ -23,6 +23,7 @@ Audit mapping: see :mod:`compliance.exports.audit`.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import uuid
@@ -30,9 +31,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit.events import (
@@ -85,6 +86,11 @@ def _aware(value: datetime | None) -> datetime | None:
 def _iso(value: datetime | None) -> str | None:
     value = _aware(value)
     return value.isoformat() if value is not None else None
+
+
+def _rowcount(result: object) -> int:
+    """The rows an UPDATE matched: ``Session.execute`` returns a CursorResult for it (typed as a plain Result)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def disclosure_aad(request_id: str) -> bytes:
@@ -252,12 +258,12 @@ class ExportService:
         new_state = "approved" if approve else "rejected"
         now = self._clock()
         with self._sessions() as session, session.begin():
-            done = session.execute(
+            done = _rowcount(session.execute(
                 update(ExportRequest).where(ExportRequest.id == request_id, ExportRequest.state == "requested",
                                             ExportRequest.requester_id != steward.user_id)
                 .values(state=new_state, approver_id=steward.user_id,
                         approver_name=steward.username or steward.user_id, decision_comment=comment,
-                        decided_at=now)).rowcount
+                        decided_at=now)))
         with self._sessions() as session:
             row = session.get(ExportRequest, request_id)
             assert row is not None
@@ -291,16 +297,16 @@ class ExportService:
                                                    "a worker of the deployment will claim it"}
         now = self._clock()
         policy = self.recovery
-        due = ExportRequest.dispatched_at.is_(None)
+        due: ColumnElement[bool] = ExportRequest.dispatched_at.is_(None)
         if sweep:
             due = or_(and_(ExportRequest.dispatched_at.is_(None),
                            or_(ExportRequest.decided_at.is_(None),
                                ExportRequest.decided_at <= now - timedelta(seconds=policy.dispatch_grace_seconds))),
                       ExportRequest.dispatched_at <= now - timedelta(seconds=policy.redispatch_after_seconds))
         with self._sessions() as session, session.begin():
-            taken = session.execute(update(ExportRequest).where(
+            taken = _rowcount(session.execute(update(ExportRequest).where(
                 ExportRequest.id == request_id, ExportRequest.state == "approved", due)
-                .values(dispatched_at=now)).rowcount
+                .values(dispatched_at=now)))
         if not taken:  # another gateway or a sweep dispatched it, or a worker already claimed it
             return {"status": "dispatched" if not sweep else "skipped",
                     "detail": "already dispatched, or already picked up by a worker"}
@@ -335,7 +341,7 @@ class ExportService:
         return sent
 
     # -- workers -------------------------------------------------------------------------------
-    def claimable(self, limit: int = 10) -> list[str]:
+    def claimable(self, limit: int = 10) -> builtins.list[str]:
         with self._sessions() as session, session.begin():
             q = select(ExportRequest.id).where(ExportRequest.state == "approved").order_by(
                 ExportRequest.decided_at).limit(limit)
@@ -351,10 +357,10 @@ class ExportService:
         """
         now = self._clock()
         with self._sessions() as session, session.begin():
-            done = session.execute(
+            done = _rowcount(session.execute(
                 update(ExportRequest).where(ExportRequest.id == request_id, ExportRequest.state == "approved")
                 .values(state="running", worker=worker[:128], started_at=now, attempts=ExportRequest.attempts + 1,
-                        lease_expires_at=self.recovery.lease_until(now))).rowcount
+                        lease_expires_at=self.recovery.lease_until(now))))
         if not done:
             return None
         row = self._row(request_id)
@@ -363,7 +369,7 @@ class ExportService:
         self._order(None, row, Action.UPDATE, "running", description=f"export job started on {worker}{suffix}")
         return attempt
 
-    def _fence(self, request_id: str, attempt: int | None) -> list[Any]:
+    def _fence(self, request_id: str, attempt: int | None) -> builtins.list[Any]:
         """The guard of every write of a running job: still running, and still this attempt's."""
         guard = [ExportRequest.id == request_id, ExportRequest.state == "running"]
         if attempt is not None:
@@ -373,15 +379,15 @@ class ExportService:
     def renew_lease(self, request_id: str, attempt: int) -> bool:
         """Extend the running attempt's lease; False when the request is no longer this attempt's."""
         with self._sessions() as session, session.begin():
-            return bool(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
-                                        .values(lease_expires_at=self.recovery.lease_until(self._clock()))).rowcount)
+            return bool(_rowcount(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
+                                                  .values(lease_expires_at=self.recovery.lease_until(self._clock())))))
 
     def owns(self, request_id: str, attempt: int) -> bool:
         with self._sessions() as session:
             return session.scalar(select(ExportRequest.id).where(*self._fence(request_id, attempt))) is not None
 
     # -- recovery (the sweep) ------------------------------------------------------------------
-    def recover_expired(self) -> dict[str, list[str]]:
+    def recover_expired(self) -> dict[str, builtins.list[str]]:
         """Running requests whose lease expired: back to approved (requeued), or failed after max attempts."""
         now = self._clock()
         policy = self.recovery
@@ -403,8 +409,8 @@ class ExportService:
                     f"(expired {_iso(lease) or 'unknown'})")
             if decision == "requeue":
                 with self._sessions() as session, session.begin():
-                    done = session.execute(update(ExportRequest).where(*guard).values(
-                        state="approved", lease_expires_at=None, dispatched_at=None)).rowcount
+                    done = _rowcount(session.execute(update(ExportRequest).where(*guard).values(
+                        state="approved", lease_expires_at=None, dispatched_at=None)))
                 if done:
                     out["requeued"].append(request_id)
                     self._order(None, self._row(request_id), Action.UPDATE, "requeued", outcome=Outcome.MINOR_FAILURE,
@@ -413,8 +419,8 @@ class ExportService:
                 continue
             reason = interrupted_reason(attempts)
             with self._sessions() as session, session.begin():
-                done = session.execute(update(ExportRequest).where(*guard).values(
-                    state="failed", finished_at=now, lease_expires_at=None, error=reason)).rowcount
+                done = _rowcount(session.execute(update(ExportRequest).where(*guard).values(
+                    state="failed", finished_at=now, lease_expires_at=None, error=reason)))
                 if done:
                     # a batch on its way when the last attempt died: its outcome is unknown (it may be stored)
                     session.execute(update(ExportDeliveryFile).where(
@@ -434,15 +440,15 @@ class ExportService:
             return {f.sop_instance_uid: f for f in session.scalars(
                 select(ExportDeliveryFile).where(ExportDeliveryFile.request_id == request_id))}
 
-    def record_sending(self, request_id: str, attempt: int, batch: int, files: list[tuple[str, int]]) -> bool:
+    def record_sending(self, request_id: str, attempt: int, batch: int, files: builtins.list[tuple[str, int]]) -> bool:
         """Before a batch leaves: its files are ``sending``; False (nothing written) if the attempt lost the request.
 
         Renews the lease in the same transaction: the fencing check and the record are one commit.
         """
         now = self._clock()
         with self._sessions() as session, session.begin():
-            if not session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
-                                   .values(lease_expires_at=self.recovery.lease_until(now))).rowcount:
+            if not _rowcount(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
+                                             .values(lease_expires_at=self.recovery.lease_until(now)))):
                 return False
             uids = [uid for uid, _ in files]
             session.execute(delete(ExportDeliveryFile).where(ExportDeliveryFile.request_id == request_id,
@@ -476,28 +482,29 @@ class ExportService:
 
     def progress(self, request_id: str, *, attempt: int | None = None, **counters: int) -> bool:
         with self._sessions() as session, session.begin():
-            return bool(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
-                                        .values(**counters)).rowcount)
+            return bool(_rowcount(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt))
+                                                  .values(**counters))))
 
     def finish(self, request_id: str, *, bundle_path: Path, bundle_size: int, checksum: str,
-               patients: list[dict[str, str | None]], studies: list[dict[str, Any]], counters: dict[str, int],
-               attempt: int | None = None) -> bool:
+               patients: builtins.list[dict[str, str | None]], studies: builtins.list[dict[str, Any]],
+               counters: dict[str, int], attempt: int | None = None) -> bool:
         """running -> ready with the bundle; False (nothing changed) if the attempt no longer owns the request."""
         row = self._row(request_id)
         disclosure = json.dumps({"patients": patients, "studies": studies}, sort_keys=True).encode()
         sealed = seal(self.keys.key(row.project, "map"), disclosure, disclosure_aad(request_id))
         now = self._clock()
         with self._sessions() as session, session.begin():
-            done = session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
+            done = _rowcount(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
                 state="ready", finished_at=now, expires_at=now + self.bundle_ttl, bundle_path=str(bundle_path),
                 bundle_size=bundle_size, checksum_sha256=checksum, disclosure_sealed=sealed, lease_expires_at=None,
-                **counters)).rowcount
+                **counters)))
         if done:
             self._order(None, self._row(request_id), Action.UPDATE, "ready")
         return bool(done)
 
-    def finish_delivery(self, request_id: str, *, delivery: dict[str, Any], patients: list[dict[str, str | None]],
-                        studies: list[dict[str, Any]], counters: dict[str, int], attempt: int | None = None) -> bool:
+    def finish_delivery(self, request_id: str, *, delivery: dict[str, Any],
+                        patients: builtins.list[dict[str, str | None]], studies: builtins.list[dict[str, Any]],
+                        counters: dict[str, int], attempt: int | None = None) -> bool:
         """A push to a DICOMweb destination ended with at least one instance stored: ready, no bundle."""
         row = self._row(request_id)
         disclosure = json.dumps({"patients": patients, "studies": studies}, sort_keys=True).encode()
@@ -506,9 +513,9 @@ class ExportService:
         error = (f"partial delivery: {delivery['stored']} of {delivery['released']} released instances stored at "
                  f"{delivery['destination']['name']} (see delivery.files)") if partial else None
         with self._sessions() as session, session.begin():
-            done = session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
+            done = _rowcount(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
                 state="ready", finished_at=self._clock(), disclosure_sealed=sealed, error=error,
-                delivery=json.dumps(delivery, sort_keys=True), lease_expires_at=None, **counters)).rowcount
+                delivery=json.dumps(delivery, sort_keys=True), lease_expires_at=None, **counters)))
         if done:
             self._order(None, self._row(request_id), Action.UPDATE, "ready",
                         outcome=Outcome.MINOR_FAILURE if partial else Outcome.SUCCESS,
@@ -520,9 +527,9 @@ class ExportService:
              delivery: dict[str, Any] | None = None, *, attempt: int | None = None) -> bool:
         extra = {"delivery": json.dumps(delivery, sort_keys=True)} if delivery is not None else {}
         with self._sessions() as session, session.begin():
-            done = session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
+            done = _rowcount(session.execute(update(ExportRequest).where(*self._fence(request_id, attempt)).values(
                 state="failed", finished_at=self._clock(), error=error[:2000], lease_expires_at=None,
-                **(counters or {}), **extra)).rowcount
+                **(counters or {}), **extra)))
         if done:
             self._order(None, self._row(request_id), Action.UPDATE, "failed", outcome=Outcome.SERIOUS_FAILURE,
                         description=f"export job failed: {error[:500]}")
@@ -537,9 +544,9 @@ class ExportService:
         expired = 0
         for request_id, path in due:
             with self._sessions() as session, session.begin():
-                done = session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
-                                                                   ExportRequest.state == "ready")
-                                       .values(state="expired")).rowcount
+                done = _rowcount(session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                                                                             ExportRequest.state == "ready")
+                                                 .values(state="expired")))
             if done:
                 if path:
                     Path(path).unlink(missing_ok=True)
@@ -655,11 +662,11 @@ class ReidentificationService:
             raise SelfApprovalRefused("re-identification needs a second, different data steward")
         new_state = "approved" if approve else "rejected"
         with self._sessions() as session, session.begin():
-            done = session.execute(update(ExportReidentification).where(
+            done = _rowcount(session.execute(update(ExportReidentification).where(
                 ExportReidentification.id == request_id, ExportReidentification.state == "requested",
                 ExportReidentification.requester_id != steward.user_id).values(
                 state=new_state, approver_id=steward.user_id, approver_name=steward.username or steward.user_id,
-                decision_comment=comment, decided_at=self._clock())).rowcount
+                decision_comment=comment, decided_at=self._clock())))
         row = self._row(request_id)
         if not done:
             raise ExportStateConflict(f"the re-identification request is {row.state}, not requested")
@@ -678,10 +685,10 @@ class ReidentificationService:
         if original is None:
             raise ExportNotFound("no such pseudonym in the project's map")
         with self._sessions() as session, session.begin():
-            done = session.execute(update(ExportReidentification).where(
+            done = _rowcount(session.execute(update(ExportReidentification).where(
                 ExportReidentification.id == request_id, ExportReidentification.state == "approved",
                 ExportReidentification.requester_id == user.user_id).values(
-                state="revealed", revealed_at=self._clock())).rowcount
+                state="revealed", revealed_at=self._clock())))
         if not done:
             raise ExportStateConflict("the re-identification request was revealed already; it reveals once")
         row = self._row(request_id)
