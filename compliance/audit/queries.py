@@ -156,7 +156,7 @@ class AuditPage:
 
 
 class AuditQueryService:
-    """Searches the monthly audit indices ``{prefix}-*`` of one deployment."""
+    """Searches the monthly audit indices ``{prefix}-YYYY.MM`` of one deployment (``event_indices``)."""
 
     def __init__(self, client: Elasticsearch, index_prefix: str) -> None:
         self._client = client
