@@ -199,6 +199,12 @@ class Settings(BaseSettings):
         return self.public_address or f"{self.host}:{self.port}"
 
     @property
+    def keycloak_realm_url(self) -> str:
+        """The realm's URL at Keycloak's admin-facing address: the authenticator named in 110114 events
+        (the CLI's own and those imported from Keycloak, whose uuids derive from it)."""
+        return f"{self.keycloak_url.rstrip('/')}/realms/{self.keycloak_realm}"
+
+    @property
     def effective_jwks_url(self) -> str:
         return self.oidc_jwks_url or f"{self.oidc_issuer.rstrip('/')}/protocol/openid-connect/certs"
 

@@ -74,7 +74,7 @@ def record_cli_authentication(username: str, *, success: bool, detail: str, user
                              client_id=settings.keycloak_cli_client_id, source_address="127.0.0.1"),
                 gateway_id=settings.audit_source_id,
                 outcome=Outcome.SUCCESS if success else Outcome.SERIOUS_FAILURE,
-                authenticator_id=f"{settings.keycloak_url.rstrip('/')}/realms/{settings.keycloak_realm}",
+                authenticator_id=settings.keycloak_realm_url,
                 outcome_description=detail[:1024]))
         finally:
             engine.dispose()

@@ -51,6 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from compliance.audit.events import AuditEvent, EventTypeCode, Outcome, UserRef, authentication_event
 from compliance.audit.models import AuditImportCursor, AuditOutboxRow
 from compliance.audit.recorder import AuditRecorder
+from compliance.audit.writes import audit_transaction
 from compliance.auth.service_account import ServiceAccountAdmin
 from compliance.errors import AuditFailure, UpstreamUnavailable
 
@@ -271,14 +272,14 @@ class LoginImport:
         now = self._clock()
         forward = (table.update().where(table.c.source == self._source, table.c.position < position)
                    .values(position=position, updated_at=now))
-        with self._engine.begin() as conn:
+        with audit_transaction(self._engine) as conn:
             if conn.execute(forward).rowcount:
                 return
         try:
-            with self._engine.begin() as conn:
+            with audit_transaction(self._engine) as conn:
                 conn.execute(table.insert().values(source=self._source, position=position, updated_at=now))
         except IntegrityError:  # it exists: at or past ``position``, or created by another import just now
-            with self._engine.begin() as conn:
+            with audit_transaction(self._engine) as conn:
                 conn.execute(forward)
 
     @property

@@ -319,7 +319,7 @@ def audit_import_logins(
     if not secret:
         _fail("COMPLIANCE_OIDC_CLIENT_SECRET is not set: the import reads Keycloak's events as the gateway's "
               "confidential client", 2)
-    realm_url = f"{settings.keycloak_url.rstrip('/')}/realms/{settings.keycloak_realm}"
+    realm_url = settings.keycloak_realm_url
     events = KeycloakAdminEvents(settings.keycloak_url, settings.keycloak_realm,
                                  client_id=settings.oidc_client_id, client_secret=secret)
     engine = cli_engine(settings)

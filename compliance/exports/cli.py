@@ -45,7 +45,7 @@ def _token(user: str | None, token: str | None) -> str:
     password = os.environ.get("COMPLIANCE_TOKEN_PASSWORD")
     if password is None:
         password = f"demo-{user}" if s.environment == "development" else typer.prompt("password", hide_input=True)
-    resp = httpx.post(f"{s.keycloak_url.rstrip('/')}/realms/{s.keycloak_realm}/protocol/openid-connect/token",
+    resp = httpx.post(f"{s.keycloak_realm_url}/protocol/openid-connect/token",
                       data={"grant_type": "password", "client_id": s.keycloak_cli_client_id, "username": user,
                             "password": password}, timeout=30)
     if resp.status_code != 200:

@@ -36,3 +36,11 @@ def test_environment_variables_are_read(monkeypatch, tmp_path):
     s = Settings(stack_dir=tmp_path)
     assert s.stow_max_bytes == 1234
     assert s.audit_fail_closed is False
+
+
+def test_the_realm_url_is_one_string_for_the_cli_login_and_the_import() -> None:
+    """Imported Keycloak events' uuids derive from it, and the CLI names it as the authenticator."""
+    s = Settings(keycloak_url="http://kc.example:8180/", keycloak_realm="imaging")
+    assert s.keycloak_realm_url == "http://kc.example:8180/realms/imaging"
+    assert Settings(keycloak_url="http://kc.example:8180", keycloak_realm="imaging").keycloak_realm_url == \
+        s.keycloak_realm_url
