@@ -8,7 +8,7 @@ STOWs the same number of unique instances (by default unique patients, so every 
 creates a data key: the worst case) directly to each archive, alternating which goes first; the
 best round per archive counts.
 
-    .venv/bin/python benchmarks/stow_encrypted.py [--instances 200] [--rounds 3] [--concurrency 1 4]
+    .venv/bin/python benchmarks/stow_encrypted.py [--instances 200] [--rounds 3] [--concurrency 1 2 4]
         [--instances-per-patient 1] [--plugin-baseline]
 
 Durability is the same on both sides: plaintext Orthanc syncs every file it stores before recording
@@ -23,6 +23,10 @@ archive stored per instance are printed.
 Orthanc's own storage does (open at the final path, write, ``fdatasync``): the cost of the plugin
 route itself. ``--instances-per-patient N`` STOWs N instances per patient (one study), so one new
 data key per N instances.
+
+It also prints each archive's CPU time per stored instance (user + system of the Orthanc process,
+``/proc/PID/stat``, over all rounds): once the cores are saturated the throughput ratio is the ratio of
+these, and they show where a run's ratio came from.
 
 Run as root, the archives run as the stack user (like deploy/local/up); otherwise as yourself.
 """
@@ -141,6 +145,12 @@ def start_orthanc(base: Path, *, encrypted: bool, plugin_baseline: bool = False)
     raise SystemExit(f"Orthanc did not start:\n{(base / 'orthanc.log').read_text()[-2000:]}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (``/proc/PID/stat``, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stow_all(url: str, bodies: list[tuple[bytes, str]], concurrency: int) -> float:
     with httpx.Client(auth=("gateway", PASSWORD), timeout=60,
                       limits=httpx.Limits(max_connections=concurrency)) as client:
@@ -170,7 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--instances", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--sample", default="CT_small.dcm")
     ap.add_argument("--instances-per-patient", type=int, default=1,
                     help="instances per patient (one study each); 1: every instance creates a data key")
@@ -200,24 +210,36 @@ def main() -> None:
             procs.append(base)
         enc, archives["encrypted"] = start_orthanc(tmp / "encrypted", encrypted=True)
         procs.append(enc)
+        pids = {"plaintext": plain.pid, "encrypted": enc.pid}
+        if args.plugin_baseline:
+            pids["plaintext-plugin"] = base.pid
         size = len(unique_instance(args.sample).data)
         print(f"{args.instances} unique instances of {args.sample} ({size} bytes) per round, "
               f"{args.instances_per_patient} per patient, best of {args.rounds}")
         print("| concurrency | archive | instances/s | MB/s |")
         print("| --- | --- | --- | --- |")
         ratios = {}
+        cpu: dict[int, dict[str, float]] = {}
         for c in args.concurrency:
             best = dict.fromkeys(archives, float("inf"))
+            cpu[c] = dict.fromkeys(archives, 0.0)
             for r in range(args.rounds):
                 order = list(archives.items())
                 if r % 2:
                     order.reverse()
                 for name, url in order:
-                    best[name] = min(best[name], stow_all(url, bodies_for(args), c))
+                    bodies = bodies_for(args)
+                    before = cpu_seconds(pids[name])
+                    best[name] = min(best[name], stow_all(url, bodies, c))
+                    cpu[c][name] += cpu_seconds(pids[name]) - before
             for name in archives:
                 rate = args.instances / best[name]
                 print(f"| {c} | {name} | {rate:.1f} | {rate * size / 1e6:.2f} |")
             ratios[c] = {name: best["plaintext"] / best[name] for name in archives if name != "plaintext"}
+        for c, by_name in cpu.items():
+            per = {name: 1e3 * seconds / (args.instances * args.rounds) for name, seconds in by_name.items()}
+            print(f"concurrency {c}: archive CPU per instance (user + system, all rounds): "
+                  + ", ".join(f"{name} {ms:.2f} ms" for name, ms in per.items()))
         for c, by_name in ratios.items():
             for name, ratio in by_name.items():
                 target = " (target >= 0.9x)" if name == "encrypted" else ""

@@ -144,17 +144,20 @@ class EncryptedFilesystemStorage:
         self._journal_lock = threading.Lock()
 
     def path_of(self, uuid: str) -> Path:
+        return Path(self._file(uuid))
+
+    def _file(self, uuid: str) -> str:
         # Orthanc's uuids are canonical (lowercase hex and dashes); refuse anything else so a uuid can
         # never escape the root.
         if not isinstance(uuid, str) or _CANONICAL_UUID.fullmatch(uuid) is None:
             raise ValueError("not an attachment uuid")
-        return Path(os.path.join(self._root, uuid[0:2], uuid[2:4], uuid))
+        return f"{self._root}/{uuid[0:2]}/{uuid[2:4]}/{uuid}"
 
     # --- the three storage-area callbacks ------------------------------------------------------
 
     def create(self, uuid: str, content_type: int, data: bytes) -> None:
         content_type = int(content_type)
-        path = self.path_of(uuid)
+        path = self._file(uuid)
         pending = self._key_for(patient_id_of(data, content_type))
         ad = associated_data(uuid, content_type)
         fd = self._open(path, os.O_EXCL)  # never an existing object
@@ -184,12 +187,19 @@ class EncryptedFilesystemStorage:
         return PendingKey.committed(self._keys.data_key_for_patient(patient_id))
 
     @staticmethod
-    def _open(path: Path, mode: int) -> int:
+    def _open(path: str, mode: int) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | mode
         try:
             return os.open(path, flags, 0o600)
         except FileNotFoundError:
-            os.makedirs(path.parent, exist_ok=True)
+            # Usually only the last directory level is missing: one mkdir, not makedirs' walk.
+            parent = os.path.dirname(path)
+            try:
+                os.mkdir(parent)
+            except FileExistsError:
+                pass  # created meanwhile by another thread
+            except FileNotFoundError:
+                os.makedirs(parent, exist_ok=True)
             return os.open(path, flags, 0o600)
 
     def _encrypt_into(self, fd: int, data: bytes, key: DataKey, ad: bytes) -> None:
@@ -210,7 +220,7 @@ class EncryptedFilesystemStorage:
 
     def read(self, uuid: str, content_type: int) -> bytes:
         content_type = int(content_type)
-        with open(self.path_of(uuid), "rb", buffering=0) as fh:
+        with open(self._file(uuid), "rb", buffering=0) as fh:
             chunks = iter(lambda: fh.read(SEGMENT_SIZE + TAG_SIZE), b"")
             try:
                 # Every segment is authenticated before the bytes are returned.
@@ -230,7 +240,7 @@ class EncryptedFilesystemStorage:
         end = start + length
         out: list[bytes] = []
         position = 0
-        with open(self.path_of(uuid), "rb", buffering=0) as fh:
+        with open(self._file(uuid), "rb", buffering=0) as fh:
             chunks = iter(lambda: fh.read(SEGMENT_SIZE + TAG_SIZE), b"")
             try:
                 for plain in iter_decrypt(chunks, unwrap=self._keys.unwrap_for_header,

@@ -208,6 +208,22 @@ def test_files_are_private_and_leave_no_temporary_files(storage: EncryptedFilesy
     assert [p.name for p in storage.path_of(u).parent.iterdir()] == [u]
 
 
+def test_directories_are_created_whatever_is_missing(tmp_path: Path, store):
+    # No storage root yet, then only the second level missing, then nothing missing: Orthanc's
+    # {uuid[0:2]}/{uuid[2:4]}/{uuid} layout, each object readable back.
+    storage = EncryptedFilesystemStorage(tmp_path / "not-yet" / "storage", store.keys, fsync=False)
+    first = "ab" + str(uuid.uuid4())[2:]
+    second = "abcd" + first[4:-1] + ("0" if first[-1] != "0" else "1")
+    same_dir = first[:-1] + ("2" if first[-1] != "2" else "3")
+    created = []
+    for u in (first, second, same_dir):
+        storage.create(u, 1, dicom(f"P-{u[:8]}"))
+        created.append(u)
+        assert storage.path_of(u) == tmp_path / "not-yet" / "storage" / u[0:2] / u[2:4] / u
+        assert storage.read(u, 1) == dicom(f"P-{u[:8]}")
+    assert sorted(p.name for p in (tmp_path / "not-yet" / "storage" / "ab").iterdir()) == sorted({first[2:4], "cd"})
+
+
 def test_the_failures_route_answers_the_reads_that_failed_in_the_window(tmp_path: Path, store):
     from datetime import UTC, datetime, timedelta
 
