@@ -107,6 +107,7 @@ def main() -> None:
     settings = load_settings()
     archive_auth = (settings.archive_username, settings.archive_password.get_secret_value())
     tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
+    measured = False
     db = tmp / "bench.db"
     port = free_port()
     front_port = free_port()
@@ -171,6 +172,7 @@ def main() -> None:
             "and json_extract(document, '$.\"event.outcome\"') != 0").fetchone()[0]
         if refused:
             raise SystemExit(f"{refused} audited retrieves were refused by the archive: see {tmp / 'front'}")
+        measured = True
     finally:
         front.terminate()
         front.wait(timeout=30)
@@ -183,6 +185,11 @@ def main() -> None:
                           params={"ignore_unavailable": "true", "allow_no_indices": "true"})
         for index in found.json() if found.status_code == 200 else []:
             httpx.delete(f"{es}/{index}", timeout=30)
+        # The run's database, logs and front state: kept only when the run failed, to read them.
+        if measured:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"the run failed; its database and logs are kept in {tmp}", file=sys.stderr)
     print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each")
     print(f"{'conc':>4} {'path':>8} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
     for r in results:

@@ -693,9 +693,13 @@ elasticsearch_up() {
   check_port_free elasticsearch "$ELASTICSEARCH_PORT"
   check_port_free elasticsearch "$ELASTICSEARCH_TRANSPORT_PORT"
   rm -f "$d/run/elasticsearch.pid"
+  rm -rf "$d"/tmp/final-flags*  # left by earlier starts (below); only the launch itself reads them
   printf '\n===== %s: starting elasticsearch =====\n' "$(date -Is)" >>"$logf"
   # -d daemonises once the node has started (or fails); -p records the server JVM's pid.
+  # CLI_JAVA_OPTS: the launcher's own JVM probes the server's JVM flags in a "final-flags*" directory
+  # under its temporary directory and leaves it there: keep that in the stack's state, not /tmp.
   if ! run_as env "ES_JAVA_HOME=$JAVA_HOME_21" "ES_PATH_CONF=$d/config" "ES_TMPDIR=$d/tmp" \
+        "CLI_JAVA_OPTS=-Djava.io.tmpdir=$d/tmp" \
         timeout "$ELASTICSEARCH_TIMEOUT" setsid "$ES_HOME/bin/elasticsearch" -d -p "$d/run/elasticsearch.pid" \
         >>"$logf" 2>&1 </dev/null 9>&-; then
     show_logs $(elasticsearch_logs)
