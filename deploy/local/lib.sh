@@ -467,6 +467,17 @@ with open(out, "w") as f:
 PY
 }
 
+# The integration test of a refused store makes the storage directories immutable (chattr +i) and
+# undoes it when it ends; a test run killed in between would leave an archive that refuses every write.
+orthanc_storage_writable() {
+  local root=$1
+  [[ -d $root ]] && command -v lsattr >/dev/null || return 0
+  local flags; flags=$(lsattr -d "$root" 2>/dev/null | cut -d' ' -f1) || return 0
+  [[ $flags == *i* ]] || return 0
+  log "orthanc: $root was left immutable (an interrupted test?); making it writable again"
+  find "$root" -type d -exec chattr -i {} + || die "orthanc: cannot clear the immutable flag on $root"
+}
+
 orthanc_up() {
   local dir="$STACK/orthanc" conf="$STACK/orthanc/orthanc.json" logf
   logf=$(orthanc_logs)
@@ -478,6 +489,7 @@ orthanc_up() {
   else
     mkdir -p "$dir/storage" "$dir/index" "$dir/tmp"
   fi
+  orthanc_storage_writable "$dir/storage-encrypted"
   own "$dir"; chmod 0750 "$dir"
   [[ -n $plugin ]] && orthanc_key_store_up
   [[ -n $plugin ]] && orthanc_shim_build

@@ -247,7 +247,8 @@ def test_chunked_body_crossing_the_limit_is_413_and_nothing_is_stored(gateway, t
 @contextlib.contextmanager
 def archive_refuses_writes():
     """Make the real archive's storage area refuse every write: its directories immutable (chattr +i,
-    which binds root too) for the duration. Orthanc's storage plugin then fails to create the file."""
+    which binds root too) for the duration. Orthanc's storage plugin then fails to create the file.
+    If the run is killed before the flags are cleared, ``deploy/local/up`` clears them."""
     root = load_settings().stack_dir / "orthanc" / "storage-encrypted"
     probe = Path(tempfile.mkdtemp(dir=load_settings().stack_dir))
     try:
