@@ -43,7 +43,7 @@ from compliance.auth.interfaces import Principal
 from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary, UpstreamResponse
 from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
-from compliance.dicomweb.stow import PROCESSING_FAILURE, StowInstance, StowStreamValidator, parse_stow_answer
+from compliance.dicomweb.stow import StowInstance, StowStreamValidator, reconcile_stow
 from compliance.errors import ComplianceError, UpstreamError
 from compliance.policy.enforce import enforce, user_ref
 from compliance.policy.interfaces import PolicyDecisionPoint
@@ -481,7 +481,9 @@ class DicomwebService:
             named = "; ".join(f"{uid}: {why}" for uid, why in list(not_stored.items())[:10])
             description = (f"the archive stored {len(instances) - len(not_stored)} of {len(instances)} instances; "
                            f"not stored: {named}")[:1024]
-            log.warning("STOW-RS: %s", description)
+            # UIDs identify a patient's images: they go to the audit trail, not to the application log
+            log.warning("STOW-RS: the archive stored %d of %d instances", len(instances) - len(not_stored),
+                        len(instances))
         await self._auditor.record(
             import_event(
                 user=ctx.user,
@@ -505,41 +507,6 @@ class DicomwebService:
                 studies=(),
             )
         )
-
-
-def reconcile_stow(status: int, payload: bytes,
-                   instances: list[StowInstance]) -> tuple[int, bytes, dict[str, str]] | None:
-    """Check the archive's STOW-RS answer against the instances sent; ``None`` when it stored them all.
-
-    Orthanc's DICOMweb plugin answers 200 even when it stored nothing: an instance its storage
-    refused is missing from both the Referenced and the Failed SOP Sequence. The client, and the
-    audit trail, must not be told it was stored. Otherwise: the PS3.18 Table 10.5.3-1 status (202
-    when some were stored, 409 when none were), the answer with a Failed SOP Sequence item
-    (Processing failure) for each instance the archive did not acknowledge, and the reasons by SOP
-    Instance UID. An answer that is not a DICOM JSON STOW response is passed on as it came.
-    """
-    if status not in (200, 202) or not instances:
-        return None
-    try:
-        answer = parse_stow_answer(payload)
-        doc = json.loads(payload)
-    except ValueError:
-        return None
-    if isinstance(doc, list):
-        doc = doc[0] if doc and isinstance(doc[0], dict) else {}
-    not_stored = {i.sop_instance_uid: answer.failed.get(i.sop_instance_uid, "not acknowledged by the archive")
-                  for i in instances if i.sop_instance_uid not in answer.stored}
-    if not not_stored:
-        return None
-    failed_seq = doc.setdefault("00081198", {"vr": "SQ"})
-    items = failed_seq.setdefault("Value", [])
-    for inst in instances:
-        if inst.sop_instance_uid in not_stored and inst.sop_instance_uid not in answer.failed:
-            items.append({"00081150": {"vr": "UI", "Value": [inst.sop_class_uid]},
-                          "00081155": {"vr": "UI", "Value": [inst.sop_instance_uid]},
-                          "00081197": {"vr": "US", "Value": [PROCESSING_FAILURE]}})
-    new_status = 409 if len(not_stored) == len(instances) else 202
-    return new_status, json.dumps(doc).encode(), not_stored
 
 
 def _patients_of(instances: list[StowInstance]) -> tuple[PatientRef, ...]:

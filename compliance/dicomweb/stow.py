@@ -21,6 +21,10 @@ validated. The archive (Orthanc) processes a request only once its body is compl
 validation fails the gateway aborts the upload and the archive stores nothing. Memory is bounded by
 the header cap per part, not by the size of the request.
 
+The archive's answer: :func:`parse_stow_answer` reads a DICOM JSON STOW-RS response (the gateway's
+archive and the export destinations), and :func:`reconcile_stow` checks it against the instances
+that were sent, so that a store the archive did not (wholly) make is never passed on as stored.
+
 The multipart framing is parsed by python-multipart; DICOM parsing is pydicom's.
 """
 
@@ -32,6 +36,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -72,7 +77,8 @@ def multipart_related(parts: Sequence[bytes], media_type: str = "application/dic
     return b"".join(chunks), f'multipart/related; type="{media_type}"; boundary={boundary}'
 
 
-#: Failure Reason (0008,1197) values of PS3.18 Table I.2-1 / PS3.4 Annex GG, as words.
+#: Failure Reason (0008,1197) values a STOW-RS response (PS3.18 10.5.3) may give, as words: the
+#: storage statuses of PS3.4 Annex B and the general statuses of PS3.7 Annex C.
 FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match SOP class",
                    0xC000: "cannot understand", 0xC122: "referenced transfer syntax not supported",
                    0x0110: "processing failure", 0x0122: "referenced SOP class not supported",
@@ -87,6 +93,8 @@ class StowAnswer:
     stored: frozenset[str]
     #: SOP Instance UID -> the failure reason in words
     failed: dict[str, str]
+    #: the response dataset as parsed (the item, when a server answered a one-element array)
+    document: dict[str, Any]
 
 
 def parse_stow_answer(body: bytes) -> StowAnswer:
@@ -96,6 +104,8 @@ def parse_stow_answer(body: bytes) -> StowAnswer:
         doc = json.loads(body) if body else {}
         if isinstance(doc, list):  # some servers answer a one-element array
             doc = doc[0] if doc else {}
+        if not isinstance(doc, dict):
+            raise TypeError(type(doc).__name__)
         stored: set[str] = set()
         failed: dict[str, str] = {}
         for item in (doc.get("00081199") or {}).get("Value") or []:
@@ -108,7 +118,40 @@ def parse_stow_answer(body: bytes) -> StowAnswer:
                 failed[str(v)] = text
     except (ValueError, AttributeError, TypeError, IndexError) as exc:
         raise ValueError("not a DICOM JSON STOW-RS response") from exc
-    return StowAnswer(frozenset(stored - failed.keys()), failed)
+    return StowAnswer(frozenset(stored - failed.keys()), failed, doc)
+
+
+def reconcile_stow(status: int, payload: bytes,
+                   instances: list[StowInstance]) -> tuple[int, bytes, dict[str, str]] | None:
+    """Check the archive's STOW-RS answer against the instances sent; ``None`` when it stored them all.
+
+    Orthanc's DICOMweb plugin answers 200 even when it stored nothing: an instance its storage
+    refused is missing from both the Referenced and the Failed SOP Sequence. The client, and the
+    audit trail, must not be told it was stored. Otherwise: the PS3.18 Table 10.5.3-1 status (202
+    when some were stored, 409 when none were), the answer with a Failed SOP Sequence item
+    (Processing failure) for each instance the archive did not acknowledge, and the reasons by SOP
+    Instance UID. An answer that is not a DICOM JSON STOW response is passed on as it came.
+    """
+    if status not in (200, 202) or not instances:
+        return None
+    try:
+        answer = parse_stow_answer(payload)
+    except ValueError:
+        return None
+    doc = answer.document
+    not_stored = {i.sop_instance_uid: answer.failed.get(i.sop_instance_uid, "not acknowledged by the archive")
+                  for i in instances if i.sop_instance_uid not in answer.stored}
+    if not not_stored:
+        return None
+    failed_seq = doc.setdefault("00081198", {"vr": "SQ"})
+    items = failed_seq.setdefault("Value", [])
+    for inst in instances:
+        if inst.sop_instance_uid in not_stored and inst.sop_instance_uid not in answer.failed:
+            items.append({"00081150": {"vr": "UI", "Value": [inst.sop_class_uid]},
+                          "00081155": {"vr": "UI", "Value": [inst.sop_instance_uid]},
+                          "00081197": {"vr": "US", "Value": [PROCESSING_FAILURE]}})
+    new_status = 409 if len(not_stored) == len(instances) else 202
+    return new_status, json.dumps(doc).encode(), not_stored
 
 
 def parse_content_type(content_type: str | None) -> bytes:

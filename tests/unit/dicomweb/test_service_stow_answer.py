@@ -153,3 +153,22 @@ def test_202_is_a_minor_failure_not_a_success():
     assert outcome_of(202) == Outcome.MINOR_FAILURE
     assert outcome_of(200) == Outcome.SUCCESS and outcome_of(204) == Outcome.SUCCESS
     assert outcome_of(404) == Outcome.MINOR_FAILURE and outcome_of(502) == Outcome.SERIOUS_FAILURE
+
+
+async def test_an_answer_in_a_one_element_array_is_checked_the_same(outbox):
+    (uid1, data1), (uid2, data2) = instance(), instance()
+    answer = b"[" + orthanc_answer([uid1]) + b"]"
+    response, event = await stow(outbox, Archive(200, answer), [data1, data2])
+    assert response.status_code == 202
+    assert failed_items(response.body) == {uid2: 0x0110}
+    assert event["event.outcome"] == Outcome.MINOR_FAILURE
+
+
+async def test_the_application_log_names_no_instance(outbox, caplog):
+    # the UIDs identify a patient's images: they are in the audit event, not in the application log
+    (uid1, data1), (uid2, data2) = instance(), instance()
+    with caplog.at_level("WARNING", logger="compliance.dicomweb.service"):
+        _, event = await stow(outbox, Archive(200, orthanc_answer([uid1])), [data1, data2])
+    assert uid2 in event["event.outcome_description"]
+    assert "stored 1 of 2 instances" in caplog.text
+    assert uid1 not in caplog.text and uid2 not in caplog.text
