@@ -32,14 +32,14 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def orthanc_has_instance(stack: Stack, sop_instance_uid: str) -> bool:
+def orthanc_has_instance(archive: Stack, sop_instance_uid: str) -> bool:
     """Whether the archive itself (not the gateway) holds this SOP Instance UID."""
-    r = httpx.post(f"{stack.orthanc_url}/tools/lookup", content=sop_instance_uid, auth=stack.orthanc_auth,
+    r = httpx.post(f"{archive.orthanc_url}/tools/lookup", content=sop_instance_uid, auth=archive.orthanc_auth,
                    timeout=10)
     r.raise_for_status()
     return any(item.get("Type") == "Instance" for item in r.json())
 
 
 @pytest.fixture(scope="module")
-def tokens(stack: Stack) -> dict[str, str]:
+def tokens(stack: Stack) -> dict[str, str]:  # noqa: F811 - the re-exported fixture
     return {u: stack.token(u) for u in DEMO_USERS}
