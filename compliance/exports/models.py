@@ -46,6 +46,9 @@ class ExportRequest(Base):
     destination: Mapped[str] = mapped_column(Text, nullable=False)
     requester_id: Mapped[str] = mapped_column(String(128), nullable=False)
     requester_name: Mapped[str] = mapped_column(String(128), nullable=False)
+    #: How the requester belonged to the registered project when asking ("group /research", "user rob":
+    #: ``projects.Project.membership_of``); NULL for a request made before the project registry.
+    requester_membership: Mapped[str | None] = mapped_column(String(200), nullable=True)
     approver_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     approver_name: Mapped[str | None] = mapped_column(String(128), nullable=True)
     decision_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
