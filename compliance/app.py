@@ -80,7 +80,9 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
             issuer=settings.oidc_issuer,
             audience=settings.oidc_audience,
             jwks=JwksCache(settings.effective_jwks_url, client=http,
-                           min_refresh_seconds=settings.oidc_jwks_min_refresh_seconds),
+                           min_refresh_seconds=settings.oidc_jwks_min_refresh_seconds,
+                           max_age_seconds=settings.oidc_jwks_max_age_seconds),
+            allowed_clients=settings.oidc_allowed_clients,
             algorithms=settings.oidc_algorithms,
             leeway_seconds=settings.oidc_leeway_seconds,
         )

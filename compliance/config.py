@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     oidc_leeway_seconds: int = 30
     #: Minimum time between two JWKS fetches triggered by unknown key ids (throttles kid-spraying).
     oidc_jwks_min_refresh_seconds: float = 10.0
+    #: The JWKS is re-checked when older than this, so a key removed from the realm stops verifying
+    #: tokens (cached ones too) within it; if Keycloak is unreachable the last copy serves at most as long again.
+    oidc_jwks_max_age_seconds: float = 300.0
+    #: Clients (``azp``) whose tokens are accepted: those people log in through. A client-credentials
+    #: token of any other client (the gateway's own service account) is refused; list a service client
+    #: here only if an application must call the gateway with it. A JSON list in the environment.
+    oidc_allowed_clients: list[str] = ["compliance-cli"]
     keycloak_url: str = "http://127.0.0.1:8180"
     keycloak_realm: str = "imaging"
     keycloak_cli_client_id: str = "compliance-cli"

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from compliance.auth.tokens import JwksCache, OidcTokenVerifier
-from compliance.errors import AuthenticationError
+from compliance.errors import AuthenticationError, UpstreamUnavailable
 
 ISSUER = "http://127.0.0.1:8180/realms/imaging"
 AUDIENCE = "compliance-gateway"
@@ -64,17 +64,32 @@ def sign(payload: dict, key=RSA_KEY, alg: str = "RS256", kid: str | None = "rsa-
     return jwt.encode(payload, key, algorithm=alg, headers=headers)
 
 
-def make_verifier(jwks=JWKS, fetches: list | None = None, clock=lambda: NOW) -> OidcTokenVerifier:
-    served = fetches if fetches is not None else []
+class FakeRealm:
+    """The realm's JWKS endpoint: serves ``jwks`` (swap it to rotate keys), or fails when ``up`` is False."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        served.append(str(request.url))
-        return httpx.Response(200, json=jwks)
+    def __init__(self, jwks: dict) -> None:
+        self.jwks = jwks
+        self.up = True
+        self.fetches: list[str] = []
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.fetches.append(str(request.url))
+        if not self.up:
+            return httpx.Response(503, text="down")
+        return httpx.Response(200, json=self.jwks)
+
+
+def make_verifier(jwks=JWKS, fetches: list | None = None, clock=lambda: NOW, *, realm: FakeRealm | None = None,
+                  jwks_clock=lambda: 0.0, max_age: float = 300.0,
+                  allowed_clients=("compliance-cli",)) -> OidcTokenVerifier:
+    realm = realm or FakeRealm(jwks)
+    if fetches is not None:
+        realm.fetches = fetches
+    client = httpx.AsyncClient(transport=httpx.MockTransport(realm.handler))
     cache = JwksCache(f"{ISSUER}/protocol/openid-connect/certs", client=client, min_refresh_seconds=10,
-                      clock=lambda: 0.0)
-    return OidcTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=cache, leeway_seconds=30, clock=clock)
+                      max_age_seconds=max_age, clock=jwks_clock)
+    return OidcTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=cache, leeway_seconds=30, clock=clock,
+                             allowed_clients=allowed_clients)
 
 
 def b64(data: bytes) -> str:
@@ -205,13 +220,14 @@ async def test_garbage_refused(garbage):
 
 def test_symmetric_algorithms_cannot_be_configured():
     with pytest.raises(ValueError):
-        OidcTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=JwksCache("http://x"), algorithms=["HS256"])
+        OidcTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=JwksCache("http://x"), algorithms=["HS256"],
+                          allowed_clients=["compliance-cli"])
 
 
 async def test_wall_clock_by_default():
     cache = JwksCache("http://unused")
     cache.load(JWKS)
-    v = OidcTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=cache)
+    v = OidcTokenVerifier(issuer=ISSUER, audience=AUDIENCE, jwks=cache, allowed_clients=["compliance-cli"])
     now = int(time.time())
     with pytest.raises(AuthenticationError, match="expired"):
         await v.verify(sign(claims(exp=now - 100, iat=now - 400, nbf=now - 400)))
@@ -241,3 +257,126 @@ async def test_a_refused_token_is_never_cached():
     for _ in range(2):
         with pytest.raises(AuthenticationError):
             await v.verify(forged)
+
+
+# --- azp: only the clients people log in through (issue 12 item 11) ---------------------------------
+
+def service_account_claims(client: str = "compliance-gateway") -> dict:
+    """What Keycloak puts in a client-credentials token: the audience, a service-account user, no person."""
+    return claims(azp=client, preferred_username=f"service-account-{client}", sub="5e7-service-account",
+                  realm_access={"roles": ["default-roles-imaging"]}, groups=None, client_id=client)
+
+
+async def test_client_credentials_token_of_the_gateways_own_client_refused():
+    with pytest.raises(AuthenticationError, match="client 'compliance-gateway' are not accepted"):
+        await make_verifier().verify(sign(service_account_claims()))
+
+
+async def test_token_without_azp_refused():
+    with pytest.raises(AuthenticationError, match="names no client"):
+        await make_verifier().verify(sign(claims(azp=None)))
+
+
+@pytest.mark.parametrize("azp", ["", "COMPLIANCE-CLI", "compliance-cli ", 7, ["compliance-cli"]])
+async def test_azp_must_equal_an_allowed_client_exactly(azp):
+    with pytest.raises(AuthenticationError):
+        await make_verifier().verify(sign(claims(azp=azp)))
+
+
+async def test_a_service_client_listed_explicitly_is_accepted():
+    v = make_verifier(allowed_clients=["compliance-cli", "ai-service"])
+    assert (await v.verify(sign(service_account_claims("ai-service")))).client_id == "ai-service"
+    with pytest.raises(AuthenticationError, match="not accepted"):
+        await v.verify(sign(service_account_claims("compliance-gateway")))
+
+
+@pytest.mark.parametrize("allowed", [[], [""], ["  "]])
+def test_an_empty_client_list_cannot_be_configured(allowed):
+    with pytest.raises(ValueError, match="allowed_clients"):
+        make_verifier(allowed_clients=allowed)
+
+
+# --- a key that left the realm's JWKS stops verifying, cached verifications included ---------------
+
+ROTATED = {"keys": [jwk_of(EC_KEY, "ec-1", "ES256")]}  # rsa-1 removed
+
+
+async def test_cached_verification_dropped_when_its_key_leaves_the_jwks():
+    realm, t = FakeRealm(JWKS), [0.0]
+    v = make_verifier(realm=realm, jwks_clock=lambda: t[0], max_age=300)
+    token = sign(claims())
+    assert (await v.verify(token)).username == "alice"
+    realm.jwks = ROTATED  # the realm rotates rsa-1 out
+    t[0] = 299.0
+    assert (await v.verify(token)).username == "alice"  # not re-checked yet: within the max age
+    t[0] = 300.0
+    with pytest.raises(AuthenticationError, match="unknown key"):
+        await v.verify(token)
+    assert len(realm.fetches) == 2
+    # a token signed by a key still published keeps working, from a single re-check
+    assert (await v.verify(sign(claims(), key=EC_KEY, alg="ES256", kid="ec-1"))).username == "alice"
+    assert len(realm.fetches) == 2
+
+
+async def test_cached_verification_dropped_when_its_kid_names_other_key_material():
+    realm, t = FakeRealm(JWKS), [0.0]
+    v = make_verifier(realm=realm, jwks_clock=lambda: t[0])
+    token = sign(claims())
+    assert (await v.verify(token)).username == "alice"
+    realm.jwks = {"keys": [jwk_of(OTHER_REALM_KEY, "rsa-1", "RS256")]}  # same kid, another key
+    t[0] = 400.0
+    with pytest.raises(AuthenticationError, match="signature"):
+        await v.verify(token)
+
+
+async def test_a_reload_that_removes_a_key_forgets_its_verifications_at_once():
+    realm, t = FakeRealm(JWKS), [0.0]
+    v = make_verifier(realm=realm, jwks_clock=lambda: t[0])
+    rsa_token, ec_token = sign(claims()), sign(claims(), key=EC_KEY, alg="ES256", kid="ec-1")
+    await v.verify(rsa_token)
+    await v.verify(ec_token)
+    assert len(v._verified) == 2
+    realm.jwks = ROTATED
+    t[0] = 300.0
+    await v.verify(ec_token)  # the re-check happens on this use
+    assert [hit.kid for hit in v._verified.values()] == ["ec-1"]
+
+
+async def test_unchanged_jwks_keeps_the_cache():
+    realm, t = FakeRealm(JWKS), [0.0]
+    v = make_verifier(realm=realm, jwks_clock=lambda: t[0])
+    token = sign(claims())
+    await v.verify(token)
+    for step in range(1, 5):
+        t[0] = step * 300.0
+        assert (await v.verify(token)).username == "alice"
+    assert len(realm.fetches) == 5
+    assert len(v._verified) == 1
+
+
+async def test_jwks_unreachable_keeps_the_last_copy_for_one_more_max_age_then_refuses():
+    realm, t = FakeRealm(JWKS), [0.0]
+    v = make_verifier(realm=realm, jwks_clock=lambda: t[0], max_age=300)
+    token = sign(claims())
+    await v.verify(token)
+    realm.up = False
+    t[0] = 320.0
+    assert (await v.verify(token)).username == "alice"  # Keycloak restarting: the last copy serves
+    t[0] = 325.0
+    assert (await v.verify(sign(claims(jti="other")))).username == "alice"  # throttled, no new fetch
+    assert len(realm.fetches) == 2
+    t[0] = 600.0
+    with pytest.raises(UpstreamUnavailable):
+        await v.verify(token)
+    t[0] = 605.0  # within the refresh throttle: still refused, without asking again
+    with pytest.raises(UpstreamUnavailable):
+        await v.verify(token)
+    assert len(realm.fetches) == 3
+    realm.up = True
+    t[0] = 611.0
+    assert (await v.verify(token)).username == "alice"
+
+
+def test_max_age_must_be_bounded():
+    with pytest.raises(ValueError):
+        JwksCache("http://x", max_age_seconds=0)
