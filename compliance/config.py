@@ -158,6 +158,9 @@ class Settings(BaseSettings):
 
     # --- encryption at rest of the archive (compliance/archive/: Orthanc's storage plugin)
     #: The archive stores every file encrypted (the plugin is loaded); the gateway then checks a
+    #: The registry of research projects and their members (compliance/exports/projects.py): a researcher
+    #: requests exports only for a project listed there that they belong to. Must exist (validated at start).
+    exports_projects_file: Path = PROJECT_ROOT / "policies" / "projects.yaml"
     #: study's erasure state before WADO and maps archive read failures to 410 / integrity errors.
     archive_encrypted: bool = False
     #: Where the archive's KEKs live: ``local`` (keyring file) or ``pkcs11`` (an HSM / SoftHSM2).

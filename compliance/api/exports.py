@@ -1,6 +1,10 @@
 """Research exports under ``/api/v1/exports`` (researchers, data stewards) and dual-control
 re-identification under ``/api/v1/exports/reidentifications`` (data stewards).
 
+A request names a registered project (``GET /api/v1/exports/projects``: a researcher's own, a steward
+sees all with their members); the service checks the caller's membership from the token's username and
+``groups`` claim (``compliance.exports.projects``).
+
 Each route: the token (``CurrentPrincipal``), the permission (``enforce``: a denial is 403 and a
 110113 alert), then the service (``compliance.exports.service``) in a worker thread; the service
 records the audit event of the step (``compliance.exports.audit`` says which) before answering.
@@ -92,8 +96,8 @@ async def create_export(body: ExportRequestBody, request: Request, principal: Cu
     new = NewExport(project=body.project, protocol=body.protocol, purpose=body.purpose, profile=body.profile,
                     study_uids=tuple(body.cohort.study_uids), filters=body.cohort.filters,
                     destination=destination)
-    return await run_in_threadpool(_exports(services).service.create,
-                                   user_ref(principal, client_address(request)), new)
+    return await run_in_threadpool(lambda: _exports(services).service.create(
+        user_ref(principal, client_address(request)), new, groups=principal.groups))
 
 
 @router.get("")
@@ -114,6 +118,15 @@ async def list_destinations(request: Request, principal: CurrentPrincipal, servi
     await _reader_scope(request, principal, services)
     bundle = {"name": "bundle", "kind": "bundle", "description": "encrypted zip, downloaded by the requester"}
     return {"items": [bundle, *_exports(services).service.destinations.public()]}
+
+
+@router.get("/projects")
+async def list_projects(request: Request, principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
+    """The registered projects: for a researcher, the open ones they may request for; for a steward, all."""
+    everything = await _reader_scope(request, principal, services)
+    registry = _exports(services).service.projects
+    projects = registry.all() if everything else registry.of_member(principal.username, principal.groups)
+    return {"items": [p.public() for p in projects]}
 
 
 @router.post("/reidentifications", status_code=201)

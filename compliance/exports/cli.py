@@ -21,7 +21,7 @@ import typer
 
 from compliance.config import get_settings
 
-app = typer.Typer(help="Research exports (request, approve, reject, status, download, destinations).",
+app = typer.Typer(help="Research exports (projects, request, list, approve, reject, status, download, destinations).",
                   no_args_is_help=True,
                   add_completion=False)
 
@@ -64,7 +64,8 @@ def _call(method: str, url: str, token: str, **kw: Any) -> dict[str, Any]:
 
 @app.command()
 def request(
-    project: Annotated[str, typer.Option(help="research project (its pseudonyms and keys)")],
+    project: Annotated[str, typer.Option(help="a registered research project you belong to (see: compliance "
+                                              "exports projects)")],
     protocol: Annotated[str, typer.Option(help="protocol or IRB id")],
     purpose: Annotated[str, typer.Option(help="purpose of use")],
     study: Annotated[list[str] | None, typer.Option("--study", help="a Study Instance UID (repeatable)")] = None,
@@ -86,6 +87,66 @@ def request(
             "destination": "bundle" if destination == "bundle" else {"kind": "dicomweb", "name": destination}}
     typer.echo(json.dumps(_call("POST", f"{_base(gateway)}/api/v1/exports", _token(user, token), json=body),
                           indent=1))
+
+
+@app.command()
+def projects(gateway: Gateway = None, user: User = None, token: Token = None) -> None:
+    """List the registered research projects: yours (researcher), or all with their members (steward) (JSON)."""
+    typer.echo(json.dumps(_call("GET", f"{_base(gateway)}/api/v1/exports/projects", _token(user, token)),
+                          indent=1))
+
+
+def _members(registration: dict[str, Any]) -> str:
+    members = registration.get("members") or {}
+    groups, users = members.get("groups") or [], members.get("users") or []
+    parts = ([f"groups {', '.join(groups)}"] if groups else []) + ([f"users {', '.join(users)}"] if users else [])
+    return "; ".join(parts) or "none"
+
+
+def listing(items: list[dict[str, Any]]) -> str:
+    """Requests as a steward reviews them: one block each, with the project's registered membership and
+    how the requester belongs to it."""
+    blocks = []
+    for r in items:
+        reg = r.get("project_registration") or {"registered": False}
+        if reg.get("registered"):
+            project = f"{r['project']} - {reg.get('title')}" + (" (CLOSED)" if reg.get("closed") else "")
+            protocols = ", ".join(reg.get("protocols") or []) or "none registered"
+            members = _members(reg)
+        else:
+            project, protocols, members = f"{r['project']} (NOT REGISTERED)", "-", "-"
+        requester = r["requester"]
+        membership = requester.get("membership")
+        who = f"{requester['username']} ({'member by ' + membership if membership else 'membership never checked'})"
+        cohort = r.get("cohort") or {}
+        what = (f"{len(cohort['study_uids'])} studies" if cohort.get("study_uids")
+                else f"filters {json.dumps(cohort.get('filters') or {}, sort_keys=True)}")
+        dest = r.get("destination") or {}
+        lines = [
+            f"{r['id']}  {r['state']}  created {r.get('created_at')}",
+            f"  project    {project}",
+            f"  members    {members}",
+            f"  requester  {who}",
+            f"  protocol   {r['protocol']} (registered: {protocols})",
+            f"  purpose    {r['purpose']}",
+            f"  cohort     {what}, profile {r['profile']}, destination {dest.get('name') or dest.get('kind')}",
+        ]
+        if r.get("approver"):
+            lines.append(f"  decided    by {r['approver']['username']}: {r.get('comment')}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + ("\n" if blocks else "no export requests\n")
+
+
+@app.command("list")
+def list_requests(
+    state: Annotated[str | None, typer.Option(help="only requests in this state (e.g. requested)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the API's JSON instead of the review listing")] = False,
+    gateway: Gateway = None, user: User = None, token: Token = None,
+) -> None:
+    """List export requests (a steward: all, with each project's members and the requester's membership)."""
+    out = _call("GET", f"{_base(gateway)}/api/v1/exports", _token(user, token),
+                params={"state": state} if state else None)
+    typer.echo(json.dumps(out, indent=1) if as_json else listing(out["items"]), nl=as_json)
 
 
 @app.command()

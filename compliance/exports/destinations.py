@@ -31,7 +31,8 @@ import yaml
 
 from compliance.dicomweb.stow import multipart_related, parse_stow_answer
 from compliance.errors import ConfigurationError
-from compliance.exports.interfaces import InvalidExportRequest
+from compliance.exports.interfaces import DestinationNotAllowed, InvalidExportRequest
+from compliance.exports.projects import ProjectRegistry
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +125,17 @@ class DestinationRegistry:
                                        'research archive>} (a URL is never accepted)')
         dest = self.get(destination["name"])
         if not dest.allows(project):
-            raise InvalidExportRequest(f"project {project!r} may not export to {dest.name!r}")
+            raise DestinationNotAllowed(f"project {project!r} may not export to {dest.name!r}")
         return {"kind": DICOMWEB, "name": dest.name}
 
 
-def load_destinations(path: Path | None, *, environment: str = "development") -> DestinationRegistry:
-    """Read and validate the allow-list; a missing file is an empty list (bundles only)."""
+def load_destinations(path: Path | None, *, environment: str = "development",
+                      projects: ProjectRegistry | None = None) -> DestinationRegistry:
+    """Read and validate the allow-list; a missing file is an empty list (bundles only).
+
+    With ``projects`` (the registry, as the gateway and workers load it), a destination restricted to a
+    project that is not registered is refused: a misspelt name there would otherwise wait for whoever
+    registers that name later."""
     if path is None or not path.is_file():
         return DestinationRegistry()
     try:
@@ -141,7 +147,12 @@ def load_destinations(path: Path | None, *, environment: str = "development") ->
         raise ConfigurationError(f"{path}: 'destinations' must be a mapping of name -> destination")
     out = []
     for name, spec in entries.items():
-        out.append(_destination(str(name), spec or {}, path, environment))
+        dest = _destination(str(name), spec or {}, path, environment)
+        unknown = sorted(p for p in dest.projects or () if projects is not None and not projects.is_registered(p))
+        if unknown:
+            raise ConfigurationError(f"{path}: destination {dest.name!r} names projects that are not "
+                                     f"registered (policies/projects.yaml): {unknown}")
+        out.append(dest)
     return DestinationRegistry(out)
 
 

@@ -26,9 +26,13 @@ Errors (subclasses of ``compliance.errors``)::
     └── BundleExpired            the bundle existed and has expired                       -> 410
     Conflict
     └── ExportStateConflict      the request is not in a state that allows the operation -> 409
+    PermissionDenied
+    └── ProjectAccessDenied      not a member of a registered project of that name (the    -> 403
+                                 same whether it exists or not; projects.py)
     InvalidRequest
     └── InvalidExportRequest     a malformed cohort, profile, destination (or one not on    -> 400
-                                 the server's allow-list, policies/export-destinations.yaml)
+        │                        the server's allow-list, policies/export-destinations.yaml)
+        └── DestinationNotAllowed  the destination is restricted to other projects          -> 400
 """
 
 from __future__ import annotations
@@ -62,6 +66,12 @@ class ExportStateConflict(Conflict):
 
 class InvalidExportRequest(InvalidRequest):
     code = "invalid_export_request"
+
+
+class DestinationNotAllowed(InvalidExportRequest):
+    """The destination exists but its ``projects:`` restriction does not name the request's project."""
+
+    code = "destination_not_allowed"
 
 
 class ArchiveReader(Protocol):

@@ -280,6 +280,9 @@ class ExportJob:
         row = self._service.load(request_id)
         if row.state != "running" or row.attempts != attempt:
             raise LeaseLost(f"request {request_id} is {row.state} (attempt {row.attempts}), not this attempt's")
+        # the project registry may have changed since the approval (closed, a membership removed)
+        if why := self._service.projects.still_grants(row.project, row.requester_membership):
+            raise _JobError(f"the export was not run: {why}")
         destination = json.loads(row.destination)
         if destination.get("kind") == DICOMWEB:
             return self._run_push(row, destination.get("name", ""), c, attempt, lease)

@@ -13,6 +13,10 @@ Each project has three independent 256-bit secrets, created on first use and sto
 Wrapping context: ``b"export project key\\0" || project || 0 || purpose``, so a wrapped key copied to
 another row does not unwrap. Unwrapped keys are not cached across calls.
 
+Keys are created only for a registered project (``registered``, the project registry of
+:mod:`compliance.exports.projects`): a name nobody registered never gets keys; keys that exist stay
+readable (a bundle of a project closed since is still downloadable until it expires).
+
 Known limit: ``compliance keys rewrap`` (crypto domain) rewraps patient data keys only; these rows
 stay under the KEK that wrapped them, so that KEK must not be destroyed while a project is in use
 (:meth:`ProjectKeyStore.rewrap` exists for the operator).
@@ -49,12 +53,15 @@ def bundle_key_id(project: str) -> str:
 
 class ProjectKeyStore:
     def __init__(self, sessions: sessionmaker[Session], provider: KeyProvider, *,
-                 create_kek_if_missing: bool = False, clock: Callable[[], datetime] = _utcnow) -> None:
-        """``create_kek_if_missing`` (development only): create the first KEK when none is active."""
+                 create_kek_if_missing: bool = False, clock: Callable[[], datetime] = _utcnow,
+                 registered: Callable[[str], bool] | None = None) -> None:
+        """``create_kek_if_missing`` (development only): create the first KEK when none is active.
+        ``registered``: whether a project may get new keys (None: any, for tools and tests)."""
         self._sessions = sessions
         self._provider = provider
         self._create_kek = create_kek_if_missing
         self._clock = clock
+        self._registered = registered
 
     @staticmethod
     def _context(project: str, purpose: str) -> bytes:
@@ -80,6 +87,8 @@ class ProjectKeyStore:
                 row = session.get(ExportProjectKey, (project, purpose))
                 if row is not None:
                     return self._provider.unwrap(row.kek_id, row.wrapped_key, context=context)
+                if self._registered is not None and not self._registered(project):
+                    raise KeyStateConflict(f"no keys are created for project {project!r}: it is not registered")
                 try:
                     kek_id = self._active_kek(session)
                 except sa_exc.IntegrityError:

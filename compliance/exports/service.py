@@ -10,8 +10,13 @@ Invariants (also enforced by the database where it can: ``ck_export_request_not_
 - every transition is a guarded ``UPDATE ... WHERE state = <expected>``, so two stewards deciding at
   once, or two workers claiming one job, cannot both succeed (the loser gets 409 / nothing);
 - the bundle is served to its requester only, while ``ready`` and before ``expires_at``;
+- a request names a registered project its requester belongs to (``projects.ProjectRegistry``): anyone
+  else is refused (:class:`ProjectAccessDenied`, audited 110113) with the same answer whether the project
+  exists or not; how the requester belongs is recorded, and an approval (and the job) needs it to still
+  be registered for an open project;
 - a request names its destination from the server's allow-list (``destinations.DestinationRegistry``),
-  never a URL; a push to a DICOMweb destination has no bundle, its status carries the per-file delivery;
+  never a URL, and one restricted to other projects is refused (audited 110113); a push to a DICOMweb
+  destination has no bundle, its status carries the per-file delivery;
 - an approval is never lost to the task queue: the approved row is committed first and is the truth,
   the queue is told afterwards, and what the queue did not accept is dispatched again by the sweep;
 - a running job holds a lease and a fencing token (``attempts``): every write of the job is guarded by
@@ -27,7 +32,7 @@ import builtins
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,6 +60,7 @@ from compliance.exports.destinations import BUNDLE, DICOMWEB, DestinationRegistr
 from compliance.exports.interfaces import (
     PSEUDONYM_KINDS,
     BundleExpired,
+    DestinationNotAllowed,
     ExportNotFound,
     ExportQueue,
     ExportStateConflict,
@@ -63,10 +69,13 @@ from compliance.exports.interfaces import (
 )
 from compliance.exports.keys import ProjectKeyStore, PseudonymMap, open_sealed, seal
 from compliance.exports.models import ExportDeliveryFile, ExportPseudonym, ExportReidentification, ExportRequest
+from compliance.exports.projects import ProjectRefused, ProjectRegistry
 from compliance.exports.recovery import RecoveryPolicy, dispatch_due, interrupted_reason, running_decision
 
 log = logging.getLogger(__name__)
 
+#: The resource of a refused project in a 110113 (the name the caller gave, registered or not).
+PROJECT_URN = "urn:compliance:research-project:"
 _MAX_STUDIES = 10_000
 _QIDO_FILTER_KEYS = frozenset({"PatientID", "StudyDate", "ModalitiesInStudy", "AccessionNumber", "StudyDescription",
                                "StudyInstanceUID", "00100020", "00080020", "00080061", "00080050", "0020000D"})
@@ -124,7 +133,8 @@ def view(row: ExportRequest) -> dict[str, Any]:
         "id": row.id, "state": row.state, "project": row.project, "protocol": row.protocol,
         "purpose": row.purpose, "profile": row.profile, "cohort": json.loads(row.cohort),
         "destination": json.loads(row.destination),
-        "requester": {"id": row.requester_id, "username": row.requester_name},
+        "requester": {"id": row.requester_id, "username": row.requester_name,
+                      "membership": row.requester_membership},
         "approver": {"id": row.approver_id, "username": row.approver_name} if row.approver_id else None,
         "comment": row.decision_comment,
         "created_at": _iso(row.created_at), "decided_at": _iso(row.decided_at), "started_at": _iso(row.started_at),
@@ -161,8 +171,10 @@ class ExportService:
     def __init__(self, sessions: sessionmaker[Session], auditor: AuditRecorder, keys: ProjectKeyStore, *,
                  gateway_id: str, queue: ExportQueue | None = None, bundle_ttl: timedelta = timedelta(days=7),
                  clock: Callable[[], datetime] = _utcnow, destinations: DestinationRegistry | None = None,
-                 recovery: RecoveryPolicy | None = None) -> None:
+                 recovery: RecoveryPolicy | None = None, projects: ProjectRegistry | None = None) -> None:
         self.destinations = destinations or DestinationRegistry()
+        #: No registry: no project is registered, every request is refused.
+        self.projects = projects or ProjectRegistry()
         self.recovery = recovery or RecoveryPolicy()
         self._sessions = sessions
         self._auditor = auditor
@@ -180,15 +192,39 @@ class ExportService:
             description=description,
             details={"Project": row.project, "Protocol": row.protocol, "Purpose": row.purpose, "Profile": row.profile,
                      "Destination": _destination_label(row), "State": row.state, "Requester": row.requester_name,
-                     "Comment": row.decision_comment}))
+                     "Membership": row.requester_membership, "Comment": row.decision_comment}))
+
+    def _refused(self, user: UserRef, project: str, description: str) -> None:
+        """A refused access decision about a project: 110113, as every denial of the export domain."""
+        self._auditor.record_now(security_alert_event(
+            user=user, gateway_id=self.gateway_id, alert_type=EventTypeCode.ACCESS_CONTROL_DECISION,
+            description=description, resource=PROJECT_URN + project, outcome=Outcome.MINOR_FAILURE))
+
+    def present(self, row: ExportRequest) -> dict[str, Any]:
+        """A request as the API shows it: with its project as registered (title, protocols, members)."""
+        return {**view(row), "project_registration": self.projects.describe(row.project)}
 
     # -- researcher ----------------------------------------------------------------------------
-    def create(self, user: UserRef, new: NewExport) -> dict[str, Any]:
+    def create(self, user: UserRef, new: NewExport, *, groups: Collection[str] = ()) -> dict[str, Any]:
+        """A new request of ``user``, whose token's ``groups`` (and username) must make them a member of
+        the registered project named; nothing is stored otherwise."""
         for name, value, limit in (("project", new.project, 64), ("protocol", new.protocol, 128),
                                    ("purpose", new.purpose, 256)):
             if not value.strip() or len(value) > limit:
                 raise InvalidExportRequest(f"{name} must be 1..{limit} characters")
-        destination = self.destinations.resolve(new.destination, new.project)
+        try:  # first: a non-member learns nothing more about the project (not even its protocols)
+            project, membership = self.projects.authorize(new.project, user.username or "", groups)
+        except ProjectRefused as refused:
+            self._refused(user, new.project, f"refused export request for project {new.project!r}: {refused.reason}")
+            raise refused.denial() from None
+        if project.protocols and new.protocol not in project.protocols:
+            raise InvalidExportRequest(f"project {project.id!r} runs under protocol {' or '.join(project.protocols)}; "
+                                       "the request must cite it")
+        try:
+            destination = self.destinations.resolve(new.destination, project.id)
+        except DestinationNotAllowed as exc:
+            self._refused(user, project.id, f"refused export request for project {project.id!r}: {exc.message}")
+            raise
         try:
             load_profile(new.profile)
         except ComplianceError as exc:
@@ -207,13 +243,13 @@ class ExportService:
             id=str(uuid.uuid4()), state="requested", project=new.project, protocol=new.protocol,
             purpose=new.purpose, profile=new.profile, cohort=json.dumps(cohort, sort_keys=True),
             destination=json.dumps(destination, sort_keys=True), requester_id=user.user_id,
-            requester_name=user.username or user.user_id, created_at=self._clock(),
+            requester_name=user.username or user.user_id, requester_membership=membership, created_at=self._clock(),
             total=0, processed=0, released=0, held_back=0, errors=0,
         )
         with self._sessions() as session, session.begin():
             session.add(row)
         self._order(user, row, Action.CREATE, "requested")
-        return view(row)
+        return self.present(row)
 
     def get(self, request_id: str, *, reader_id: str, may_read_all: bool) -> dict[str, Any]:
         with self._sessions() as session:
@@ -224,7 +260,7 @@ class ExportService:
             return self._view(session, row)
 
     def _view(self, session: Session, row: ExportRequest) -> dict[str, Any]:
-        out = view(row)
+        out = self.present(row)
         if out["delivery"] is None and out["destination"].get("kind") == DICOMWEB and row.state != "requested":
             files = list(session.scalars(select(ExportDeliveryFile).where(ExportDeliveryFile.request_id == row.id)))
             if files:
@@ -255,6 +291,10 @@ class ExportService:
                                 f"{request_id}: the requester cannot decide their own request",
                     resource=EXPORT_REQUEST_URN + request_id, outcome=Outcome.MINOR_FAILURE))
                 raise SelfApprovalRefused("the requester of an export cannot approve or reject it")
+            if approve and row.state == "requested" and (
+                    why := self.projects.still_grants(row.project, row.requester_membership)):
+                self._refused(steward, row.project, f"refused approval of export request {request_id}: {why}")
+                raise ExportStateConflict(f"the request cannot be approved: {why}")
         new_state = "approved" if approve else "rejected"
         now = self._clock()
         with self._sessions() as session, session.begin():
@@ -271,7 +311,7 @@ class ExportService:
             raise ExportStateConflict(f"the export request is {row.state}, not requested")
         self._order(steward, row, Action.UPDATE, new_state)
         if not approve:
-            return view(row)
+            return self.present(row)
         # The approval is committed and audited: whatever the queue does now, it stands.
         try:
             dispatch = self.dispatch(request_id)
@@ -282,7 +322,7 @@ class ExportService:
         with self._sessions() as session:
             row = session.get(ExportRequest, request_id)
             assert row is not None
-            return {**view(row), "dispatch": dispatch}
+            return {**self.present(row), "dispatch": dispatch}
 
     # -- dispatch (the approved row is the outbox; the queue is told after the commit) ----------
     def dispatch(self, request_id: str, *, sweep: bool = False) -> dict[str, str]:

@@ -16,7 +16,8 @@ worker and in every Dramatiq worker process) requeues or fails the jobs whose le
 the approvals the queue never accepted, and expires old bundles.
 
 ``build_export_components(settings, engine, auditor)`` builds the same services in the gateway and in
-a worker process, so both run the same job code (and read the same destination allow-list).
+a worker process, so both run the same job code (and read the same destination allow-list and project
+registry).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from compliance.exports.destinations import load_destinations
 from compliance.exports.interfaces import ExportQueue
 from compliance.exports.jobs import DicomwebArchiveReader, ExportJob
 from compliance.exports.keys import ProjectKeyStore, PseudonymMap
+from compliance.exports.projects import load_projects
 from compliance.exports.recovery import LeaseKeeper, RecoveryPolicy
 from compliance.exports.service import ExportService, ReidentificationService
 
@@ -88,11 +90,13 @@ def build_export_components(settings: Settings, engine: Engine, auditor: AuditRe
     provider = LocalKeyProvider(keyring, environment=settings.environment,
                                 explicit_path=settings.exports_keyring_file is not None,
                                 create_if_missing=development)
-    keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=development)
-    destinations = load_destinations(settings.exports_destinations_file, environment=settings.environment)
+    projects = load_projects(settings.exports_projects_file)
+    keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=development, registered=projects.is_registered)
+    destinations = load_destinations(settings.exports_destinations_file, environment=settings.environment,
+                                     projects=projects)
     service = ExportService(sessions, auditor, keys, gateway_id=settings.audit_source_id, queue=queue,
                             bundle_ttl=timedelta(hours=settings.exports_bundle_ttl_hours), destinations=destinations,
-                            recovery=recovery or RecoveryPolicy.from_settings(settings))
+                            recovery=recovery or RecoveryPolicy.from_settings(settings), projects=projects)
     pseudonyms = PseudonymMap(sessions, keys)
 
     def archive() -> DicomwebArchiveReader:

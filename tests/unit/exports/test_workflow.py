@@ -36,6 +36,7 @@ from compliance.exports.interfaces import (
 )
 from compliance.exports.jobs import ExportJob, multipart_parts
 from compliance.exports.keys import ProjectKeyStore, ProviderPseudonymSecretSource, PseudonymMap
+from compliance.exports.projects import ProjectRegistry, projects_from_mapping
 from compliance.exports.service import ExportService, NewExport, ReidentificationService
 from compliance.exports.workers import ExportComponents, InProcessWorker, run_claimed
 
@@ -43,6 +44,13 @@ ROB = UserRef(user_id="sub-rob", username="rob", roles=("researcher",))
 DANA = UserRef(user_id="sub-dana", username="dana", roles=("data-steward",))
 SAM = UserRef(user_id="sub-sam", username="sam", roles=("data-steward",))
 FILES = ["CT_small.dcm", "MR_small.dcm"]
+#: The unit world's registry: rob belongs to lung-study by username; other-study is another team's.
+PROJECTS = projects_from_mapping({"version": 1, "projects": {
+    "lung-study": {"title": "Lung study", "protocols": ["IRB-2026-001"], "members": {"users": ["rob"]}},
+    "other-study": {"title": "Another team's study", "members": {"groups": ["/departments/cardiology"]}},
+    "alpha": {"title": "a", "members": {"users": ["rob"]}},
+    "beta": {"title": "b", "members": {"users": ["rob"]}},
+}})
 
 
 class MemoryArchive:
@@ -75,11 +83,12 @@ class Clock:
         return self.now
 
 
-def build_world(tmp_path: Path, **job_options):  # type: ignore[no-untyped-def]
+def build_world(tmp_path: Path, projects: ProjectRegistry = PROJECTS, **job_options):  # type: ignore[no-untyped-def]
     """The export workflow over a SQLite database, a local keyring and an in-memory archive.
 
     ``job_options`` go to :class:`ExportJob` (e.g. ``destinations`` and a STOW client factory); the
-    registry, when given, is the service's too. Returns a namespace and the engine to dispose.
+    registry, when given, is the service's too. ``projects``: the project registry (keys are created for
+    its projects only, as in the gateway). Returns a namespace and the engine to dispose.
     """
     warnings.simplefilter("ignore", UserWarning)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -90,9 +99,9 @@ def build_world(tmp_path: Path, **job_options):  # type: ignore[no-untyped-def]
     provider = LocalKeyProvider(tmp_path / "keyring.json", environment="development", explicit_path=True,
                                 create_if_missing=True)
     clock = Clock()
-    keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=True)
+    keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=True, registered=projects.is_registered)
     service = ExportService(sessions, auditor, keys, gateway_id="gw", clock=clock, bundle_ttl=timedelta(days=1),
-                            destinations=job_options.get("destinations"))
+                            destinations=job_options.get("destinations"), projects=projects)
     pmap = PseudonymMap(sessions, keys)
     archive = MemoryArchive()
     job = ExportJob(service, pmap, auditor, lambda: archive, bundles_dir=tmp_path / "bundles",
@@ -284,14 +293,14 @@ def test_pseudonym_secret_from_the_key_provider(world):  # type: ignore[no-untyp
 
 
 def test_map_is_encrypted_at_rest(world):  # type: ignore[no-untyped-def]
-    world.pmap.record("p", {("patient_id", "MRN-123456", "PXABC")})
-    assert world.pmap.record("p", {("patient_id", "MRN-123456", "PXABC")}) == 0
+    world.pmap.record("alpha", {("patient_id", "MRN-123456", "PXABC")})
+    assert world.pmap.record("alpha", {("patient_id", "MRN-123456", "PXABC")}) == 0
     from compliance.exports.models import ExportPseudonym
 
     with world.sessions() as s:
-        row = s.get(ExportPseudonym, ("p", "patient_id", "PXABC"))
+        row = s.get(ExportPseudonym, ("alpha", "patient_id", "PXABC"))
         assert b"MRN-123456" not in row.original_sealed
-    assert world.pmap.lookup("p", "patient_id", "PXABC") == "MRN-123456"
+    assert world.pmap.lookup("alpha", "patient_id", "PXABC") == "MRN-123456"
     assert world.pmap.lookup("other", "patient_id", "PXABC") is None
 
 
