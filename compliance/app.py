@@ -96,10 +96,11 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
             public_host=settings.effective_public_address,
         )
         policy = RbacPolicy.from_file(settings.rbac_policy_file)
-        archive_keys = None
+        archive_keys = shred_requests = None
         if settings.archive_encrypted:
             from compliance.archive.client import ArchiveKeyClient
             from compliance.archive.operations import KeyOperations
+            from compliance.archive.shred import build_shred_requests
 
             archive_keys = KeyOperations(
                 ArchiveKeyClient(settings.archive_url, username=settings.archive_username,
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
                                  dicomweb_path=settings.archive_dicomweb_path,
                                  client=cast(OrthancArchive, archive).http_client),
                 auditor, gateway_id=settings.audit_source_id)
+            shred_requests = build_shred_requests(settings, engine, archive_keys, auditor)
         dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
                                    qido_max_response_bytes=settings.qido_max_response_bytes,
                                    erasure=archive_keys.client if archive_keys else None,
@@ -119,7 +121,7 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
         app.state.services = Services(settings=settings, verifier=verifier, auditor=auditor, dicomweb=dicomweb,
                                       policy=policy,
                                       audit_read=AuditReadServices.from_settings(settings, engine=engine),
-                                      exports=exports, archive_keys=archive_keys)
+                                      exports=exports, archive_keys=archive_keys, shred_requests=shred_requests)
         app.state.outbox = outbox
         app.state.shipper = shipper
         auditor.record_now(application_activity_event("start", gateway_id=settings.audit_source_id))

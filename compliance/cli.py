@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from compliance.archive.cli import app as keys_app
-from compliance.archive.cli import shred
+from compliance.archive.cli import shred_app
 from compliance.audit.cli import app as audit_app
 from compliance.audit.cli import record_cli_authentication
 from compliance.audit.report_cli import register as register_audit_reports
@@ -199,7 +199,7 @@ def _token_for(username: str) -> str:
     return oidc.token(username=username, password=f"demo-{username}")["access_token"]
 
 
-app.command("shred")(shred)
+app.add_typer(shred_app, name="shred")
 
 
 if __name__ == "__main__":  # pragma: no cover

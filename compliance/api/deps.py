@@ -33,6 +33,8 @@ class Services:
     exports: Any = None
     #: Archive key operations (compliance/archive/operations.py KeyOperations); None when unencrypted.
     archive_keys: Any = None
+    #: Two-person crypto-shred requests (compliance/archive/shred.py ShredRequests); None when unencrypted.
+    shred_requests: Any = None
 
 
 async def get_services(request: Request) -> Services:

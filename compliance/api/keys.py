@@ -1,24 +1,35 @@
-"""Archive key operations for administrators: ``/api/v1/keys/...``, shredding included.
+"""Archive key operations for administrators: ``/api/v1/keys/...``, shred requests included.
 
-A shred names the patient in the JSON body (``POST /api/v1/keys/shred {"patient_id": ...}``), never
-in the URL: URLs end up in proxy and access logs.
+A shred is never one call: one administrator asks, a different one approves, and a legal hold
+refuses (:mod:`compliance.archive.shred` draws the state machine)::
+
+    POST /api/v1/keys/shred-requests              {"patient_id", "reason"}  -> 201 the request
+    GET  /api/v1/keys/shred-requests?state=requested|approved|rejected|shredded|all
+    GET  /api/v1/keys/shred-requests/{id}
+    POST /api/v1/keys/shred-requests/{id}/approve {"comment"?}  a second administrator: the shred runs
+    POST /api/v1/keys/shred-requests/{id}/reject  {"comment"}
+    POST /api/v1/keys/shred-requests/{id}/execute               an approved shred that did not complete
+
+The patient is named in the JSON body, never in the URL: URLs end up in proxy and access logs.
 
 Every route: the bearer token, then the decision (``keys:kek:manage`` for KEK operations,
-``keys:patient:shred`` for shredding; only the ``admin`` role holds them in ``policies/rbac.yaml``;
-a denial is 403 and a 110113 alert), then the operation in the archive's key custodian, audited by
+``keys:patient:shred`` for shred requests; only the ``admin`` role holds them in
+``policies/rbac.yaml``; a denial is 403 and a 110113 alert), then the operation, audited by
 :class:`compliance.archive.operations.KeyOperations` (110113/110129, or 110105 with permanent
-erasure for a shred) before the answer leaves. 409 when the archive is not encrypted.
+erasure for a shred) and :class:`compliance.archive.shred.ShredRequests` (each step and each refusal)
+before the answer leaves. 409 when the archive is not encrypted.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, client_address
 from compliance.archive.operations import KeyOperations
+from compliance.archive.shred import ShredRequests
 from compliance.auth.interfaces import Principal
 from compliance.errors import Conflict
 from compliance.policy.enforce import enforce, user_ref
@@ -72,14 +83,62 @@ async def keys_destroy(kek_id: str, request: Request, principal: CurrentPrincipa
     return await _key_op(request, principal, services, "destroy", kek_id)
 
 
-class ShredRequest(BaseModel):
+class ShredRequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     patient_id: str = Field(min_length=1, max_length=64, description="The PatientID (0010,0020) to erase.")
+    reason: str = Field(min_length=1, max_length=1024, description="Why the patient is erased (on the trail).")
 
 
-@router.post("/api/v1/keys/shred")
-async def shred_patient(body: ShredRequest, request: Request, principal: CurrentPrincipal,
+class ShredDecision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    comment: str = Field(default="", max_length=1024, description="Required for a rejection.")
+
+
+async def _shreds(request: Request, principal: Principal, services: Services, action: str) -> ShredRequests:
+    await _authorized(request, principal, services, SHRED, action)
+    return services.shred_requests  # type: ignore[no-any-return]
+
+
+@router.post("/api/v1/keys/shred-requests", status_code=201)
+async def request_shred(body: ShredRequestBody, request: Request, principal: CurrentPrincipal,
                         services: ServicesDep) -> dict[str, Any]:
-    ops = await _authorized(request, principal, services, SHRED, "shred a patient")
-    return await ops.shred_patient(body.patient_id, user_ref(principal, client_address(request)))
+    shreds = await _shreds(request, principal, services, "ask for a shred")
+    return await shreds.request(user_ref(principal, client_address(request)), body.patient_id, body.reason)
+
+
+@router.get("/api/v1/keys/shred-requests")
+async def list_shred_requests(
+        request: Request, principal: CurrentPrincipal, services: ServicesDep,
+        state: Literal["requested", "approved", "rejected", "shredded", "all"] = Query("requested")) -> dict[str, Any]:
+    shreds = await _shreds(request, principal, services, "list shred requests")
+    return {"requests": await shreds.list_requests(None if state == "all" else state)}
+
+
+@router.get("/api/v1/keys/shred-requests/{request_id}")
+async def get_shred_request(request_id: str, request: Request, principal: CurrentPrincipal,
+                            services: ServicesDep) -> dict[str, Any]:
+    shreds = await _shreds(request, principal, services, "read a shred request")
+    return await shreds.get(request_id)
+
+
+@router.post("/api/v1/keys/shred-requests/{request_id}/approve")
+async def approve_shred(request_id: str, body: ShredDecision, request: Request, principal: CurrentPrincipal,
+                        services: ServicesDep) -> dict[str, Any]:
+    shreds = await _shreds(request, principal, services, "approve a shred")
+    return await shreds.approve(request_id, user_ref(principal, client_address(request)), body.comment)
+
+
+@router.post("/api/v1/keys/shred-requests/{request_id}/reject")
+async def reject_shred(request_id: str, body: ShredDecision, request: Request, principal: CurrentPrincipal,
+                       services: ServicesDep) -> dict[str, Any]:
+    shreds = await _shreds(request, principal, services, "reject a shred")
+    return await shreds.reject(request_id, user_ref(principal, client_address(request)), body.comment)
+
+
+@router.post("/api/v1/keys/shred-requests/{request_id}/execute")
+async def execute_shred(request_id: str, request: Request, principal: CurrentPrincipal,
+                        services: ServicesDep) -> dict[str, Any]:
+    shreds = await _shreds(request, principal, services, "execute an approved shred")
+    return await shreds.execute(request_id, user_ref(principal, client_address(request)))

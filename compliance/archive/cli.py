@@ -1,4 +1,4 @@
-"""``compliance keys status|rotate|rewrap|retire|destroy`` and ``compliance shred --patient ID``.
+"""``compliance keys status|rotate|rewrap|retire|destroy``, ``compliance shred request|list|show|approve|...``.
 
 The operator's commands for the archive's keys. They run on the gateway's host and talk to the
 archive's key custodian (the Orthanc storage plugin, :mod:`compliance.archive.control`) with the
@@ -7,6 +7,10 @@ is what authenticates the operator. Each command is audited like the API's, with
 user as the actor (``os:<name>``, client ``compliance-cli``), into the gateway's durable outbox
 (:mod:`compliance.archive.operations`); the command fails if its event cannot be recorded.
 Output is JSON.
+
+A shred is a request one administrator asks for and a different one approves
+(:mod:`compliance.archive.shred`): the operating-system account that asked cannot approve, and a
+patient under a legal hold is refused. The other administrator may approve through the API.
 """
 
 from __future__ import annotations
@@ -14,13 +18,28 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
 from compliance.config import get_settings
 
+if TYPE_CHECKING:
+    from compliance.archive.operations import KeyOperations
+    from compliance.archive.shred import ShredRequests
+    from compliance.audit.events import UserRef
+
 app = typer.Typer(help="The archive's encryption keys (KEK rotation, rewrap, destruction).", no_args_is_help=True)
+shred_app = typer.Typer(help="Crypto-shred requests: one administrator asks, a different one approves.",
+                        no_args_is_help=True)
+
+
+@dataclass(frozen=True)
+class _Operator:
+    ops: KeyOperations
+    shreds: ShredRequests
+    user: UserRef
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -28,9 +47,10 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _run(call: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
+def _run(call: Callable[[_Operator], Awaitable[dict[str, Any]]]) -> None:
     from compliance.archive.client import ArchiveKeyClient
     from compliance.archive.operations import KeyOperations
+    from compliance.archive.shred import build_shred_requests
     from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
     from compliance.errors import ComplianceError
 
@@ -39,12 +59,13 @@ def _run(call: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
     client = ArchiveKeyClient(settings.archive_url, username=settings.archive_username,
                               password=settings.archive_password.get_secret_value(),
                               dicomweb_path=settings.archive_dicomweb_path)
-    ops = KeyOperations(client, cli_recorder(settings, engine), gateway_id=settings.audit_source_id)
-    user = cli_operator()
+    recorder = cli_recorder(settings, engine)
+    ops = KeyOperations(client, recorder, gateway_id=settings.audit_source_id)
+    operator = _Operator(ops, build_shred_requests(settings, engine, ops, recorder), cli_operator())
 
     async def go() -> dict[str, Any]:
         try:
-            return await call((ops, user))
+            return await call(operator)
         finally:
             await client.aclose()
 
@@ -60,33 +81,72 @@ def _run(call: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
 @app.command("status")
 def keys_status() -> None:
     """The KEKs, their state and how many live data keys each wraps."""
-    _run(lambda a: a[0].key_operation("status", a[1]))
+    _run(lambda a: a.ops.key_operation("status", a.user))
 
 
 @app.command("rotate")
 def keys_rotate() -> None:
     """Create a new active KEK; new data keys are wrapped by it, older objects stay readable."""
-    _run(lambda a: a[0].key_operation("rotate", a[1]))
+    _run(lambda a: a.ops.key_operation("rotate", a.user))
 
 
 @app.command("rewrap")
 def keys_rewrap() -> None:
     """Rewrap every live data key under the active KEK (objects are not touched)."""
-    _run(lambda a: a[0].key_operation("rewrap", a[1]))
+    _run(lambda a: a.ops.key_operation("rewrap", a.user))
 
 
 @app.command("retire")
 def keys_retire(kek_id: str = typer.Argument(..., help="A KEK id from 'keys status'.")) -> None:
     """Check that a KEK is retired (rotation retires the previous active KEK)."""
-    _run(lambda a: a[0].key_operation("retire", a[1], kek_id))
+    _run(lambda a: a.ops.key_operation("retire", a.user, kek_id))
 
 
 @app.command("destroy")
 def keys_destroy(kek_id: str = typer.Argument(..., help="A retired KEK that wraps no live data key.")) -> None:
     """Destroy a retired KEK (run 'keys rewrap' first)."""
-    _run(lambda a: a[0].key_operation("destroy", a[1], kek_id))
+    _run(lambda a: a.ops.key_operation("destroy", a.user, kek_id))
 
 
-def shred(patient: str = typer.Option(..., "--patient", help="The PatientID whose data key is destroyed.")) -> None:
-    """Crypto-shred a patient: destroy the data key; the patient's stored objects become undecryptable."""
-    _run(lambda a: a[0].shred_patient(patient, a[1]))
+@shred_app.command("request")
+def shred_request(patient: str = typer.Option(..., "--patient", help="The PatientID whose data key is destroyed."),
+                  reason: str = typer.Option(..., "--reason", help="Why (on the audit trail).")) -> None:
+    """Ask for a crypto-shred; a second, different administrator approves it (nothing is destroyed yet)."""
+    _run(lambda a: a.shreds.request(a.user, patient, reason))
+
+
+@shred_app.command("list")
+def shred_list(state: str = typer.Option("requested", "--state",
+                                         help="requested, approved, rejected, shredded or all.")) -> None:
+    """Shred requests in a state, the newest first (pending ones by default)."""
+
+    async def go(a: _Operator) -> dict[str, Any]:
+        return {"requests": await a.shreds.list_requests(None if state == "all" else state)}
+
+    _run(go)
+
+
+@shred_app.command("show")
+def shred_show(request_id: str = typer.Argument(..., help="A shred request id.")) -> None:
+    """One shred request."""
+    _run(lambda a: a.shreds.get(request_id))
+
+
+@shred_app.command("approve")
+def shred_approve(request_id: str = typer.Argument(..., help="A pending shred request asked by someone else."),
+                  comment: str = typer.Option("", "--comment", help="On the audit trail.")) -> None:
+    """Approve another administrator's shred request: the patient's data key is destroyed at once."""
+    _run(lambda a: a.shreds.approve(request_id, a.user, comment))
+
+
+@shred_app.command("reject")
+def shred_reject(request_id: str = typer.Argument(..., help="A pending shred request."),
+                 comment: str = typer.Option(..., "--comment", help="Why (on the audit trail).")) -> None:
+    """Reject (or, as its requester, withdraw) a pending shred request; nothing is destroyed."""
+    _run(lambda a: a.shreds.reject(request_id, a.user, comment))
+
+
+@shred_app.command("execute")
+def shred_execute(request_id: str = typer.Argument(..., help="An approved shred request.")) -> None:
+    """Run an approved shred again when its first run failed or its outcome is unknown (idempotent)."""
+    _run(lambda a: a.shreds.execute(request_id, a.user))

@@ -14,6 +14,9 @@ Audit (PS3.15 A.5.3):
 - ``shred``: 110105 DICOM Study Deleted with ParticipantObjectDataLifeCycle 15 (Permanent erasure)
   on the patient and on each of the patient's studies found in the archive's index; when the index
   holds no study for the patient (A.5.3.8 requires one), a 110113 / 110129 alert naming the patient.
+  A shred runs only for a request a second administrator approved (:mod:`compliance.archive.shred`
+  owns the requests, the two-person rule and the legal holds, and is the only caller of
+  :meth:`KeyOperations.execute_shred`); its events name the request and both administrators.
 
 Irreversible operations (``destroy`` and ``shred``) are audited twice: the attempt (110113 / 110129,
 naming what is about to be destroyed) is committed to the outbox *before* the archive is asked, so a
@@ -26,13 +29,14 @@ A shred is complete when the patient's data key is destroyed *and* the patient h
 index, which holds names, ids and dates in plaintext and would otherwise keep answering searches.
 The custodian tombstones the studies in the key's transaction (so a retrieve still answers 410),
 then the patient is deleted from Orthanc (its files, undecryptable by then, go with it). If that
-deletion fails the outcome is a minor failure and the caller gets 502 with the reason; running the
-shred again finishes it (a shred is idempotent).
+deletion fails the outcome is a minor failure and the caller gets 502 with the reason; executing the
+approved request again finishes it (a shred is idempotent).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from compliance.archive.client import ArchiveKeyClient
@@ -49,9 +53,29 @@ from compliance.audit.events import (
 from compliance.audit.recorder import AuditRecorder
 from compliance.errors import ComplianceError, InvalidRequest, UpstreamError, UpstreamUnavailable
 
-__all__ = ["KEY_OPERATIONS", "KeyOperations"]
+__all__ = ["KEY_OPERATIONS", "SHRED_REQUEST_URN", "ApprovedShred", "KeyOperations"]
 
 KEY_OPERATIONS = ("status", "rotate", "rewrap", "retire", "destroy")
+#: The audit events of a shred request name it as ``urn:compliance:shred-request:<id>``.
+SHRED_REQUEST_URN = "urn:compliance:shred-request:"
+
+
+@dataclass(frozen=True)
+class ApprovedShred:
+    """The two-person decision behind a shred, as its audit events name it."""
+
+    request_id: str
+    requested_by: str
+    approved_by: str
+
+    @property
+    def resource(self) -> str:
+        return SHRED_REQUEST_URN + self.request_id
+
+    @property
+    def label(self) -> str:
+        return (f"crypto-shred request {self.request_id} (asked by {self.requested_by}, "
+                f"approved by {self.approved_by})")
 
 
 def _outcome(exc: BaseException | None) -> Outcome:
@@ -134,7 +158,12 @@ class KeyOperations:
         except ComplianceError:
             return None
 
-    async def shred_patient(self, patient_id: str, user: UserRef) -> dict[str, Any]:
+    async def execute_shred(self, patient_id: str, user: UserRef, approved: ApprovedShred) -> dict[str, Any]:
+        """Destroy the patient's data key and remove the patient from the archive's index.
+
+        Only :class:`compliance.archive.shred.ShredRequests` calls this, for a request a second
+        administrator approved; ``user`` is the administrator executing it.
+        """
         if not patient_id:
             raise InvalidRequest("a patient id is required")
         try:
@@ -143,17 +172,17 @@ class KeyOperations:
             # Nothing was destroyed, but an administrator asked to erase a patient: that is on the trail.
             await self._auditor.record(security_alert_event(
                 user=user, gateway_id=self._gateway_id, alert_type=EventTypeCode.SECURITY_CONFIGURATION,
-                description="shred not started: the archive could not list the patient's studies: "
-                            f"{getattr(exc, 'message', type(exc).__name__)}"[:1024],
-                resource="archive-keys:shred", outcome=_outcome(exc), source_address=user.source_address,
+                description=f"{approved.label}: not started: the archive could not list the patient's "
+                            f"studies: {getattr(exc, 'message', type(exc).__name__)}"[:1024],
+                resource=approved.resource, outcome=_outcome(exc), source_address=user.source_address,
                 patients=(PatientRef(patient_id=patient_id, name=None),)))
             raise
         name = next((n for _, n, _ in studies if n), None)
         patient = PatientRef(patient_id=patient_id, name=name)
         study_refs = tuple(StudyRef(study_uid=s, accession=a) for s, _, a in studies)
         await self._attempt(
-            user, f"crypto-shred requested: the patient's data key is destroyed and {len(studies)} "
-                  "study(ies) removed from the archive; the outcome follows", "archive-keys:shred",
+            user, f"{approved.label}: executing: the patient's data key is destroyed and {len(studies)} "
+                  "study(ies) removed from the archive; the outcome follows", approved.resource,
             patients=(patient,), studies=study_refs)
         result: dict[str, Any] | None = None
         error: BaseException | None = None
@@ -177,7 +206,7 @@ class KeyOperations:
             if result is not None:  # the key is gone; the index still names the patient
                 error = UpstreamError(
                     "the patient's data key was destroyed, but the archive's index still holds the "
-                    "patient's identifying attributes; run the shred again to remove them",
+                    "patient's identifying attributes; execute the approved request again to remove them",
                     detail={"index_removed": False})
                 raise error from exc
             raise
@@ -190,7 +219,7 @@ class KeyOperations:
             else:
                 description = f"shred failed: {getattr(error, 'message', type(error).__name__)}"
                 outcome = _outcome(error)
-            description = "; ".join([description, *notes])
+            description = f"{approved.label}: " + "; ".join([description, *notes])
             if studies:
                 event = study_deleted_event(
                     user=user, gateway_id=self._gateway_id, outcome=outcome, patients=(patient,),
@@ -199,7 +228,7 @@ class KeyOperations:
             else:
                 event = security_alert_event(
                     user=user, gateway_id=self._gateway_id, alert_type=EventTypeCode.SECURITY_CONFIGURATION,
-                    description=f"shred of a patient with no study in the archive; {description}",
-                    resource="archive-keys:shred", outcome=outcome, patients=(patient,),
+                    description=f"shred of a patient with no study in the archive; {description}"[:1024],
+                    resource=approved.resource, outcome=outcome, patients=(patient,),
                     source_address=user.source_address)
             await self._auditor.record(event)

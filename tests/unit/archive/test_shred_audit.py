@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from compliance.archive.operations import KeyOperations
+from compliance.archive.operations import ApprovedShred, KeyOperations
 from compliance.audit.atna import AuditSource
 from compliance.audit.events import UserRef
 from compliance.audit.recorder import AuditRecorder
@@ -31,11 +31,13 @@ async def test_shred_whose_study_listing_fails_is_audited_and_destroys_nothing(o
     ops = KeyOperations(archive, AuditRecorder(outbox, AuditSource("gw", "site")), gateway_id="gw")
     admin = UserRef("sub-ada", "ada", "compliance-cli", ("admin",), "10.0.0.7")
     with pytest.raises(UpstreamUnavailable):
-        await ops.shred_patient("PAT-9", admin)
+        await ops.execute_shred("PAT-9", admin, ApprovedShred("req-1", "bob", "ada"))
     assert archive.shredded == []
     (doc,) = [d for _, _, d in outbox.pending(10)]
     assert doc["event.id"] == "110113"
     assert doc["event.outcome"] == 8
     assert doc["patient.ids"] == ["PAT-9"]
     assert doc["user.name"] == "ada" and doc["source.address"] == "10.0.0.7"
-    assert doc["event.outcome_description"].startswith("shred not started: the archive could not list")
+    assert doc["event.outcome_description"].startswith(
+        "crypto-shred request req-1 (asked by bob, approved by ada): not started: the archive could not list")
+    assert "urn:compliance:shred-request:req-1" in doc["object.ids"]
