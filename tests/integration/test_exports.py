@@ -39,6 +39,10 @@ from tests.integration.dicom_samples import unique_instance
 
 pytestmark = pytest.mark.integration
 
+#: A project of the registry (policies/projects.yaml) whose members include rob (group /research), and the
+#: protocol it is registered under: a request must name a registered project its requester belongs to.
+PROJECT, PROTOCOL = "lung-ct", "IRB-2026-042"
+
 
 def _auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
@@ -65,9 +69,9 @@ def _wait_done(url: str, token_for, request_id: str, within: float = 180) -> dic
     return status
 
 
-def _request(url: str, token: str, study_uid: str, project: str) -> dict:
+def _request(url: str, token: str, study_uid: str, project: str = PROJECT) -> dict:
     resp = httpx.post(f"{url}/api/v1/exports", headers=_auth(token), timeout=30, json={
-        "project": project, "protocol": "IRB-2026-042", "purpose": "nodule detection research",
+        "project": project, "protocol": PROTOCOL, "purpose": "nodule detection research",
         "profile": "basic", "cohort": {"study_uids": [study_uid]}})
     assert resp.status_code == 201, resp.text
     return resp.json()
@@ -78,7 +82,7 @@ def test_export_end_to_end(stack, gateway, audit: AuditIndex):  # type: ignore[n
     mr = unique_instance("MR_small.dcm", patient_id=ct.patient_id, patient_name=ct.patient_name,
                          study_uid=ct.study_uid)
     _store(gateway.url, stack, [ct, mr])
-    project = f"lung-{uuid.uuid4().hex[:8]}"
+    project = PROJECT
     rob = stack.token("rob")
     created = _request(gateway.url, rob, ct.study_uid, project)
     rid = created["id"]
@@ -196,7 +200,7 @@ def _cli(gateway_url: str, *args: str) -> subprocess.CompletedProcess:
 def test_export_cli(stack, gateway, tmp_path):  # type: ignore[no-untyped-def]
     sample = unique_instance("CT_small.dcm")
     _store(gateway.url, stack, [sample])
-    out = _cli(gateway.url, "request", "--user", "rob", "--project", "cli-proj", "--protocol", "IRB-1",
+    out = _cli(gateway.url, "request", "--user", "rob", "--project", PROJECT, "--protocol", PROTOCOL,
                "--purpose", "method development", "--profile", "basic", "--study", sample.study_uid)
     assert out.returncode == 0, out.stderr
     rid = json.loads(out.stdout)["id"]
@@ -256,7 +260,7 @@ def test_exports_on_dramatiq_workers(stack, gateway, redis_url, tmp_path):  # ty
     try:
         samples = [unique_instance("CT_small.dcm") for _ in range(2)]
         _store(gw.url, stack, samples)
-        ids = [_request(gw.url, stack.token("rob"), s.study_uid, "dq-proj")["id"] for s in samples]
+        ids = [_request(gw.url, stack.token("rob"), s.study_uid)["id"] for s in samples]
         dana = stack.token("dana")
         for rid in ids:
             resp = httpx.post(f"{gw.url}/api/v1/exports/{rid}/approve", headers=_auth(dana), json={"comment": "ok"},
@@ -371,7 +375,8 @@ def test_export_pushed_to_a_research_archive(stack, research_archive, own_databa
         f"    url: {research_archive.dicomweb}\n"
         "    auth: basic\n"
         "    username: exporter\n"
-        "    password_env: COMPLIANCE_TEST_RESEARCH_ARCHIVE_PASSWORD\n")
+        "    password_env: COMPLIANCE_TEST_RESEARCH_ARCHIVE_PASSWORD\n"
+        f"    projects: [{PROJECT}]\n")
     prefix = f"test-audit-push-{uuid.uuid4().hex[:8]}"
     gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix, extra_env={
         "COMPLIANCE_EXPORTS_DESTINATIONS_FILE": str(destinations),
@@ -392,10 +397,11 @@ def test_export_pushed_to_a_research_archive(stack, research_archive, own_databa
         listed = {d["name"]: d for d in resp.json()["items"]}
         assert set(listed) == {"bundle", "research-archive"}
         assert listed["research-archive"]["url"] == research_archive.dicomweb
+        assert listed["research-archive"]["projects"] == [PROJECT]
         assert research_archive.password not in resp.text and "PASSWORD" not in resp.text
 
         # A URL is never a destination; nor is a name that is not on the list. Nothing is created.
-        base = {"project": "push-proj", "protocol": "IRB-2026-077", "purpose": "external validation",
+        base = {"project": PROJECT, "protocol": PROTOCOL, "purpose": "external validation",
                 "profile": "basic", "cohort": {"study_uids": [ct.study_uid]}}
         for bad in ({"kind": "dicomweb", "name": "research-archive", "url": "http://203.0.113.9/dicom-web"},
                     {"kind": "dicomweb", "url": research_archive.dicomweb},
@@ -544,7 +550,7 @@ def test_an_approval_survives_an_unreachable_broker(stack, redis_url, own_databa
     try:
         sample = unique_instance("CT_small.dcm")
         _store(gw.url, stack, [sample])
-        rid = _request(gw.url, stack.token("rob"), sample.study_uid, "dq-down")["id"]
+        rid = _request(gw.url, stack.token("rob"), sample.study_uid)["id"]
         resp = _approve(gw.url, stack, rid)
         assert resp.status_code == 200, resp.text
         answer = resp.json()
@@ -601,7 +607,7 @@ def test_a_job_left_running_by_a_dead_worker_is_recovered_once(stack, own_databa
         samples = [unique_instance("CT_small.dcm") for _ in range(2)]
         _store(gw.url, stack, samples)
         rob = stack.token("rob")
-        rids = [_request(gw.url, rob, s.study_uid, "lease-proj")["id"] for s in samples]
+        rids = [_request(gw.url, rob, s.study_uid)["id"] for s in samples]
         for rid in rids:
             resp = _approve(gw.url, stack, rid)
             assert resp.status_code == 200, resp.text
@@ -726,12 +732,12 @@ def test_a_push_killed_mid_way_keeps_its_delivery_and_map_and_resumes(stack, own
            "COMPLIANCE_EXPORTS_SWEEP_INTERVAL_SECONDS": "1"}
     gw = start_gateway(stack, tmp_path, database_url=own_database, index_prefix=prefix, extra_env=env)
     audit = AuditIndex(stack.es_url, prefix)
-    project = f"kill-{uuid.uuid4().hex[:6]}"
+    project = PROJECT
     try:
         first, second = unique_instance("CT_small.dcm"), unique_instance("MR_small.dcm")  # two patients
         _store(gw.url, stack, [first, second])
         resp = httpx.post(f"{gw.url}/api/v1/exports", headers=_auth(stack.token("rob")), timeout=30, json={
-            "project": project, "protocol": "IRB-2026-099", "purpose": "external validation", "profile": "basic",
+            "project": project, "protocol": PROTOCOL, "purpose": "external validation", "profile": "basic",
             "cohort": {"study_uids": [first.study_uid, second.study_uid]},
             "destination": {"kind": "dicomweb", "name": "lab-archive"}})
         assert resp.status_code == 201, resp.text
