@@ -1,4 +1,5 @@
-"""Key operations on the real stack: rotate, rewrap, destroy the old KEK, shred a patient.
+"""Key operations on the real stack: rotate, rewrap, destroy the old KEK, shred a patient (asked by
+one administrator, approved by a second one, created in Keycloak for this module).
 
 Orthanc (with the storage plugin) and the gateway are restarted in between; every assertion is on
 what the gateway returns, on the key store's state, on the bytes on disk, or on the audit documents.
@@ -7,11 +8,13 @@ what the gateway returns, on the key store's state, on the bytes on disk, or on 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,6 +24,7 @@ from compliance.crypto.streaming import read_header
 
 from .conftest import AuditIndex, Gateway, Stack, dump, start_gateway, stop_gateway
 from .dicom_samples import Sample, parts_of_multipart, unique_instance
+from .keycloak_admins import TemporaryUser, temporary_realm_user
 from .test_dicomweb_gateway import bearer, stow
 from .test_encrypted_storage import attachment_path, wado_instance
 
@@ -28,8 +32,15 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def tokens(stack: Stack) -> dict[str, str]:
-    return {u: stack.token(u) for u in ("alice", "tom", "ada")}
+def second_admin(stack: Stack) -> Iterator[TemporaryUser]:
+    with temporary_realm_user(stack, "key-ops-admin", "admin") as user:
+        yield user
+
+
+@pytest.fixture(scope="module")
+def tokens(stack: Stack, second_admin: TemporaryUser) -> dict[str, str]:
+    return {**{u: stack.token(u) for u in ("alice", "tom", "ada")},
+            "admin2": stack.token(second_admin.username, second_admin.password)}
 
 
 def restart_orthanc() -> None:
@@ -56,9 +67,9 @@ def cli(gw: Gateway, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_only_admins_operate_keys(gateway, tokens, audit: AuditIndex):
     for method, path in [("GET", "/api/v1/keys/status"), ("POST", "/api/v1/keys/rotate"),
-                         ("POST", "/api/v1/keys/shred")]:
+                         ("POST", "/api/v1/keys/shred-requests")]:
         r = httpx.request(method, gateway.url + path, headers=bearer(tokens["alice"]), timeout=30,
-                          json={"patient_id": "SOMEONE"} if path.endswith("shred") else None)
+                          json={"patient_id": "SOMEONE", "reason": "x"} if path.endswith("requests") else None)
         assert r.status_code == 403, r.text
     assert keys_status(gateway, tokens["ada"])["keks"]
 
@@ -120,9 +131,13 @@ def test_rotate_rewrap_destroy_with_restarts_everything_still_reads(gateway, sta
         dump(os_user)
 
 
-def shred(gw: Gateway, token: str, patient_id: str) -> httpx.Response:
-    return httpx.post(f"{gw.url}/api/v1/keys/shred", json={"patient_id": patient_id}, headers=bearer(token),
-                      timeout=120)
+def shred(gw: Gateway, tokens: dict[str, str], patient_id: str) -> httpx.Response:
+    """ada asks, the second administrator approves: the answer of the approval (the shred ran)."""
+    r = httpx.post(f"{gw.url}/api/v1/keys/shred-requests", json={"patient_id": patient_id, "reason": "test"},
+                   headers=bearer(tokens["ada"]), timeout=30)
+    assert r.status_code == 201, r.text
+    return httpx.post(f"{gw.url}/api/v1/keys/shred-requests/{r.json()['id']}/approve", json={},
+                      headers=bearer(tokens["admin2"]), timeout=120)
 
 
 def qido(gw: Gateway, token: str, **params: str) -> list[dict]:
@@ -131,7 +146,7 @@ def qido(gw: Gateway, token: str, **params: str) -> list[dict]:
     return r.json() if r.content else []
 
 
-def test_shred_makes_the_patient_gone_and_undecryptable(gateway, stack, tokens, audit: AuditIndex):
+def test_shred_makes_the_patient_gone_and_undecryptable(gateway, stack, tokens, second_admin, audit: AuditIndex):
     s = unique_instance()
     other = unique_instance("MR_small.dcm")
     for x in (s, other):
@@ -141,16 +156,19 @@ def test_shred_makes_the_patient_gone_and_undecryptable(gateway, stack, tokens, 
     stored = path.read_bytes()  # what a backup taken before the shred holds
     key_id = read_header(stored[:1024]).key_id
 
-    # bad input changes nothing: no body, an empty id, an unknown field
-    for body in (None, {"patient_id": ""}, {"patient_id": s.patient_id, "force": True}):
-        r = httpx.post(f"{gateway.url}/api/v1/keys/shred", json=body, headers=bearer(tokens["ada"]), timeout=30)
+    # bad input changes nothing: no body, an empty id, no reason, an unknown field
+    for body in (None, {"patient_id": "", "reason": "x"}, {"patient_id": s.patient_id},
+                 {"patient_id": s.patient_id, "reason": "x", "force": True}):
+        r = httpx.post(f"{gateway.url}/api/v1/keys/shred-requests", json=body, headers=bearer(tokens["ada"]),
+                       timeout=30)
         assert r.status_code in (400, 422) and r.json()["error"], r.text
     assert reads_back(gateway, tokens["alice"], s)
 
-    r = shred(gateway, tokens["ada"], s.patient_id)
+    r = shred(gateway, tokens, s.patient_id)
     assert r.status_code == 200, r.text
-    assert r.json()["destroyed"] == 1 and r.json()["state"] == "shredded" and r.json()["index_removed"] is True
-    assert r.json()["studies"] == [s.study_uid]
+    done = r.json()["shred"]
+    assert done["destroyed"] == 1 and done["state"] == "shredded" and done["index_removed"] is True
+    assert done["studies"] == [s.study_uid] and r.json()["state"] == "shredded"
 
     r = wado_instance(gateway, tokens["alice"], s)
     assert r.status_code == 410, r.text[:500]
@@ -176,42 +194,67 @@ def test_shred_makes_the_patient_gone_and_undecryptable(gateway, stack, tokens, 
             "SELECT wrapped_key, destroyed_at FROM crypto_data_key WHERE id = ?", (key_id,)).fetchall()[0]
     assert wrapped is None and destroyed_at is not None
     assert not path.exists()
+    # The archive runs under its own account: directories this test creates for the restored copy are
+    # handed to that account and removed afterwards, so the archive can always write its own files there.
+    created = [d for d in (path.parent.parent, path.parent) if not d.exists()]
+    owner = path.parent.parent.parent.stat()
     path.parent.mkdir(parents=True, exist_ok=True)
+    for d in created:
+        os.chown(d, owner.st_uid, owner.st_gid)
     path.write_bytes(stored)
     try:
         verify = httpx.post(f"{stack.orthanc_url}/compliance/archive/verify", auth=stack.orthanc_auth, timeout=30,
                             json={"attachments": [{"instance": "x", "uuid": path.name, "content_type": 1}]}).json()
     finally:
         path.unlink()
+        for d in reversed(created):
+            with contextlib.suppress(OSError):  # the archive may have stored a file there meanwhile
+                d.rmdir()
     assert [f["result"] for f in verify["failures"]] == ["key_destroyed"]
 
     # audited twice: the attempt before anything was destroyed, then the permanent erasure
     deleted = audit.wait_for(1, event__id="110105", study__uids=s.study_uid)
     assert len(deleted) == 1, dump(deleted)
     assert 'ParticipantObjectDataLifeCycle="15"' in deleted[0]["atna.xml"]
-    assert deleted[0]["user.name"] == "ada" and s.patient_id in deleted[0]["patient.ids"]
+    assert deleted[0]["user.name"] == second_admin.username and s.patient_id in deleted[0]["patient.ids"]
     assert "removed from the archive index: yes" in deleted[0]["event.outcome_description"]
     attempts = audit.wait_for(1, event__id="110113", study__uids=s.study_uid)
     assert len(attempts) == 1, dump(attempts)
-    assert attempts[0]["event.outcome_description"].startswith("crypto-shred requested")
+    assert "executing" in attempts[0]["event.outcome_description"]
+    assert f"asked by ada, approved by {second_admin.username}" in attempts[0]["event.outcome_description"]
     assert attempts[0]["chain.seq"] < deleted[0]["chain.seq"], "the attempt is recorded first"
 
     # shredding again is harmless: nothing left to destroy, nothing in the index
-    r = shred(gateway, tokens["ada"], s.patient_id)
-    assert r.status_code == 200 and r.json()["destroyed"] == 0 and r.json()["state"] == "shredded", r.text
+    r = shred(gateway, tokens, s.patient_id)
+    assert r.status_code == 200, r.text
+    assert r.json()["shred"]["destroyed"] == 0 and r.json()["shred"]["state"] == "shredded", r.text
     assert wado_instance(gateway, tokens["alice"], s).status_code == 410
 
 
 def test_cli_shred_and_status(gateway, stack, tokens, audit: AuditIndex):
+    """The operator on the host asks through the CLI; ada approves through the API."""
     s = unique_instance()
     assert stow(gateway, tokens["tom"], s).status_code == 200
-    out = cli(gateway, "shred", "--patient", s.patient_id)
+    out = cli(gateway, "shred", "request", "--patient", s.patient_id, "--reason", "duplicate record")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["destroyed"] == 1
+    request_id = json.loads(out.stdout)["id"]
+    out = cli(gateway, "shred", "list")
+    assert out.returncode == 0 and request_id in [x["id"] for x in json.loads(out.stdout)["requests"]], out.stderr
+    assert reads_back(gateway, tokens["alice"], s), "asking destroys nothing"
+    r = httpx.post(f"{gateway.url}/api/v1/keys/shred-requests/{request_id}/approve", json={"comment": "ok"},
+                   headers=bearer(tokens["ada"]), timeout=120)
+    assert r.status_code == 200 and r.json()["shred"]["destroyed"] == 1, r.text
+    out = cli(gateway, "shred", "show", request_id)
+    assert out.returncode == 0 and json.loads(out.stdout)["state"] == "shredded", out.stderr
     assert wado_instance(gateway, tokens["alice"], s).status_code == 410
     out = cli(gateway, "keys", "status")
     assert out.returncode == 0, out.stderr
     assert any(k["state"] == "active" for k in json.loads(out.stdout)["keks"])
     deleted = audit.wait_for(1, event__id="110105", study__uids=s.study_uid)
-    assert len(deleted) == 1 and deleted[0]["user.name"] == os.environ.get("USER", deleted[0]["user.name"])
+    assert len(deleted) == 1 and deleted[0]["user.name"] == "ada"
+    steps = audit.wait_for(2, event__id="110113", event__type_codes="110129",
+                           object__ids=f"urn:compliance:shred-request:{request_id}")
+    assert [d["user.id"] for d in steps[:2]] == [f"os:{getpass.getuser()}", deleted[0]["user.id"]], dump(steps)
+    assert f"asked by {getpass.getuser()}" in steps[0]["event.outcome_description"]
+    assert "approved by ada" in steps[1]["event.outcome_description"]
     assert qido(gateway, tokens["alice"], PatientID=s.patient_id) == []
