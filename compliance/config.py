@@ -124,7 +124,8 @@ class Settings(BaseSettings):
     audit_checkpoint_key_file: Path | None = None
     audit_checkpoint_every_events: int = 1000
     audit_checkpoint_every_seconds: float = 60.0
-    #: Retention and legal holds for ``compliance audit prune``.
+    #: Retention and legal holds for ``compliance audit prune``; a hold naming a patient also refuses
+    #: that patient's crypto-shred (compliance/archive/shred.py).
     retention_policy_file: Path = PROJECT_ROOT / "policies" / "retention.yaml"
     #: Detections over the audit trail (compliance audit detect) and the name on patient-facing reports.
     audit_detections_file: Path = PROJECT_ROOT / "policies" / "detections.yaml"

@@ -7,6 +7,8 @@
 - :mod:`compliance.archive.control`: the key operations the plugin serves to the gateway;
 - :mod:`compliance.archive.orthanc_plugin`: the glue Orthanc loads (``PythonScript``);
 - :mod:`compliance.archive.client`: the gateway's side (key operations, erasure state, verify);
-- :mod:`compliance.archive.cli`: the operator's `compliance keys ...` and `compliance shred` commands;
-- :mod:`compliance.archive.operations`: the audited operator operations (API and CLI share them).
+- :mod:`compliance.archive.cli`: the operator's `compliance keys ...` and `compliance shred ...` commands;
+- :mod:`compliance.archive.operations`: the audited operator operations (API and CLI share them);
+- :mod:`compliance.archive.shred` (table in :mod:`compliance.archive.models`): crypto-shred requests,
+  one administrator asks and a different one approves, refused under a legal hold.
 """
