@@ -114,10 +114,13 @@ async def list_exports(request: Request, principal: CurrentPrincipal, services: 
 
 @router.get("/destinations")
 async def list_destinations(request: Request, principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
-    """Where an export may go: the bundle, and the research archives of the server's allow-list."""
-    await _reader_scope(request, principal, services)
+    """Where an export may go: the bundle, and the research archives of the server's allow-list (for a
+    researcher, those their projects may use)."""
+    everything = await _reader_scope(request, principal, services)
+    service = _exports(services).service
+    mine = None if everything else [p.id for p in service.projects.of_member(principal.username, principal.groups)]
     bundle = {"name": "bundle", "kind": "bundle", "description": "encrypted zip, downloaded by the requester"}
-    return {"items": [bundle, *_exports(services).service.destinations.public()]}
+    return {"items": [bundle, *service.destinations.public(mine)]}
 
 
 @router.get("/projects")

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,8 +106,18 @@ class DestinationRegistry:
     def names(self) -> list[str]:
         return sorted(self._by_name)
 
-    def public(self) -> list[dict[str, Any]]:
-        return [self._by_name[n].public() for n in self.names()]
+    def public(self, projects: Collection[str] | None = None) -> list[dict[str, Any]]:
+        """The allow-list as shown; with ``projects`` (a researcher's), only the destinations those projects
+        may use, naming no other project (a restriction would otherwise tell which projects exist)."""
+        out = []
+        for name in self.names():
+            dest = self._by_name[name].public()
+            if projects is not None and dest["projects"] is not None:
+                dest["projects"] = sorted(set(dest["projects"]) & set(projects))
+                if not dest["projects"]:
+                    continue
+            out.append(dest)
+        return out
 
     def get(self, name: str) -> DicomwebDestination:
         try:

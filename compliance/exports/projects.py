@@ -161,7 +161,8 @@ class ProjectRefused(Exception):
         self.project_id = project_id
         self.reason = reason
         self.public = public or ("you are not a member of a registered research project named "
-                                 f"{project_id!r}; ask a data steward which projects you belong to")
+                                 f"{project_id!r}; yours are listed by GET /api/v1/exports/projects "
+                                 "(compliance exports projects)")
 
     def denial(self) -> ProjectAccessDenied:
         return ProjectAccessDenied(self.public, detail={"project": self.project_id})

@@ -145,6 +145,10 @@ def test_a_destination_restricted_to_a_project_refuses_any_other(stack: Stack, t
     audit = AuditIndex(stack.es_url, prefix)
     try:
         rob = tokens["rob"]
+        # the destinations rob is shown: none of another project's, nor its name
+        resp = httpx.get(f"{gw.url}/api/v1/exports/destinations", headers=bearer(rob), timeout=30)
+        assert resp.status_code == 200 and [d["name"] for d in resp.json()["items"]] == ["bundle"], resp.text
+        assert OTHER not in resp.text
         to_a = {"kind": "dicomweb", "name": "cardiac-archive"}
         claims_a = {"cohort": {"filters": {"StudyDescription": OTHER}}}
         attempts = [
@@ -159,6 +163,8 @@ def test_a_destination_restricted_to_a_project_refuses_any_other(stack: Stack, t
             assert resp.headers["content-type"].startswith("application/json")
         steward = stack.token("dana")
         assert httpx.get(f"{gw.url}/api/v1/exports", headers=bearer(steward), timeout=30).json()["items"] == []
+        listed = httpx.get(f"{gw.url}/api/v1/exports/destinations", headers=bearer(steward), timeout=30).json()
+        assert [d["projects"] for d in listed["items"] if d["name"] == "cardiac-archive"] == [[OTHER]]
         # each refusal the service made is a 110113, naming the project asked for (the destination's too)
         for project in (OTHER, OTHER.upper()):
             assert len(audit.wait_for(1, event__id="110113", **{"user.name": "rob",

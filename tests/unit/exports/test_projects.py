@@ -248,3 +248,14 @@ def test_keys_are_made_for_registered_projects_only(world):  # type: ignore[no-u
     with pytest.raises(KeyStateConflict, match="not registered"):
         world.keys.key("someone-elses", "pseudonym")
     assert len(world.keys.key("lung-study", "pseudonym")) == 32
+
+
+def test_a_researcher_is_shown_only_the_destinations_of_his_projects():
+    registry = DestinationRegistry([
+        DicomwebDestination(name="open", url="http://127.0.0.1:9/a"),
+        DicomwebDestination(name="cardio", url="http://127.0.0.1:9/b", projects=frozenset({"other-study"})),
+        DicomwebDestination(name="shared", url="http://127.0.0.1:9/c",
+                            projects=frozenset({"other-study", "lung-study"}))])
+    shown = {d["name"]: d["projects"] for d in registry.public(["lung-study"])}
+    assert shown == {"open": None, "shared": ["lung-study"]}
+    assert {d["name"] for d in registry.public()} == {"open", "cardio", "shared"}  # a steward sees all
