@@ -14,7 +14,6 @@ the operating-system user).
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import json
 from pathlib import Path
 from typing import Any, NoReturn
@@ -49,10 +48,18 @@ def cli_recorder(settings: Settings, engine: Any) -> Any:
 
 
 def cli_operator() -> Any:
-    """The local operator running a CLI command, as an audit user (the OS account)."""
+    """The local operator running a CLI command, as an audit user: the operating-system account of
+    the process's user id. Not ``getpass.getuser()``, which believes USER/LOGNAME: anyone sets those, and
+    a posed name would pass for a second person (the two-person shred, compliance/archive/shred.py)."""
+    import os
+    import pwd
+
     from compliance.audit.events import UserRef
 
-    name = getpass.getuser()
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without an account (a container): the number is still who it is
+        name = f"uid{os.getuid()}"
     return UserRef(user_id=f"os:{name}", username=name, client_id="compliance-cli")
 
 

@@ -131,6 +131,21 @@ def test_one_admin_alone_cannot_shred_through_any_entry_point(gateway, stack, to
     assert reads_back(gateway, tokens["alice"], s)
 
 
+def test_the_cli_operator_cannot_pose_as_a_second_person(gateway, stack, tokens, audit: AuditIndex):
+    """The CLI's operator is the operating-system account running it, not what USER/LOGNAME say."""
+    s = stored(gateway, tokens)
+    out = cli(gateway, "shred", "request", "--patient", s.patient_id, "--reason", "duplicate record")
+    assert out.returncode == 0, out.stderr
+    req = json.loads(out.stdout)
+    posing = {**gateway.env, "USER": "mallory", "LOGNAME": "mallory", "LNAME": "mallory", "USERNAME": "mallory"}
+    out = subprocess.run([sys.executable, "-m", "compliance.cli", "shred", "approve", req["id"], "--comment", "ok"],
+                         env=posing, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "self_approval_refused" in out.stderr, out.stdout + out.stderr
+    assert reads_back(gateway, tokens["alice"], s) and key_state(stack, s.patient_id) == "live"
+    assert decide(gateway, tokens["ada"], req["id"], "reject", "test over").status_code == 200
+    assert not audit.search(user__id="os:mallory"), "no event names the posed identity"
+
+
 def test_a_second_admin_approves_and_the_patient_is_shredded(gateway, stack, tokens, bob, second_admin,
                                                              audit: AuditIndex):
     s = stored(gateway, tokens)
