@@ -22,6 +22,7 @@ from compliance.api import metrics as metrics_routes
 from compliance.api.deps import Services
 from compliance.audit.atna import AuditSource
 from compliance.audit.checkpoints import build_checkpointer
+from compliance.audit.es_client import elasticsearch_client
 from compliance.audit.events import application_activity_event
 from compliance.audit.fanout import build_audit_sink
 from compliance.audit.interfaces import AuditSink
@@ -70,7 +71,10 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
         source = AuditSource(source_id=settings.audit_source_id,
                              enterprise_site_id=settings.audit_enterprise_site_id)
         auditor = AuditRecorder(outbox, source, fail_closed=settings.audit_fail_closed)
-        sink = overrides.sink or build_audit_sink(settings, engine)
+        # One Elasticsearch client (TLS and credentials from the settings, compliance/audit/es_client.py)
+        # and its connection pool for the sink, its checkpoints and the privacy officer's reads.
+        es = elasticsearch_client(settings)
+        sink = overrides.sink or build_audit_sink(settings, engine, es_client=es)
         shipper = AuditShipper(outbox, sink, batch_size=settings.audit_ship_batch_size,
                                interval_seconds=settings.audit_ship_interval_seconds,
                                max_backoff_seconds=settings.audit_ship_max_backoff_seconds,
@@ -120,7 +124,8 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
                          if settings.exports_worker_backend == "inprocess" else None)
         app.state.services = Services(settings=settings, verifier=verifier, auditor=auditor, dicomweb=dicomweb,
                                       policy=policy,
-                                      audit_read=AuditReadServices.from_settings(settings, engine=engine),
+                                      audit_read=AuditReadServices.from_settings(
+                                          settings, engine=engine, client=es.options(request_timeout=30)),
                                       exports=exports, archive_keys=archive_keys, shred_requests=shred_requests)
         app.state.outbox = outbox
         app.state.shipper = shipper
@@ -146,6 +151,7 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
                 if archive_keys is not None:
                     await archive_keys.client.aclose()
                 await http.aclose()
+                es.close()
                 engine.dispose()
 
     app = GatewayApp(title="Imaging compliance gateway", version=__version__, lifespan=lifespan,

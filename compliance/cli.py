@@ -59,8 +59,13 @@ def serve(
     import uvicorn
 
     from compliance.db.migrate import upgrade
+    from compliance.errors import ConfigurationError
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ConfigurationError as exc:  # a refused configuration is one clear line, not a traceback
+        _fail(f"refusing to start: {exc.message}")
+        raise
     if host:
         os.environ["COMPLIANCE_HOST"] = host
     if port:

@@ -5,7 +5,8 @@ Values come, in order of precedence, from the process environment, then from the
 defaults below, which describe the local stack on loopback.
 
 Outside ``environment=development`` the settings refuse to start with a missing archive password or
-with an OIDC issuer that is not HTTPS, so a demo configuration cannot reach production unnoticed.
+with an OIDC issuer that is not HTTPS, or an Elasticsearch that is not HTTPS or takes no credentials,
+so a demo configuration cannot reach production unnoticed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from compliance.errors import ConfigurationError
@@ -99,6 +101,18 @@ class Settings(BaseSettings):
 
     # --- audit
     elasticsearch_url: str = "http://127.0.0.1:9200"
+    #: TLS and credentials of the audit repository; compliance/audit/es_client.py builds every client
+    #: from them. The CA bundle (PEM) that signs the cluster's certificate, for an https:// URL; empty:
+    #: the system's trust store. Certificate verification cannot be switched off.
+    elasticsearch_ca_file: Path | None = None
+    #: An API key as Elasticsearch returns it ("encoded": base64 of id:key), sent as ``ApiKey``; or basic
+    #: credentials (a username and its password). Not both. Over http:// only in development.
+    elasticsearch_api_key: SecretStr = SecretStr("")
+    elasticsearch_username: str = ""
+    elasticsearch_password: SecretStr = SecretStr("")
+    #: Client certificate (PEM) for mutual TLS, and its key when not in the same file; optional.
+    elasticsearch_client_cert_file: Path | None = None
+    elasticsearch_client_key_file: Path | None = None
     audit_index_prefix: str = "compliance-audit"
     #: Refuse the request when its audit event cannot be recorded (DESIGN.md: fail closed).
     audit_fail_closed: bool = True
@@ -175,6 +189,45 @@ class Settings(BaseSettings):
     archive_pkcs11_module: str = ""
     archive_pkcs11_token_label: str = "compliance-archive"  # noqa: S105 - a token label, not a secret
     archive_pkcs11_pin: SecretStr = SecretStr("")
+
+    @field_validator("elasticsearch_ca_file", "elasticsearch_client_cert_file", "elasticsearch_client_key_file",
+                     mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_elasticsearch(self) -> Settings:
+        """The audit repository's connection (issue 12 item 8): TLS settings and credentials that agree
+        with each other and with the URL; outside development, https:// and credentials, so the trail
+        (patient identifiers) and the credentials never travel in clear."""
+        url, name = urlsplit(self.elasticsearch_url), "COMPLIANCE_ELASTICSEARCH"
+        api_key = self.elasticsearch_api_key.get_secret_value()
+        basic = bool(self.elasticsearch_username or self.elasticsearch_password.get_secret_value())
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ConfigurationError(f"{name}_URL must be http(s)://HOST[:PORT][/PATH], not {self.elasticsearch_url!r}")
+        if url.username is not None or url.password is not None:
+            raise ConfigurationError(f"{name}_URL must not carry credentials (the URL is logged and named in audit "
+                                     f"events): set {name}_API_KEY, or {name}_USERNAME and {name}_PASSWORD")
+        if api_key and basic:
+            raise ConfigurationError(f"{name}_API_KEY and {name}_USERNAME/_PASSWORD are both set: choose one")
+        if basic and not (self.elasticsearch_username and self.elasticsearch_password.get_secret_value()):
+            raise ConfigurationError(f"{name}_USERNAME and {name}_PASSWORD go together")
+        if api_key and (api_key != api_key.strip() or not api_key.isprintable()):
+            raise ConfigurationError(f"{name}_API_KEY holds whitespace or control characters")
+        if self.elasticsearch_client_key_file and not self.elasticsearch_client_cert_file:
+            raise ConfigurationError(f"{name}_CLIENT_KEY_FILE is set without {name}_CLIENT_CERT_FILE")
+        if url.scheme == "http" and (self.elasticsearch_ca_file or self.elasticsearch_client_cert_file):
+            raise ConfigurationError(f"{name}_CA_FILE or _CLIENT_CERT_FILE is set but {name}_URL is http://: "
+                                     "nothing would be encrypted; use https://")
+        if self.environment != "development":
+            if url.scheme != "https":
+                raise ConfigurationError(f"{name}_URL must be https:// outside development: the audit trail "
+                                         "(patient identifiers) and any credentials would travel in clear")
+            if not (api_key or basic or self.elasticsearch_client_cert_file):
+                raise ConfigurationError(f"Elasticsearch needs credentials outside development: {name}_API_KEY, "
+                                         f"or {name}_USERNAME and {name}_PASSWORD, or {name}_CLIENT_CERT_FILE")
+        return self
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> Settings:

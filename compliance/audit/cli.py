@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import typer
 
 from compliance.config import Settings, get_settings
+from compliance.errors import ConfigurationError
 
 app = typer.Typer(help="The audit trail.", no_args_is_help=True)
 
@@ -176,7 +177,10 @@ def audit_verify(
     settings = get_settings()
     engine = cli_engine(settings)
     outbox = SqlAuditOutbox(engine)
-    sink = ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
+    try:
+        sink = ElasticsearchAuditSink.from_settings(settings)
+    except ConfigurationError as exc:
+        _fail(exc.message)
     key_path = public_key or settings.effective_checkpoint_key_file
     key = load_public_key(key_path) if key_path.is_file() else None
     if key is None:
@@ -251,7 +255,7 @@ def audit_prune(
 
     from elasticsearch import ApiError, TransportError
 
-    from compliance.audit.elasticsearch import ElasticsearchAuditSink
+    from compliance.audit.es_client import elasticsearch_client
     from compliance.audit.events import Action, Outcome, audit_log_used_event
     from compliance.audit.retention import RetentionPolicy, plan_prune
 
@@ -260,7 +264,10 @@ def audit_prune(
     if before is not None and not (len(before) == 7 and before[4] == "." and before.replace(".", "").isdigit()):
         _fail(f"--before must be YYYY.MM, got {before!r}", 2)
     prefix = settings.audit_index_prefix
-    client = ElasticsearchAuditSink(settings.elasticsearch_url, prefix).client
+    try:
+        client = elasticsearch_client(settings)
+    except ConfigurationError as exc:
+        _fail(exc.message)
     try:
         indices = list(client.indices.get(index=f"{prefix}-*", allow_no_indices=True, ignore_unavailable=True))
 

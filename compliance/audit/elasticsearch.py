@@ -14,8 +14,9 @@ searchable on the index's own refresh schedule (``audit/elasticsearch/README.md`
 
 Failure handling:
 
-* the cluster cannot be reached (connection refused, timeout): :class:`AuditSinkUnavailable`,
-  raised from the transport error; the whole batch stays in the outbox;
+* the cluster cannot be reached (connection refused, timeout, a certificate that does not verify)
+  or refuses the gateway's credentials (401, 403): :class:`AuditSinkUnavailable`, raised from the
+  transport or API error; the whole batch stays in the outbox;
 * a document is refused for what it is (400, mapping errors): listed in ``failed``, not retryable;
 * a document is refused for load (429, 5xx): listed in ``failed`` and in ``retryable_ids``.
 
@@ -36,9 +37,9 @@ import orjson
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import ConnectionTimeout, TransportError
 from elasticsearch import ApiError, Elasticsearch
-from elasticsearch.serializer import NdjsonSerializer
 
 from compliance.audit.documents import event_indices, index_name
+from compliance.audit.es_client import connect, elasticsearch_client
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
 from compliance.config import PROJECT_ROOT
 from compliance.errors import ConfigurationError
@@ -74,16 +75,6 @@ def document_timestamp(text: str) -> str:
     return str(document["@timestamp"])
 
 
-class _PrebuiltNdjson(NdjsonSerializer):
-    """NDJSON serializer that passes a body already built as bytes through (the stock one copies it
-    twice); anything else (lists of actions from ``elasticsearch.helpers``) is serialised as usual."""
-
-    def dumps(self, data: Any) -> bytes:
-        if isinstance(data, bytes) and data.endswith(b"\n"):
-            return data
-        return super().dumps(data)
-
-
 def load_template(prefix: str, path: Path = TEMPLATE_PATH) -> dict[str, Any]:
     """The index template with ``{prefix}`` substituted in its index patterns."""
     template: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
@@ -107,28 +98,39 @@ def additive_properties(wanted: Mapping[str, Any], existing: Mapping[str, Any]) 
 
 
 class ElasticsearchAuditSink:
-    """An :class:`~compliance.audit.interfaces.AuditSink` writing to Elasticsearch (client 9.x)."""
+    """An :class:`~compliance.audit.interfaces.AuditSink` writing to Elasticsearch (client 9.x).
 
-    def __init__(self, url: str, index_prefix: str, *, request_timeout: float = 10,
-                 max_bulk_bytes: int = 16 * 1024 * 1024) -> None:
+    The gateway and the CLI build it with :meth:`from_settings` (TLS and credentials from the settings,
+    through :mod:`compliance.audit.es_client`), or hand it the client they already built. Given a URL
+    alone it connects without credentials (tools and tests against a lab's plain endpoint).
+    """
+
+    def __init__(self, url: str, index_prefix: str, *, client: Elasticsearch | None = None,
+                 request_timeout: float = 10, max_bulk_bytes: int = 16 * 1024 * 1024) -> None:
         if not index_prefix or index_prefix != index_prefix.lower() or "*" in index_prefix:
             raise ConfigurationError(f"invalid audit index prefix {index_prefix!r} (lowercase, no '*')")
         self.url = url
         self.index_prefix = index_prefix
         self.template_name = f"{index_prefix}-events"
         self.max_bulk_bytes = max_bulk_bytes
-        self._client = Elasticsearch(
-            url, request_timeout=request_timeout, max_retries=1, retry_on_timeout=False,
-            serializers={"application/x-ndjson": _PrebuiltNdjson()},
-        )
+        #: A client handed in belongs to whoever built it (the app closes the one it shares).
+        self._owns_client = client is None
+        self._client = client if client is not None else connect(url, request_timeout=request_timeout)
         self._month_index: dict[tuple[int, int], str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Any, *, client: Elasticsearch | None = None) -> ElasticsearchAuditSink:
+        """The sink the settings describe; ``client`` (built by es_client from the same settings) is shared."""
+        return cls(settings.elasticsearch_url, settings.audit_index_prefix,
+                   client=client if client is not None else elasticsearch_client(settings))
 
     @property
     def client(self) -> Elasticsearch:
         return self._client
 
     def close(self) -> None:
-        self._client.close()
+        if self._owns_client:
+            self._client.close()
 
     # ------------------------------------------------------------------ AuditSink
 
@@ -161,6 +163,10 @@ class ElasticsearchAuditSink:
         except _UNREACHABLE as exc:
             raise AuditSinkUnavailable(f"Elasticsearch at {self.url} is unreachable: {exc}") from exc
         except ApiError as exc:
+            if exc.meta.status in (401, 403):
+                # wrong or revoked credentials: the events wait in the outbox until they are mended
+                raise AuditSinkUnavailable(f"Elasticsearch at {self.url} refused the gateway's credentials "
+                                           f"({exc.meta.status}): {exc}") from exc
             if exc.meta.status >= 500:
                 raise AuditSinkUnavailable(f"Elasticsearch refused the index template: {exc}") from exc
             raise ConfigurationError(f"Elasticsearch refused the audit index template: {exc}") from exc

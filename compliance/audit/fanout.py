@@ -32,6 +32,8 @@ from compliance.audit.writes import audit_transaction
 from compliance.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from elasticsearch import Elasticsearch
+
     from compliance.config import Settings
 
 log = logging.getLogger(__name__)
@@ -152,14 +154,15 @@ def sink_names(settings: Settings) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_audit_sink(settings: Settings, engine: Engine) -> AuditSink:
-    """The sink (or fan-out of sinks) the settings name."""
+def build_audit_sink(settings: Settings, engine: Engine, *, es_client: Elasticsearch | None = None) -> AuditSink:
+    """The sink (or fan-out of sinks) the settings name; ``es_client`` is the app's shared client
+    (compliance/audit/es_client.py), else the Elasticsearch sink builds its own from the settings."""
     from compliance.audit.elasticsearch import ElasticsearchAuditSink
 
     sinks: dict[str, AuditSink] = {}
     for name in sink_names(settings):
         if name == "elasticsearch":
-            sinks[name] = ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix)
+            sinks[name] = ElasticsearchAuditSink.from_settings(settings, client=es_client)
         elif name == "syslog":
             from compliance.audit.syslog import SyslogTlsAuditSink
 

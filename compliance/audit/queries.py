@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from elastic_transport import ConnectionError as TransportConnectionError
-from elastic_transport import ConnectionTimeout, TransportError
+from elastic_transport import ConnectionTimeout, TlsError, TransportError
 from elasticsearch import ApiError, Elasticsearch
 
 from compliance.audit.documents import event_indices
@@ -243,12 +243,18 @@ class AuditQueryService:
         try:
             resp = self._client.search(index=self.index_pattern, ignore_unavailable=True, allow_no_indices=True,
                                        **body)
+        except TlsError as exc:
+            raise UpstreamUnavailable("the audit repository (Elasticsearch) is unreachable: the TLS handshake failed "
+                                      "(is its certificate signed by COMPLIANCE_ELASTICSEARCH_CA_FILE?)") from exc
         except (TransportConnectionError, ConnectionTimeout) as exc:
             raise UpstreamUnavailable("the audit repository (Elasticsearch) is unreachable") from exc
         except ApiError as exc:
             if exc.meta.status == 400:
                 raise InvalidRequest("the audit repository refused the query",
                                      detail={"reason": str(exc.message)[:500]}) from exc
+            if exc.meta.status in (401, 403):
+                raise UpstreamError(
+                    f"the audit repository refused the gateway's credentials ({exc.meta.status})") from exc
             raise UpstreamError(f"the audit repository answered {exc.meta.status}") from exc
         except TransportError as exc:
             raise UpstreamUnavailable("the audit repository (Elasticsearch) failed") from exc

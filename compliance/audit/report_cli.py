@@ -74,12 +74,15 @@ def _read_directly(settings: Any, query: dict[str, Any], read: Callable[[Any], T
     The 110101 event is durable before anything read is printed: if it cannot be recorded, the
     command fails and shows nothing.
     """
-    from elasticsearch import Elasticsearch
-
+    from compliance.audit.es_client import elasticsearch_client
     from compliance.audit.queries import AuditQueryService
     from compliance.errors import ComplianceError
 
-    client = Elasticsearch(settings.elasticsearch_url, request_timeout=timeout)
+    try:
+        client = elasticsearch_client(settings, request_timeout=timeout, max_retries=3)
+    except ComplianceError as exc:  # the TLS material cannot be read: nothing was asked
+        _fail(exc.message)
+        raise
     try:
         result = read(AuditQueryService(client, settings.audit_index_prefix))
     except ComplianceError as exc:
@@ -241,7 +244,7 @@ def audit_detect(
     events held the window back). The read is recorded as a 110101 Audit Log Used event naming the
     operating-system user, durably, before any finding is raised or anything is printed.
     """
-    from elasticsearch import ApiError, Elasticsearch, TransportError
+    from elasticsearch import ApiError, TransportError
 
     from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
     from compliance.audit.detections import (
@@ -253,6 +256,7 @@ def audit_detect(
         StaticDirectory,
     )
     from compliance.audit.documents import event_indices
+    from compliance.audit.es_client import elasticsearch_client
     from compliance.audit.queries import AuditQueryService
     from compliance.audit.review import SqlReviewQueue
     from compliance.config import get_settings
@@ -275,7 +279,11 @@ def audit_detect(
                    "see no accounts", err=True)
         directory = StaticDirectory()
     prefix = settings.audit_index_prefix
-    client = Elasticsearch(settings.elasticsearch_url, request_timeout=120)
+    try:
+        client = elasticsearch_client(settings, request_timeout=120, max_retries=3)
+    except ComplianceError as exc:
+        _fail(exc.message)
+        raise
 
     def refresh() -> None:
         try:

@@ -559,17 +559,18 @@ class AuditReadServices:
     _client: Any = None
 
     @classmethod
-    def from_settings(cls, settings: Any, *, engine: Any) -> AuditReadServices:
-        from elasticsearch import Elasticsearch
-
+    def from_settings(cls, settings: Any, *, engine: Any, client: Any = None) -> AuditReadServices:
+        """``client``: the app's shared Elasticsearch client (closed by the app); else one of its own."""
+        from compliance.audit.es_client import elasticsearch_client
         from compliance.audit.review import SqlReviewQueue
 
-        client = Elasticsearch(settings.elasticsearch_url, request_timeout=30, max_retries=1)
+        owned = client is None
+        client = elasticsearch_client(settings, request_timeout=30) if owned else client
         queries = AuditQueryService(client, settings.audit_index_prefix)
         return cls(queries=queries, reports=ReportService(queries, organization=settings.organization_name),
                    review=SqlReviewQueue(engine),
                    audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{settings.audit_index_prefix}-*",
-                   _client=client)
+                   _client=client if owned else None)
 
     def close(self) -> None:
         if self._client is not None:

@@ -21,12 +21,13 @@ STACK_USER="${COMPLIANCE_STACK_USER:-compliance-stack}"
 . "$LIB_DIR/versions.env"
 . "$LIB_DIR/stamp.sh"
 
-ALL_COMPONENTS=(orthanc keycloak elasticsearch postgres)
+ALL_COMPONENTS=(orthanc keycloak elasticsearch es_proxy postgres)
 
 ORTHANC_PORT=8042
 KEYCLOAK_PORT=8180
 ELASTICSEARCH_PORT=9200
 ELASTICSEARCH_TRANSPORT_PORT=9300
+ES_PROXY_PORT=${COMPLIANCE_ES_PROXY_PORT:-9201}  # the secured endpoint: TLS + credentials in front of Elasticsearch
 POSTGRES_PORT=55432
 BIND=127.0.0.1
 
@@ -124,6 +125,7 @@ pid_of() {
     orthanc)       pattern='Orthanc' ;;
     keycloak)      pattern='kc\.sh|keycloak|quarkus' ;;
     elasticsearch) pattern='elasticsearch' ;;
+    es_proxy)      pattern='nginx' ;;
     postgres)      pattern='postgres' ;;
   esac
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -Eq "$pattern" || return 1
@@ -303,7 +305,8 @@ gen_secret() {
   else python3 -c 'import secrets; print(secrets.token_hex(24))'; fi
 }
 
-SECRET_KEYS=(ORTHANC_GATEWAY_PASSWORD OIDC_CLIENT_SECRET KEYCLOAK_ADMIN_PASSWORD POSTGRES_PASSWORD FRONT_SECRET)
+SECRET_KEYS=(ORTHANC_GATEWAY_PASSWORD OIDC_CLIENT_SECRET KEYCLOAK_ADMIN_PASSWORD POSTGRES_PASSWORD FRONT_SECRET
+             ES_PROXY_PASSWORD ES_PROXY_API_KEY_SECRET)
 
 # ensure_secrets : generate missing secrets once into $STACK/secrets.env (0600), then load them
 ensure_secrets() {
@@ -349,6 +352,13 @@ COMPLIANCE_OIDC_CLIENT_SECRET=$SECRET_OIDC_CLIENT_SECRET
 COMPLIANCE_FRONT_SECRET=$SECRET_FRONT_SECRET
 COMPLIANCE_KEYCLOAK_URL=http://$BIND:$KEYCLOAK_PORT
 COMPLIANCE_ELASTICSEARCH_URL=http://$BIND:$ELASTICSEARCH_PORT
+COMPLIANCE_ELASTICSEARCH_SECURE_URL=$(es_proxy_url)
+COMPLIANCE_ELASTICSEARCH_SECURE_CA_FILE=$(es_proxy_dir)/tls/ca.pem
+COMPLIANCE_ELASTICSEARCH_SECURE_API_KEY=$(es_proxy_api_key)
+COMPLIANCE_ELASTICSEARCH_SECURE_USERNAME=$ES_PROXY_USER
+COMPLIANCE_ELASTICSEARCH_SECURE_PASSWORD=$SECRET_ES_PROXY_PASSWORD
+COMPLIANCE_ELASTICSEARCH_SECURE_CLIENT_CERT_FILE=$(es_proxy_dir)/tls/client.pem
+COMPLIANCE_ELASTICSEARCH_SECURE_CLIENT_KEY_FILE=$(es_proxy_dir)/tls/client.key
 COMPLIANCE_POSTGRES_URL=postgresql+psycopg://compliance:$SECRET_POSTGRES_PASSWORD@$BIND:$POSTGRES_PORT/compliance
 COMPLIANCE_ARCHIVE_ENCRYPTED=$( [[ -n $(orthanc_plugin_script) ]] && echo true || echo false )
 EOF
@@ -726,6 +736,141 @@ elasticsearch_up() {
 }
 
 elasticsearch_down() { stop_pid elasticsearch 60; }
+
+# ---------------------------------------------------------------------------------------------
+# es_proxy: the secured endpoint of Elasticsearch (deploy/local/es-proxy.conf.template).
+# nginx on https://127.0.0.1:9201 in front of the plain 9200, as a secured cluster answers: TLS with a
+# CA generated here, and an API key, basic credentials or a client certificate on every request (401
+# otherwise). Only this proxy is restarted by its own up/down; Elasticsearch is not touched.
+# $STACK/es-proxy (0700, the stack user's): tls/ (CA certificate, server and client certificates and
+# keys, 0600; the CA's key is deleted once they are signed), htpasswd and nginx.conf (0600, the latter
+# holds the API key), logs/ (access log: who and how, never a credential), tmp/.
+
+ES_PROXY_USER=compliance-gateway
+ES_PROXY_TIMEOUT=${COMPLIANCE_ES_PROXY_TIMEOUT:-60}
+es_proxy_dir()  { printf '%s/es-proxy\n' "$STACK"; }
+es_proxy_url()  { printf 'https://%s:%s\n' "$BIND" "$ES_PROXY_PORT"; }
+es_proxy_logs() { printf '%s\n' "$STACK/logs/es-proxy.log" "$(es_proxy_dir)/logs/error.log"; }
+# Elasticsearch's API key form: base64 of "id:key"
+es_proxy_api_key() { printf '%s:%s' "$ES_PROXY_USER" "$SECRET_ES_PROXY_API_KEY_SECRET" | base64 -w0; }
+
+# es_proxy_curl PATH [CURL ARGS...] : an HTTPS request with the API key (through stdin, never in argv)
+es_proxy_curl() {
+  local path=$1; shift
+  printf 'header = "Authorization: ApiKey %s"\n' "$(es_proxy_api_key)" |
+    curl -K - -sS -m 10 --cacert "$(es_proxy_dir)/tls/ca.pem" "$@" "$(es_proxy_url)$path"
+}
+
+es_proxy_healthy() {
+  load_secrets || return 1
+  local body
+  body=$(es_proxy_curl '/_cluster/health?timeout=5s' -f) || return 1
+  [[ $body == *'"status":"green"'* || $body == *'"status":"yellow"'* ]]
+}
+
+# es_proxy_tls DIR : CA, server (IP 127.0.0.1, localhost) and client certificates (EC P-256), made
+# when missing or expiring within 30 days. The CA's key is deleted after signing: nothing more can
+# be issued under this CA; renewal makes a new CA.
+es_proxy_tls() {
+  local d=$1 t=$1/tls f
+  if [[ -s $t/ca.pem && -s $t/server.key && -s $t/client.key ]]; then
+    for f in ca server client; do
+      openssl x509 -checkend 2592000 -noout -in "$t/$f.pem" >/dev/null 2>&1 || break
+      [[ $f == client ]] && return 0
+    done
+  fi
+  log "es_proxy: generating a CA, a server and a client certificate in $t"
+  local new; new=$(mktemp -d "$d/.tls.XXXXXX")
+  if ! ( umask 077; set -e; cd "$new"
+         openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 -days 400 \
+           -keyout ca.key -out ca.pem -subj "/CN=compliance local stack Elasticsearch CA" \
+           -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign"
+         printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+           "extendedKeyUsage=serverAuth" "subjectAltName=IP:$BIND,DNS:localhost" \
+           "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid:always" >server.ext
+         printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+           "extendedKeyUsage=clientAuth" "subjectKeyIdentifier=hash" "authorityKeyIdentifier=keyid:always" >client.ext
+         for who in server client; do
+           openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -sha256 \
+             -keyout "$who.key" -out "$who.csr" -subj "/CN=compliance local stack Elasticsearch $who"
+           openssl x509 -req -in "$who.csr" -CA ca.pem -CAkey ca.key -set_serial "0x$(openssl rand -hex 16)" \
+             -days 397 -sha256 -extfile "$who.ext" -out "$who.pem"
+         done
+         rm -f ca.key ./*.csr ./*.ext
+         chmod 0600 ./* ) >>"$STACK/logs/es-proxy.log" 2>&1; then
+    rm -rf "$new"; show_logs "$STACK/logs/es-proxy.log"; die "es_proxy: cannot generate the certificates (openssl)"
+  fi
+  rm -rf "$t"; mv "$new" "$t"; chmod 0700 "$t"
+}
+
+# es_proxy_htpasswd DIR : the basic credentials (SHA-512 crypt), rewritten only when the password changed
+es_proxy_htpasswd() {
+  local f=$1/htpasswd hash salt
+  if [[ -s $f ]]; then
+    hash=$(sed -n "s/^$ES_PROXY_USER://p" "$f")
+    salt=$(cut -d'$' -f3 <<<"$hash")
+    [[ -n $salt && $(printf '%s\n' "$SECRET_ES_PROXY_PASSWORD" | openssl passwd -6 -salt "$salt" -stdin) == "$hash" ]] \
+      && return 0
+  fi
+  hash=$(printf '%s\n' "$SECRET_ES_PROXY_PASSWORD" | openssl passwd -6 -stdin) || die "es_proxy: openssl passwd failed"
+  ( umask 077; printf '%s:%s\n' "$ES_PROXY_USER" "$hash" >"$f.tmp" ) && mv -f "$f.tmp" "$f"
+}
+
+es_proxy_configure() {
+  local d text tmp; d=$(es_proxy_dir)
+  ( umask 077; mkdir -p "$d/logs" "$d/tmp" )
+  chmod 0700 "$d" "$d/logs" "$d/tmp"
+  es_proxy_tls "$d"
+  es_proxy_htpasswd "$d"
+  text=$(<"$LIB_DIR/es-proxy.conf.template")
+  text=${text//@STATE@/"$d"}
+  text=${text//@LISTEN@/"$BIND:$ES_PROXY_PORT"}
+  text=${text//@UPSTREAM@/"$BIND:$ELASTICSEARCH_PORT"}
+  text=${text//@API_KEY@/"$(es_proxy_api_key)"}
+  tmp=$(umask 077; mktemp "$d/.nginx.conf.XXXXXX")
+  printf '%s\n' "$text" >"$tmp"
+  if [[ -f $d/nginx.conf ]] && cmp -s "$tmp" "$d/nginx.conf"; then rm -f "$tmp"; else mv -f "$tmp" "$d/nginx.conf"; fi
+  find "$d" -type d -exec chmod 0700 {} + -o -type f -exec chmod 0600 {} +
+  own "$d"
+}
+
+es_proxy_state() { { cat "$(es_proxy_dir)"/{nginx.conf,htpasswd} "$(es_proxy_dir)"/tls/*.pem 2>/dev/null || true; } | sha256sum; }
+
+es_proxy_up() {
+  local d logf before nginx code; d=$(es_proxy_dir)
+  logf="$STACK/logs/es-proxy.log"
+  nginx=$(command -v nginx || echo /usr/sbin/nginx)
+  [[ -x $nginx ]] || die "es_proxy: nginx missing (Debian nginx-light)"
+  ( umask 077; touch "$logf" ); chmod 0600 "$logf"
+  before=$(es_proxy_state)
+  es_proxy_configure
+  if pid_of es_proxy >/dev/null; then
+    if [[ $before == "$(es_proxy_state)" ]] && es_proxy_healthy; then log "es_proxy: already up"; return 0; fi
+    log "es_proxy: configuration, certificates or credentials changed, or unhealthy: restarting the proxy"
+    stop_pid es_proxy 15
+  fi
+  check_port_free es_proxy "$ES_PROXY_PORT"
+  if ! ( umask 077; run_as "$nginx" -t -q -c "$d/nginx.conf" -p "$d" -e "$d/logs/error.log" ) >>"$logf" 2>&1; then
+    show_logs "$logf"; die "es_proxy: nginx refused $d/nginx.conf"
+  fi
+  ( umask 077; spawn es_proxy "$logf" "$nginx" -c "$d/nginx.conf" -p "$d" -e "$d/logs/error.log" )
+  if ! wait_until "$ES_PROXY_TIMEOUT" es_proxy_healthy || ! pid_of es_proxy >/dev/null; then
+    show_logs $(es_proxy_logs)
+    die "es_proxy: Elasticsearch not healthy through $(es_proxy_url) within ${ES_PROXY_TIMEOUT}s (is the elasticsearch component up?)"
+  fi
+  # fail closed: no credentials, a wrong API key or wrong basic credentials must all be 401
+  local probe
+  for probe in '' 'header = "Authorization: ApiKey d3Jvbmc6d3Jvbmc="' 'user = "compliance-gateway:wrong"'; do
+    code=$(printf '%s\n' "$probe" | curl -K - -s -m 5 -o /dev/null -w '%{http_code}' \
+             --cacert "$d/tls/ca.pem" "$(es_proxy_url)/_cluster/health" || true)
+    if [[ $code != 401 ]]; then
+      stop_pid es_proxy 15
+      die "es_proxy: a request without valid credentials answered $code, expected 401; stopped the proxy"
+    fi
+  done
+}
+
+es_proxy_down() { stop_pid es_proxy 15; }
 
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL

@@ -15,7 +15,8 @@ import pytest
 from elastic_transport import ConnectionError as TransportConnectionError
 
 from compliance.audit.chain import GENESIS, extend_serialized
-from compliance.audit.elasticsearch import ElasticsearchAuditSink, _PrebuiltNdjson, document_timestamp
+from compliance.audit.elasticsearch import ElasticsearchAuditSink, document_timestamp
+from compliance.audit.es_client import PrebuiltNdjson as _PrebuiltNdjson
 from compliance.audit.interfaces import AuditSinkUnavailable
 
 
