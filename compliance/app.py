@@ -20,6 +20,7 @@ from compliance.api import exports as export_routes
 from compliance.api import health
 from compliance.api import metrics as metrics_routes
 from compliance.api.deps import Services
+from compliance.api.edge import Edge
 from compliance.audit.atna import AuditSource
 from compliance.audit.checkpoints import build_checkpointer
 from compliance.audit.es_client import elasticsearch_client
@@ -49,14 +50,30 @@ class Overrides:
     sink: AuditSink | None = None
 
 class GatewayApp(FastAPI):
-    """The gateway's ASGI app: GET /dicom-web/... takes the DICOMweb fast lane
-    (:func:`compliance.api.dicomweb.serve_get`); everything else goes through FastAPI as usual."""
+    """The gateway's ASGI app. The edge (:class:`compliance.api.edge.Edge`, set by :func:`create_app`)
+    settles the client's address for every request and refuses control characters in its path;
+    GET /dicom-web/... then takes the DICOMweb fast lane (:func:`compliance.api.dicomweb.serve_get`),
+    which authenticates itself; everything else is authenticated and its body capped by the edge
+    before FastAPI reads it."""
+
+    edge: Edge | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["method"] == "GET" and not self.root_path
-                and scope["path"].startswith(dicomweb_routes.FAST_LANE_PREFIX)):
-            await dicomweb_routes.serve_get(self, scope, receive, send)
-            return
+        if scope["type"] == "http":
+            if self.edge is not None:
+                refused = self.edge.screen(scope)
+                if refused is not None:
+                    await self.edge.refuse(self, scope, receive, send, refused)
+                    return
+            if (scope["method"] == "GET" and not self.root_path
+                    and scope["path"].startswith(dicomweb_routes.FAST_LANE_PREFIX)):
+                await dicomweb_routes.serve_get(self, scope, receive, send)
+                return
+            if self.edge is not None:
+                admitted = await self.edge.admit(self, scope, receive, send)
+                if admitted is None:
+                    return
+                receive = admitted
         await super().__call__(scope, receive, send)
 
 
@@ -154,8 +171,11 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
                 es.close()
                 engine.dispose()
 
+    # No docs UI, and the API description is served by compliance/api/metrics.py to operators only.
     app = GatewayApp(title="Imaging compliance gateway", version=__version__, lifespan=lifespan,
-                  docs_url="/api/docs", openapi_url="/api/openapi.json", redoc_url=None)
+                     docs_url=None, openapi_url=None, redoc_url=None)
+    app.edge = Edge(front_secret=settings.front_secret.get_secret_value(),
+                    max_body_bytes=settings.api_max_body_bytes)
     error_handlers.install(app, realm=settings.keycloak_realm)
     app.include_router(health.router)
     app.include_router(metrics_routes.router)

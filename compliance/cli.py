@@ -79,6 +79,9 @@ def serve(
         workers=workers or settings.workers,
         log_level="info",
         access_log=False,
+        # X-Forwarded-For is believed only from the nginx front, next to its secret (compliance/api/edge.py);
+        # uvicorn's own handling believed it from any loopback client.
+        proxy_headers=False,
         http="httptools",
         loop="uvloop",
         timeout_graceful_shutdown=10,
@@ -112,7 +115,8 @@ def front(
             listen=listen or settings.effective_public_address, backend=backend or f"{settings.host}:{settings.port}",
             archive_url=settings.archive_url, archive_username=settings.archive_username,
             archive_password=settings.archive_password.get_secret_value(),
-            front_secret=settings.front_secret.get_secret_value(), state_dir=state, workers=workers)
+            front_secret=settings.front_secret.get_secret_value(), state_dir=state, workers=workers,
+            api_max_body_bytes=settings.api_max_body_bytes, stow_max_bytes=settings.stow_max_bytes)
         command = nginx_command(write_config(text, state), state)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc), 2)

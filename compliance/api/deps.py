@@ -15,6 +15,7 @@ from compliance.auth.tokens import unverified_username
 from compliance.config import Settings
 from compliance.dicomweb.service import DicomwebService
 from compliance.errors import AuthenticationError
+from compliance.policy.enforce import enforce
 from compliance.policy.interfaces import PolicyDecisionPoint
 
 
@@ -47,11 +48,23 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def client_address(request: Request) -> str | None:
+    """The client's address as the edge settled it (compliance/api/edge.py): the TCP peer, or the
+    address the nginx front names next to its secret. Never a header the client wrote itself."""
     return request.client.host if request.client else None
 
 
+#: Where the edge (compliance/api/edge.py) keeps the principal it authenticated before any body was read.
+PRINCIPAL_SCOPE_KEY = "compliance.principal"
+
+
 async def authenticate(request: Request, services: ServicesDep) -> Principal:
-    """Verify the bearer token; audit every refusal as a 110113 Security Alert (authentication decision)."""
+    """Verify the bearer token; audit every refusal as a 110113 Security Alert (authentication decision).
+
+    Done once per request: the edge authenticates before the body is read and keeps the principal
+    in the ASGI scope, where this dependency finds it."""
+    known = request.scope.get(PRINCIPAL_SCOPE_KEY)
+    if known is not None:
+        return known  # type: ignore[no-any-return]
     header = request.headers.get("authorization")
     token: str | None = None
     try:
@@ -79,3 +92,23 @@ async def authenticate(request: Request, services: ServicesDep) -> Principal:
 
 
 CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
+
+
+class RequirePermission:
+    """A dependency: the authenticated principal, once the policy grants it ``permission``; otherwise
+    403 and a 110113 alert (``compliance.policy.enforce``).
+    Used as ``Annotated[Principal, Depends(RequirePermission("..."))]``."""
+
+    def __init__(self, permission: str) -> None:
+        self.permission = permission
+
+    async def __call__(self, request: Request, principal: CurrentPrincipal, services: ServicesDep) -> Principal:
+        path = request.url.path
+        await enforce(services.policy, services.auditor, principal, self.permission,
+                      action=f"{request.method} {path}", resource=f"api:{path}",
+                      source_address=client_address(request), gateway_id=services.settings.audit_source_id)
+        return principal
+
+
+#: Status for operators (metrics, the API description): ``system:status:read`` (the admin role).
+StatusReader = Annotated[Principal, Depends(RequirePermission("system:status:read"))]

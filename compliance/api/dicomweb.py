@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, authenticate, client_address
+from compliance.api.errors import error_response
 from compliance.dicomweb.front import FRONT_HEADER, RELEASED_EVENT_HEADER, is_front, released_event
 from compliance.dicomweb.interfaces import UpstreamResponse
 from compliance.dicomweb.routing import Transaction, classify
@@ -118,23 +119,13 @@ async def serve_get(app: Any, scope: Scope, receive: Receive, send: Send) -> Non
     try:
         response = await dicomweb_get(request)
     except Exception as exc:  # noqa: BLE001 - answered by the app's handlers, or 500
-        response = await _error_response(app, request, exc)
+        response = await error_response(app, request, exc)
     try:
         await response(scope, receive, sender)
     except Exception as exc:
         if started:
             raise  # the status is sent: the server closes the connection, as behind the stack
-        await (await _error_response(app, request, exc))(scope, receive, sender)
-
-
-async def _error_response(app: Any, request: Request, exc: Exception) -> Response:
-    for cls in type(exc).__mro__:
-        handler = app.exception_handlers.get(cls)
-        if handler is not None:
-            response: Response = await handler(request, exc)
-            return response
-    log.error("unhandled error on GET %s", request.url.path, exc_info=exc)
-    return JSONResponse({"error": "internal_error", "message": "internal server error"}, status_code=500)
+        await (await error_response(app, request, exc))(scope, receive, sender)
 
 
 @router.post("/{path:path}")

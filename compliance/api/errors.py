@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +30,19 @@ def www_authenticate(realm: str, exc: e.AuthenticationError | None) -> str:
         return f'Bearer realm="{realm}"'
     description = exc.message.replace('"', "'")
     return f'Bearer realm="{realm}", error="{exc.reason}", error_description="{description}"'
+
+
+async def error_response(app: Any, request: Request, exc: Exception) -> Response:
+    """The app's answer to ``exc`` outside FastAPI's middleware stack (the DICOMweb fast lane and the
+    edge, compliance/api/edge.py): its exception handlers (same statuses, bodies and headers), or a
+    JSON 500 for anything unexpected."""
+    for cls in type(exc).__mro__:
+        handler = app.exception_handlers.get(cls)
+        if handler is not None:
+            response: Response = await handler(request, exc)
+            return response
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
 
 def install(app: FastAPI, *, realm: str) -> None:

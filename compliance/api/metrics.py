@@ -1,16 +1,29 @@
-"""Prometheus text metrics: the audit outbox backlog and the chain head. No PHI, counts only."""
+"""What operators read: Prometheus text metrics (the audit outbox backlog and the chain head; no PHI,
+counts only) and the OpenAPI description of the API. Both need a bearer token with
+``system:status:read`` (policies/rbac.yaml: the admin role); a Prometheus scraper is given one.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
+from compliance.api.deps import StatusReader
+
 router = APIRouter(tags=["health"])
 
 
+@router.get("/api/openapi.json", include_in_schema=False)
+async def openapi(request: Request, _reader: StatusReader) -> dict[str, Any]:
+    """The API description (FastAPI's own route is off: it answered anyone)."""
+    return request.app.openapi()  # type: ignore[no-any-return]
+
+
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request) -> str:
+async def metrics(request: Request, _reader: StatusReader) -> str:
     outbox = request.app.state.outbox
     shipper = request.app.state.shipper
 

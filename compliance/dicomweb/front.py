@@ -25,10 +25,15 @@ decision and the audit". The protocol between the two, all on loopback:
    outcome naming the released event. A delegated retrieve the archive refuses thus leaves two
    events: the release (outcome 0) and the refusal.
 
-Anything nginx itself must refuse (gateway down) is answered in JSON. nginx keeps no access log
-(request lines carry study UIDs and QIDO queries can carry patient names), buffers request and
-response bodies in memory only (``proxy_request_buffering off``, ``proxy_max_temp_file_size 0``), and
-passes bodies of any size to the gateway, which enforces its own STOW limit with a JSON 413.
+Anything nginx itself must refuse (gateway down, a body too large) is answered in JSON. nginx keeps no
+access log (request lines carry study UIDs and QIDO queries can carry patient names) and buffers
+request and response bodies in memory only (``proxy_request_buffering off``,
+``proxy_max_temp_file_size 0``). It refuses bodies over the gateway's own limits with 413 before
+passing anything on: STOW-RS (``POST /dicom-web/...``) over ``COMPLIANCE_STOW_MAX_BYTES``, any other
+body over ``COMPLIANCE_API_MAX_BODY_BYTES``; the gateway enforces both again (compliance/api/edge.py).
+
+The client's address reaches the gateway in ``X-Forwarded-For`` (nginx's ``$remote_addr``,
+overwriting whatever the client sent); the gateway believes it only next to the secret.
 
 ``compliance front`` renders the configuration (mode 0600: it holds the archive credentials and the
 front secret) under ``{stack_dir}/front/`` and runs nginx in the foreground; ``deploy/local/gateway``
@@ -81,9 +86,13 @@ def _host_port(address: str) -> str:
 
 
 def render_nginx_config(*, listen: str, backend: str, archive_url: str, archive_username: str,
-                        archive_password: str, front_secret: str, state_dir: Path, workers: int = 1) -> str:
-    """nginx.conf for the front; ``state_dir`` holds its pid, error log and (unused) temp directories."""
+                        archive_password: str, front_secret: str, state_dir: Path, workers: int = 1,
+                        api_max_body_bytes: int = 1024 * 1024, stow_max_bytes: int = 256 * 1024 * 1024) -> str:
+    """nginx.conf for the front; ``state_dir`` holds its pid, error log and (unused) temp directories.
+    Bodies over ``stow_max_bytes`` (STOW-RS) or ``api_max_body_bytes`` (anything else) are refused here."""
     listen, backend = _host_port(listen), _host_port(backend)
+    if api_max_body_bytes < 1 or stow_max_bytes < 1:
+        raise ValueError("the front's body limits must be positive (0 would mean unlimited to nginx)")
     if not front_secret or not front_secret.isalnum():
         raise ValueError("the front secret must be a non-empty alphanumeric string (COMPLIANCE_FRONT_SECRET)")
     archive = urlsplit(archive_url)
@@ -99,6 +108,15 @@ def render_nginx_config(*, listen: str, backend: str, archive_url: str, archive_
       proxy_set_header X-Forwarded-Proto $scheme;
       proxy_set_header X-Real-IP "";
       proxy_set_header Forwarded "";"""
+    # Every location passing requests to the gateway: nginx inherits error_page only into a location
+    # that sets none of its own.
+    to_gateway = f"""
+      proxy_pass http://compliance_gateway;{gateway_headers}
+      proxy_set_header {FRONT_HEADER} "{front_secret}";
+      proxy_set_header {ARCHIVE_STATUS_HEADER} "";
+      proxy_set_header {RELEASED_EVENT_HEADER} "";
+      error_page 413 = @body_too_large;
+      error_page 502 503 504 = @gateway_unavailable;"""
     return f"""# Rendered by `compliance front` (compliance/dicomweb/front.py). Mode 0600: it holds secrets.
 worker_processes {int(workers)};
 daemon off;
@@ -117,9 +135,9 @@ http {{
   uwsgi_temp_path {state}/uwsgi;
   scgi_temp_path {state}/scgi;
 
-  # Bodies of any size go to the gateway (its STOW limit answers 413 in JSON), streamed, never spooled;
+  # Bodies up to the gateway's limits (below, per location) go to it streamed, never spooled;
   # answers are buffered in memory only: a decrypted image never lands in nginx's temp files.
-  client_max_body_size 0;
+  client_max_body_size {int(api_max_body_bytes)};
   proxy_request_buffering off;
   proxy_max_temp_file_size 0;
   proxy_buffer_size 64k;
@@ -142,12 +160,12 @@ http {{
   server {{
     listen {listen};
 
-    location / {{
-      proxy_pass http://compliance_gateway;{gateway_headers}
-      proxy_set_header {FRONT_HEADER} "{front_secret}";
-      proxy_set_header {ARCHIVE_STATUS_HEADER} "";
-      proxy_set_header {RELEASED_EVENT_HEADER} "";
-      error_page 502 503 504 = @gateway_unavailable;
+    location / {{{to_gateway}
+    }}
+
+    # DICOMweb: STOW-RS bodies up to COMPLIANCE_STOW_MAX_BYTES (the other transactions send none).
+    location /dicom-web/ {{
+      client_max_body_size {int(stow_max_bytes)};{to_gateway}
     }}
 
     # Released retrieves only: reached through the gateway's X-Accel-Redirect, never from outside.
@@ -182,6 +200,11 @@ http {{
       proxy_set_header {RELEASED_EVENT_HEADER} $released_event;
       proxy_intercept_errors off;
       error_page 502 503 504 = @gateway_unavailable;
+    }}
+
+    location @body_too_large {{
+      return 413 '{{"error": "payload_too_large",
+                   "message": "the request body is larger than this server accepts; nothing was passed on"}}';
     }}
 
     location @gateway_unavailable {{

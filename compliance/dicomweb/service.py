@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from compliance.audit.events import (
     Action,
@@ -44,7 +44,7 @@ from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary, Upstrea
 from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
 from compliance.dicomweb.stow import StowInstance, StowStreamValidator, reconcile_stow
-from compliance.errors import ComplianceError, UpstreamError
+from compliance.errors import ComplianceError, UpstreamError, status_of
 from compliance.policy.enforce import enforce, user_ref
 from compliance.policy.interfaces import PolicyDecisionPoint
 
@@ -154,13 +154,20 @@ class DicomwebService:
 
     # -- QIDO-RS ------------------------------------------------------------------------------
     async def search(self, ctx: RequestContext, route: Route) -> BufferedResponse:
+        """QIDO-RS, read whole (at most ``qido_max_response_bytes``) so that its 110112 event names the
+        patients it returns before it is answered. A search the gateway cannot answer is audited too,
+        as a failed 110112 before the error: no answer from the archive, an answer over the limit, or
+        one that is not a DICOM JSON array of objects (PS3.18 F.2), which is 502."""
         await self.authorize(ctx, route)
         started = time.monotonic()
-        upstream = await self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers)
         try:
-            body = await _read_bounded(upstream, self._qido_max)
-        finally:
-            await upstream.aclose()
+            upstream = await self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers)
+            try:
+                body = await _read_bounded(upstream, self._qido_max)
+            finally:
+                await upstream.aclose()
+        except Exception as exc:
+            await self._fail_search(ctx, route, exc)
         if upstream.status_code >= 500 and self._erasure is not None:
             if route.study_uid:
                 # A study-scoped search reads the study's files: say why the archive failed, as WADO does.
@@ -171,10 +178,10 @@ class DicomwebService:
         studies: dict[str, StudyRef] = {}
         if upstream.status_code == 200 and body:
             try:
-                items = json.loads(body)
-            except ValueError as exc:
-                raise UpstreamError("the archive returned a QIDO-RS response that is not JSON") from exc
-            for item in items if isinstance(items, list) else []:
+                items = _dicom_json_array(body)
+            except UpstreamError as exc:
+                await self._fail_search(ctx, route, exc)
+            for item in items:
                 pid = _value(item, "00100020")
                 pname = person_name(_value(item, "00100010"))
                 if pid:
@@ -184,7 +191,10 @@ class DicomwebService:
                     studies.setdefault(suid, StudyRef(study_uid=suid, accession=_value(item, "00080050")))
         if route.study_uid and upstream.status_code == 200:
             # Series/instance-level results carry no patient attributes: name the study's patient.
-            summary = await self._archive.study_summary(route.study_uid)
+            try:
+                summary = await self._archive.study_summary(route.study_uid)
+            except Exception as exc:
+                await self._fail_search(ctx, route, exc)
             if summary is not None and summary.patient_id:
                 patients.setdefault(
                     (summary.patient_id, summary.patient_name),
@@ -196,6 +206,16 @@ class DicomwebService:
             None if upstream.status_code < 300 else f"archive status {upstream.status_code}",
             tuple(patients.values()), tuple(studies.values())))
         return BufferedResponse(upstream.status_code, response_headers(upstream), body)
+
+    async def _fail_search(self, ctx: RequestContext, route: Route, exc: Exception) -> NoReturn:
+        """Record the failed 110112 of a search the archive did not answer usably, then raise (502/503)."""
+        error = exc if isinstance(exc, ComplianceError) else UpstreamError("the archive's answer could not be read")
+        studies = (StudyRef(study_uid=route.study_uid),) if route.study_uid else ()
+        await self._auditor.record(self._search_event(
+            ctx, status_of(error), f"the archive's answer was not passed on: {error.message}"[:1024], (), studies))
+        if error is exc:
+            raise exc
+        raise error from exc
 
     # -- WADO-RS ------------------------------------------------------------------------------
     async def retrieve(self, ctx: RequestContext, route: Route) -> UpstreamResponse:
@@ -527,10 +547,21 @@ def _studies_of(instances: list[StowInstance]) -> tuple[StudyRef, ...]:
     return tuple(StudyRef(study_uid=s, sop_classes=c, accession=accession[s]) for s, c in counts.items())
 
 
+def _dicom_json_array(body: bytes) -> list[dict[str, Any]]:
+    """A QIDO-RS answer: a JSON array of DICOM JSON objects (PS3.18 F.2); anything else is the archive's fault."""
+    try:
+        items = json.loads(body)
+    except ValueError as exc:
+        raise UpstreamError("the archive returned a QIDO-RS response that is not JSON") from exc
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise UpstreamError("the archive returned a QIDO-RS response that is not an array of DICOM JSON objects")
+    return items
+
+
 def _value(item: dict, tag: str) -> str | None:
-    el = item.get(tag) or {}
-    values = el.get("Value") or []
-    if not values:
+    el = item.get(tag)
+    values = el.get("Value") if isinstance(el, dict) else None
+    if not isinstance(values, list) or not values:
         return None
     v = values[0]
     return v if isinstance(v, str) else (person_name(v) if isinstance(v, dict) else str(v))

@@ -54,6 +54,7 @@ from compliance.audit.events import (
 from compliance.audit.recorder import AuditRecorder
 from compliance.crypto.streaming import iter_decrypt
 from compliance.deid.profiles import load_profile
+from compliance.dicomweb.routing import is_uid
 from compliance.errors import ComplianceError
 from compliance.exports.audit import EXPORT_REQUEST_URN, export_request_event, reidentification_event
 from compliance.exports.destinations import BUNDLE, DICOMWEB, DestinationRegistry
@@ -234,7 +235,7 @@ class ExportService:
         if len(new.study_uids) > _MAX_STUDIES:
             raise InvalidExportRequest(f"at most {_MAX_STUDIES} studies per request")
         for uid in new.study_uids:
-            if not uid or len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid):
+            if not is_uid(uid):  # str.isdigit() would take other scripts' digits ("\u0663")
                 raise InvalidExportRequest("study_uids must be DICOM UIDs")
         if new.filters and not set(new.filters) <= _QIDO_FILTER_KEYS:
             raise InvalidExportRequest(f"allowed QIDO-RS filters: {sorted(_QIDO_FILTER_KEYS)}")

@@ -342,7 +342,9 @@ load_secrets() {
 write_gateway_env() {
   local f="$STACK/gateway.env" tmp
   tmp=$(umask 077; mktemp "$STACK/.gateway.env.XXXXXX")
+  # development: the settings default to production and its safeguards (https, no placeholder secrets)
   cat >"$tmp" <<EOF
+COMPLIANCE_ENVIRONMENT=development
 COMPLIANCE_ARCHIVE_URL=http://$BIND:$ORTHANC_PORT
 COMPLIANCE_ARCHIVE_USERNAME=gateway
 COMPLIANCE_ARCHIVE_PASSWORD=$SECRET_ORTHANC_GATEWAY_PASSWORD
@@ -384,6 +386,7 @@ orthanc_plugin_script() {
 # starts: $STACK/archive-keys/ (0700) with the keyring (0600) and the key database, first KEK.
 # Debian's python3 (the one Orthanc embeds) runs it with the checkout and the venv's site-packages.
 orthanc_keys_env() {
+  export COMPLIANCE_ENVIRONMENT=development  # the plugin's Settings() reads no gateway.env
   export COMPLIANCE_STACK_DIR="$STACK"
   export COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY="$SECRET_ARCHIVE_PATIENT_INDEX_KEY"
 }

@@ -221,7 +221,8 @@ def test_gateway_ships_every_event_to_syslog_and_elasticsearch_once_syslog_is_up
             r = httpx.get(f"{gw.url}/dicom-web/studies", params={"PatientID": f"SYSLOG-{i}"},
                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
             assert r.status_code in (200, 204)
-        status = httpx.get(f"{gw.url}/metrics", timeout=30).text
+        admin = {"Authorization": f"Bearer {stack.token('ada')}"}  # /metrics needs system:status:read
+        status = httpx.get(f"{gw.url}/metrics", headers=admin, timeout=30).text
         backlog = int(next(line.split()[1] for line in status.splitlines()
                            if line.startswith("compliance_audit_outbox_backlog ")))
         assert backlog >= 21  # start + 20 queries, not all sinks have them
@@ -243,7 +244,7 @@ def test_gateway_ships_every_event_to_syslog_and_elasticsearch_once_syslog_is_up
         # every event counts as shipped only now that both sinks have it
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            text = httpx.get(f"{gw.url}/metrics", timeout=30).text
+            text = httpx.get(f"{gw.url}/metrics", headers=admin, timeout=30).text
             if "compliance_audit_outbox_backlog 0" in text:
                 break
             time.sleep(0.3)

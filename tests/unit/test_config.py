@@ -14,19 +14,24 @@ def test_development_defaults_describe_the_local_stack(tmp_path):
     assert s.audit_fail_closed is True
 
 
+#: A secured Elasticsearch, so that the tests below reach the check they are about.
+SECURE_ES = {"elasticsearch_url": "https://es.example:9200",
+             "elasticsearch_api_key": "VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAyYXhUTm1zeWFrdzl0dk5udw=="}
+
+
 def test_production_refuses_an_empty_archive_password():
     with pytest.raises(ConfigurationError, match="ARCHIVE_PASSWORD"):
-        Settings(environment="production", oidc_issuer="https://idp.example/realms/imaging")
+        Settings(environment="production", oidc_issuer="https://idp.example/realms/imaging", **SECURE_ES)
 
 
 def test_production_refuses_a_plain_http_issuer():
     with pytest.raises(ConfigurationError, match="OIDC_ISSUER"):
-        Settings(environment="production", archive_password="s3cret")
+        Settings(environment="production", archive_password="x7Vq2LrT9mKp4WzN8sYb3HcD", **SECURE_ES)
 
 
 def test_production_accepts_a_complete_configuration():
-    s = Settings(environment="production", archive_password="s3cret",
-                 oidc_issuer="https://idp.example/realms/imaging")
+    s = Settings(environment="production", archive_password="x7Vq2LrT9mKp4WzN8sYb3HcD",
+                 oidc_issuer="https://idp.example/realms/imaging", **SECURE_ES)
     assert s.environment == "production"
 
 
@@ -44,3 +49,44 @@ def test_the_realm_url_is_one_string_for_the_cli_login_and_the_import() -> None:
     assert s.keycloak_realm_url == "http://kc.example:8180/realms/imaging"
     assert Settings(keycloak_url="http://kc.example:8180", keycloak_realm="imaging").keycloak_realm_url == \
         s.keycloak_realm_url
+
+
+def test_the_default_environment_is_production(monkeypatch, tmp_path):
+    """Nothing configured: production's safeguards hold, and the refusal says why it is production."""
+    monkeypatch.delenv("COMPLIANCE_ENVIRONMENT", raising=False)
+    assert Settings.model_fields["environment"].default == "production"
+    with pytest.raises(ConfigurationError, match="COMPLIANCE_ENVIRONMENT is not set, so production"):
+        Settings(stack_dir=tmp_path)
+
+
+PRODUCTION = {"environment": "production", "oidc_issuer": "https://idp.example/realms/imaging",
+              "archive_password": "x7Vq2LrT9mKp4WzN8sYb3HcD", **SECURE_ES}
+
+
+@pytest.mark.parametrize("name,value", [
+    ("archive_password", "changeme"), ("archive_password", "Change-Me!"), ("archive_password", "${ORTHANC_PW}"),
+    ("archive_password", "<archive password>"), ("archive_password", "x" * 24), ("archive_password", "s3cret"),
+    ("front_secret", "changethis"), ("front_secret", "{{ front_secret }}"), ("oidc_client_secret", "secret"),
+    ("oidc_client_secret", "$OIDC_CLIENT_SECRET"), ("archive_patient_index_key", "ab" * 8),
+    ("elasticsearch_password", "changeme"), ("archive_pkcs11_pin", "1234"),
+])
+def test_production_refuses_placeholder_and_short_secrets(name, value):
+    settings = {**PRODUCTION, name: value}
+    if name == "elasticsearch_password":
+        settings |= {"elasticsearch_api_key": "", "elasticsearch_username": "gateway"}
+    with pytest.raises(ConfigurationError, match=f"COMPLIANCE_{name.upper()}") as refused:
+        Settings(**settings)
+    if value != "secret":  # a word the message uses; no other refused value is echoed
+        assert value not in refused.value.message
+
+
+def test_production_accepts_generated_secrets():
+    s = Settings(**PRODUCTION, front_secret="9f2c4e7a1b3d5f60718293a4b5c6d7e8f9a0b1c2d3e4f506",
+                 oidc_client_secret="Zq3v8LmN2pR7sT1wX4yB6cD9fG0hJ5kA", archive_patient_index_key="c1" * 32,
+                 archive_pkcs11_pin="483920")
+    assert s.environment == "production"
+
+
+def test_development_allows_the_demo_values():
+    assert Settings(environment="development", archive_password="", front_secret="changeme").environment == \
+        "development"

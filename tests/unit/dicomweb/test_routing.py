@@ -59,3 +59,35 @@ def test_transactions(method, path, transaction, permission):
 )
 def test_anything_else_is_not_proxied(method, path):
     assert classify(method, path) is None
+
+
+@pytest.mark.parametrize("bad", ["\n", "\r", "\x00", "\r\n", "\x00\n", " ", "/x"])
+@pytest.mark.parametrize("path", [
+    "/studies", f"/studies/{S}", f"/studies/{S}/series/{SE}/instances/{INST}/metadata",
+    f"/studies/{S}/series/{SE}/instances/{INST}/frames/1", f"/studies/{S}/series",
+])
+def test_a_path_matches_whole_or_not_at_all(path, bad):
+    """``$`` matched before a trailing newline: ``/studies/<uid>\\n`` passed as a retrieve of ``<uid>``."""
+    assert classify("GET", path) is not None
+    assert classify("GET", path + bad) is None
+    if path.count("/") > 1:
+        head, _, tail = path.rpartition("/")
+        assert classify("GET", f"{head}/{tail}{bad}/x") is None
+        assert classify("GET", f"{head}{bad}/{tail}") is None
+
+
+def test_post_paths_match_whole():
+    assert classify("POST", "/studies\n") is None
+    assert classify("POST", f"/studies/{S}\n") is None
+
+
+@pytest.mark.parametrize("uid,ok", [
+    ("1.2.3", True), ("0", True), ("1." + "2" * 62, True), ("1." + "2" * 63, False), ("1.2.3\n", False),
+    ("1.2.3\x00", False), ("01.2", False), ("1..2", False), (".1", False), ("1.", False), ("", False),
+    ("1.\u0663", False), ("1.2.a", False),
+])
+def test_uids_are_dicom_uids(uid, ok):
+    from compliance.dicomweb.routing import is_uid
+
+    assert is_uid(uid) is ok
+    assert (classify("GET", f"/studies/{uid}/metadata") is not None) is ok
