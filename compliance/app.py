@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None, overrides: Overrides | None = N
             shred_requests = build_shred_requests(settings, engine, archive_keys, auditor)
         dicomweb = DicomwebService(archive, policy, auditor, gateway_id=settings.audit_source_id,
                                    qido_max_response_bytes=settings.qido_max_response_bytes,
+                                   stow_max_sequence_depth=settings.stow_max_sequence_depth,
                                    erasure=archive_keys.client if archive_keys else None,
                                    archive_dicomweb_path=settings.archive_dicomweb_path)
         from compliance.exports.workers import InProcessWorker, build_export_components, build_queue

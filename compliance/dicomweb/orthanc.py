@@ -20,7 +20,8 @@ import base64
 import json
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import aiohttp
@@ -249,6 +250,36 @@ class OrthancArchive:
             self._summaries.clear()
         else:
             self._summaries.pop(study_uid)
+
+    async def remove_instances(self, sop_instance_uids: Iterable[str], *, received_since: datetime) -> dict[str, str]:
+        """Delete, through Orthanc's REST API, the instances with these SOP Instance UIDs that it received
+        at or after ``received_since`` (a STOW the gateway refused or did not validate); an instance
+        held before (Orthanc keeps the first copy and its ReceptionDate, UTC, to the second) is left.
+
+        Returns, per UID: "removed", "absent", "held before", or "error: ..." (not removed).
+        """
+        since = received_since.astimezone(UTC).replace(microsecond=0, tzinfo=None)
+        out: dict[str, str] = {}
+        for uid in sop_instance_uids:
+            try:
+                found = await self._client.post("/tools/lookup", content=uid)
+                found.raise_for_status()
+                ids = [item["ID"] for item in found.json() if item.get("Type") == "Instance"]
+                out[uid] = "absent"
+                for orthanc_id in ids:
+                    meta = await self._client.get(f"/instances/{orthanc_id}/metadata/ReceptionDate")
+                    meta.raise_for_status()  # no ReceptionDate: cannot tell, not removed
+                    if datetime.strptime(meta.text.strip(), "%Y%m%dT%H%M%S") < since:
+                        out[uid] = "held before"
+                        continue
+                    gone = await self._client.delete(f"/instances/{orthanc_id}")
+                    if gone.status_code not in (200, 404):
+                        gone.raise_for_status()
+                    out[uid] = "removed"
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                out[uid] = f"error: {type(exc).__name__}"
+        self._summaries.clear()  # studies may have lost instances, or gone
+        return out
 
     @property
     def http_client(self) -> httpx.AsyncClient:

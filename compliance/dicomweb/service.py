@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from compliance.audit.events import (
@@ -43,7 +44,7 @@ from compliance.auth.interfaces import Principal
 from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary, UpstreamResponse
 from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
-from compliance.dicomweb.stow import StowInstance, StowStreamValidator, reconcile_stow
+from compliance.dicomweb.stow import StowInstance, StowStreamValidator, reconcile_stow, unvalidated_uids
 from compliance.errors import ComplianceError, UpstreamError, status_of
 from compliance.policy.enforce import enforce, user_ref
 from compliance.policy.interfaces import PolicyDecisionPoint
@@ -131,6 +132,7 @@ class DicomwebService:
         gateway_id: str,
         archive_id: str = "archive",
         qido_max_response_bytes: int = 64 * 1024 * 1024,
+        stow_max_sequence_depth: int = 32,
         erasure: Any = None,
         archive_dicomweb_path: str = "/dicom-web",
     ) -> None:
@@ -143,6 +145,9 @@ class DicomwebService:
         self._gateway_id = gateway_id
         self._archive_id = archive_id
         self._qido_max = qido_max_response_bytes
+        self._stow_max_depth = stow_max_sequence_depth
+        #: cleanups of refused STOW requests whose task was cancelled (kept until they finish)
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._archive_root = archive_dicomweb_path.rstrip("/")
 
     # -- authorization ------------------------------------------------------------------------
@@ -441,18 +446,26 @@ class DicomwebService:
 
     # -- STOW-RS ------------------------------------------------------------------------------
     async def store(self, ctx: RequestContext, route: Route, body: AsyncIterator[bytes]) -> BufferedResponse:
-        """Stream the request to the archive while validating it (``stow.StowStreamValidator``).
+        """Validate the request as it streams and send the archive a body rebuilt from the validated
+        parts (``stow.StowStreamValidator``): the archive never frames the client's bytes.
 
-        The archive only ever receives a complete body once every part has been validated; any
-        failure aborts the upload, so the archive stores nothing, and the attempt is audited.
-        The caller has authorized the request; ``body`` raises PayloadTooLarge past the limit.
+        The archive only ever receives a complete body once every part has been validated. A failure
+        aborts the upload and is audited; parts the archive had already received whole (Orthanc
+        stores a part as soon as it has parsed it) are removed first, so a refused request stores
+        nothing. An instance the archive's answer names that the gateway did not validate is a 110113
+        alert and is removed. The caller has authorized the request; ``body`` raises PayloadTooLarge
+        past the limit.
         """
+        started = datetime.now(UTC)
         try:
-            validator = StowStreamValidator(ctx.headers.get("content-type"), route.study_uid)
+            validator = StowStreamValidator(ctx.headers.get("content-type"), route.study_uid,
+                                            max_sequence_depth=self._stow_max_depth)
         except ComplianceError as exc:
             await self.audit_rejected_store(ctx, exc.message)
             raise
         failure: list[ComplianceError] = []
+
+        failure: list[Exception] = []
 
         async def validated_body() -> AsyncIterator[bytes]:
             try:
@@ -461,34 +474,42 @@ class DicomwebService:
                     if out:
                         yield out
                 yield validator.finish()
-            except ComplianceError as exc:
+            except Exception as exc:  # refused, too large, or the client went away
                 failure.append(exc)
-                raise
+                if not validator.forwarded:
+                    raise  # the archive has nothing it could store: abort the upload
+                # Let the archive finish with what it has (no further part), so that what it stored can
+                # be found and removed once it has answered: an aborted upload races the removal.
+                yield validator.abandon()
 
-        headers = {k: v for k, v in ctx.headers.items() if k.lower() in ("content-type", "content-length")}
-        headers["accept"] = "application/dicom+json"
+        headers = {"content-type": validator.content_type, "accept": "application/dicom+json"}
         try:
             upstream = await self._archive.send("POST", ctx.path, query=ctx.query, headers=headers,
                                                 content=validated_body())
-        except ComplianceError as exc:
-            if not failure or exc is not failure[0]:
-                raise
-            await self.audit_rejected_store(ctx, exc.message)
+            try:
+                payload = await upstream.aread()
+            finally:
+                await upstream.aclose()
+        except asyncio.CancelledError:
+            # The request's task is going away: undo and audit in a task of its own.
+            task = asyncio.ensure_future(self._refused_store(ctx, "the request was cancelled", validator, started))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
             raise
-        except BaseException:
-            if failure:
-                await self.audit_rejected_store(ctx, failure[0].message)
-                raise failure[0] from None
-            raise
-        try:
-            payload = await upstream.aread()
-        finally:
-            await upstream.aclose()
+        except Exception as exc:
+            failure.append(exc)
+        if failure:
+            error = failure[0]
+            reason = error.message if isinstance(error, ComplianceError) else \
+                f"the upload broke off ({type(error).__name__})"
+            await self._refused_store(ctx, reason, validator, started)
+            raise error
         instances = validator.instances
         forget = getattr(self._archive, "forget", None)
         for inst in instances:
             if forget is not None:
                 forget(inst.study_uid)
+        await self._check_unvalidated(ctx, payload, instances, started)
         status, headers = upstream.status_code, response_headers(upstream)
         outcome = outcome_of(status)
         description = None if status == 200 else f"archive status {status}"
@@ -516,15 +537,72 @@ class DicomwebService:
         )
         return BufferedResponse(status, headers, payload)
 
-    async def audit_rejected_store(self, ctx: RequestContext, reason: str) -> None:
+    async def _remove(self, uids: list[str], started: datetime) -> dict[str, str]:
+        """Remove from the archive what it received of these instances since ``started``."""
+        remove = getattr(self._archive, "remove_instances", None)
+        if remove is None:
+            return {uid: "error: the archive cannot remove instances" for uid in uids}
+        try:
+            return dict(await remove(uids, received_since=started))
+        except Exception as exc:  # noqa: BLE001 - reported per instance, audited by the caller
+            return {uid: f"error: {type(exc).__name__}" for uid in uids}
+
+    async def _refused_store(self, ctx: RequestContext, reason: str, validator: StowStreamValidator,
+                             started: datetime) -> None:
+        """Undo what a refused STOW left in the archive, then record its failed 110107 event."""
+        if not validator.forwarded:
+            await self.audit_rejected_store(ctx, reason)
+            return
+        # Any validated instance may have reached the archive whole (those in validator.committed did).
+        sent = list(validator.instances)
+        results = await self._remove([i.sop_instance_uid for i in sent], started)
+        removed = sum(1 for r in results.values() if r == "removed")
+        left = {uid: r for uid, r in results.items() if r.startswith("error")}
+        if not removed and not left:
+            await self.audit_rejected_store(ctx, reason)
+            return
+        stored = [i for i in sent if i.sop_instance_uid in left or results.get(i.sop_instance_uid) == "removed"]
+        note = (f"; the archive had stored {removed + len(left)} of its instances before the refusal: "
+                f"{removed} removed")
+        if left:
+            note += "; NOT REMOVED: " + "; ".join(f"{uid} ({why})" for uid, why in list(left.items())[:10])
+            log.error("STOW-RS: %d instances of a refused request could not be removed from the archive", len(left))
+        await self.audit_rejected_store(ctx, reason + note, stored,
+                                        Outcome.MAJOR_FAILURE if left else Outcome.SERIOUS_FAILURE)
+
+    async def _check_unvalidated(self, ctx: RequestContext, payload: bytes, instances: list[StowInstance],
+                                 started: datetime) -> None:
+        """A 110113 alert for every SOP Instance UID the archive's answer names that the gateway did not
+        validate, and its removal: the archive must hold only what the gateway checked and recorded."""
+        stored, failed = unvalidated_uids(payload, instances)
+        if not stored and not failed:
+            return
+        from compliance.audit.events import EventTypeCode, security_alert_event
+
+        results = await self._remove(stored, started) if stored else {}
+        left = [uid for uid, r in results.items() if r.startswith("error")]
+        shown = "; ".join(f"{uid}: {results.get(uid, 'reported failed')}" for uid in [*stored, *failed][:10])
+        await self._auditor.record(security_alert_event(
+            user=ctx.user, gateway_id=self._gateway_id, alert_type=EventTypeCode.USE_OF_RESTRICTED_FUNCTION,
+            description=(f"STOW-RS: the archive reported {len(stored) + len(failed)} instance(s) the gateway did "
+                         f"not validate ({len(stored)} as stored); removal: {shown}")[:1024],
+            resource=f"dicomweb:{ctx.target}",
+            outcome=Outcome.MAJOR_FAILURE if left else Outcome.SERIOUS_FAILURE,
+            source_address=ctx.source_address))
+        log.error("STOW-RS: the archive reported %d instances the gateway did not validate (%d not removed)",
+                  len(stored) + len(failed), len(left))
+
+    async def audit_rejected_store(self, ctx: RequestContext, reason: str, instances: list[StowInstance] | None = None,
+                                   outcome: Outcome = Outcome.SERIOUS_FAILURE) -> None:
+        """The failed 110107 of a refused STOW; ``instances``: those the archive had received before."""
         await self._auditor.record(
             import_event(
                 user=ctx.user,
                 gateway_id=self._gateway_id,
-                outcome=Outcome.SERIOUS_FAILURE,
+                outcome=outcome,
                 outcome_description=f"refused by the gateway: {reason}"[:1024],
-                patients=(),
-                studies=(),
+                patients=_patients_of(instances or []),
+                studies=_studies_of(instances or []),
             )
         )
 

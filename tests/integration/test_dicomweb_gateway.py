@@ -19,7 +19,7 @@ from lxml import etree
 
 from compliance.audit.atna import validate_atna_xml
 from compliance.config import PROJECT_ROOT, load_settings
-from compliance.demo import multipart_related
+from compliance.demo import multipart_related, synthetic_instance
 
 from .conftest import AuditIndex, Gateway, Stack, dump
 from .dicom_samples import Sample, parts_of_multipart, unique_instance
@@ -227,9 +227,8 @@ def test_body_over_the_limit_is_413(gateway, tokens, stack):
 
 def test_chunked_body_crossing_the_limit_is_413_and_nothing_is_stored(gateway, tokens, stack, audit: AuditIndex):
     """No Content-Length to refuse up front: the stream is cut at the limit and the upload aborted."""
-    sample = unique_instance()
-    big = sample.data + b"\x00" * (9 * 1024 * 1024)
-    body, ct = multipart_related([big])
+    big, study_uid, _, _ = synthetic_instance(frames=18)  # a valid 9 MiB instance (bytes appended to a file
+    body, ct = multipart_related([big])                  # are refused as such before the limit)
 
     def chunks():
         for i in range(0, len(body), 256 * 1024):
@@ -239,7 +238,7 @@ def test_chunked_body_crossing_the_limit_is_413_and_nothing_is_stored(gateway, t
                    headers={**bearer(tokens["tom"]), "Content-Type": ct}, timeout=60)
     assert r.status_code == 413, r.text
     assert r.json()["error"] == "payload_too_large"
-    assert not orthanc_has_study(stack, sample.study_uid)
+    assert not orthanc_has_study(stack, study_uid)
     docs = audit.wait_for(1, **{"event.id": "110107", "user.name": "tom", "event.outcome": 8})
     assert any("larger than" in (d["event.outcome_description"] or "") for d in docs), dump(docs)
 

@@ -8,7 +8,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from compliance.demo import multipart_related
-from compliance.dicomweb.stow import StowPartRejected, StowStreamValidator, validate_stow
+from compliance.dicomweb.stow import StowPartRejected, StowStreamValidator, split_parts, validate_stow
 from compliance.errors import InvalidRequest, UnsupportedMediaType
 
 CT = Path(get_testdata_file("CT_small.dcm")).read_bytes()
@@ -105,18 +105,29 @@ def feed_in_chunks(validator: StowStreamValidator, body: bytes, size: int) -> by
     return bytes(out)
 
 
+def archive_parts(body: bytes, validator: StowStreamValidator) -> list[tuple[dict[str, str], bytes]]:
+    """The parts of the body the validator built for the archive, with their headers."""
+    assert validator.content_type.endswith(f"boundary={validator.boundary}")
+    return [(headers, bytes(payload)) for headers, payload in split_parts(body, validator.boundary.encode())]
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 1000, 65536, 10**9])
-def test_streaming_forwards_exactly_the_body_and_withholds_its_end(chunk):
+def test_streaming_rebuilds_the_body_from_the_validated_parts_and_withholds_its_end(chunk):
     body, ct = multipart_related([CT, MR])
     v = StowStreamValidator(ct)
     early = feed_in_chunks(v, body, chunk)
     # before finish() the archive can never have received a complete request
-    assert len(early) < len(body)
     assert not early.rstrip().endswith(b"--")
-    assert early + v.finish() == body
+    assert f"--{v.boundary}--".encode() not in early
+    rebuilt = early + v.finish()
+    assert archive_parts(rebuilt, v) == [({"content-type": "application/dicom"}, CT),
+                                         ({"content-type": "application/dicom"}, MR)]
+    # the client's boundary never reaches the archive
+    assert b"compliance-" + ct.rsplit("compliance-", 1)[1].encode() not in rebuilt
     assert [i.sop_instance_uid for i in v.instances] == [
         pydicom.dcmread(io.BytesIO(x)).SOPInstanceUID for x in (CT, MR)
     ]
+    assert v.committed == v.instances
 
 
 def test_streaming_never_forwards_a_rejected_part():
@@ -148,5 +159,5 @@ def test_a_large_part_streams_once_its_header_is_checked():
         released += len(v.feed(piece))
         held_max = max(held_max, fed - released)
     released += len(v.finish())
-    assert released == len(body)
+    assert released > len(body) - 200  # the whole part, under the gateway's own framing
     assert held_max < 256 * 1024  # bounded by the header, not by the 16 MiB part
