@@ -111,7 +111,8 @@ def start_orthanc(base: Path, *, encrypted: bool, plugin_baseline: bool = False)
     cfg.update(HttpPort=port, RegisteredUsers={"gateway": PASSWORD}, StorageDirectory=str(base / "storage"),
                IndexDirectory=str(base / "index"), TemporaryDirectory=str(base / "tmp"))
     env = {"PATH": "/usr/bin:/bin", "HOME": str(base), "COMPLIANCE_STACK_DIR": str(base / "stack"),
-           "COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY": secrets.token_hex(32)}
+           "COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY": secrets.token_hex(32),
+           "COMPLIANCE_ENVIRONMENT": "development"}  # the plugin's Settings(); production is the default
     if encrypted or plugin_baseline:
         script = ROOT / "compliance/archive/orthanc_plugin.py"
         if plugin_baseline:

@@ -74,6 +74,7 @@ class Pkcs11Archive:
         self.env = {
             "PATH": "/usr/bin:/bin",
             "HOME": str(base),
+            "COMPLIANCE_ENVIRONMENT": "development",  # the plugin's Settings(); production is the default
             "COMPLIANCE_STACK_DIR": str(base / "stack"),
             "COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY": secrets.token_hex(32),
             "COMPLIANCE_ARCHIVE_KEY_PROVIDER": "pkcs11",
