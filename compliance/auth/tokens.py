@@ -51,7 +51,7 @@ import jwt
 from jwt import PyJWK, PyJWKSet
 
 from compliance.auth.interfaces import Principal
-from compliance.errors import AuthenticationError, UpstreamUnavailable
+from compliance.errors import AuthenticationError, ConfigurationError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +205,8 @@ class OidcTokenVerifier:
             raise ValueError(f"refusing to accept token algorithms {sorted(bad)}: only asymmetric ones")
         clients = frozenset(c.strip() for c in allowed_clients if c and c.strip())
         if not clients:
-            raise ValueError("no client may present tokens (allowed_clients is empty): name the clients "
-                             "people log in through, e.g. compliance-cli")
+            raise ConfigurationError("no client may present tokens (COMPLIANCE_OIDC_ALLOWED_CLIENTS is empty): "
+                                     "name the clients people log in through, e.g. compliance-cli")
         self._issuer = issuer
         self._audience = audience
         self._jwks = jwks

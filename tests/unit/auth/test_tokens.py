@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from compliance.auth.tokens import JwksCache, OidcTokenVerifier
-from compliance.errors import AuthenticationError, UpstreamUnavailable
+from compliance.errors import AuthenticationError, ConfigurationError, UpstreamUnavailable
 
 ISSUER = "http://127.0.0.1:8180/realms/imaging"
 AUDIENCE = "compliance-gateway"
@@ -292,7 +292,7 @@ async def test_a_service_client_listed_explicitly_is_accepted():
 
 @pytest.mark.parametrize("allowed", [[], [""], ["  "]])
 def test_an_empty_client_list_cannot_be_configured(allowed):
-    with pytest.raises(ValueError, match="allowed_clients"):
+    with pytest.raises(ConfigurationError, match="ALLOWED_CLIENTS"):
         make_verifier(allowed_clients=allowed)
 
 
