@@ -296,6 +296,13 @@ def test_the_cli_searches_reports_and_verifies_through_the_secured_endpoint(depl
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "intact" in verify.stdout
 
+    detect = deployment.cli("audit", "detect", es=es)
+    assert detect.returncode == 0, detect.stdout + detect.stderr
+
+    prune = deployment.cli("audit", "prune", "--dry-run", es=es)  # it lists the indices: none is past retention
+    assert prune.returncode == 0, prune.stdout + prune.stderr
+    assert json.loads(prune.stdout) == {"would_delete": [], "kept": {}}
+
     # those reads went through the proxy, authenticated with the key
     after = proxy_requests(deployment.prefix)[before:]
     assert after and all("auth=api_key tls=TLSv1." in line for line in after), after
