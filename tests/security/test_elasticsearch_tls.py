@@ -167,6 +167,23 @@ def _log_tail(d: Deployment) -> str:
     return d.gateway.log_path.read_text(errors="replace")[-3000:]
 
 
+# ------------------------------------------------------------------ the secured endpoint itself
+
+
+def test_the_secured_endpoint_answers_nothing_without_valid_credentials_or_tls(secure):
+    """What the tests below rely on: the stand-in for a secured cluster is closed by default."""
+    tls = ssl.create_default_context(cafile=secure["CA_FILE"])
+    health = f"{secure['URL']}/_cluster/health"
+    for headers in ({}, {"Authorization": "ApiKey " + base64.b64encode(b"compliance-gateway:guess").decode()},
+                    {"Authorization": "ApiKey " + secure["API_KEY"].lower()}):
+        r = httpx.get(health, headers=headers, verify=tls, timeout=10)
+        assert r.status_code == 401 and "cluster_name" not in r.text, (headers, r.text)
+    assert httpx.get(health, auth=(secure["USERNAME"], "guess"), verify=tls, timeout=10).status_code == 401
+    assert httpx.get(health, auth=(secure["USERNAME"], secure["PASSWORD"]), verify=tls, timeout=10).status_code == 200
+    plain = httpx.get(health.replace("https://", "http://"), timeout=10)
+    assert plain.status_code == 400 and "cluster_name" not in plain.text  # nginx: plain HTTP to an HTTPS port
+
+
 # ------------------------------------------------------------------ the secured cluster works
 
 
