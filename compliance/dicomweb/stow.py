@@ -541,7 +541,7 @@ class StowStreamValidator:
             name
             for name, value in (("SOPClassUID", sop_class), ("SOPInstanceUID", sop_instance),
                                 ("StudyInstanceUID", study))
-            if not value or not _UID.match(value) or len(value) > 64
+            if not value or not _UID.fullmatch(value) or len(value) > 64
         ]
         if missing:
             self._reject(part, f"missing or invalid {', '.join(missing)}")
