@@ -463,8 +463,6 @@ class DicomwebService:
         except ComplianceError as exc:
             await self.audit_rejected_store(ctx, exc.message)
             raise
-        failure: list[ComplianceError] = []
-
         failure: list[Exception] = []
 
         async def validated_body() -> AsyncIterator[bytes]:
@@ -483,6 +481,7 @@ class DicomwebService:
                 yield validator.abandon()
 
         headers = {"content-type": validator.content_type, "accept": "application/dicom+json"}
+        payload: bytes | None = None
         try:
             upstream = await self._archive.send("POST", ctx.path, query=ctx.query, headers=headers,
                                                 content=validated_body())
@@ -502,8 +501,11 @@ class DicomwebService:
             error = failure[0]
             reason = error.message if isinstance(error, ComplianceError) else \
                 f"the upload broke off ({type(error).__name__})"
+            if payload is not None:  # the archive answered the ended body: what it names is checked too
+                await self._check_unvalidated(ctx, payload, validator.instances, started)
             await self._refused_store(ctx, reason, validator, started)
             raise error
+        assert payload is not None
         instances = validator.instances
         forget = getattr(self._archive, "forget", None)
         for inst in instances:
