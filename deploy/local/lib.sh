@@ -10,6 +10,8 @@
 #   $STACK/<component>/    state of each server
 #   $CACHE                 ${COMPLIANCE_CACHE_DIR:-$HOME/.cache/compliance-stack}: verified downloads
 
+# Everything up/down/status write is private to its writer (see "Permissions" below).
+umask 077
 LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DEPLOY_DIR="$(cd "$LIB_DIR/.." && pwd)"
 CHECKOUT="$(cd "$LIB_DIR/../.." && pwd)"
@@ -23,12 +25,13 @@ STACK_USER="${COMPLIANCE_STACK_USER:-compliance-stack}"
 
 ALL_COMPONENTS=(orthanc keycloak elasticsearch es_proxy postgres)
 
-ORTHANC_PORT=8042
-KEYCLOAK_PORT=8180
-ELASTICSEARCH_PORT=9200
-ELASTICSEARCH_TRANSPORT_PORT=9300
+# Ports: overridable, so a second stack (another COMPLIANCE_STACK_DIR) can run beside the first one.
+ORTHANC_PORT=${COMPLIANCE_ORTHANC_PORT:-8042}
+KEYCLOAK_PORT=${COMPLIANCE_KEYCLOAK_PORT:-8180}
+ELASTICSEARCH_PORT=${COMPLIANCE_ELASTICSEARCH_PORT:-9200}
+ELASTICSEARCH_TRANSPORT_PORT=${COMPLIANCE_ELASTICSEARCH_TRANSPORT_PORT:-9300}
 ES_PROXY_PORT=${COMPLIANCE_ES_PROXY_PORT:-9201}  # the secured endpoint: TLS + credentials in front of Elasticsearch
-POSTGRES_PORT=55432
+POSTGRES_PORT=${COMPLIANCE_POSTGRES_PORT:-55432}
 BIND=127.0.0.1
 
 # Start-up timeouts (seconds).
@@ -156,6 +159,7 @@ stop_pid() {
 # setpriv/env exec, so $! is the server's own pid.
 spawn() {
   local comp=$1 logf=$2; shift 2
+  server_log "$logf"
   printf '\n===== %s: starting %s =====\n' "$(date -Is)" "$comp" >>"$logf"
   setsid "${RUN_AS[@]}" "$@" >>"$logf" 2>&1 </dev/null 9>&- &
   printf '%s\n' "$!" >"$(pidfile "$comp")"
@@ -196,16 +200,19 @@ ensure_packages() {
     made_policy=1
   fi
   local rc=0
+  umask 022  # packages install system files for everybody; the stack's own files stay 077 (restored below)
   "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q || rc=$?
   if [[ $rc -eq 0 ]]; then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" || rc=$?
   fi
   [[ -n $made_policy ]] && "${SUDO[@]}" rm -f /usr/sbin/policy-rc.d
+  umask 077
   [[ $rc -eq 0 ]] || die "apt-get failed (exit $rc) installing: ${missing[*]}"
 }
 
 packages_for_components() {
   local pkgs="$DEBIAN_PACKAGES_BASE" c
+  [[ $PHI_VOLUME == none ]] || pkgs+=" $DEBIAN_PACKAGES_VOLUME"
   for c in "$@"; do
     case $c in
       orthanc)  pkgs+=" $DEBIAN_PACKAGES_ORTHANC" ;;
@@ -229,13 +236,20 @@ ensure_user() {
 stack_init() {
   ensure_user
   set_run_as
-  umask 022
+  # Everything the stack and its servers write is private to its writer (see "Permissions" below).
+  umask 077
   mkdir -p "$STACK" "$STACK/logs" "$STACK/run" "$STACK/home"
-  chmod 0755 "$STACK" "$STACK/logs" "$STACK/run"
+  if is_root; then
+    chown "root:$STACK_USER" "$STACK" "$STACK/logs"; chmod 0750 "$STACK" "$STACK/logs"
+    if [[ -d $STACK/dist ]]; then share_with_stack "$STACK/dist"; fi
+  else
+    chmod 0700 "$STACK" "$STACK/logs"
+  fi
+  chmod 0700 "$STACK/run"
   own "$STACK/home"; chmod 0700 "$STACK/home"
   if is_root; then
     # the unprivileged user must be able to reach into the stack dir
-    if ! run_as test -x "$STACK/run"; then
+    if ! run_as test -x "$STACK/logs"; then
       die "user $STACK_USER cannot traverse into $STACK (a parent directory is not world-executable); choose another COMPLIANCE_STACK_DIR or chmod o+x the parents"
     fi
   fi
@@ -364,8 +378,311 @@ COMPLIANCE_ELASTICSEARCH_SECURE_CLIENT_KEY_FILE=$(es_proxy_dir)/tls/client.key
 COMPLIANCE_POSTGRES_URL=postgresql+psycopg://compliance:$SECRET_POSTGRES_PASSWORD@$BIND:$POSTGRES_PORT/compliance
 COMPLIANCE_ARCHIVE_ENCRYPTED=$( [[ -n $(orthanc_plugin_script) ]] && echo true || echo false )
 EOF
+  # on its encrypted volume: the gateway's SQLite database (audit outbox)
+  phi_on_volume && printf 'COMPLIANCE_DATABASE_URL=sqlite:///%s/compliance.db\n' "$PHI_GATEWAY" >>"$tmp"
   chmod 0600 "$tmp"
   if [[ -f $f ]] && cmp -s "$tmp" "$f"; then rm -f "$tmp"; else mv -f "$tmp" "$f"; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Permissions: everything the stack writes is private to the account that runs that server (umask 077,
+# directories 0700, files 0600). Where one account must read what another wrote, the file is shared
+# with the stack user's own group (created with it, nobody else in it), never with other users:
+#   $STACK, logs/, the encrypted volume's root     root:stack-group 0750 (the servers reach into them)
+#   orthanc/orthanc.json, the storage shim          root:stack-group 0640/0750 (Orthanc reads, root writes)
+#   dist/ (the Elasticsearch home, when here)        root:stack-group, read-only for the group
+# The gateway and its nginx front run as root and read only root's files (gateway.env, the checkpoint
+# key); Orthanc's storage plugin reads the archive key store as its owner, the stack user.
+
+# share_with_stack PATH... : root's files the stack user must read (recursively: group read, no write)
+share_with_stack() {
+  if is_root; then
+    chown -R "root:$STACK_USER" "$@"
+    chmod -R u+rwX,g+rX,g-w,o-rwx "$@"
+  else
+    chmod -R go-rwx "$@"
+  fi
+}
+
+# server_log FILE : a server's log, owned by the account that runs it, 0600
+server_log() {
+  [[ -e $1 ]] || ( umask 077; : >>"$1" )
+  own "$1"; chmod 0600 "$1"
+}
+
+# stack_permissions_repair : every path under $STACK (the encrypted volume's mount included) that
+# another local user could read, write or enter is closed, and each is named in one log line. Files are
+# owner-only; group bits stay only on root's files shared with the stack user's own group (above).
+# gocryptfs.diriv files of the ciphertext directory are public per-directory IVs that gocryptfs makes
+# 0444 inside 0700 directories: left alone.
+stack_permissions_repair() {
+  local shared='' line mode owner group path rel new fixed=() n=0
+  is_root && shared="root:$STACK_USER"
+  while IFS=$'\t' read -r -d '' mode owner group path; do
+    mode=$(( 8#$mode ))
+    new=$(( mode & ~8#007 ))
+    [[ $owner:$group == "$shared" ]] || new=$(( new & ~8#070 ))
+    (( new == mode )) && continue
+    chmod "$(printf '%04o' "$new")" -- "$path" 2>/dev/null || { warn "permissions: cannot chmod $path"; continue; }
+    rel=${path#"$STACK"/}
+    n=$(( n + 1 ))
+    (( n <= 40 )) && fixed+=("$rel ($(printf '%04o' "$mode")->$(printf '%04o' "$new"))")
+  done < <(find "$STACK" \( -path "$PHI_CIPHER/*" -name gocryptfs.diriv \) -prune -o ! -type l -perm /077 \
+             -printf '%m\t%u\t%g\t%p\0' 2>/dev/null)
+  (( n == 0 )) && return 0
+  line="permissions: repaired $n path(s) other local users could open: ${fixed[*]}"
+  (( n > 40 )) && line+=" (and $(( n - 40 )) more)"
+  log "$line"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The encrypted volumes: every store that holds PHI outside the (already encrypted) DICOM objects is on
+# a gocryptfs volume (Debian gocryptfs, FUSE):
+#   phi          $STACK/phi (ciphertext $STACK/phi-encrypted): Orthanc's index and temporary files,
+#                PostgreSQL's and Elasticsearch's data. Mounted by the stack user, who owns every file
+#                on it; -allow_other lets root's maintenance (up, the tests) in and makes the kernel check
+#                every file's owner and mode (default_permissions): other users stay out.
+#   phi-gateway  $STACK/phi-gateway (ciphertext $STACK/phi-gateway-encrypted): the gateway's SQLite
+#                database (audit outbox). Root's, mounted by root for root alone.
+# Not one volume mounted by root with -allow_other: gocryptfs 2.3 (Debian 12) then switches thread
+# credentials for each request, racily, and creating files fails at random with "Operation not
+# permitted" (rfjakob/gocryptfs#892; seen here on Elasticsearch's segment files). A volume mounted by
+# its only writer never switches. The stack user mounts through fusermount3, which opens /dev/fuse as
+# that user: as root, `up` gives /dev/fuse to the stack user's group (0660; Debian's default is 0666)
+# and enables user_allow_other in /etc/fuse.conf.
+# Passwords: data keys of the archive's key store (compliance/crypto/volume.py), wrapped by the active
+# KEK of the archive's provider (local keyring or PKCS#11), rewrapped by `keys rewrap`, gone with that
+# KEK. An unmounted mountpoint is root's, mode 0000 and immutable (chattr +i): nothing can write
+# plaintext into it by mistake. `down` (the whole stack) unmounts both; `up` mounts them when they are not.
+# COMPLIANCE_PHI_VOLUME=none keeps the stores in plaintext under $STACK (development of other parts only).
+
+PHI_VOLUME=${COMPLIANCE_PHI_VOLUME:-gocryptfs}
+PHI="$STACK/phi"
+PHI_CIPHER="$STACK/phi-encrypted"
+PHI_GATEWAY="$STACK/phi-gateway"
+VOLUMES=(phi phi-gateway)
+# stores (paths relative to $STACK without the volume, to $PHI with it); the gateway's database is
+# compliance.db beside them without the volume, at the root of phi-gateway with it
+PHI_STORES=(orthanc/index-encrypted orthanc/index orthanc/storage elasticsearch/data postgres/data)
+PHI_LAYOUT=
+
+volume_logs() { printf '%s\n' "$STACK/logs/volume.log"; }
+
+# phi_layout : PHI_LAYOUT=volume when the stack has its encrypted volumes, plain otherwise
+phi_layout() {
+  if [[ -f $PHI_CIPHER/gocryptfs.conf ]]; then PHI_LAYOUT=volume; else PHI_LAYOUT=plain; fi
+}
+
+# phi_dir REL : where a PHI store lives in this stack's layout
+phi_dir() {
+  [[ -n $PHI_LAYOUT ]] || phi_layout
+  if [[ $PHI_LAYOUT == volume ]]; then printf '%s/%s\n' "$PHI" "$1"; else printf '%s/%s\n' "$STACK" "$1"; fi
+}
+
+phi_on_volume() { [[ -n $PHI_LAYOUT ]] || phi_layout; [[ $PHI_LAYOUT == volume ]]; }
+
+phi_legacy_present() {
+  local rel
+  for rel in "${PHI_STORES[@]}" compliance.db; do [[ -e $STACK/$rel ]] && return 0; done
+  return 1
+}
+
+# phi_stores_in_use : a server of the plaintext layout is running (its files cannot be moved under it)
+phi_stores_in_use() {
+  local c pid
+  postgres_sync_pid 2>/dev/null || true
+  for c in orthanc elasticsearch postgres; do pid_of "$c" >/dev/null 2>&1 && return 0; done
+  pid=$(cat "$STACK/run/gateway.pid" 2>/dev/null || true)
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+}
+
+# volume NAME: its mountpoint, ciphertext directory, and whether the stack user mounts it
+volume_mnt()    { printf '%s/%s\n' "$STACK" "$1"; }
+volume_cipher() { printf '%s/%s-encrypted\n' "$STACK" "$1"; }
+volume_of_stack_user() { [[ $1 == phi ]] && is_root; }
+# run as the volume's owner: gocryptfs and anything that must create its files
+as_volume_owner() { local name=$1; shift; if volume_of_stack_user "$name"; then run_as "$@"; else "$@"; fi; }
+
+volume_mounted() { findmnt -rn --mountpoint "$(volume_mnt "$1")" >/dev/null 2>&1; }
+
+# volume_password NAME [--create] : its password on stdout, from the archive's key store (as its owner)
+volume_password() {
+  local name=$1; shift
+  ( orthanc_keys_env
+    cd "$STACK/home"
+    run_as env "PYTHONPATH=$CHECKOUT:$CHECKOUT/.venv/lib/python3.11/site-packages" \
+      /usr/bin/python3 -m compliance.crypto.volume password "$name" "$@" 2>>"$(volume_logs)" 9>&- )
+}
+
+# fuse_for_stack_user : /dev/fuse for the stack user's group, user_allow_other (root only; logged when changed)
+fuse_for_stack_user() {
+  is_root || return 0
+  [[ -e /dev/fuse ]] || die "volume: /dev/fuse is missing (no FUSE in this machine or container): the encrypted volumes cannot be mounted; COMPLIANCE_PHI_VOLUME=none runs the stores in plaintext (development only)"
+  if ! run_as test -r /dev/fuse -a -w /dev/fuse; then
+    chgrp "$STACK_USER" /dev/fuse && chmod 0660 /dev/fuse || die "volume: cannot give /dev/fuse to the group $STACK_USER"
+    log "volume: /dev/fuse is now root:$STACK_USER 0660 (the stack user mounts its volume through fusermount3)"
+  fi
+  if ! grep -qE '^[[:space:]]*user_allow_other' /etc/fuse.conf 2>/dev/null; then
+    printf '# deploy/local (compliance stack): the stack user mounts its volume with -allow_other\nuser_allow_other\n' >>/etc/fuse.conf
+    log "volume: enabled user_allow_other in /etc/fuse.conf"
+  fi
+}
+
+# mountpoint_guard NAME on|off : an unmounted mountpoint takes no file (root's, 0000, immutable); before
+# the stack user mounts on it, it is theirs (fusermount3 wants write access to it)
+mountpoint_guard() {
+  local mnt; mnt=$(volume_mnt "$1")
+  [[ -d $mnt ]] || mkdir -m 0700 "$mnt"
+  is_root || return 0
+  if [[ $2 == on ]]; then
+    [[ -z $(ls -A "$mnt") ]] || die "volume: $mnt is not mounted but holds files (written while unmounted?): move them away"
+    chattr -i "$mnt" 2>/dev/null || true
+    chown root:root "$mnt"; chmod 0000 "$mnt"
+    chattr +i "$mnt" 2>/dev/null || warn "volume: cannot make the mountpoint $mnt immutable (chattr +i)"
+  elif volume_of_stack_user "$1"; then
+    chattr -i "$mnt" 2>/dev/null || true
+    chown "$STACK_USER:$STACK_USER" "$mnt"; chmod 0700 "$mnt"
+  fi
+}
+
+volume_create() {
+  local name=$1 logf cipher; logf=$(volume_logs); cipher=$(volume_cipher "$name")
+  if [[ -d $cipher ]] && ! rmdir "$cipher" 2>/dev/null; then
+    die "volume: $cipher exists without gocryptfs.conf and is not empty; move it away (it cannot be decrypted without that file)"
+  fi
+  mkdir -m 0700 "$cipher"
+  volume_of_stack_user "$name" && own "$cipher"
+  printf '\n===== %s: gocryptfs -init %s =====\n' "$(date -Is)" "$cipher" >>"$logf"
+  if ! volume_password "$name" --create | as_volume_owner "$name" gocryptfs -init -q -- "$cipher" >>"$logf" 2>&1 9>&-; then
+    rm -rf "$cipher"
+    show_logs "$logf"; die "volume: cannot create the encrypted volume $name in $cipher"
+  fi
+  log "volume: created the encrypted volume $name ($cipher; its password a data key of the archive's key store)"
+}
+
+# volume_mount NAME : mount it unless it is (idempotent); a dead mount is replaced
+volume_mount() {
+  local name=$1 logf mnt cipher; logf=$(volume_logs); mnt=$(volume_mnt "$name"); cipher=$(volume_cipher "$name")
+  if volume_mounted "$name"; then
+    [[ $(findmnt -rn -o FSTYPE --mountpoint "$mnt") == fuse.gocryptfs ]] || die "volume: something other than gocryptfs is mounted on $mnt"
+    if stat "$mnt/." >/dev/null 2>&1; then return 0; fi
+    warn "volume: $mnt is mounted but does not answer (gocryptfs died?): unmounting it"
+    fusermount3 -u -z "$mnt" 2>/dev/null || umount -l "$mnt" || die "volume: cannot unmount the dead $mnt"
+  fi
+  [[ -f $cipher/gocryptfs.conf ]] || volume_create "$name"
+  mountpoint_guard "$name" off
+  local opts=(-q -nosyslog)
+  volume_of_stack_user "$name" && opts+=(-allow_other)  # root's maintenance; the kernel checks owner and mode
+  printf '\n===== %s: mounting %s on %s =====\n' "$(date -Is)" "$cipher" "$mnt" >>"$logf"
+  if ! volume_password "$name" | as_volume_owner "$name" gocryptfs "${opts[@]}" -- "$cipher" "$mnt" >>"$logf" 2>&1 9>&-; then
+    mountpoint_guard "$name" on
+    show_logs "$logf"; die "volume: cannot mount $cipher on $mnt"
+  fi
+  volume_mounted "$name" || die "volume: gocryptfs exited without mounting $mnt"
+  log "volume: mounted the encrypted volume $name on $mnt"
+}
+
+volume_unmount() {
+  local name=$1 mnt; mnt=$(volume_mnt "$name")
+  volume_mounted "$name" || return 0
+  if fusermount3 -u "$mnt" 2>/dev/null || umount "$mnt" 2>/dev/null; then
+    mountpoint_guard "$name" on
+    log "volume: unmounted $mnt"
+  else
+    warn "volume: $mnt is still in use, left mounted (a gateway, a test, a shell in it?)"
+  fi
+}
+
+phi_volumes_unmount() {
+  phi_layout
+  [[ $PHI_LAYOUT == volume ]] || return 0
+  local name
+  for name in "${VOLUMES[@]}"; do volume_unmount "$name"; done
+}
+
+# phi_volume_dirs : the top directories of phi, each owned by the server that writes there
+phi_volume_dirs() {
+  chmod 0700 "$PHI" "$PHI_GATEWAY"
+  local d
+  for d in orthanc elasticsearch postgres; do
+    [[ -d $PHI/$d ]] || { mkdir -m 0700 "$PHI/$d"; own "$PHI/$d"; }
+  done
+}
+
+# phi_move SRC DST : a plaintext store into the volume; the copy is renamed into place only once whole,
+# so an interrupted move is redone from the start (a DST that exists is a finished copy)
+phi_move() {
+  local src=$1 dst=$2
+  [[ -e $src ]] || return 0
+  if [[ ! -e $dst ]]; then
+    rm -rf "$dst.migrating"
+    cp -a "$src" "$dst.migrating" || { rm -rf "$dst.migrating"; die "volume: copying $src into the volume failed; nothing was removed"; }
+    mv "$dst.migrating" "$dst"
+  fi
+  rm -rf "$src"
+}
+
+# phi_migrate : a stack made before the volumes (plaintext stores under $STACK), every server of it down
+phi_migrate() {
+  local rel moved=() f
+  for rel in "${PHI_STORES[@]}"; do
+    [[ -e $STACK/$rel ]] || continue
+    phi_move "$STACK/$rel" "$PHI/$rel"
+    moved+=("$rel")
+  done
+  if [[ -e $STACK/compliance.db ]]; then
+    # the gateway's database with its WAL: copied together, the database renamed into place last
+    if [[ ! -e $PHI_GATEWAY/compliance.db ]]; then
+      rm -rf "$PHI_GATEWAY/.migrating"; mkdir -m 0700 "$PHI_GATEWAY/.migrating"
+      for f in "$STACK"/compliance.db "$STACK"/compliance.db-wal "$STACK"/compliance.db-shm; do
+        [[ -e $f ]] && { cp -a "$f" "$PHI_GATEWAY/.migrating/" || die "volume: copying $f into the volume failed"; }
+      done
+      for f in compliance.db-wal compliance.db-shm compliance.db; do
+        [[ -e $PHI_GATEWAY/.migrating/$f ]] && mv "$PHI_GATEWAY/.migrating/$f" "$PHI_GATEWAY/$f"
+      done
+      rmdir "$PHI_GATEWAY/.migrating"
+    fi
+    rm -f "$STACK"/compliance.db "$STACK"/compliance.db-wal "$STACK"/compliance.db-shm
+    moved+=(compliance.db)
+  fi
+  rm -rf "$STACK/orthanc/tmp"  # Orthanc's temporary files: nothing to keep
+  (( ${#moved[@]} )) || return 0
+  log "volume: moved the plaintext stores ${moved[*]} into the encrypted volumes; the plaintext copies were deleted, not wiped (their blocks stay on the disk until reused)"
+}
+
+# phi_volume_up : the volumes of a new stack are created; a stack made before them is migrated when none
+# of its servers runs (else it keeps running in plaintext, with a warning naming what to do); mounted.
+phi_volume_up() {
+  phi_layout
+  if [[ $PHI_VOLUME == none ]]; then
+    [[ $PHI_LAYOUT == volume ]] && die "volume: COMPLIANCE_PHI_VOLUME=none, but this stack's stores are on the encrypted volume ($PHI_CIPHER): unset it"
+    warn "volume: COMPLIANCE_PHI_VOLUME=none: Orthanc's index, the audit outbox, PostgreSQL and Elasticsearch keep PHI in plaintext under $STACK (development only)"
+    return 0
+  fi
+  [[ $PHI_VOLUME == gocryptfs ]] || die "volume: COMPLIANCE_PHI_VOLUME must be gocryptfs or none, not '$PHI_VOLUME'"
+  if [[ $PHI_LAYOUT == plain ]] && phi_legacy_present && phi_stores_in_use; then
+    warn "volume: this stack was made before the encrypted volumes: Orthanc's index, the audit outbox, PostgreSQL and Elasticsearch keep PHI in plaintext under $STACK while its servers run. To move them into the encrypted volumes: deploy/local/down && deploy/local/up (the stores are moved, nothing is lost)"
+    return 0
+  fi
+  case ${COMPLIANCE_ARCHIVE_KEYS_DATABASE_URL:-} in
+    *"@$BIND:$POSTGRES_PORT/"*|*"@localhost:$POSTGRES_PORT/"*)
+      die "volume: COMPLIANCE_ARCHIVE_KEYS_DATABASE_URL names this stack's PostgreSQL, whose data is on the encrypted volume: the volumes' keys cannot be kept there" ;;
+  esac
+  fuse_for_stack_user
+  mkdir -p "$STACK/orthanc"; chmod 0700 "$STACK/orthanc"
+  if is_root; then chown "$STACK_USER:$STACK_USER" "$STACK/orthanc"; fi
+  orthanc_key_store_up  # the archive's key store holds the volumes' keys too
+  local name
+  for name in "${VOLUMES[@]}"; do volume_mount "$name"; done
+  PHI_LAYOUT=volume
+  phi_volume_dirs
+  if phi_legacy_present; then
+    if phi_stores_in_use; then
+      warn "volume: plaintext stores remain under $STACK while servers run; deploy/local/down && deploy/local/up moves them"
+    else
+      phi_migrate
+    fi
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -402,6 +719,8 @@ orthanc_key_store_up() {
   log "orthanc: archive key store ready in $keys"
 }
 orthanc_logs() { printf '%s\n' "$STACK/logs/orthanc.log"; }
+# Orthanc's index and temporary files (the encrypted archive's storage stays in $STACK/orthanc)
+orthanc_phi_dir() { phi_dir orthanc; }
 
 # The storage shim (deploy/orthanc/compliance_storage_shim.c): Orthanc's storage area with range
 # reads, served by the Python storage; built here when its source is newer. Without it (no compiler
@@ -410,7 +729,8 @@ orthanc_logs() { printf '%s\n' "$STACK/logs/orthanc.log"; }
 orthanc_shim() { printf '%s\n' "$STACK/orthanc/libComplianceStorageShim.so"; }
 orthanc_shim_build() {
   local src="$DEPLOY_DIR/orthanc/compliance_storage_shim.c" out; out=$(orthanc_shim)
-  [[ -f $out && $out -nt $src ]] && return 0
+  # root's file that Orthanc (the stack user) loads: shared with the stack user's group only
+  [[ -f $out && $out -nt $src ]] && { share_with_stack "$out"; return 0; }
   if ! need_cmd gcc || [[ ! -f /usr/include/orthanc/OrthancCPlugin.h || ! -f /usr/include/python3.11/Python.h ]]; then
     rm -f "$out"
     log "orthanc: storage shim not built (gcc, orthanc-dev or python3.11-dev missing): two files per instance"
@@ -419,7 +739,7 @@ orthanc_shim_build() {
   gcc -O2 -Wall -shared -fPIC -o "$out.tmp" "$src" -I/usr/include/python3.11 \
       /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 >>"$(orthanc_logs)" 2>&1 \
     || { rm -f "$out.tmp"; show_logs "$(orthanc_logs)"; die "orthanc: cannot build the storage shim"; }
-  chmod 0755 "$out.tmp"; mv -f "$out.tmp" "$out"
+  share_with_stack "$out.tmp"; mv -f "$out.tmp" "$out"
   log "orthanc: storage shim built ($out)"
 }
 
@@ -431,7 +751,7 @@ orthanc_healthy() {
 # render_orthanc_config OUT : template deploy/orthanc/orthanc.json -> OUT, with the plugin hook
 render_orthanc_config() {
   local out=$1
-  STACK_ORTHANC_DIR="$STACK/orthanc" \
+  STACK_ORTHANC_DIR="$STACK/orthanc" ORTHANC_PORT="$ORTHANC_PORT" ORTHANC_PHI_DIR="$(orthanc_phi_dir)" \
   ORTHANC_GATEWAY_PASSWORD="$SECRET_ORTHANC_GATEWAY_PASSWORD" \
   PYTHON_PLUGIN="$(orthanc_plugin_script)" \
   STORAGE_SHIM="$(orthanc_shim)" \
@@ -452,6 +772,12 @@ def fill(v):
         return {k: fill(x) for k, x in v.items()}
     return v
 cfg = fill(json.load(open(src)))
+cfg["HttpPort"] = int(os.environ["ORTHANC_PORT"])  # the template's 8042 unless COMPLIANCE_ORTHANC_PORT
+# The index (patient names and ids), temporary files and a plaintext archive: on the encrypted volume
+phi = os.environ["ORTHANC_PHI_DIR"]
+if phi != os.environ["STACK_ORTHANC_DIR"]:
+    cfg["StorageDirectory"], cfg["IndexDirectory"] = phi + "/storage", phi + "/index"
+    cfg["TemporaryDirectory"] = phi + "/tmp"
 # ---- HOOK: storage-area plugin (orthanc-python). Enabled only by COMPLIANCE_ORTHANC_PYTHON_PLUGIN.
 script = os.environ.get("PYTHON_PLUGIN", "")
 if script:
@@ -468,7 +794,7 @@ if script:
     # and no in-memory storage cache, so a shredded or corrupted file is never served from memory.
     base = os.environ["STACK_ORTHANC_DIR"]
     cfg["StorageDirectory"] = base + "/storage-encrypted"
-    cfg["IndexDirectory"] = base + "/index-encrypted"
+    cfg["IndexDirectory"] = phi + "/index-encrypted"
     cfg["MaximumStorageCacheSize"] = 0
     # The storage plugin runs this checkout's code, loaded at start: a new stamp (the code changed)
     # changes the configuration, and orthanc_up restarts Orthanc. Orthanc ignores the key.
@@ -496,14 +822,16 @@ orthanc_up() {
   logf=$(orthanc_logs)
   [[ -x /usr/sbin/Orthanc ]] || die "orthanc: /usr/sbin/Orthanc missing"
   [[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]] || die "orthanc: DICOMweb plugin missing"
-  local plugin; plugin=$(orthanc_plugin_script)
+  local plugin phi; plugin=$(orthanc_plugin_script); phi=$(orthanc_phi_dir)
   if [[ -n $plugin ]]; then
-    mkdir -p "$dir/storage-encrypted" "$dir/index-encrypted" "$dir/tmp"
+    mkdir -p "$dir/storage-encrypted" "$phi/index-encrypted" "$phi/tmp"
   else
-    mkdir -p "$dir/storage" "$dir/index" "$dir/tmp"
+    mkdir -p "$phi/storage" "$phi/index" "$phi/tmp"
   fi
   orthanc_storage_writable "$dir/storage-encrypted"
-  own "$dir"; chmod 0750 "$dir"
+  own "$dir" "$phi"; chmod 0700 "$dir" "$phi"
+  # root's configuration (it holds the gateway's password), read by Orthanc through the stack user's group
+  if is_root && [[ -f $conf ]]; then chown "root:$STACK_USER" "$conf"; chmod 0640 "$conf"; fi
   [[ -n $plugin ]] && orthanc_key_store_up
   [[ -n $plugin ]] && orthanc_shim_build
   local tmp; tmp=$(mktemp "$dir/.orthanc.json.XXXXXX")
@@ -521,11 +849,11 @@ orthanc_up() {
   fi
   mv -f "$tmp" "$conf"
   check_port_free orthanc "$ORTHANC_PORT"
-  if [[ -n $plugin && ( -d $dir/storage || -d $dir/index ) ]]; then
+  if [[ -n $plugin && ( -d $phi/storage || -d $phi/index ) ]]; then
     # A plaintext archive left from before encryption was enabled: its files are plaintext PHI on
     # disk (DESIGN.md invariant); the local demo archive is regenerated data, so remove it.
-    warn "orthanc: removing the plaintext demo archive ($dir/storage, $dir/index); the archive is encrypted now"
-    rm -rf "$dir/storage" "$dir/index"
+    warn "orthanc: removing the plaintext demo archive ($phi/storage, $phi/index); the archive is encrypted now"
+    rm -rf "$phi/storage" "$phi/index"
   fi
   if [[ -n $plugin ]]; then
     ( orthanc_keys_env; spawn orthanc "$logf" /usr/sbin/Orthanc "$conf" )
@@ -578,6 +906,7 @@ keycloak_install() {
   mkdir -p "$STACK/keycloak"
   local tmp; tmp=$(mktemp -d "$STACK/keycloak/.unpack.XXXXXX")
   unzip -q "$zip" -d "$tmp"
+  chmod -R go-rwx "$tmp"
   mv "$tmp/keycloak-$KEYCLOAK_VERSION" "$home"
   rmdir "$tmp"
   own "$STACK/keycloak"
@@ -599,7 +928,7 @@ keycloak_up() {
     log "keycloak: already up"; return 0
   fi
   mkdir -p "$home/data/import"
-  install -m 0640 "$REALM_FILE" "$home/data/import/imaging-realm.json"
+  install -m 0600 "$REALM_FILE" "$home/data/import/imaging-realm.json"
   own "$home/data"
   if [[ -n $have && $want != "$have" ]]; then
     log "keycloak: realm file changed since the last import, re-importing (kc.sh import --override true)"
@@ -627,6 +956,7 @@ keycloak_up() {
     show_logs "$logf"
     die "keycloak: realm 'imaging' not served within ${KEYCLOAK_TIMEOUT}s"
   fi
+  chmod -R go-rwx "$home/lib"  # Keycloak's build (at its first start) writes lib/ 0644/0744, umask or not
   printf '%s\n' "$want" >"$STACK/keycloak/realm.sha256"
 }
 
@@ -644,8 +974,9 @@ elasticsearch_healthy() {
   [[ $body == *'"status":"green"'* || $body == *'"status":"yellow"'* ]]
 }
 
-# ES home: read-only, root-owned, world-readable. In the cache when the stack user can read the
-# cache (not the case for /root/.cache: /root is 0700), otherwise under $STACK/dist.
+# ES home: read-only, root-owned. In the cache (world-readable, it is public software) when the stack
+# user can read the cache (not the case for /root/.cache: /root is 0700), otherwise under $STACK/dist,
+# readable by the stack user's group only.
 elasticsearch_install() {
   local zip base
   base="$CACHE/dist"
@@ -657,17 +988,22 @@ elasticsearch_install() {
   [[ -x $ES_HOME/bin/elasticsearch ]] && return 0
   zip=$(fetch_artifact "$ELASTICSEARCH_ARTIFACT" "$ELASTICSEARCH_ZIP" "$ELASTICSEARCH_SHA256")
   log "elasticsearch: unpacking into $ES_HOME (read-only)"
-  mkdir -p "$base"; chmod 0755 "$base"
+  mkdir -p "$base"
   local tmp; tmp=$(mktemp -d "$base/.unpack.XXXXXX")
   unzip -q "$zip" -d "$tmp"
-  chmod -R u+rwX,go+rX,go-w "$tmp"
+  if [[ $base == "$STACK/dist" ]]; then
+    share_with_stack "$base" "$tmp"
+  else
+    chmod 0755 "$base"; chmod -R u+rwX,go+rX,go-w "$tmp"
+  fi
   mv "$tmp/elasticsearch-$ELASTICSEARCH_VERSION" "$ES_HOME"
   rmdir "$tmp"
 }
 
 elasticsearch_configure() {
-  local d="$STACK/elasticsearch"
-  mkdir -p "$d/config" "$d/data" "$d/logs" "$d/tmp" "$d/run"
+  local d="$STACK/elasticsearch" data; data=$(phi_dir elasticsearch/data)
+  mkdir -p "$d/config" "$data" "$d/logs" "$d/tmp" "$d/run"
+  if [[ $data != "$d/data" ]] && is_root; then chown "$STACK_USER:$STACK_USER" "$data"; fi
   if [[ ! -f $d/config/jvm.options ]]; then
     cp -R "$ES_HOME/config/." "$d/config/"
   fi
@@ -681,7 +1017,7 @@ elasticsearch_configure() {
 # Generated by deploy/local/up; edits are overwritten.
 cluster.name: compliance-audit
 node.name: local
-path.data: $d/data
+path.data: $data
 path.logs: $d/logs
 network.host: $BIND
 http.port: $ELASTICSEARCH_PORT
@@ -696,7 +1032,7 @@ xpack.security.enabled: false
 EOF
   printf '%s\n' '# Generated by deploy/local/up' '-Xms1g' '-Xmx1g' >"$d/config/jvm.options.d/compliance.options"
   own "$d"
-  chmod 0750 "$d"
+  chmod 0700 "$d"
 }
 
 elasticsearch_up() {
@@ -719,6 +1055,7 @@ elasticsearch_up() {
   check_port_free elasticsearch "$ELASTICSEARCH_TRANSPORT_PORT"
   rm -f "$d/run/elasticsearch.pid"
   rm -rf "$d"/tmp/final-flags*  # left by earlier starts (below); only the launch itself reads them
+  server_log "$logf"
   printf '\n===== %s: starting elasticsearch =====\n' "$(date -Is)" >>"$logf"
   # -d daemonises once the node has started (or fails); -p records the server JVM's pid.
   # CLI_JAVA_OPTS: the launcher's own JVM probes the server's JVM flags in a "final-flags*" directory
@@ -736,6 +1073,7 @@ elasticsearch_up() {
     show_logs $(elasticsearch_logs)
     die "elasticsearch: cluster not yellow/green within ${ELASTICSEARCH_TIMEOUT}s"
   fi
+  chmod 0600 "$d/config/elasticsearch.keystore" 2>/dev/null || true  # made 0660 at the first start
 }
 
 elasticsearch_down() { stop_pid elasticsearch 60; }
@@ -898,42 +1236,43 @@ postgres_healthy() {
 }
 
 postgres_sync_pid() {
-  local pm="$STACK/postgres/data/postmaster.pid"
+  local pm; pm="$(phi_dir postgres/data)/postmaster.pid"
   [[ -r $pm ]] && head -n1 "$pm" >"$(pidfile postgres)"
 }
 
 postgres_up() {
-  local d="$STACK/postgres" logf
+  local d="$STACK/postgres" logf data; data=$(phi_dir postgres/data)
   logf=$(postgres_logs)
   find_pg_bin
   mkdir -p "$d/socket"
-  own "$d"; chmod 0700 "$d"
-  touch "$logf"; own "$logf"; chmod 0640 "$logf"
+  own "$d"; chmod 0700 "$d" "$d/socket"
+  server_log "$logf"
   postgres_sync_pid || true
   if pid_of postgres >/dev/null && postgres_healthy; then
     log "postgres: already up"; return 0
   fi
-  if [[ ! -s $d/data/PG_VERSION ]]; then
-    log "postgres: initdb into $d/data"
-    rm -rf "$d/data"
-    if ! run_as "$PG_BIN/initdb" -D "$d/data" --encoding=UTF8 --locale=C.UTF-8 \
+  if [[ ! -s $data/PG_VERSION ]]; then
+    log "postgres: initdb into $data"
+    rm -rf "$data"
+    if ! run_as "$PG_BIN/initdb" -D "$data" --encoding=UTF8 --locale=C.UTF-8 \
           --auth-local=peer --auth-host=scram-sha-256 >>"$logf" 2>&1; then
       show_logs "$logf"; die "postgres: initdb failed"
     fi
-    printf "\ninclude_if_exists = 'compliance.conf'\n" >>"$d/data/postgresql.conf"
+    printf "\ninclude_if_exists = 'compliance.conf'\n" >>"$data/postgresql.conf"
   fi
-  cat >"$d/data/compliance.conf" <<EOF
+  cat >"$data/compliance.conf" <<EOF
 # Generated by deploy/local/up; edits are overwritten.
 listen_addresses = '$BIND'
 port = $POSTGRES_PORT
 unix_socket_directories = '$d/socket'
+unix_socket_permissions = 0700
 password_encryption = 'scram-sha-256'
 EOF
-  own "$d/data/compliance.conf"
+  own "$data/compliance.conf"
   if ! pid_of postgres >/dev/null; then
     rm -f "$(pidfile postgres)"
     check_port_free postgres "$POSTGRES_PORT"
-    if ! run_as "$PG_BIN/pg_ctl" -D "$d/data" -l "$logf" -w -t "$POSTGRES_TIMEOUT" start >/dev/null 9>&-; then
+    if ! run_as "$PG_BIN/pg_ctl" -D "$data" -l "$logf" -w -t "$POSTGRES_TIMEOUT" start >/dev/null 9>&-; then
       show_logs "$logf"; die "postgres: failed to start within ${POSTGRES_TIMEOUT}s"
     fi
     postgres_sync_pid
@@ -955,12 +1294,12 @@ SQL
 }
 
 postgres_down() {
-  local d="$STACK/postgres"
+  local data; data=$(phi_dir postgres/data)
   find_pg_bin
   postgres_sync_pid || true
   if pid_of postgres >/dev/null; then
     log "postgres: stopping"
-    run_as "$PG_BIN/pg_ctl" -D "$d/data" -m fast -w -t 60 stop >/dev/null || stop_pid postgres 30
+    run_as "$PG_BIN/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null || stop_pid postgres 30
   fi
   rm -f "$(pidfile postgres)"
 }
