@@ -197,6 +197,9 @@ class Settings(BaseSettings):
     #: The allow-list of research archives an export may be pushed to (STOW-RS); a request names one,
     #: never a URL. A missing file means bundles only. Secrets are named there, read from the environment.
     exports_destinations_file: Path = PROJECT_ROOT / "policies" / "export-destinations.yaml"
+    #: The registry of research projects and their members (compliance/exports/projects.py): a researcher
+    #: requests exports only for a project listed there that they belong to. Must exist (validated at start).
+    exports_projects_file: Path = PROJECT_ROOT / "policies" / "projects.yaml"
     #: Instances (and at most this many bytes) per STOW-RS request when pushing to a destination.
     exports_stow_batch_instances: int = 16
     exports_stow_batch_max_bytes: int = 64 * 1024 * 1024
@@ -211,9 +214,6 @@ class Settings(BaseSettings):
 
     # --- encryption at rest of the archive (compliance/archive/: Orthanc's storage plugin)
     #: The archive stores every file encrypted (the plugin is loaded); the gateway then checks a
-    #: The registry of research projects and their members (compliance/exports/projects.py): a researcher
-    #: requests exports only for a project listed there that they belong to. Must exist (validated at start).
-    exports_projects_file: Path = PROJECT_ROOT / "policies" / "projects.yaml"
     #: study's erasure state before WADO and maps archive read failures to 410 / integrity errors.
     archive_encrypted: bool = False
     #: Where the archive's KEKs live: ``local`` (keyring file) or ``pkcs11`` (an HSM / SoftHSM2).
