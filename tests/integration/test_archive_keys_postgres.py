@@ -29,8 +29,9 @@ def test_new_keys_commit_and_a_racing_custodian_wins_on_postgresql(stack: Stack,
         pytest.fail("the stack's PostgreSQL is not set up (COMPLIANCE_POSTGRES_URL): run deploy/local/up",
                     pytrace=False)
     with scratch_schema(stack.postgres_url, "archkeys") as url:
-        settings = Settings(stack_dir=tmp_path / "stack", archive_keys_database_url=url,
-                            archive_patient_index_key="cd" * 32)
+        # the local stack's custodian runs in development (gateway.env); production is the default
+        settings = Settings(environment="development", stack_dir=tmp_path / "stack",
+                            archive_keys_database_url=url, archive_patient_index_key="cd" * 32)
         store = open_key_store(settings, create=True)
         other = open_key_store(settings)  # another custodian process: its own engine, same database
         try:
