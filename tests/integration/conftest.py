@@ -130,13 +130,24 @@ class Gateway:
     env: dict[str, str]
 
 
-def _database_url(stack: Stack, tmp: Path) -> str:
-    kind = os.environ.get("COMPLIANCE_TEST_DATABASE", "sqlite")
-    if kind == "postgres":
+@contextmanager
+def own_database(stack: Stack, tmp: Path, name: str) -> Iterator[str]:
+    """A migrated database that only the caller's gateway uses: a SQLite file in ``tmp``, or with
+    ``COMPLIANCE_TEST_DATABASE=postgres`` a scratch schema of the stack's PostgreSQL, dropped afterwards.
+
+    Never the stack's database itself: two gateways on one outbox would each ship the other's events
+    to its own index prefix (the integration and security suites each hold a session gateway)."""
+    if os.environ.get("COMPLIANCE_TEST_DATABASE", "sqlite") == "postgres":
         if not stack.postgres_url:
             pytest.fail("COMPLIANCE_TEST_DATABASE=postgres but the stack has no PostgreSQL URL", pytrace=False)
-        return stack.postgres_url
-    return f"sqlite:///{tmp / 'gateway.db'}"
+        from compliance.db.migrate import scratch_schema
+
+        with scratch_schema(stack.postgres_url, name.replace("-", "_")) as url:
+            yield url
+        return
+    url = f"sqlite:///{tmp / f'{name}.db'}"
+    _reset_database(url)
+    yield url
 
 
 def _reset_database(url: str) -> None:
@@ -239,14 +250,13 @@ def drop_prefix(stack: Stack, prefix: str) -> None:
 def gateway(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("gateway")
     prefix = f"test-audit-{uuid.uuid4().hex[:10]}"
-    db = _database_url(stack, tmp)
-    _reset_database(db)
-    gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix)
-    try:
-        yield gw
-    finally:
-        stop_gateway(gw)
-        drop_prefix(stack, prefix)
+    with own_database(stack, tmp, "gateway") as db:
+        gw = start_gateway(stack, tmp, database_url=db, index_prefix=prefix)
+        try:
+            yield gw
+        finally:
+            stop_gateway(gw)
+            drop_prefix(stack, prefix)
 
 
 @contextmanager

@@ -36,11 +36,10 @@ from tests.integration.conftest import (
     AuditIndex,
     Gateway,
     Stack,
-    _database_url,
-    _reset_database,
     delete_study,
     drop_prefix,
     dump,
+    own_database,
     start_gateway,
     stop_gateway,
 )
@@ -56,15 +55,14 @@ DEPTH_LIMIT = 32  # the default of COMPLIANCE_STOW_MAX_SEQUENCE_DEPTH
 def gw(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp: Path = tmp_path_factory.mktemp("stow-framing")
     prefix = f"test-stow-framing-{uuid.uuid4().hex[:10]}"
-    db = _database_url(stack, tmp)
-    _reset_database(db)
-    gateway = start_gateway(stack, tmp, database_url=db, index_prefix=prefix,
-                            extra_env={"COMPLIANCE_STOW_MAX_BYTES": str(64 * 1024 * 1024)})
-    try:
-        yield gateway
-    finally:
-        stop_gateway(gateway)
-        drop_prefix(stack, prefix)
+    with own_database(stack, tmp, "stow-framing") as db:
+        gateway = start_gateway(stack, tmp, database_url=db, index_prefix=prefix,
+                                extra_env={"COMPLIANCE_STOW_MAX_BYTES": str(64 * 1024 * 1024)})
+        try:
+            yield gateway
+        finally:
+            stop_gateway(gateway)
+            drop_prefix(stack, prefix)
 
 
 @pytest.fixture(scope="module")
