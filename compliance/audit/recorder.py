@@ -3,7 +3,7 @@
 This is the only way request handlers record audit events. With ``fail_closed`` (the default,
 DESIGN.md "fail closed") a failure to record raises :class:`~compliance.errors.AuditFailure` and the
 request is refused before any PHI leaves the gateway; otherwise the failure is logged loudly and the
-request proceeds (a per-deployment choice, documented in the README's configuration reference).
+request proceeds (a per-deployment choice, documented in docs/configuration.md).
 """
 
 from __future__ import annotations
