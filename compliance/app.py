@@ -19,7 +19,6 @@ from compliance.api import errors as error_handlers
 from compliance.api import exports as export_routes
 from compliance.api import health
 from compliance.api import metrics as metrics_routes
-from compliance.api.deps import Services
 from compliance.api.edge import Edge
 from compliance.audit.atna import AuditSource
 from compliance.audit.checkpoints import build_checkpointer
@@ -38,6 +37,7 @@ from compliance.dicomweb.interfaces import ArchiveBackend
 from compliance.dicomweb.orthanc import OrthancArchive
 from compliance.dicomweb.service import DicomwebService
 from compliance.policy.rbac import RbacPolicy
+from compliance.wiring import Services
 
 log = logging.getLogger(__name__)
 

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
 from compliance.audit.events import EventTypeCode, Outcome, security_alert_event
-from compliance.audit.recorder import AuditRecorder
-from compliance.audit.reports import AuditReadServices
-from compliance.auth.interfaces import Principal, TokenVerifier
+from compliance.auth.interfaces import Principal
 from compliance.auth.tokens import unverified_username
-from compliance.config import Settings
-from compliance.dicomweb.service import DicomwebService
 from compliance.errors import AuthenticationError
 from compliance.policy.enforce import enforce
-from compliance.policy.interfaces import PolicyDecisionPoint
-
-
-@dataclass
-class Services:
-    """Everything the app factory builds once at start-up."""
-
-    settings: Settings
-    verifier: TokenVerifier
-    auditor: AuditRecorder
-    dicomweb: DicomwebService
-    policy: PolicyDecisionPoint
-    #: The privacy officer's audit search, reports and review queue (compliance/api/audit.py).
-    audit_read: AuditReadServices | None = None
-    #: Research exports and re-identification (compliance/exports/workers.py ExportComponents).
-    exports: Any = None
-    #: Archive key operations (compliance/archive/operations.py KeyOperations); None when unencrypted.
-    archive_keys: Any = None
-    #: Two-person crypto-shred requests (compliance/archive/shred.py ShredRequests); None when unencrypted.
-    shred_requests: Any = None
+from compliance.wiring import Services
 
 
 async def get_services(request: Request) -> Services:
