@@ -6,7 +6,7 @@ Each domain keeps its tables in its own ``models.py`` (``compliance/audit/models
 
 from __future__ import annotations
 
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, Table
 from sqlalchemy.orm import DeclarativeBase
 
 # Stable constraint names so migrations are identical on SQLite and PostgreSQL.
@@ -21,3 +21,12 @@ NAMING_CONVENTION = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core :class:`~sqlalchemy.Table` of a mapped class, typed (``Model.__table__`` is typed as
+    ``FromClause``, which has no ``.insert()``)."""
+    table = model.__table__
+    if not isinstance(table, Table):  # a mapping onto a join or a select: none in this project
+        raise TypeError(f"{model.__name__} is not mapped onto one table")
+    return table
