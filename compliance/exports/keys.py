@@ -24,16 +24,14 @@ stay under the KEK that wrapped them, so that KEK must not be destroyed while a 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.crypto.aead import new_key, open_sealed, seal
 from compliance.crypto.interfaces import DecryptionError, KeyProvider, KeyProviderError, KeyStateConflict
 from compliance.crypto.models import CryptoKek
 from compliance.crypto.streaming import Header
@@ -93,7 +91,7 @@ class ProjectKeyStore:
                     kek_id = self._active_kek(session)
                 except sa_exc.IntegrityError:
                     continue  # another process created the first KEK at the same moment
-                key = AESGCM.generate_key(bit_length=256)
+                key = new_key()
                 session.add(ExportProjectKey(project=project, purpose=purpose, kek_id=kek_id,
                                              wrapped_key=self._provider.wrap(kek_id, key, context=context),
                                              created_at=self._clock()))
@@ -134,18 +132,6 @@ class ProviderPseudonymSecretSource:
 
     def secret_for_project(self, project: str) -> bytes:
         return self._keys.key(project, "pseudonym")
-
-
-def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    nonce = os.urandom(12)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
-
-
-def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
-    try:
-        return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
-    except (InvalidTag, ValueError):
-        raise DecryptionError() from None
 
 
 def _map_aad(project: str, kind: str, pseudonym: str) -> bytes:

@@ -52,6 +52,7 @@ from compliance.audit.events import (
     security_alert_event,
 )
 from compliance.audit.recorder import AuditRecorder
+from compliance.crypto.aead import open_sealed, seal
 from compliance.crypto.streaming import iter_decrypt
 from compliance.deid.profiles import load_profile
 from compliance.dicomweb.routing import is_uid
@@ -68,7 +69,7 @@ from compliance.exports.interfaces import (
     InvalidExportRequest,
     SelfApprovalRefused,
 )
-from compliance.exports.keys import ProjectKeyStore, PseudonymMap, open_sealed, seal
+from compliance.exports.keys import ProjectKeyStore, PseudonymMap
 from compliance.exports.models import ExportDeliveryFile, ExportPseudonym, ExportReidentification, ExportRequest
 from compliance.exports.projects import ProjectRefused, ProjectRegistry
 from compliance.exports.recovery import RecoveryPolicy, dispatch_due, interrupted_reason, running_decision
