@@ -60,7 +60,8 @@ from compliance.audit.checkpoints import (  # noqa: E402
 from compliance.audit.documents import index_name, to_document  # noqa: E402
 from compliance.audit.elasticsearch import ElasticsearchAuditSink  # noqa: E402
 from compliance.audit.events import Outcome, PatientRef, UserRef, query_event  # noqa: E402
-from compliance.audit.outbox import AuditShipper, OutboxEntry, SqlAuditOutbox  # noqa: E402
+from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox  # noqa: E402
+from compliance.audit.shipper import AuditShipper  # noqa: E402
 from compliance.audit.verify import verify_repository  # noqa: E402
 from compliance.config import load_settings  # noqa: E402
 from compliance.db.migrate import scratch_schema, upgrade  # noqa: E402

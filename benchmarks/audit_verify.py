@@ -96,7 +96,8 @@ def prepare(es: str, events: int, tmp: Path) -> tuple[str, str, str]:
     from compliance.audit.documents import to_document
     from compliance.audit.elasticsearch import ElasticsearchAuditSink
     from compliance.audit.events import Outcome, PatientRef, UserRef, query_event
-    from compliance.audit.outbox import AuditShipper, OutboxEntry, SqlAuditOutbox
+    from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
+    from compliance.audit.shipper import AuditShipper
     from compliance.db.migrate import upgrade
     from compliance.db.session import make_engine
 

@@ -26,9 +26,10 @@ from compliance.audit.es_client import elasticsearch_client
 from compliance.audit.events import application_activity_event
 from compliance.audit.fanout import build_audit_sink
 from compliance.audit.interfaces import AuditSink
-from compliance.audit.outbox import AuditShipper, SqlAuditOutbox
+from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.reports import AuditReadServices
+from compliance.audit.shipper import AuditShipper
 from compliance.auth.interfaces import TokenVerifier
 from compliance.auth.tokens import JwksCache, OidcTokenVerifier
 from compliance.config import Settings, get_settings

@@ -17,7 +17,8 @@ from sqlalchemy import select
 from compliance.audit.chain import GENESIS, verify_chain
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
 from compliance.audit.models import AuditOutboxRow
-from compliance.audit.outbox import AuditShipper, OutboxEntry, SqlAuditOutbox, seq_ranges
+from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox, seq_ranges
+from compliance.audit.shipper import AuditShipper
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
 from compliance.errors import AuditFailure

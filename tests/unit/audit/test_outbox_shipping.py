@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 import pytest
 
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
-from compliance.audit.outbox import AuditShipper, OutboxEntry, SqlAuditOutbox
+from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
+from compliance.audit.shipper import AuditShipper
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
 from compliance.errors import AuditFailure

@@ -9,7 +9,8 @@ import pytest
 
 from compliance.audit.fanout import FanOutAuditSink, sink_names
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
-from compliance.audit.outbox import AuditShipper, OutboxEntry, SqlAuditOutbox
+from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
+from compliance.audit.shipper import AuditShipper
 from compliance.config import Settings
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
