@@ -40,12 +40,13 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import Engine, Table, func, insert, select, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from compliance.audit.chain import canonical
 from compliance.audit.models import AuditChainHead, AuditCheckpoint, AuditOutboxRow
 from compliance.audit.writes import audit_transaction
+from compliance.db.base import table_of
 from compliance.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,9 @@ __all__ = [
 DOMAIN = b"compliance-audit-checkpoint/1\n"
 _EMPTY = hashlib.sha256(b"").digest()
 
-_CP: Table = AuditCheckpoint.__table__  # type: ignore[assignment]
-_OUTBOX: Table = AuditOutboxRow.__table__  # type: ignore[assignment]
-_HEAD: Table = AuditChainHead.__table__  # type: ignore[assignment]
+_CP = table_of(AuditCheckpoint)
+_OUTBOX = table_of(AuditOutboxRow)
+_HEAD = table_of(AuditChainHead)
 
 
 # ------------------------------------------------------------------ RFC 6962 Merkle tree hash

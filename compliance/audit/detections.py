@@ -71,7 +71,7 @@ from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from sqlalchemy import Engine, Table, func, select
+from sqlalchemy import Engine, func, select
 
 from compliance.audit.events import (
     Code,
@@ -88,6 +88,7 @@ from compliance.audit.recorder import AuditRecorder
 from compliance.audit.reports import DETECTION_RESOURCE_PREFIX
 from compliance.audit.review import SqlReviewQueue
 from compliance.config import PROJECT_ROOT
+from compliance.db.base import table_of
 from compliance.errors import ComplianceError, ConfigurationError, UpstreamUnavailable
 
 __all__ = [
@@ -635,7 +636,7 @@ class ShippingBacklog(Protocol):
         ...
 
 
-_OUTBOX: Table = AuditOutboxRow.__table__  # type: ignore[assignment]
+_OUTBOX = table_of(AuditOutboxRow)
 
 
 class OutboxBacklog:

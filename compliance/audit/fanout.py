@@ -24,11 +24,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Engine, Table, insert, select
+from sqlalchemy import Engine, insert, select
 
 from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable, ShipResult
 from compliance.audit.models import AuditOutboxDelivery
 from compliance.audit.writes import audit_transaction
+from compliance.db.base import table_of
 from compliance.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FanOutAuditSink", "build_audit_sink", "SINK_NAMES"]
 
-_DELIVERY: Table = AuditOutboxDelivery.__table__  # type: ignore[assignment]
+_DELIVERY = table_of(AuditOutboxDelivery)
 SINK_NAMES = ("elasticsearch", "syslog")
 
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import Engine, Table, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
 from compliance.audit.events import AuditEvent, EventTypeCode, Outcome, UserRef, authentication_event
@@ -53,6 +53,7 @@ from compliance.audit.models import AuditImportCursor, AuditOutboxRow
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.writes import audit_transaction
 from compliance.auth.service_account import ServiceAccountAdmin
+from compliance.db.base import table_of
 from compliance.errors import AuditFailure, UpstreamUnavailable
 
 __all__ = ["IMPORTED_TYPES", "KeycloakEvents", "LoginImport", "LoginImportResult", "event_from_keycloak",
@@ -249,7 +250,7 @@ class LoginImport:
     def _recorded(self, uuids: Iterable[str]) -> set[str]:
         wanted = list(uuids)
         found: set[str] = set()
-        table = AuditOutboxRow.__table__
+        table = table_of(AuditOutboxRow)
         with self._engine.connect() as conn:
             for i in range(0, len(wanted), 500):
                 chunk = wanted[i : i + 500]
@@ -268,7 +269,7 @@ class LoginImport:
         """Move the cursor forward to ``position``, never back (an import that overlapped another may
         end behind it). The first run creates it; if another import created it meanwhile, or it is
         already further on, the insert is refused and the cursor is only moved forward."""
-        table: Table = AuditImportCursor.__table__  # type: ignore[assignment]
+        table = table_of(AuditImportCursor)
         now = self._clock()
         forward = (table.update().where(table.c.source == self._source, table.c.position < position)
                    .values(position=position, updated_at=now))

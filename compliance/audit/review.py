@@ -13,16 +13,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, Table, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from compliance.audit.review_models import AuditDetectionRun, AuditReviewItem
+from compliance.db.base import table_of
 from compliance.errors import Conflict, InvalidRequest, NotFound
 
 __all__ = ["ReviewItem", "ReviewStatus", "SqlReviewQueue"]
 
-_ITEMS: Table = AuditReviewItem.__table__  # type: ignore[assignment]
-_RUNS: Table = AuditDetectionRun.__table__  # type: ignore[assignment]
+_ITEMS = table_of(AuditReviewItem)
+_RUNS = table_of(AuditDetectionRun)
 
 ReviewStatus = str
 STATUSES = ("open", "acknowledged")

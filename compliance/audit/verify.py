@@ -33,7 +33,7 @@ from typing import Any
 from elasticsearch import Elasticsearch
 from elasticsearch import TransportError as EsTransportError
 from elasticsearch.exceptions import ApiError
-from sqlalchemy import Engine, Table, bindparam, select
+from sqlalchemy import Engine, bindparam, select
 
 from compliance.audit.chain import GENESIS, HASH, PREV, SEQ, Finding, Verification, link_hash, verify_chain
 from compliance.audit.checkpoints import Checkpoint, ElasticsearchCheckpoints, SqlCheckpointStore, merkle_root
@@ -41,9 +41,10 @@ from compliance.audit.documents import event_indices
 from compliance.audit.interfaces import AuditSinkUnavailable
 from compliance.audit.models import AuditOutboxRow
 from compliance.audit.outbox import SqlAuditOutbox
+from compliance.db.base import table_of
 
 PAGE = 2000
-_OUTBOX: Table = AuditOutboxRow.__table__  # type: ignore[assignment]
+_OUTBOX = table_of(AuditOutboxRow)
 
 
 def repository_pages(client: Elasticsearch, prefix: str, *, from_seq: int = 1,
