@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from compliance import dicom_json
 from compliance.crypto.interfaces import DataKeyNotFound, KeyProviderError, KeyStateConflict
 from compliance.errors import ComplianceError, InvalidRequest, UpstreamError, UpstreamUnavailable
 
@@ -159,16 +160,12 @@ class ArchiveKeyClient:
             return []
         if resp.status_code != 200:
             raise UpstreamError(f"the archive answered {resp.status_code} to a study search")
-        from compliance.dicomweb.orthanc import person_name
-
         out = []
         for item in resp.json():
-            def first(tag: str, item: dict[str, Any] = item) -> Any:
-                values = (item.get(tag) or {}).get("Value") or []
-                return values[0] if values else None
-            uid = first("0020000D")
+            uid = dicom_json.first_value(item, "0020000D")
             # QIDO matching may be fuzzy for some archives: keep exact patient id matches only.
-            if uid and (first("00100020") in (None, patient_id)):
-                accession = first("00080050")
-                out.append((str(uid), person_name(first("00100010")), str(accession) if accession else None))
+            if uid and (dicom_json.first_value(item, "00100020") in (None, patient_id)):
+                accession = dicom_json.first_value(item, "00080050")
+                out.append((str(uid), dicom_json.person_name(dicom_json.first_value(item, "00100010")),
+                            str(accession) if accession else None))
         return out

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import pydicom
 
+from compliance import dicom_json
 from compliance.archive import dicom_header
 from compliance.archive.keycache import PendingKey
 from compliance.crypto.interfaces import DecryptionError, KeyDestroyed
@@ -104,10 +105,9 @@ def patient_id_of(data: bytes, content_type: int) -> str:
             if value is not None:
                 return str(value)
         elif content_type == CONTENT_DICOM_AS_JSON:
-            doc = json.loads(data)
-            value = (doc.get("0010,0020") or {}).get("Value")
-            if isinstance(value, str):
-                return value
+            found = dicom_json.orthanc_string(json.loads(data), "0010,0020")
+            if found is not None:
+                return found
     except Exception:  # noqa: BLE001 - an unparseable attachment still gets stored, under the non-patient key
         log.warning("attachment content type %s: no PatientID found; using the non-patient key", content_type)
     return NON_PATIENT_ID

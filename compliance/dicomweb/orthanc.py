@@ -27,6 +27,7 @@ from typing import Any, cast
 import aiohttp
 import httpx
 
+from compliance import dicom_json
 from compliance.dicomweb.interfaces import StudySummary, UpstreamResponse
 from compliance.errors import UpstreamError, UpstreamUnavailable
 
@@ -61,24 +62,6 @@ class _TtlCache:
 
     def clear(self) -> None:
         self._data.clear()
-
-
-def _first_value(item: dict, tag: str) -> object | None:
-    el = item.get(tag) or {}
-    values = el.get("Value") or []
-    return values[0] if values else None
-
-
-def person_name(value: object | None) -> str | None:
-    """The Alphabetic (else Ideographic) representation of a DICOM JSON PN value."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        for rep in ("Alphabetic", "Ideographic", "Phonetic"):
-            if value.get(rep):
-                return str(value[rep])
-        return None
-    return str(value)
 
 
 class AiohttpResponse:
@@ -231,13 +214,12 @@ class OrthancArchive:
             summary = None
             if items:
                 item = items[0]
-                modalities = (item.get("00080061") or {}).get("Value") or []
                 summary = StudySummary(
                     study_uid=study_uid,
-                    patient_id=_str_or_none(_first_value(item, "00100020")),
-                    patient_name=person_name(_first_value(item, "00100010")),
-                    accession=_str_or_none(_first_value(item, "00080050")),
-                    modalities=tuple(str(m) for m in modalities),
+                    patient_id=_str_or_none(dicom_json.first_value(item, "00100020")),
+                    patient_name=dicom_json.person_name(dicom_json.first_value(item, "00100010")),
+                    accession=_str_or_none(dicom_json.first_value(item, "00080050")),
+                    modalities=tuple(str(m) for m in dicom_json.values(item, "00080061")),
                 )
         if summary is not None:
             # Only positive answers are cached: a study stored a moment after a miss must still be

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
+from compliance import dicom_json
 from compliance.audit.events import (
     Action,
     AuditEvent,
@@ -42,7 +43,6 @@ from compliance.audit.events import (
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
 from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary, UpstreamResponse
-from compliance.dicomweb.orthanc import person_name
 from compliance.dicomweb.routing import Route, Transaction
 from compliance.dicomweb.stow import StowInstance, StowStreamValidator, reconcile_stow, unvalidated_uids
 from compliance.errors import ComplianceError, UpstreamError, status_of
@@ -187,13 +187,14 @@ class DicomwebService:
             except UpstreamError as exc:
                 await self._fail_search(ctx, route, exc)
             for item in items:
-                pid = _value(item, "00100020")
-                pname = person_name(_value(item, "00100010"))
+                pid = dicom_json.first_text(item, "00100020")
+                pname = dicom_json.first_text(item, "00100010")
                 if pid:
                     patients.setdefault((pid, pname), PatientRef(patient_id=pid, name=pname))
-                suid = _value(item, "0020000D") or route.study_uid
+                suid = dicom_json.first_text(item, "0020000D") or route.study_uid
                 if suid:
-                    studies.setdefault(suid, StudyRef(study_uid=suid, accession=_value(item, "00080050")))
+                    accession = dicom_json.first_text(item, "00080050")
+                    studies.setdefault(suid, StudyRef(study_uid=suid, accession=accession))
         if route.study_uid and upstream.status_code == 200:
             # Series/instance-level results carry no patient attributes: name the study's patient.
             try:
@@ -636,15 +637,6 @@ def _dicom_json_array(body: bytes) -> list[dict[str, Any]]:
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise UpstreamError("the archive returned a QIDO-RS response that is not an array of DICOM JSON objects")
     return items
-
-
-def _value(item: dict, tag: str) -> str | None:
-    el = item.get(tag)
-    values = el.get("Value") if isinstance(el, dict) else None
-    if not isinstance(values, list) or not values:
-        return None
-    v = values[0]
-    return v if isinstance(v, str) else (person_name(v) if isinstance(v, dict) else str(v))
 
 
 async def _read_bounded(resp: UpstreamResponse, limit: int) -> bytes:

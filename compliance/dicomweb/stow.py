@@ -61,6 +61,7 @@ import pydicom
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from compliance import dicom_json
 from compliance.dicomweb.dicom_structure import DEFAULT_MAX_DEPTH, DicomStructure, NestingTooDeep, StructureError
 from compliance.errors import ComplianceError, Conflict, InvalidRequest, UnsupportedMediaType
 
@@ -126,13 +127,15 @@ def parse_stow_answer(body: bytes) -> StowAnswer:
             raise TypeError(type(doc).__name__)
         stored: set[str] = set()
         failed: dict[str, str] = {}
-        for item in (doc.get("00081199") or {}).get("Value") or []:
-            stored.update(str(v) for v in (item.get("00081155") or {}).get("Value") or [])
-        for item in (doc.get("00081198") or {}).get("Value") or []:
-            reason = ((item.get("00081197") or {}).get("Value") or [None])[0]
+        for item in dicom_json.items(doc, "00081199"):
+            stored.update(str(v) for v in dicom_json.values(item, "00081155"))
+        for item in dicom_json.items(doc, "00081198"):
+            reason = dicom_json.first_value(item, "00081197")
+            if reason is not None and not isinstance(reason, int | float | str):
+                raise TypeError(f"failure reason {reason!r}")
             text = "no reason given" if reason is None else \
                 FAILURE_REASONS.get(int(reason), f"failure reason {int(reason):04X}H")
-            for v in (item.get("00081155") or {}).get("Value") or []:
+            for v in dicom_json.values(item, "00081155"):
                 failed[str(v)] = text
     except (ValueError, AttributeError, TypeError, IndexError) as exc:
         raise ValueError("not a DICOM JSON STOW-RS response") from exc
