@@ -1,20 +1,27 @@
-"""WADO-RS retrieval of a ~0.5 MB instance: directly from Orthanc vs through the gateway, same run.
+"""WADO-RS retrieval of a ~0.5 MB instance: from Orthanc, through a plain proxy, through the gateway; same run.
 
-Needs the local stack (deploy/local/up) and wrk (Debian package ``wrk``). Starts its own gateway
-(``compliance serve --workers N``, N = cores by default, its own SQLite outbox, audit shipped to
-Elasticsearch under the index prefix ``bench-audit``, retrieve delegation on) and its nginx front
-(``compliance front``, as ``deploy/local/gateway`` deploys it), stores one synthetic 512x512x16-bit
-instance through it, then for each concurrency runs wrk, one path after the other, against
+Needs the local stack (deploy/local/up), wrk (Debian package ``wrk``) and nginx (``nginx-light``). Starts
+its own gateway (``compliance serve --workers N``, N = cores by default, its own SQLite outbox, audit
+shipped to Elasticsearch under the index prefix ``bench-audit``, retrieve delegation on), its nginx front
+(``compliance front``, as ``deploy/local/gateway`` deploys it) and a plain nginx reverse proxy to Orthanc
+(its configuration written into the run's temporary directory, nginx stopped at the end), stores one
+synthetic 512x512x16-bit instance through the gateway, then for each concurrency runs wrk, one path
+after the other, against
 
     direct:   Orthanc's DICOMweb, HTTP Basic (the gateway's own archive credentials)
+    plain:    a plain nginx reverse proxy to Orthanc, the same Basic credentials passed through: no token
+              check, no audit; the proxy settings towards Orthanc are the front's (keepalive, buffers)
     gateway:  the gateway's own listener, a Keycloak bearer token (verified, authorized, audited);
               the gateway relays the bytes itself (aiohttp -> uvicorn)
     front:    the nginx front, the same token; the gateway decides and audits, nginx pushes the
               bytes (X-Accel-Redirect, compliance/dicomweb/front.py): the deployed configuration
 
-and prints p50/p95 latency and throughput for each, and their ratios to direct. Every gateway and
-front request is a real audited retrieve: the script checks afterwards that the outbox holds one
-event per request.
+and prints for each p50/p95 latency, throughput, its ratio to direct and to plain, and the CPU per
+request of the gateway's processes (``compliance serve`` and its workers) and of the nginx in the path
+(the plain proxy's or the front's). CPU is read from /proc over each timed run and until the outbox has
+shipped every event of it to Elasticsearch, so the shipping is counted to the path that caused it.
+Every gateway and front request is a real audited retrieve: the script checks afterwards that the
+outbox holds one event per request.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--duration 10] [--concurrency 1 16]
 """
@@ -34,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -42,7 +50,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compliance.config import load_settings  # noqa: E402
-from compliance.demo import multipart_related, synthetic_instance  # noqa: E402
+from compliance.demo import synthetic_instance  # noqa: E402
+from compliance.dicomweb.front import nginx_binary  # noqa: E402
+from compliance.dicomweb.stow import multipart_related  # noqa: E402
+
+PATHS = ("direct", "plain", "gateway", "front")
 
 WRK_LUA = """
 done = function(summary, latency, requests)
@@ -51,6 +63,47 @@ done = function(summary, latency, requests)
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
     summary.errors.status, latency:percentile(50), latency:percentile(95), latency:percentile(99)))
 end
+"""
+
+# The plain proxy: nothing but proxy_pass to Orthanc, with the front's settings towards it
+# (compliance/dicomweb/front.py: keepalive, in-memory buffers, one worker, no access log). The client's
+# headers, its Basic credentials included, pass through unchanged. /healthz is answered by nginx itself.
+PLAIN_PROXY_CONF = """worker_processes 1;
+daemon off;
+pid {state}/nginx.pid;
+error_log {state}/error.log warn;
+
+events {{ worker_connections 4096; }}
+
+http {{
+  access_log off;
+  client_body_temp_path {state}/client_body;
+  proxy_temp_path {state}/proxy;
+  fastcgi_temp_path {state}/fastcgi;
+  uwsgi_temp_path {state}/uwsgi;
+  scgi_temp_path {state}/scgi;
+  proxy_max_temp_file_size 0;
+  proxy_buffer_size 64k;
+  proxy_buffers 32 64k;
+  proxy_busy_buffers_size 128k;
+  proxy_http_version 1.1;
+
+  upstream orthanc {{
+    server {archive};
+    keepalive 64;
+    keepalive_timeout 800ms;  # Orthanc closes idle connections after 1 s
+  }}
+
+  server {{
+    listen {listen};
+    location = /healthz {{ return 200; }}
+    location / {{
+      proxy_pass http://orthanc;
+      proxy_set_header Host {archive};
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
 """
 
 
@@ -75,7 +128,53 @@ def wait_healthy(base: str, log: Path, attempts: int = 120) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit(log.read_text()[-3000:])
+    raise SystemExit(log.read_text()[-3000:] if log.exists() else f"{base} never answered; no log at {log}")
+
+
+def start_plain_proxy(archive_url: str, port: int, state: Path) -> subprocess.Popen[bytes]:
+    """nginx in the foreground on 127.0.0.1:``port``, passing everything to the archive; its files in ``state``."""
+    archive = urlsplit(archive_url)
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    config = state / "nginx.conf"
+    config.write_text(PLAIN_PROXY_CONF.format(state=state, listen=f"127.0.0.1:{port}",
+                                              archive=f"{archive.hostname}:{archive.port}"))
+    command = [nginx_binary(), "-c", str(config), "-p", str(state), "-e", str(state / "error.log")]
+    subprocess.run([*command, "-t", "-q"], check=True)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (reaped children included), from /proc."""
+    parent_and_ticks: dict[int, tuple[int, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on: the name may hold spaces
+        parent_and_ticks[int(entry.name)] = (int(fields[1]), sum(int(f) for f in fields[11:15]))  # ppid; u/s/cu/cs time
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in parent_and_ticks.items():
+        children.setdefault(parent, []).append(child)
+    ticks, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        ticks += parent_and_ticks.get(current, (0, 0))[1]
+        pending.extend(children.get(current, []))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_shipped(db: Path, timeout: float = 120) -> None:
+    """Until every outbox row has been shipped to Elasticsearch."""
+    deadline = time.monotonic() + timeout
+    with sqlite3.connect(db) as conn:
+        while conn.execute("select count(*) from audit_outbox where shipped_at is null").fetchone()[0]:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the outbox {db} still holds unshipped events after {timeout:.0f} s")
+            time.sleep(0.2)
 
 
 def run_wrk(url: str, header: str, concurrency: int, duration: int, lua: Path) -> dict[str, float]:
@@ -96,6 +195,30 @@ def run_wrk(url: str, header: str, concurrency: int, duration: int, lua: Path) -
             "p50_ms": vals["p50"] / 1000, "p95_ms": vals["p95"] / 1000, "p99_ms": vals["p99"] / 1000}
 
 
+def compare(row: dict[str, dict[str, float]]) -> None:
+    """Adds to each path its throughput ratio and added latency against direct and against plain."""
+    for m in row.values():
+        for base in ("direct", "plain"):
+            m[f"ratio_{base}"] = m["rps"] / row[base]["rps"]
+            m[f"added_p50_vs_{base}_ms"] = m["p50_ms"] - row[base]["p50_ms"]
+            m[f"added_p95_vs_{base}_ms"] = m["p95_ms"] - row[base]["p95_ms"]
+
+
+def print_table(results: list[dict[str, dict[str, float]]]) -> None:
+    print(f"{'conc':>4} {'path':>8} {'req/s':>8} {'MB/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
+          f"{'x direct':>8} {'x plain':>8} {'+p50 direct':>11} {'+p50 plain':>10} "
+          f"{'gw CPU ms/req':>13} {'nginx CPU ms/req':>16}")
+    for row in results:
+        for name in PATHS:
+            m = row[name]
+            gateway_cpu = f"{m['gateway_cpu_ms_per_request']:.2f}" if name in ("gateway", "front") else "-"
+            nginx_cpu = f"{m['nginx_cpu_ms_per_request']:.2f}" if name in ("plain", "front") else "-"
+            print(f"{int(m['concurrency']):>4} {name:>8} {m['rps']:>8.1f} {m['mbps']:>7.1f} {m['p50_ms']:>7.2f} "
+                  f"{m['p95_ms']:>7.2f} {m['ratio_direct']:>7.2f}x {m['ratio_plain']:>7.2f}x "
+                  f"{m['added_p50_vs_direct_ms']:>+11.2f} {m['added_p50_vs_plain_ms']:>+10.2f} "
+                  f"{gateway_cpu:>13} {nginx_cpu:>16}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
@@ -111,6 +234,7 @@ def main() -> None:
     db = tmp / "bench.db"
     port = free_port()
     front_port = free_port()
+    plain_port = free_port()
     env = {**os.environ, "COMPLIANCE_PORT": str(port), "COMPLIANCE_DATABASE_URL": f"sqlite:///{db}",
            "COMPLIANCE_AUDIT_INDEX_PREFIX": "bench-audit", "COMPLIANCE_RETRIEVE_DELEGATION": "true",
            "COMPLIANCE_PUBLIC_ADDRESS": f"127.0.0.1:{front_port}"}
@@ -122,10 +246,12 @@ def main() -> None:
                               "--backend", f"127.0.0.1:{port}", "--state-dir", str(tmp / "front")], cwd=ROOT,
                              env=env,
                              stdout=log, stderr=subprocess.STDOUT)
+    plain = start_plain_proxy(settings.archive_url, plain_port, tmp / "plain")
     try:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, tmp / "gateway.log")
         wait_healthy(f"http://127.0.0.1:{front_port}", tmp / "gateway.log")
+        wait_healthy(f"http://127.0.0.1:{plain_port}", tmp / "plain" / "error.log")
 
         def token(user: str) -> str:
             r = httpx.post(f"{settings.keycloak_url}/realms/imaging/protocol/openid-connect/token",
@@ -140,29 +266,42 @@ def main() -> None:
                        headers={"Authorization": f"Bearer {token('tom')}", "Content-Type": ct})
         r.raise_for_status()
         path = f"/studies/{study}/series/{series}/instances/{instance}"
-        direct_url = settings.archive_dicomweb_url + path
-        gateway_url = f"{base}/dicom-web{path}"
-        front_url = f"http://127.0.0.1:{front_port}/dicom-web{path}"
         basic = "Authorization: Basic " + base64.b64encode(":".join(archive_auth).encode()).decode()
         bearer = f"Authorization: Bearer {token('rita')}"  # tokens live 300 s: enough for the run
+        dicomweb_root = urlsplit(settings.archive_dicomweb_url).path
+        targets = {  # path -> (url, credentials, the nginx in it)
+            "direct": (settings.archive_dicomweb_url + path, basic, None),
+            "plain": (f"http://127.0.0.1:{plain_port}{dicomweb_root}{path}", basic, plain),
+            "gateway": (f"{base}/dicom-web{path}", bearer, None),
+            "front": (f"http://127.0.0.1:{front_port}/dicom-web{path}", bearer, front),
+        }
         lua = tmp / "report.lua"
         lua.write_text(WRK_LUA)
         before = sqlite3.connect(db).execute("select count(*) from audit_outbox").fetchone()[0]
+
+        def measure(name: str, concurrency: int, duration: int) -> dict[str, float]:
+            """One wrk run on a path, with the CPU the gateway and the path's nginx spent on it (shipping included)."""
+            url, header, nginx = targets[name]
+
+            def cpu() -> tuple[float, float]:
+                return tree_cpu_seconds(gw.pid), tree_cpu_seconds(nginx.pid) if nginx else 0.0
+
+            gateway_before, nginx_before = cpu()
+            m = run_wrk(url, header, concurrency, duration, lua)
+            wait_shipped(db)
+            gateway_after, nginx_after = cpu()
+            return m | {"concurrency": concurrency,
+                        "gateway_cpu_ms_per_request": (gateway_after - gateway_before) * 1000 / m["requests"],
+                        "nginx_cpu_ms_per_request": (nginx_after - nginx_before) * 1000 / m["requests"]}
+
         results = []
         for c in args.concurrency:
-            run_wrk(direct_url, basic, c, 2, lua)  # warm-up every path
-            run_wrk(gateway_url, bearer, c, 2, lua)
-            run_wrk(front_url, bearer, c, 2, lua)
-            direct = run_wrk(direct_url, basic, c, args.duration, lua)
-            through = run_wrk(gateway_url, bearer, c, args.duration, lua)
-            fronted = run_wrk(front_url, bearer, c, args.duration, lua)
-            row = {"concurrency": c, "direct": direct, "gateway": through, "front": fronted}
-            for name, m in (("gateway", through), ("front", fronted)):
-                row[name] |= {"throughput_ratio": m["rps"] / direct["rps"],
-                              "added_p50_ms": m["p50_ms"] - direct["p50_ms"],
-                              "added_p95_ms": m["p95_ms"] - direct["p95_ms"]}
+            for name in PATHS:  # warm-up every path
+                measure(name, c, 2)
+            row = {name: measure(name, c, args.duration) for name in PATHS}
+            compare(row)
             results.append(row)
-        gw_requests = sum(r[name]["requests"] for r in results for name in ("gateway", "front"))
+        gw_requests = sum(row[name]["requests"] for row in results for name in ("gateway", "front"))
         after = sqlite3.connect(db).execute("select count(*) from audit_outbox").fetchone()[0]
         audited = after - before
         # A released retrieve the archive refused comes back to the gateway (two events, the second
@@ -174,10 +313,9 @@ def main() -> None:
             raise SystemExit(f"{refused} audited retrieves were refused by the archive: see {tmp / 'front'}")
         measured = True
     finally:
-        front.terminate()
-        front.wait(timeout=30)
-        gw.terminate()
-        gw.wait(timeout=30)
+        for process in (plain, front, gw):
+            process.terminate()
+            process.wait(timeout=30)
         log.close()
         # by name: the cluster refuses wildcard deletes (action.destructive_requires_name)
         es = settings.elasticsearch_url
@@ -185,22 +323,13 @@ def main() -> None:
                           params={"ignore_unavailable": "true", "allow_no_indices": "true"})
         for index in found.json() if found.status_code == 200 else []:
             httpx.delete(f"{es}/{index}", timeout=30)
-        # The run's database, logs and front state: kept only when the run failed, to read them.
+        # The run's database, logs, front and proxy state: kept only when the run failed, to read them.
         if measured:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"the run failed; its database and logs are kept in {tmp}", file=sys.stderr)
     print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each")
-    print(f"{'conc':>4} {'path':>8} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8}")
-    for r in results:
-        for name in ("direct", "gateway", "front"):
-            m = r[name]
-            print(f"{r['concurrency']:>4} {name:>8} {m['rps']:>9.1f} {m['mbps']:>8.1f} "
-                  f"{m['p50_ms']:>8.2f} {m['p95_ms']:>8.2f}")
-        for name in ("gateway", "front"):
-            m = r[name]
-            print(f"{r['concurrency']:>4} {name + '/d':>8} {m['throughput_ratio']:>9.2f}x  "
-                  f"added p50 {m['added_p50_ms']:+.2f} ms, p95 {m['added_p95_ms']:+.2f} ms")
+    print_table(results)
     # wrk counts only completed requests; warm-up requests are audited too
     print(f"audit events recorded for gateway requests: {audited} (wrk counted {int(gw_requests)} in the timed runs)")
     print("JSON " + json.dumps({"benchmark": "gateway_overhead", "instance_bytes": len(data),
