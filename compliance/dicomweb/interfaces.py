@@ -23,8 +23,12 @@ class UpstreamResponse(Protocol):
     """The archive's answer with its body unread: what the proxy uses of it (``httpx.Response`` has it)."""
 
     status_code: int
-    headers: Any  # a case-insensitive mapping of the response headers
     content: bytes  # after aread()
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The response headers, a case-insensitive mapping (``httpx.Headers``, aiohttp's ``CIMultiDictProxy``)."""
+        ...
 
     def aiter_raw(self) -> AsyncIterator[bytes]: ...
 
@@ -55,3 +59,28 @@ class ArchiveBackend(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class KeyCustodian(Protocol):
+    """The encrypted archive's key custodian, as the proxy asks it why a read failed
+    (:class:`compliance.archive.client.ArchiveKeyClient` is one, structurally).
+
+    States: ``live``, ``shredded`` (its patient's data key was destroyed), ``none`` (no key: nothing
+    stored) or ``unknown_study``. Reports are the custodian's JSON answers.
+    """
+
+    async def patient_state(self, patient_id: str) -> str:
+        """The erasure state of a patient's data key."""
+        ...
+
+    async def study_state(self, study_uid: str) -> str:
+        """The erasure state of a study's patient, resolved by the custodian (down to a tombstone)."""
+        ...
+
+    async def verify_study(self, study_uid: str) -> dict[str, Any]:
+        """Decrypt every DICOM file of the study; ``{"failures": [{"result": ...}, ...], ...}``."""
+        ...
+
+    async def recent_failures(self, within_seconds: float) -> list[dict[str, Any]]:
+        """Files that failed to authenticate on a read in the last ``within_seconds``; each with its ``uuid``."""
+        ...

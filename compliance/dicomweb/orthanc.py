@@ -144,7 +144,7 @@ class OrthancArchive:
         if method == "GET" and content is None and self._use_aiohttp:
             return await self._get(path, query, out_headers)
         request = self._client.build_request(
-            method, self._root + path, params=list(query) if query else None, headers=out_headers,  # type: ignore[arg-type]
+            method, self._root + path, params=list(query) if query else None, headers=out_headers,
             content=content,
         )
         try:

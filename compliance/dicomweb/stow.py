@@ -371,12 +371,13 @@ class StowStreamValidator:
         })
 
     # -- refusing ---------------------------------------------------------------------------------
-    def _refuse(self, message: str, **detail: object) -> None:
-        """A framing error: 400 for the whole request (the first one is raised)."""
+    def _refuse(self, message: str, **detail: object) -> ComplianceError:
+        """A framing error: 400 for the whole request. Returns the error to raise: the first one."""
         if self._error is None:
             self._error = InvalidRequest(message, detail=dict(detail))
         if self._part is not None:
             self._part.failed = True
+        return self._error
 
     def _reject(self, part: _Part, reason: str, **extra: object) -> None:
         """A part that is not an acceptable instance: 409 with the reason per part."""
@@ -586,9 +587,8 @@ class StowStreamValidator:
         want = len(self._starts[1])
         self._start += chunk[: want - len(self._start)]
         if not any(s.startswith(bytes(self._start)) or bytes(self._start).startswith(s) for s in self._starts):
-            self._refuse("the body must begin with its first delimiter: nothing may come before the first "
-                         "boundary (a preamble)")
-            raise self._error  # type: ignore[misc]
+            raise self._refuse("the body must begin with its first delimiter: nothing may come before the "
+                               "first boundary (a preamble)")
         if len(self._start) >= want:
             self._start_checked = True
 
@@ -596,9 +596,8 @@ class StowStreamValidator:
         """Nothing after the close delimiter but one CRLF: another parser could read a part there."""
         self._epilogue += extra[:3]
         if not b"\r\n".startswith(bytes(self._epilogue)):
-            self._refuse("bytes after the close delimiter (an epilogue) are not accepted: another parser could "
-                         "read a part there")
-            raise self._error  # type: ignore[misc]
+            raise self._refuse("bytes after the close delimiter (an epilogue) are not accepted: another parser "
+                               "could read a part there")
 
     def feed(self, chunk: bytes) -> bytes:
         """Consume a chunk; return the bytes of the archive's body now ready (possibly empty)."""
@@ -635,8 +634,7 @@ class StowStreamValidator:
         if not self._ended:
             raise InvalidRequest("the multipart body is truncated: no closing boundary")
         if bytes(self._epilogue) not in (b"", b"\r\n"):
-            self._refuse("bytes after the close delimiter (an epilogue) are not accepted")
-            raise self._error  # type: ignore[misc]
+            raise self._refuse("bytes after the close delimiter (an epilogue) are not accepted")
         if not self.instances:
             raise InvalidRequest("the multipart body holds no parts")
         self._out.append(b"\r\n--" + self.boundary.encode() + b"--\r\n")
