@@ -227,6 +227,7 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
+    load_before = os.getloadavg()[0]  # other work on a shared machine moves every figure
     settings = load_settings()
     archive_auth = (settings.archive_username, settings.archive_password.get_secret_value())
     tmp = Path(tempfile.mkdtemp(prefix="bench-gw-"))
@@ -328,12 +329,14 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"the run failed; its database and logs are kept in {tmp}", file=sys.stderr)
-    print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each")
+    print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each, "
+          f"{os.cpu_count()} cores, 1-min load average before the run {load_before:.2f}")
     print_table(results)
     # wrk counts only completed requests; warm-up requests are audited too
     print(f"audit events recorded for gateway requests: {audited} (wrk counted {int(gw_requests)} in the timed runs)")
     print("JSON " + json.dumps({"benchmark": "gateway_overhead", "instance_bytes": len(data),
-                                "workers": args.workers, "results": results, "audited": audited}))
+                                "workers": args.workers, "load_before": load_before, "results": results,
+                                "audited": audited}))
 
 
 if __name__ == "__main__":
