@@ -2,7 +2,7 @@
 
 Every route: the bearer token (``CurrentPrincipal``), then the decision (``audit:events:search`` for
 searching and the review queue, ``audit:reports:run`` for reports; a denial is 403 and a 110113
-alert, :func:`compliance.policy.enforce.enforce`), then the read, then a 110101 Audit Log Used event
+alert, :class:`compliance.api.deps.RequirePermission`), then the read, then a 110101 Audit Log Used event
 naming who asked and what (the query as its "Query" detail), recorded durably before the answer
 leaves. A read that fails (bad cursor, Elasticsearch down) is recorded too, with a failure outcome.
 """
@@ -14,18 +14,19 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, client_address
-from compliance.audit.events import Outcome, audit_log_used_event
+from compliance.api.deps import RequirePermission, Services, ServicesDep, client_address
+from compliance.audit.codes import Outcome
+from compliance.audit.events import audit_log_used_event
 from compliance.audit.queries import MAX_PAGE_SIZE, AuditSearch
 from compliance.audit.reports import MEDIA_TYPES, PDF_KINDS, AuditReadServices, ReportFormat, ReportKind, render
 from compliance.auth.interfaces import Principal
 from compliance.errors import ComplianceError, ConfigurationError, Conflict, InvalidRequest, NotFound
-from compliance.policy.enforce import enforce, user_ref
+from compliance.policy.enforce import user_ref
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
 
@@ -35,17 +36,17 @@ REVIEW = "audit:alerts:review"
 
 T = TypeVar("T")
 
+#: The principal, once the policy grants the permission (else 403 and a 110113 alert "denied <action>").
+Searcher = Annotated[Principal, Depends(RequirePermission(SEARCH, "search the audit trail"))]
+ReportRunner = Annotated[Principal, Depends(RequirePermission(REPORTS, "run the {kind} report"))]
+QueueReader = Annotated[Principal, Depends(RequirePermission(SEARCH, "read the audit review queue"))]
+Reviewer = Annotated[Principal, Depends(RequirePermission(REVIEW, "review audit alerts"))]
+
 
 def _reader(services: Services) -> AuditReadServices:
     if services.audit_read is None:
         raise ConfigurationError("the audit read services are not configured")
     return services.audit_read
-
-
-async def _guard(request: Request, principal: Principal, services: Services, permission: str, action: str) -> None:
-    await enforce(services.policy, services.auditor, principal, permission, action=action,
-                  resource=f"api:{request.url.path}", source_address=client_address(request),
-                  gateway_id=services.settings.audit_source_id)
 
 
 async def _audited(request: Request, principal: Principal, services: Services, query: dict[str, Any],
@@ -93,7 +94,7 @@ Strs = Annotated[list[str] | None, Query()]
 @router.get("/events")
 async def search_events(
     request: Request,
-    principal: CurrentPrincipal,
+    principal: Searcher,
     services: ServicesDep,
     user: Strs = None,
     patient: Strs = None,
@@ -109,7 +110,6 @@ async def search_events(
     include_xml: bool = False,
 ) -> dict[str, Any]:
     """Search the audit trail; page with ``cursor`` = the previous page's ``next_cursor``."""
-    await _guard(request, principal, services, SEARCH, "search the audit trail")
     reader = _reader(services)
     query = {"params": sorted(request.query_params.multi_items())}
 
@@ -131,7 +131,7 @@ async def search_events(
 async def run_report(
     kind: ReportKind,
     request: Request,
-    principal: CurrentPrincipal,
+    principal: ReportRunner,
     services: ServicesDep,
     patient: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
     user: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
@@ -140,7 +140,6 @@ async def run_report(
     format: ReportFormat = ReportFormat.JSON,  # noqa: A002 - the public parameter name
 ) -> Response:
     """One of the four reports as JSON, CSV or (patient access, disclosures) PDF."""
-    await _guard(request, principal, services, REPORTS, f"run the {kind.value} report")
     reader = _reader(services)
     if format is ReportFormat.PDF and kind not in PDF_KINDS:
         raise InvalidRequest(f"PDF is offered for {', '.join(sorted(k.value for k in PDF_KINDS))} only")
@@ -168,14 +167,13 @@ class AlertUpdate(BaseModel):
 @router.get("/alerts")
 async def list_alerts(
     request: Request,
-    principal: CurrentPrincipal,
+    principal: QueueReader,
     services: ServicesDep,
     status: Literal["open", "acknowledged"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[int | None, Query(ge=0)] = None,
 ) -> dict[str, Any]:
     """The detection findings awaiting (or past) review, oldest first; page with ``after`` = the last id."""
-    await _guard(request, principal, services, SEARCH, "read the audit review queue")
     reader = _reader(services)
 
     def read() -> dict[str, Any]:
@@ -192,11 +190,10 @@ async def update_alert(
     item_id: int,
     update: AlertUpdate,
     request: Request,
-    principal: CurrentPrincipal,
+    principal: Reviewer,
     services: ServicesDep,
 ) -> JSONResponse:
     """Acknowledge a finding (``{"status": "acknowledged", "note": "..."}``); 409 when already acknowledged."""
-    await _guard(request, principal, services, REVIEW, "review audit alerts")
     reader = _reader(services)
     log_uri = reader.audit_log_uri + "#review-queue"
     # The item (and the events it cites) is read before it changes: the read is durable first, so an

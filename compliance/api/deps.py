@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from compliance.audit.events import EventTypeCode, Outcome, security_alert_event
+from compliance.audit.codes import EventTypeCode, Outcome
+from compliance.audit.events import security_alert_event
 from compliance.auth.interfaces import Principal
 from compliance.auth.tokens import unverified_username
 from compliance.errors import AuthenticationError
@@ -71,19 +72,31 @@ CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
 
 
 class RequirePermission:
-    """A dependency: the authenticated principal, once the policy grants it ``permission``; otherwise
-    403 and a 110113 alert (``compliance.policy.enforce``).
-    Used as ``Annotated[Principal, Depends(RequirePermission("..."))]``."""
+    """A dependency: the authenticated principal, once the policy grants it ``permission`` on
+    ``api:<path>``; otherwise 403 and a 110113 alert (``compliance.policy.enforce``) that says
+    ``denied <action>``. Used as ``Annotated[Principal, Depends(RequirePermission("..."))]``.
 
-    def __init__(self, permission: str) -> None:
+    ``action`` is what the alert and the 403 say was refused: ``"<METHOD> <path>"`` by default, or a
+    phrase of the route's (``"approve an export"``) in which ``{name}`` stands for the path parameter
+    ``name`` (``"run the {kind} report"``). Being a dependency, it runs before FastAPI reads and checks
+    the route's own parameters and body."""
+
+    def __init__(self, permission: str, action: str | None = None) -> None:
         self.permission = permission
+        self.action = action
 
     async def __call__(self, request: Request, principal: CurrentPrincipal, services: ServicesDep) -> Principal:
-        path = request.url.path
-        await enforce(services.policy, services.auditor, principal, self.permission,
-                      action=f"{request.method} {path}", resource=f"api:{path}",
-                      source_address=client_address(request), gateway_id=services.settings.audit_source_id)
+        await self.check(request, principal, services)
         return principal
+
+    async def check(self, request: Request, principal: Principal, services: Services) -> None:
+        """Return when allowed; otherwise audit the denial and raise ``PermissionDenied``."""
+        path = request.url.path
+        action = (f"{request.method} {path}" if self.action is None
+                  else self.action.format_map(request.path_params))
+        await enforce(services.policy, services.auditor, principal, self.permission, action=action,
+                      resource=f"api:{path}", source_address=client_address(request),
+                      gateway_id=services.settings.audit_source_id)
 
 
 #: Status for operators (metrics, the API description): ``system:status:read`` (the admin role).

@@ -5,8 +5,8 @@ A request names a registered project (``GET /api/v1/exports/projects``: a resear
 sees all with their members); the service checks the caller's membership from the token's username and
 ``groups`` claim (``compliance.exports.projects``).
 
-Each route: the token (``CurrentPrincipal``), the permission (``enforce``: a denial is 403 and a
-110113 alert), then the service (``compliance.exports.service``) in a worker thread; the service
+Each route: the token (``CurrentPrincipal``), the permission (``RequirePermission``: a denial is 403
+and a 110113 alert), then the service (``compliance.exports.service``) in a worker thread; the service
 records the audit event of the step (``compliance.exports.audit`` says which) before answering.
 """
 
@@ -14,17 +14,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, client_address
+from compliance.api.deps import CurrentPrincipal, RequirePermission, Services, ServicesDep, client_address
 from compliance.auth.interfaces import Principal
 from compliance.errors import ConfigurationError
 from compliance.exports.service import NewExport
 from compliance.exports.workers import ExportComponents
-from compliance.policy.enforce import enforce, user_ref
+from compliance.policy.enforce import user_ref
 
 router = APIRouter(prefix="/api/v1/exports", tags=["exports"])
 
@@ -66,31 +66,43 @@ class ReidentificationBody(BaseModel):
 def _exports(services: Services) -> ExportComponents:
     if services.exports is None:
         raise ConfigurationError("research exports are not configured")
-    return services.exports  # type: ignore[no-any-return]
+    return services.exports
 
 
-async def _guard(request: Request, principal: Principal, services: Services, permission: str, action: str) -> None:
-    await enforce(services.policy, services.auditor, principal, permission, action=action,
-                  resource=f"api:{request.url.path}", source_address=client_address(request),
-                  gateway_id=services.settings.audit_source_id)
+#: Who may do each step: the principal, once the policy grants the permission (else 403 and a 110113
+#: alert saying "denied <action>").
+Requester = Annotated[Principal, Depends(RequirePermission("exports:request:create", "request an export"))]
+Approver = Annotated[Principal, Depends(RequirePermission("exports:request:approve", "approve an export"))]
+Rejecter = Annotated[Principal, Depends(RequirePermission("exports:request:approve", "reject an export"))]
+Downloader = Annotated[Principal, Depends(RequirePermission("exports:bundle:download-own",
+                                                            "download an export bundle"))]
+_REIDENTIFY = "exports:pseudonym:reidentify"
+ReidentificationRequester = Annotated[Principal, Depends(RequirePermission(_REIDENTIFY,
+                                                                           "request a re-identification"))]
+ReidentificationApprover = Annotated[Principal, Depends(RequirePermission(_REIDENTIFY,
+                                                                          "approve a re-identification"))]
+ReidentificationRejecter = Annotated[Principal, Depends(RequirePermission(_REIDENTIFY,
+                                                                          "reject a re-identification"))]
+ReidentificationRevealer = Annotated[Principal, Depends(RequirePermission(_REIDENTIFY,
+                                                                          "reveal a re-identification"))]
+_READ_OWN = RequirePermission("exports:request:read-own", "read export requests")
 
 
-def _may(services: Services, principal: Principal, permission: str, request: Request) -> bool:
-    return services.policy.decide(principal, permission, f"api:{request.url.path}").allowed
-
-
-async def _reader_scope(request: Request, principal: Principal, services: Services) -> bool:
+async def _may_read_all(request: Request, principal: CurrentPrincipal, services: ServicesDep) -> bool:
     """True: may read every request (steward); False: own requests only; else 403 (audited)."""
-    if _may(services, principal, "exports:request:read", request):
+    if services.policy.decide(principal, "exports:request:read", f"api:{request.url.path}").allowed:
         return True
-    await _guard(request, principal, services, "exports:request:read-own", "read export requests")
+    await _READ_OWN.check(request, principal, services)
     return False
 
 
+#: Whether the caller reads every export request (steward) or only their own (researcher); 403 otherwise.
+MayReadAll = Annotated[bool, Depends(_may_read_all)]
+
+
 @router.post("", status_code=201)
-async def create_export(body: ExportRequestBody, request: Request, principal: CurrentPrincipal,
+async def create_export(body: ExportRequestBody, request: Request, principal: Requester,
                         services: ServicesDep) -> dict[str, Any]:
-    await _guard(request, principal, services, "exports:request:create", "request an export")
     destination: str | dict[str, Any] = (body.destination if isinstance(body.destination, str)
                                          else body.destination.model_dump(exclude_none=True))
     new = NewExport(project=body.project, protocol=body.protocol, purpose=body.purpose, profile=body.profile,
@@ -101,11 +113,10 @@ async def create_export(body: ExportRequestBody, request: Request, principal: Cu
 
 
 @router.get("")
-async def list_exports(request: Request, principal: CurrentPrincipal, services: ServicesDep,
+async def list_exports(principal: CurrentPrincipal, may_read_all: MayReadAll, services: ServicesDep,
                        state: Annotated[str | None, Query(max_length=16)] = None) -> dict[str, Any]:
-    everything = await _reader_scope(request, principal, services)
     items = await run_in_threadpool(_exports(services).service.list, reader_id=principal.subject,
-                                    may_read_all=everything, state=state)
+                                    may_read_all=may_read_all, state=state)
     return {"items": items}
 
 
@@ -113,29 +124,28 @@ async def list_exports(request: Request, principal: CurrentPrincipal, services: 
 # (declared before /{request_id} routes so the literal segments win)
 
 @router.get("/destinations")
-async def list_destinations(request: Request, principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
+async def list_destinations(principal: CurrentPrincipal, may_read_all: MayReadAll,
+                            services: ServicesDep) -> dict[str, Any]:
     """Where an export may go: the bundle, and the research archives of the server's allow-list (for a
     researcher, those their projects may use)."""
-    everything = await _reader_scope(request, principal, services)
     service = _exports(services).service
-    mine = None if everything else [p.id for p in service.projects.of_member(principal.username, principal.groups)]
+    mine = None if may_read_all else [p.id for p in service.projects.of_member(principal.username, principal.groups)]
     bundle = {"name": "bundle", "kind": "bundle", "description": "encrypted zip, downloaded by the requester"}
     return {"items": [bundle, *service.destinations.public(mine)]}
 
 
 @router.get("/projects")
-async def list_projects(request: Request, principal: CurrentPrincipal, services: ServicesDep) -> dict[str, Any]:
+async def list_projects(principal: CurrentPrincipal, may_read_all: MayReadAll,
+                        services: ServicesDep) -> dict[str, Any]:
     """The registered projects: for a researcher, the open ones they may request for; for a steward, all."""
-    everything = await _reader_scope(request, principal, services)
     registry = _exports(services).service.projects
-    projects = registry.all() if everything else registry.of_member(principal.username, principal.groups)
+    projects = registry.all() if may_read_all else registry.of_member(principal.username, principal.groups)
     return {"items": [p.public() for p in projects]}
 
 
 @router.post("/reidentifications", status_code=201)
-async def request_reidentification(body: ReidentificationBody, request: Request, principal: CurrentPrincipal,
-                                   services: ServicesDep) -> dict[str, Any]:
-    await _guard(request, principal, services, "exports:pseudonym:reidentify", "request a re-identification")
+async def request_reidentification(body: ReidentificationBody, request: Request,
+                                   principal: ReidentificationRequester, services: ServicesDep) -> dict[str, Any]:
     return await run_in_threadpool(
         lambda: _exports(services).reidentification.request(
             user_ref(principal, client_address(request)), project=body.project, kind=body.kind,
@@ -143,25 +153,22 @@ async def request_reidentification(body: ReidentificationBody, request: Request,
 
 
 @router.post("/reidentifications/{request_id}/approve")
-async def approve_reidentification(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
-                                   services: ServicesDep) -> dict[str, Any]:
-    await _guard(request, principal, services, "exports:pseudonym:reidentify", "approve a re-identification")
+async def approve_reidentification(request_id: str, body: Decision, request: Request,
+                                   principal: ReidentificationApprover, services: ServicesDep) -> dict[str, Any]:
     return await run_in_threadpool(lambda: _exports(services).reidentification.decide(
         request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment))
 
 
 @router.post("/reidentifications/{request_id}/reject")
-async def reject_reidentification(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
-                                  services: ServicesDep) -> dict[str, Any]:
-    await _guard(request, principal, services, "exports:pseudonym:reidentify", "reject a re-identification")
+async def reject_reidentification(request_id: str, body: Decision, request: Request,
+                                  principal: ReidentificationRejecter, services: ServicesDep) -> dict[str, Any]:
     return await run_in_threadpool(lambda: _exports(services).reidentification.decide(
         request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment))
 
 
 @router.post("/reidentifications/{request_id}/reveal")
-async def reveal_reidentification(request_id: str, request: Request, principal: CurrentPrincipal,
+async def reveal_reidentification(request_id: str, request: Request, principal: ReidentificationRevealer,
                                   services: ServicesDep) -> dict[str, Any]:
-    await _guard(request, principal, services, "exports:pseudonym:reidentify", "reveal a re-identification")
     return await run_in_threadpool(lambda: _exports(services).reidentification.reveal(
         request_id, user_ref(principal, client_address(request))))
 
@@ -169,33 +176,29 @@ async def reveal_reidentification(request_id: str, request: Request, principal: 
 # --------------------------------------------------------------------------- one export request
 
 @router.get("/{request_id}")
-async def get_export(request_id: str, request: Request, principal: CurrentPrincipal,
+async def get_export(request_id: str, principal: CurrentPrincipal, may_read_all: MayReadAll,
                      services: ServicesDep) -> dict[str, Any]:
-    everything = await _reader_scope(request, principal, services)
     return await run_in_threadpool(lambda: _exports(services).service.get(
-        request_id, reader_id=principal.subject, may_read_all=everything))
+        request_id, reader_id=principal.subject, may_read_all=may_read_all))
 
 
 @router.post("/{request_id}/approve")
-async def approve_export(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
+async def approve_export(request_id: str, body: Decision, request: Request, principal: Approver,
                          services: ServicesDep) -> dict[str, Any]:
-    await _guard(request, principal, services, "exports:request:approve", "approve an export")
     return await run_in_threadpool(lambda: _exports(services).service.decide(
         request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment))
 
 
 @router.post("/{request_id}/reject")
-async def reject_export(request_id: str, body: Decision, request: Request, principal: CurrentPrincipal,
+async def reject_export(request_id: str, body: Decision, request: Request, principal: Rejecter,
                         services: ServicesDep) -> dict[str, Any]:
-    await _guard(request, principal, services, "exports:request:approve", "reject an export")
     return await run_in_threadpool(lambda: _exports(services).service.decide(
         request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment))
 
 
 @router.get("/{request_id}/bundle")
-async def download_bundle(request_id: str, request: Request, principal: CurrentPrincipal,
+async def download_bundle(request_id: str, request: Request, principal: Downloader,
                           services: ServicesDep) -> StreamingResponse:
-    await _guard(request, principal, services, "exports:bundle:download-own", "download an export bundle")
     bundle = await run_in_threadpool(lambda: _exports(services).service.open_bundle(
         request_id, user_ref(principal, client_address(request)), destination_uri=str(request.url)))
     return StreamingResponse(bundle.chunks, media_type="application/zip", headers={
