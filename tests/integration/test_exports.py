@@ -254,7 +254,7 @@ def test_exports_on_dramatiq_workers(stack, gateway, redis_url, tmp_path):  # ty
     gw = start_gateway(stack, tmp_path, database_url=db, index_prefix=prefix, extra_env=env)
     worker_env = {**gw.env, **env}
     log = open(tmp_path / "dramatiq.log", "wb")  # noqa: SIM115
-    workers = subprocess.Popen([str(Path(sys.executable).with_name("dramatiq")), "compliance.exports.dramatiq_actors",
+    workers = subprocess.Popen([str(Path(sys.executable).with_name("dramatiq")), "compliance.worker",
                                 "--processes", "2", "--threads", "1"], cwd=PROJECT_ROOT, env=worker_env,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -452,7 +452,7 @@ def test_export_pushed_to_a_research_archive(stack, research_archive, own_databa
             assert resp.status_code == 200, resp.text
             for value in source_values:
                 assert value.encode() not in resp.content, value
-            from compliance.exports.jobs import multipart_parts
+            from compliance.dicomweb.reader import multipart_parts
 
             (data,) = multipart_parts(resp.headers["content-type"], resp.content)
             ds = pydicom.dcmread(io.BytesIO(data))
@@ -521,7 +521,7 @@ def _approve(url: str, stack, rid: str) -> httpx.Response:  # type: ignore[no-un
 
 def _start_dramatiq(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, object]:
     log = open(log_path, "wb")  # noqa: SIM115 - closed by _stop_dramatiq
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dramatiq")), "compliance.exports.dramatiq_actors",
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("dramatiq")), "compliance.worker",
                              "--processes", "1", "--threads", "1"], cwd=PROJECT_ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
@@ -672,7 +672,7 @@ class FakeResearchArchive:
         import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-        from compliance.exports.jobs import multipart_parts
+        from compliance.dicomweb.reader import multipart_parts
 
         self.received: list[list[str]] = []
         self.hold_request: int | None = None

@@ -249,7 +249,7 @@ def test_the_disclosure_is_durable_before_the_batch_leaves(pushworld):  # type: 
 
 def test_a_destination_removed_from_the_list_is_not_used(pushworld):  # type: ignore[no-untyped-def]
     rid = pushworld.approved()
-    pushworld.comps.job._destinations = DestinationRegistry()  # the list changed after approval
+    pushworld.comps.job._push._destinations = DestinationRegistry()  # the list changed after approval
     assert run_claimed(pushworld.comps, rid) == "failed"
     assert "no longer configured" in pushworld.service.get(rid, reader_id="x", may_read_all=True)["error"]
     assert pushworld.stow.batches == []

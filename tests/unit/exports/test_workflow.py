@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from compliance.audit.atna import AuditSource
-from compliance.audit.events import UserRef
+from compliance.audit.message import UserRef
 from compliance.audit.models import AuditOutboxRow
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
@@ -27,6 +27,7 @@ from compliance.crypto.interfaces import DecryptionError
 from compliance.crypto.providers.local import LocalKeyProvider
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine, make_session_factory
+from compliance.dicomweb.reader import multipart_parts
 from compliance.exports.interfaces import (
     BundleExpired,
     ExportNotFound,
@@ -34,7 +35,7 @@ from compliance.exports.interfaces import (
     InvalidExportRequest,
     SelfApprovalRefused,
 )
-from compliance.exports.jobs import ExportJob, multipart_parts
+from compliance.exports.jobs import ExportJob
 from compliance.exports.keys import ProjectKeyStore, ProviderPseudonymSecretSource, PseudonymMap
 from compliance.exports.projects import ProjectRegistry, projects_from_mapping
 from compliance.exports.service import ExportService, NewExport, ReidentificationService
@@ -332,11 +333,11 @@ def test_held_back_report_names_where_and_what_never_a_digest_of_the_value(world
 def test_an_archive_error_never_carries_the_source_uids():
     import httpx
 
+    from compliance.dicomweb.reader import DicomwebArchiveReader
     from compliance.errors import UpstreamError
-    from compliance.exports.jobs import DicomwebArchiveReader
 
     reader = DicomwebArchiveReader("http://archive", "/dicom-web", username="u", password="p")
-    reader._client = httpx.Client(base_url="http://archive", transport=httpx.MockTransport(
+    reader._http = httpx.Client(base_url="http://archive", transport=httpx.MockTransport(
         lambda request: httpx.Response(500, text="boom")))
     uids = ("1.2.840.99.1", "1.2.840.99.2", "1.2.840.99.3")
     with pytest.raises(UpstreamError) as failed:
