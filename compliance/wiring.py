@@ -1,12 +1,26 @@
-"""The composition root: every service of the gateway is built here, once per process, from one
-:class:`~compliance.config.Settings`. The app (:mod:`compliance.app`), the CLIs (:mod:`compliance.cli`)
-and the export workers (:mod:`compliance.worker`) build what they need through :class:`Wiring` and
-nothing else; no domain module builds another domain's services.
+"""The composition root: every service is built here, once per process, from one
+:class:`~compliance.config.Settings`.
+
+The gateway (:mod:`compliance.app`), the CLIs (:mod:`compliance.cli`) and the export workers
+(:mod:`compliance.worker`) each hold one :class:`Wiring` and take what they need from it; a service is
+built on first use, so a CLI command that only reads the outbox never connects to Elasticsearch.
+No domain module builds another domain's services. :meth:`Wiring.aclose` (or :meth:`Wiring.close` where
+nothing asynchronous was built) releases what was built, in reverse order.
+
+The one difference between the kinds of process is :class:`Role`: the gateway records audit events
+fail-closed only when ``COMPLIANCE_AUDIT_FAIL_CLOSED`` says so, while a CLI command or a worker always
+fails when its event cannot be recorded (an operator action or an export that was never audited did not
+happen).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 from compliance.archive.operations import KeyOperations
 from compliance.archive.shred import ShredRequests
@@ -15,8 +29,31 @@ from compliance.audit.reports import AuditReadServices
 from compliance.auth.interfaces import TokenVerifier
 from compliance.config import Settings
 from compliance.dicomweb.service import DicomwebService
+from compliance.exports.interfaces import ExportQueue
 from compliance.exports.workers import ExportComponents
 from compliance.policy.interfaces import PolicyDecisionPoint
+
+if TYPE_CHECKING:
+    import httpx
+    from elasticsearch import Elasticsearch
+    from sqlalchemy import Engine
+
+    from compliance.archive.client import ArchiveKeyClient
+    from compliance.audit.atna import AuditSource
+    from compliance.audit.checkpoints import AuditCheckpointer
+    from compliance.audit.interfaces import AuditSink
+    from compliance.audit.outbox import SqlAuditOutbox
+    from compliance.audit.shipper import AuditShipper
+    from compliance.dicomweb.interfaces import ArchiveBackend
+    from compliance.dicomweb.orthanc import OrthancArchive
+
+log = logging.getLogger(__name__)
+
+
+class Role(Enum):
+    GATEWAY = "gateway"
+    CLI = "cli"
+    WORKER = "worker"
 
 
 @dataclass
@@ -36,3 +73,260 @@ class Services:
     archive_keys: KeyOperations | None = None
     #: Two-person crypto-shred requests; None when the archive is not encrypted.
     shred_requests: ShredRequests | None = None
+
+
+@dataclass
+class Overrides:
+    """Backends a test may substitute (a unit test of pure logic only; never an end-to-end test)."""
+
+    verifier: TokenVerifier | None = None
+    archive: ArchiveBackend | None = None
+    sink: AuditSink | None = None
+
+
+class Wiring:
+    """Each property builds its service on first use and keeps it for the life of the process."""
+
+    def __init__(self, settings: Settings, role: Role, overrides: Overrides | None = None) -> None:
+        self.settings = settings
+        self.role = role
+        self.overrides = overrides or Overrides()
+
+    # -- storage and audit -------------------------------------------------------------------------
+
+    @cached_property
+    def engine(self) -> Engine:
+        from compliance.db.session import make_engine
+
+        return make_engine(self.settings.effective_database_url)
+
+    @cached_property
+    def outbox(self) -> SqlAuditOutbox:
+        from compliance.audit.outbox import SqlAuditOutbox
+
+        return SqlAuditOutbox(self.engine)
+
+    @cached_property
+    def audit_source(self) -> AuditSource:
+        from compliance.audit.atna import AuditSource
+
+        return AuditSource(source_id=self.settings.audit_source_id,
+                           enterprise_site_id=self.settings.audit_enterprise_site_id)
+
+    @cached_property
+    def recorder(self) -> AuditRecorder:
+        """The only way anything records an audit event: into the durable outbox."""
+        fail_closed = self.settings.audit_fail_closed if self.role is Role.GATEWAY else True
+        return AuditRecorder(self.outbox, self.audit_source, fail_closed=fail_closed)
+
+    @cached_property
+    def elasticsearch(self) -> Elasticsearch:
+        """One Elasticsearch client (TLS and credentials from the settings) and its connection pool,
+        for the sink, the checkpoints and the privacy officer's reads."""
+        from compliance.audit.es_client import elasticsearch_client
+
+        return elasticsearch_client(self.settings)
+
+    @cached_property
+    def sink(self) -> AuditSink:
+        from compliance.audit.fanout import build_audit_sink
+
+        return self.overrides.sink or build_audit_sink(self.settings, self.engine, es_client=self.elasticsearch)
+
+    @cached_property
+    def checkpointer(self) -> AuditCheckpointer | None:
+        from compliance.audit.checkpoints import build_checkpointer
+
+        return build_checkpointer(self.settings, self.engine, self.sink)
+
+    @cached_property
+    def shipper(self) -> AuditShipper:
+        from compliance.audit.shipper import AuditShipper
+
+        s = self.settings
+        return AuditShipper(self.outbox, self.sink, batch_size=s.audit_ship_batch_size,
+                            interval_seconds=s.audit_ship_interval_seconds,
+                            max_backoff_seconds=s.audit_ship_max_backoff_seconds, checkpointer=self.checkpointer)
+
+    @cached_property
+    def audit_read(self) -> AuditReadServices:
+        return AuditReadServices.from_settings(self.settings, engine=self.engine,
+                                               client=self.elasticsearch.options(request_timeout=30))
+
+    # -- identity and policy -----------------------------------------------------------------------
+
+    @cached_property
+    def http(self) -> httpx.AsyncClient:
+        """The gateway's outbound HTTP client for Keycloak (the realm's JWKS)."""
+        import httpx
+
+        return httpx.AsyncClient(timeout=5.0)
+
+    @cached_property
+    def verifier(self) -> TokenVerifier:
+        if self.overrides.verifier is not None:
+            return self.overrides.verifier
+        from compliance.auth.tokens import JwksCache, OidcTokenVerifier
+
+        s = self.settings
+        return OidcTokenVerifier(
+            issuer=s.oidc_issuer,
+            audience=s.oidc_audience,
+            jwks=JwksCache(s.effective_jwks_url, client=self.http, min_refresh_seconds=s.oidc_jwks_min_refresh_seconds,
+                           max_age_seconds=s.oidc_jwks_max_age_seconds),
+            allowed_clients=s.oidc_allowed_clients,
+            algorithms=s.oidc_algorithms,
+            leeway_seconds=s.oidc_leeway_seconds,
+        )
+
+    @cached_property
+    def policy(self) -> PolicyDecisionPoint:
+        from compliance.policy.rbac import RbacPolicy
+
+        return RbacPolicy.from_file(self.settings.rbac_policy_file)
+
+    # -- the archive -------------------------------------------------------------------------------
+
+    @cached_property
+    def orthanc(self) -> OrthancArchive:
+        from compliance.dicomweb.orthanc import OrthancArchive
+
+        s = self.settings
+        return OrthancArchive(s.archive_url, s.archive_dicomweb_path, username=s.archive_username,
+                              password=s.archive_password.get_secret_value(), timeout=s.archive_timeout_seconds,
+                              max_connections=s.archive_max_connections, public_host=s.effective_public_address)
+
+    @cached_property
+    def archive(self) -> ArchiveBackend:
+        return self.overrides.archive or self.orthanc
+
+    @cached_property
+    def archive_key_client(self) -> ArchiveKeyClient:
+        """The archive's key custodian (the Orthanc storage plugin's control routes). In the gateway it
+        shares the archive client's connection pool; a CLI command has a client of its own."""
+        from compliance.archive.client import ArchiveKeyClient
+
+        s = self.settings
+        shared = self.orthanc.http_client if self.role is Role.GATEWAY and self.overrides.archive is None else None
+        return ArchiveKeyClient(s.archive_url, username=s.archive_username,
+                                password=s.archive_password.get_secret_value(),
+                                dicomweb_path=s.archive_dicomweb_path, client=shared)
+
+    @cached_property
+    def key_operations(self) -> KeyOperations:
+        """Key operations (status, rotate, rewrap, retire, destroy, shred), audited."""
+        return KeyOperations(self.archive_key_client, self.recorder, gateway_id=self.settings.audit_source_id)
+
+    @cached_property
+    def shred_requests(self) -> ShredRequests:
+        from compliance.archive.shred import build_shred_requests
+
+        return build_shred_requests(self.settings, self.engine, self.key_operations, self.recorder)
+
+    @property
+    def archive_encrypted(self) -> bool:
+        """Whether the gateway serves key operations and tells erasure from corruption (the operator's
+        CLI talks to the key custodian whatever this says)."""
+        return self.settings.archive_encrypted
+
+    @cached_property
+    def dicomweb(self) -> DicomwebService:
+        s = self.settings
+        return DicomwebService(self.archive, self.policy, self.recorder, gateway_id=s.audit_source_id,
+                               qido_max_response_bytes=s.qido_max_response_bytes,
+                               stow_max_sequence_depth=s.stow_max_sequence_depth,
+                               erasure=self.archive_key_client if self.archive_encrypted else None,
+                               archive_dicomweb_path=s.archive_dicomweb_path)
+
+    # -- research exports --------------------------------------------------------------------------
+
+    @cached_property
+    def export_queue(self) -> ExportQueue | None:
+        """Where an approval is sent, chosen by ``COMPLIANCE_EXPORTS_WORKER_BACKEND``."""
+        from compliance.exports.workers import DramatiqQueue, SqlPollingQueue
+
+        backend = self.settings.exports_worker_backend
+        if backend == "dramatiq":
+            return DramatiqQueue(self.settings.exports_redis_url)
+        if backend == "inprocess":
+            return SqlPollingQueue()
+        return None
+
+    @cached_property
+    def exports(self) -> ExportComponents:
+        """The export services; the same in the gateway and in a worker process, so both run the same
+        job code and read the same destination allow-list and project registry."""
+        from compliance.crypto.providers.local import LocalKeyProvider
+        from compliance.db.session import make_session_factory
+        from compliance.dicomweb.reader import DicomwebArchiveReader
+        from compliance.exports.destinations import load_destinations
+        from compliance.exports.jobs import ExportJob
+        from compliance.exports.keys import ProjectKeyStore, PseudonymMap
+        from compliance.exports.projects import load_projects
+        from compliance.exports.recovery import RecoveryPolicy
+        from compliance.exports.service import ExportService, ReidentificationService
+
+        s = self.settings
+        sessions = make_session_factory(self.engine)
+        development = s.environment == "development"
+        provider = LocalKeyProvider(s.exports_keyring_file or s.stack_dir / "keys" / "exports-keyring.json",
+                                    environment=s.environment, explicit_path=s.exports_keyring_file is not None,
+                                    create_if_missing=development)
+        projects = load_projects(s.exports_projects_file)
+        keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=development, registered=projects.is_registered)
+        destinations = load_destinations(s.exports_destinations_file, environment=s.environment, projects=projects)
+        service = ExportService(sessions, self.recorder, keys, gateway_id=s.audit_source_id, queue=self.export_queue,
+                                bundle_ttl=timedelta(hours=s.exports_bundle_ttl_hours), destinations=destinations,
+                                recovery=RecoveryPolicy.from_settings(s), projects=projects)
+        pseudonyms = PseudonymMap(sessions, keys)
+
+        def archive_reader() -> DicomwebArchiveReader:
+            return DicomwebArchiveReader(s.archive_url, s.archive_dicomweb_path, username=s.archive_username,
+                                         password=s.archive_password.get_secret_value(),
+                                         timeout=s.archive_timeout_seconds)
+
+        job = ExportJob(service, pseudonyms, self.recorder, archive_reader,
+                        bundles_dir=s.exports_dir or s.stack_dir / "exports", archive_id=s.archive_dicomweb_url,
+                        destinations=destinations, stow_batch_instances=s.exports_stow_batch_instances,
+                        stow_batch_max_bytes=s.exports_stow_batch_max_bytes)
+        reidentification = ReidentificationService(sessions, self.recorder, pseudonyms, gateway_id=s.audit_source_id)
+        return ExportComponents(service, reidentification, job, keys)
+
+    # -- the gateway's routes ----------------------------------------------------------------------
+
+    def services(self) -> Services:
+        return Services(settings=self.settings, verifier=self.verifier, auditor=self.recorder,
+                        dicomweb=self.dicomweb, policy=self.policy, audit_read=self.audit_read,
+                        exports=self.exports,
+                        archive_keys=self.key_operations if self.archive_encrypted else None,
+                        shred_requests=self.shred_requests if self.archive_encrypted else None)
+
+    # -- release -----------------------------------------------------------------------------------
+
+    def _built(self, name: str) -> bool:
+        return name in self.__dict__
+
+    async def aclose(self) -> None:
+        """Close the asynchronous clients that were built, then everything else."""
+        try:
+            if self._built("archive"):
+                await self.archive.aclose()
+            elif self._built("orthanc"):
+                await self.orthanc.aclose()
+            if self._built("archive_key_client"):
+                await self.archive_key_client.aclose()
+            if self._built("http"):
+                await self.http.aclose()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the synchronous resources that were built (outbox, Elasticsearch, database)."""
+        if self._built("outbox"):
+            self.outbox.close()
+        if self._built("audit_read"):
+            self.audit_read.close()
+        if self._built("elasticsearch"):
+            self.elasticsearch.close()
+        if self._built("engine"):
+            self.engine.dispose()

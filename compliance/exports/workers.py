@@ -5,7 +5,7 @@
   guarded ``UPDATE ... WHERE state = 'approved'``, so several gateway processes on one database
   never run one request twice. It also expires bundles past their date.
 - ``dramatiq`` (at scale): approving a request sends a message to Dramatiq on Redis
-  (``COMPLIANCE_EXPORTS_REDIS_URL``); worker processes (``dramatiq compliance.exports.dramatiq_actors``)
+  (``COMPLIANCE_EXPORTS_REDIS_URL``); worker processes (``dramatiq compliance.worker``)
   claim the request with the same guarded UPDATE (a redelivered message is a no-op) and run the job.
 - ``none``: nothing runs jobs in this process (a gateway node behind which dedicated workers run).
 
@@ -15,9 +15,9 @@ lease that a heartbeat thread renews while the job runs (:func:`run_claimed`), a
 worker and in every Dramatiq worker process) requeues or fails the jobs whose lease expired, dispatches
 the approvals the queue never accepted, and expires old bundles.
 
-``build_export_components(settings, engine, auditor)`` builds the same services in the gateway and in
-a worker process, so both run the same job code (and read the same destination allow-list and project
-registry).
+The composition root (:attr:`compliance.wiring.Wiring.exports`) builds the same services in the gateway
+and in a worker process, so both run the same job code (and read the same destination allow-list and
+project registry).
 """
 
 from __future__ import annotations
@@ -29,19 +29,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
-from sqlalchemy import Engine
-
-from compliance.audit.recorder import AuditRecorder
-from compliance.config import Settings
-from compliance.crypto.providers.local import LocalKeyProvider
-from compliance.db.session import make_session_factory
-from compliance.exports.destinations import load_destinations
-from compliance.exports.interfaces import ExportQueue
-from compliance.exports.jobs import DicomwebArchiveReader, ExportJob
-from compliance.exports.keys import ProjectKeyStore, PseudonymMap
-from compliance.exports.projects import load_projects
+from compliance.exports.jobs import ExportJob
+from compliance.exports.keys import ProjectKeyStore
 from compliance.exports.recovery import LeaseKeeper, RecoveryPolicy
 from compliance.exports.service import ExportService, ReidentificationService
 
@@ -50,6 +40,11 @@ log = logging.getLogger(__name__)
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+#: The Dramatiq queue and actor of export jobs (declared by :mod:`compliance.worker`).
+EXPORT_QUEUE = "compliance-exports"
+EXPORT_ACTOR = "run_export"
 
 
 class SqlPollingQueue:
@@ -62,15 +57,23 @@ class SqlPollingQueue:
 
 
 class DramatiqQueue:
+    """The task-queue backend: each approval is a Dramatiq message on Redis for the actor
+    :data:`EXPORT_ACTOR` on :data:`EXPORT_QUEUE`, which the worker processes declare
+    (:mod:`compliance.worker`). The message is addressed by name, so the gateway never imports the
+    workers' module."""
+
     name = "dramatiq"
 
     def __init__(self, redis_url: str) -> None:
-        from compliance.exports import dramatiq_actors
+        from dramatiq.brokers.redis import RedisBroker
 
-        self._actor = dramatiq_actors.configure(redis_url)
+        self._broker = RedisBroker(url=redis_url)
 
     def enqueue(self, request_id: str) -> None:
-        self._actor.send(request_id)
+        import dramatiq
+
+        self._broker.enqueue(dramatiq.Message(queue_name=EXPORT_QUEUE, actor_name=EXPORT_ACTOR, args=(request_id,),
+                                              kwargs={}, options={}))
 
 
 @dataclass
@@ -79,48 +82,6 @@ class ExportComponents:
     reidentification: ReidentificationService
     job: ExportJob
     keys: ProjectKeyStore
-
-
-def build_export_components(settings: Settings, engine: Engine, auditor: AuditRecorder,
-                            queue: ExportQueue | None = None,
-                            recovery: RecoveryPolicy | None = None) -> ExportComponents:
-    sessions = make_session_factory(engine)
-    keyring = settings.exports_keyring_file or settings.stack_dir / "keys" / "exports-keyring.json"
-    development = settings.environment == "development"
-    provider = LocalKeyProvider(keyring, environment=settings.environment,
-                                explicit_path=settings.exports_keyring_file is not None,
-                                create_if_missing=development)
-    projects = load_projects(settings.exports_projects_file)
-    keys = ProjectKeyStore(sessions, provider, create_kek_if_missing=development, registered=projects.is_registered)
-    destinations = load_destinations(settings.exports_destinations_file, environment=settings.environment,
-                                     projects=projects)
-    service = ExportService(sessions, auditor, keys, gateway_id=settings.audit_source_id, queue=queue,
-                            bundle_ttl=timedelta(hours=settings.exports_bundle_ttl_hours), destinations=destinations,
-                            recovery=recovery or RecoveryPolicy.from_settings(settings), projects=projects)
-    pseudonyms = PseudonymMap(sessions, keys)
-
-    def archive() -> DicomwebArchiveReader:
-        return DicomwebArchiveReader(settings.archive_url, settings.archive_dicomweb_path,
-                                     username=settings.archive_username,
-                                     password=settings.archive_password.get_secret_value(),
-                                     timeout=settings.archive_timeout_seconds)
-
-    job = ExportJob(service, pseudonyms, auditor, archive,
-                    bundles_dir=settings.exports_dir or settings.stack_dir / "exports",
-                    archive_id=settings.archive_dicomweb_url, destinations=destinations,
-                    stow_batch_instances=settings.exports_stow_batch_instances,
-                    stow_batch_max_bytes=settings.exports_stow_batch_max_bytes)
-    reid = ReidentificationService(sessions, auditor, pseudonyms, gateway_id=settings.audit_source_id)
-    return ExportComponents(service, reid, job, keys)
-
-
-def build_queue(settings: Settings) -> ExportQueue | None:
-    backend = settings.exports_worker_backend
-    if backend == "dramatiq":
-        return DramatiqQueue(settings.exports_redis_url)
-    if backend == "inprocess":
-        return SqlPollingQueue()
-    return None
 
 
 def run_claimed(components: ExportComponents, request_id: str) -> str | None:
@@ -141,13 +102,13 @@ class Sweeper:
     approvals the task queue never accepted (dispatch), and bundles past their date (expire)."""
 
     def __init__(self, components: ExportComponents) -> None:
-        self._c = components
+        self._components = components
 
     def sweep(self) -> dict[str, int]:
-        service = self._c.service
+        service = self._components.service
         recovered = service.recover_expired()
         for request_id in recovered["failed"]:
-            self._c.job.discard_leftovers(request_id)
+            self._components.job.discard_leftovers(request_id)
         # the in-process backend polls the database: an approved row is its own dispatch
         dispatched = 0 if isinstance(service.queue, SqlPollingQueue) else service.dispatch_due()
         expired = service.expire_due()
@@ -194,7 +155,7 @@ class InProcessWorker:
     """A daemon thread: poll for approved requests, run them one at a time, expire old bundles."""
 
     def __init__(self, components: ExportComponents, *, interval_seconds: float = 1.0) -> None:
-        self._c = components
+        self._components = components
         self._interval = interval_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -213,14 +174,14 @@ class InProcessWorker:
     def run_once(self) -> int:
         if time.monotonic() >= self._next_sweep:
             self._sweeper.sweep()
-            self._next_sweep = time.monotonic() + self._c.service.recovery.sweep_interval_seconds
+            self._next_sweep = time.monotonic() + self._components.service.recovery.sweep_interval_seconds
         ran = 0
-        for request_id in self._c.service.claimable():
+        for request_id in self._components.service.claimable():
             if self._stop.is_set():
                 break
-            if run_claimed(self._c, request_id) is not None:
+            if run_claimed(self._components, request_id) is not None:
                 ran += 1
-        self._c.service.expire_due()
+        self._components.service.expire_due()
         return ran
 
     def _loop(self) -> None:

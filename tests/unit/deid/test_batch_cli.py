@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from compliance.deid.batch import run_batch
-from compliance.deid.cli import app
+from compliance.cli.deid import app
 
 from .conftest import deid_data
 

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import typer
 
-from compliance.archive.cli import app as keys_app
-from compliance.archive.cli import shred_app
-from compliance.audit.cli import app as audit_app
-from compliance.audit.cli import record_cli_authentication
-from compliance.audit.report_cli import register as register_audit_reports
+from compliance.cli.audit import app as audit_app
+from compliance.cli.audit import record_cli_authentication
+from compliance.cli.audit_reports import register as register_audit_reports
+from compliance.cli.common import fail
+from compliance.cli.deid import app as deid_app
+from compliance.cli.exports import app as exports_app
+from compliance.cli.keys import app as keys_app
+from compliance.cli.keys import shred_app
 from compliance.config import get_settings
-from compliance.deid.cli import app as deid_app
-from compliance.exports.cli import app as exports_app
 
 app = typer.Typer(help="Imaging compliance gateway.", no_args_is_help=True, add_completion=False)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -26,11 +27,6 @@ app.add_typer(demo_app, name="demo")
 app.add_typer(keys_app, name="keys")
 app.add_typer(deid_app, name="deid")
 app.add_typer(exports_app, name="exports")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 @keys_app.command("volume-password")
@@ -64,7 +60,7 @@ def serve(
     try:
         settings = get_settings()
     except ConfigurationError as exc:  # a refused configuration is one clear line, not a traceback
-        _fail(f"refusing to start: {exc.message}")
+        fail(f"refusing to start: {exc.message}")
         raise
     if host:
         os.environ["COMPLIANCE_HOST"] = host
@@ -105,10 +101,10 @@ def front(
     settings = get_settings()
     state = state_dir or settings.stack_dir / "front"
     if not settings.front_secret.get_secret_value():
-        _fail("no front secret is configured (COMPLIANCE_FRONT_SECRET or the stack's gateway.env): the "
+        fail("no front secret is configured (COMPLIANCE_FRONT_SECRET or the stack's gateway.env): the "
               "gateway could not tell the front's requests from anyone else's", 2)
     if not settings.archive_password.get_secret_value():
-        _fail("no archive password is configured (COMPLIANCE_ARCHIVE_PASSWORD or the stack's gateway.env): "
+        fail("no archive password is configured (COMPLIANCE_ARCHIVE_PASSWORD or the stack's gateway.env): "
               "the front could fetch nothing the gateway releases", 2)
     try:
         text = render_nginx_config(
@@ -119,10 +115,10 @@ def front(
             api_max_body_bytes=settings.api_max_body_bytes, stow_max_bytes=settings.stow_max_bytes)
         command = nginx_command(write_config(text, state), state)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     tested = subprocess.run([*command, "-t", "-q"], capture_output=True, text=True)
     if tested.returncode != 0:
-        _fail(f"nginx refused the rendered configuration: {tested.stderr.strip()[:1000]}")
+        fail(f"nginx refused the rendered configuration: {tested.stderr.strip()[:1000]}")
     if check:
         typer.echo(f"configuration ok: {state / 'nginx.conf'}")
         return
@@ -153,9 +149,9 @@ def token(
         # 110114 User Authentication, failed (only when Keycloak answered: an unreachable server
         # authenticated no one).
         record_cli_authentication(username, success=False, detail=f"Keycloak refused the login: {exc.response_code}")
-        _fail(f"Keycloak refused the login for {username!r}: {exc.response_code} {exc.error_message!s}"[:500])
+        fail(f"Keycloak refused the login for {username!r}: {exc.response_code} {exc.error_message!s}"[:500])
     except Exception as exc:  # connection errors from requests
-        _fail(f"cannot reach Keycloak at {settings.keycloak_url}: {type(exc).__name__}")
+        fail(f"cannot reach Keycloak at {settings.keycloak_url}: {type(exc).__name__}")
     import jwt
 
     subject = jwt.decode(tokens["access_token"], options={"verify_signature": False}).get("sub")
@@ -185,7 +181,7 @@ def demo_load(
 
     settings = get_settings()
     if settings.environment != "development":
-        _fail("demo data is for development only")
+        fail("demo data is for development only")
     from compliance.demo import demo_files, multipart_related
 
     files = demo_files(get_testdata_file)
@@ -195,7 +191,7 @@ def demo_load(
                       headers={"Content-Type": content_type, "Authorization": f"Bearer {access_token}",
                                "Accept": "application/dicom+json"}, timeout=60)
     if resp.status_code != 200:
-        _fail(f"STOW answered {resp.status_code}: {resp.text[:500]}")
+        fail(f"STOW answered {resp.status_code}: {resp.text[:500]}")
     typer.echo(f"stored {len(files)} demo instances through {gateway} as {user}")
 
 

@@ -25,18 +25,19 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
+
+from compliance.cli.common import fail, operator, wiring
+from compliance.wiring import Wiring
+
+if TYPE_CHECKING:
+    from compliance.audit.queries import AuditQueryService
 
 __all__ = ["register"]
 
 T = TypeVar("T")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _when(value: str | None, name: str) -> datetime | None:
@@ -45,54 +46,47 @@ def _when(value: str | None, name: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        _fail(f"{name}: not an ISO 8601 time: {value!r}", 2)
+        fail(f"{name}: not an ISO 8601 time: {value!r}", 2)
         raise
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _record_operator_read(settings: Any, query: dict[str, Any], ok: bool, note: str | None = None) -> None:
-    from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
-    from compliance.audit.events import Outcome, audit_log_used_event
+def _record_operator_read(services: Wiring, query: dict[str, Any], ok: bool, note: str | None = None) -> None:
+    from compliance.audit.codes import Outcome
+    from compliance.audit.events import audit_log_used_event
 
-    engine = cli_engine(settings)
-    try:
-        cli_recorder(settings, engine).record_now(audit_log_used_event(
-            user=cli_operator(),
-            gateway_id=settings.audit_source_id,
-            outcome=Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
-            audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{settings.audit_index_prefix}-*",
-            query=json.dumps(query, sort_keys=True, default=str).encode(),
-            outcome_description=note,
-        ))
-    finally:
-        engine.dispose()
+    settings = services.settings
+    services.recorder.record_now(audit_log_used_event(
+        user=operator(),
+        gateway_id=settings.audit_source_id,
+        outcome=Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
+        audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{settings.audit_index_prefix}-*",
+        query=json.dumps(query, sort_keys=True, default=str).encode(),
+        outcome_description=note,
+    ))
 
 
-def _read_directly(settings: Any, query: dict[str, Any], read: Callable[[Any], T], *, timeout: float) -> T:
+def _read_directly(query: dict[str, Any], read: Callable[[AuditQueryService], T], *, timeout: float) -> T:
     """Run ``read`` on an audit query service over Elasticsearch; the read is audited either way.
 
     The 110101 event is durable before anything read is printed: if it cannot be recorded, the
     command fails and shows nothing.
     """
-    from compliance.audit.es_client import elasticsearch_client
     from compliance.audit.queries import AuditQueryService
     from compliance.errors import ComplianceError
 
-    try:
-        client = elasticsearch_client(settings, request_timeout=timeout, max_retries=3)
-    except ComplianceError as exc:  # the TLS material cannot be read: nothing was asked
-        _fail(exc.message)
-        raise
-    try:
-        result = read(AuditQueryService(client, settings.audit_index_prefix))
-    except ComplianceError as exc:
-        _record_operator_read(settings, query, False, exc.message[:1000])
-        _fail(exc.message)
-        raise
-    finally:
-        client.close()
-    _record_operator_read(settings, query, True)
-    return result
+    with wiring() as services:
+        try:
+            client = services.elasticsearch.options(request_timeout=timeout, max_retries=3)
+        except ComplianceError as exc:  # the TLS material cannot be read: nothing was asked
+            fail(exc.message)
+        try:
+            result = read(AuditQueryService(client, services.settings.audit_index_prefix))
+        except ComplianceError as exc:
+            _record_operator_read(services, query, False, exc.message[:1000])
+            fail(exc.message)
+        _record_operator_read(services, query, True)
+        return result
 
 
 def _write_output(output: Path, body: bytes) -> None:
@@ -110,7 +104,7 @@ def _write_output(output: Path, body: bytes) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        _fail(f"cannot write {output}: {exc.strerror or exc}")
+        fail(f"cannot write {output}: {exc.strerror or exc}")
 
 
 def _api_get(gateway: str, token: str, path: str, params: list[tuple[str, Any]]) -> Any:
@@ -120,10 +114,10 @@ def _api_get(gateway: str, token: str, path: str, params: list[tuple[str, Any]])
         resp = httpx.get(gateway.rstrip("/") + path, params=params, timeout=300,
                          headers={"Authorization": f"Bearer {token}"})
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach the gateway at {gateway}: {type(exc).__name__}")
+        fail(f"cannot reach the gateway at {gateway}: {type(exc).__name__}")
         raise
     if resp.status_code != 200:
-        _fail(f"the gateway answered {resp.status_code}: {resp.text[:500]}")
+        fail(f"the gateway answered {resp.status_code}: {resp.text[:500]}")
     return resp
 
 
@@ -153,11 +147,10 @@ def audit_search(
     token: str = typer.Option(None, envvar="COMPLIANCE_TOKEN", help="Bearer token for --gateway."),
 ) -> None:
     """Search the audit trail; prints one JSON page (events, total, next_cursor)."""
-    from compliance.config import get_settings
 
     if gateway:
         if not token:
-            _fail("--gateway needs --token or COMPLIANCE_TOKEN (e.g. $(compliance token priya))", 2)
+            fail("--gateway needs --token or COMPLIANCE_TOKEN (e.g. $(compliance token priya))", 2)
         resp = _api_get(gateway, token, "/api/v1/audit/events", _params(
             user=user, patient=patient, study=study, event_type=event_type, outcome=outcome,
             source_address=source_address, sort=sort, size=size, cursor=cursor,
@@ -166,7 +159,6 @@ def audit_search(
         return
     from compliance.audit.queries import AuditSearch
 
-    settings = get_settings()
     query = {"command": "audit search", "user": user, "patient": patient, "study": study,
              "event_type": event_type, "outcome": outcome, "source_address": source_address,
              "from": start, "to": end, "sort": sort, "size": size, "cursor": cursor}
@@ -179,7 +171,7 @@ def audit_search(
                              source_addresses=tuple(source_address or ()), start=since, end=until)
         return queries.search(search, size=size, order=sort, cursor=cursor)
 
-    page = _read_directly(settings, query, read, timeout=60)
+    page = _read_directly(query, read, timeout=60)
     typer.echo(json.dumps({"events": page.events, "count": len(page.events), "total": page.total,
                            "next_cursor": page.next_cursor}, indent=1))
 
@@ -204,13 +196,13 @@ def audit_report(
         kind_ = ReportKind(kind)
         fmt_ = ReportFormat(fmt)
     except ValueError:
-        _fail(f"unknown report or format: {kind!r} / {fmt!r}", 2)
+        fail(f"unknown report or format: {kind!r} / {fmt!r}", 2)
         raise
     if fmt_ is ReportFormat.PDF and output is None and sys.stdout.isatty():
-        _fail("a PDF needs --output FILE", 2)
+        fail("a PDF needs --output FILE", 2)
     if gateway:
         if not token:
-            _fail("--gateway needs --token or COMPLIANCE_TOKEN (e.g. $(compliance token priya))", 2)
+            fail("--gateway needs --token or COMPLIANCE_TOKEN (e.g. $(compliance token priya))", 2)
         resp = _api_get(gateway, token, f"/api/v1/audit/reports/{kind_.value}", _params(
             patient=patient, user=user, format=fmt_.value, **{"from": start, "to": end}))
         body = resp.content
@@ -221,7 +213,7 @@ def audit_report(
         query = {"command": "audit report", "report": kind_.value, "patient": patient, "user": user,
                  "from": start, "to": end, "format": fmt_.value}
         since, until = _when(start, "--from"), _when(end, "--to")
-        body = _read_directly(settings, query, lambda queries: render(
+        body = _read_directly(query, lambda queries: render(
             ReportService(queries, organization=settings.organization_name).run(
                 kind_, patient=patient, user=user, start=since, end=until), fmt_), timeout=300)
     if output is not None:
@@ -246,7 +238,6 @@ def audit_detect(
     """
     from elasticsearch import ApiError, TransportError
 
-    from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
     from compliance.audit.detections import (
         DetectionEngine,
         DetectionJob,
@@ -256,7 +247,6 @@ def audit_detect(
         StaticDirectory,
     )
     from compliance.audit.documents import event_indices
-    from compliance.audit.es_client import elasticsearch_client
     from compliance.audit.queries import AuditQueryService
     from compliance.audit.review import SqlReviewQueue
     from compliance.config import get_settings
@@ -266,7 +256,7 @@ def audit_detect(
     try:
         policy = DetectionPolicy.from_file(policy_file or settings.audit_detections_file)
     except ComplianceError as exc:
-        _fail(exc.message, 2)
+        fail(exc.message, 2)
         raise
     window = (_when(since, "--since"), _when(until, "--until"))
     directory: Any
@@ -279,31 +269,27 @@ def audit_detect(
                    "see no accounts", err=True)
         directory = StaticDirectory()
     prefix = settings.audit_index_prefix
-    try:
-        client = elasticsearch_client(settings, request_timeout=120, max_retries=3)
-    except ComplianceError as exc:
-        _fail(exc.message)
-        raise
-
-    def refresh() -> None:
+    with wiring() as services:
         try:
-            client.indices.refresh(index=event_indices(prefix), allow_no_indices=True, ignore_unavailable=True)
-        except (ApiError, TransportError) as exc:
-            raise UpstreamUnavailable(f"cannot refresh the audit repository: {type(exc).__name__}") from exc
+            client = services.elasticsearch.options(request_timeout=120, max_retries=3)
+        except ComplianceError as exc:
+            fail(exc.message)
 
-    engine = cli_engine(settings)
-    try:
-        job = DetectionJob(DetectionEngine(AuditQueryService(client, prefix), policy, directory), policy,
-                           SqlReviewQueue(engine), cli_recorder(settings, engine), gateway_id=settings.audit_source_id,
-                           backlog=OutboxBacklog(engine), reader=cli_operator(),
-                           audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{prefix}-*", refresh=refresh)
-        run = job.run(since=window[0], until=window[1])
-    except ComplianceError as exc:
-        _fail(exc.message)
-        raise
-    finally:
-        client.close()
-        engine.dispose()
+        def refresh() -> None:
+            try:
+                client.indices.refresh(index=event_indices(prefix), allow_no_indices=True, ignore_unavailable=True)
+            except (ApiError, TransportError) as exc:
+                raise UpstreamUnavailable(f"cannot refresh the audit repository: {type(exc).__name__}") from exc
+
+        engine = services.engine
+        try:
+            job = DetectionJob(DetectionEngine(AuditQueryService(client, prefix), policy, directory), policy,
+                               SqlReviewQueue(engine), services.recorder, gateway_id=settings.audit_source_id,
+                               backlog=OutboxBacklog(engine), reader=operator(),
+                               audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{prefix}-*", refresh=refresh)
+            run = job.run(since=window[0], until=window[1])
+        except ComplianceError as exc:
+            fail(exc.message)
     if run.held_back is not None:
         typer.echo(f"warning: window held back at {run.window_end.isoformat()} (asked for "
                    f"{(run.requested_end or run.window_end).isoformat()}): {run.held_back.pending} audit event(s) "
@@ -316,7 +302,6 @@ def audit_import_logins(
 ) -> None:
     """Copy Keycloak's login events (logins, refused logins, logouts) into the audit trail as 110114
     User Authentication events, once each (run it from cron, before ``detect``). Prints a JSON summary."""
-    from compliance.audit.cli import cli_engine, cli_recorder
     from compliance.audit.logins import KeycloakAdminEvents, LoginImport
     from compliance.config import get_settings
     from compliance.errors import ComplianceError
@@ -325,20 +310,17 @@ def audit_import_logins(
     start = _when(since, "--since")
     secret = settings.oidc_client_secret.get_secret_value()
     if not secret:
-        _fail("COMPLIANCE_OIDC_CLIENT_SECRET is not set: the import reads Keycloak's events as the gateway's "
+        fail("COMPLIANCE_OIDC_CLIENT_SECRET is not set: the import reads Keycloak's events as the gateway's "
               "confidential client", 2)
     realm_url = settings.keycloak_realm_url
     events = KeycloakAdminEvents(settings.keycloak_url, settings.keycloak_realm,
                                  client_id=settings.oidc_client_id, client_secret=secret)
-    engine = cli_engine(settings)
-    try:
-        result = LoginImport(engine, cli_recorder(settings, engine), events, realm_url=realm_url,
-                             gateway_id=settings.audit_source_id).run(since=start)
-    except ComplianceError as exc:
-        _fail(exc.message)
-        raise
-    finally:
-        engine.dispose()
+    with wiring() as services:
+        try:
+            result = LoginImport(services.engine, services.recorder, events, realm_url=realm_url,
+                                 gateway_id=settings.audit_source_id).run(since=start)
+        except ComplianceError as exc:
+            fail(exc.message)
     typer.echo(json.dumps(result.to_json_obj()))
 
 

@@ -16,52 +16,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from compliance.config import Settings, get_settings
+from compliance.cli.common import fail, operator, wiring
+from compliance.config import get_settings
 from compliance.errors import ConfigurationError
+from compliance.wiring import Wiring
+
+if TYPE_CHECKING:
+    from compliance.audit.retention import RetentionPolicy
 
 app = typer.Typer(help="The audit trail.", no_args_is_help=True)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def cli_engine(settings: Settings) -> Any:
-    """The database engine of a CLI command (the outbox lives there)."""
-    from compliance.db.session import make_engine
-
-    return make_engine(settings.effective_database_url)
-
-
-def cli_recorder(settings: Settings, engine: Any) -> Any:
-    """The audit recorder a CLI command records its events with (through the outbox)."""
-    from compliance.audit.atna import AuditSource
-    from compliance.audit.outbox import SqlAuditOutbox
-    from compliance.audit.recorder import AuditRecorder
-
-    return AuditRecorder(SqlAuditOutbox(engine), AuditSource(source_id=settings.audit_source_id,
-                                                             enterprise_site_id=settings.audit_enterprise_site_id))
-
-
-def cli_operator() -> Any:
-    """The local operator running a CLI command, as an audit user: the operating-system account of
-    the process's user id. Not ``getpass.getuser()``, which believes USER/LOGNAME: anyone sets those, and
-    a posed name would pass for a second person (the two-person shred, compliance/archive/shred.py)."""
-    import os
-    import pwd
-
-    from compliance.audit.events import UserRef
-
-    try:
-        name = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:  # a uid without an account (a container): the number is still who it is
-        name = f"uid{os.getuid()}"
-    return UserRef(user_id=f"os:{name}", username=name, client_id="compliance-cli")
 
 
 def record_cli_authentication(username: str, *, success: bool, detail: str, user_id: str | None = None) -> None:
@@ -71,21 +38,20 @@ def record_cli_authentication(username: str, *, success: bool, detail: str, user
     in the gateway's outbox. When the outbox cannot be written (no database on this machine) a warning
     is printed and the command goes on: refusing would not undo the login at Keycloak.
     """
-    from compliance.audit.events import Outcome, UserRef, authentication_event
+    from compliance.audit.codes import Outcome
+    from compliance.audit.events import authentication_event
+    from compliance.audit.message import UserRef
 
     settings = get_settings()
     try:
-        engine = cli_engine(settings)
-        try:
-            cli_recorder(settings, engine).record_now(authentication_event(
+        with wiring() as services:
+            services.recorder.record_now(authentication_event(
                 user=UserRef(user_id=user_id or f"unverified:{username}", username=username,
                              client_id=settings.keycloak_cli_client_id, source_address="127.0.0.1"),
                 gateway_id=settings.audit_source_id,
                 outcome=Outcome.SUCCESS if success else Outcome.SERIOUS_FAILURE,
                 authenticator_id=settings.keycloak_realm_url,
                 outcome_description=detail[:1024]))
-        finally:
-            engine.dispose()
     except Exception as exc:
         typer.echo(f"warning: the login was not recorded in the audit outbox ({type(exc).__name__})", err=True)
 
@@ -93,17 +59,20 @@ def record_cli_authentication(username: str, *, success: bool, detail: str, user
 @app.command("status")
 def audit_status() -> None:
     """Recorded events, backlog, chain head, last checkpoint, and the last shipping error (JSON)."""
+    with wiring() as services:
+        _status(services)
+
+
+def _status(services: Wiring) -> None:
     from sqlalchemy import func, select
     from sqlalchemy.exc import SQLAlchemyError
 
     from compliance.audit.checkpoints import SqlCheckpointStore
     from compliance.audit.models import AuditOutboxDelivery, AuditOutboxRow
-    from compliance.audit.outbox import SqlAuditOutbox
+    from compliance.db.base import table_of
 
-    settings = get_settings()
-    engine = cli_engine(settings)
-    outbox = SqlAuditOutbox(engine)
-    table, delivery = AuditOutboxRow.__table__, AuditOutboxDelivery.__table__
+    settings, engine, outbox = services.settings, services.engine, services.outbox
+    table, delivery = table_of(AuditOutboxRow), table_of(AuditOutboxDelivery)
     try:
         seq, head_hash = outbox.chain_head()
         last = SqlCheckpointStore(engine).last()
@@ -113,7 +82,8 @@ def audit_status() -> None:
             errored = conn.execute(select(table.c.last_error).where(table.c.shipped_at.is_(None),
                                                                     table.c.last_error.is_not(None))
                                    .order_by(table.c.seq.desc()).limit(1)).scalar()
-            per_sink = dict(conn.execute(select(delivery.c.sink, func.count()).group_by(delivery.c.sink)).all())
+            counts = conn.execute(select(delivery.c.sink, func.count()).group_by(delivery.c.sink)).all()
+            per_sink: dict[str, int] = {str(sink): int(count) for sink, count in counts}
         report = {
             "recorded": outbox.total(),
             "backlog": outbox.backlog(),
@@ -128,7 +98,7 @@ def audit_status() -> None:
             "delivered_per_sink": per_sink,
         }
     except SQLAlchemyError as exc:
-        _fail(f"cannot read the audit outbox ({type(exc).__name__}); is the database migrated? "
+        fail(f"cannot read the audit outbox ({type(exc).__name__}); is the database migrated? "
               "run: compliance db upgrade")
     typer.echo(json.dumps(report))
 
@@ -136,23 +106,17 @@ def audit_status() -> None:
 @app.command("ship")
 def audit_ship() -> None:
     """Ship every pending outbox event to the configured sinks now (the gateway also does this by itself)."""
-    from compliance.audit.checkpoints import build_checkpointer
-    from compliance.audit.fanout import build_audit_sink
     from compliance.audit.interfaces import AuditSinkUnavailable
-    from compliance.audit.outbox import AuditShipper, SqlAuditOutbox
 
-    settings = get_settings()
-    engine = cli_engine(settings)
-    outbox = SqlAuditOutbox(engine)
-    sink = build_audit_sink(settings, engine)
-    shipper = AuditShipper(outbox, sink, checkpointer=build_checkpointer(settings, engine, sink))
-    total = 0
-    try:
-        while (n := shipper.ship_once()) > 0:
-            total += n
-    except AuditSinkUnavailable as exc:
-        _fail(f"the audit repository is unavailable: {exc}; {outbox.backlog()} events wait in the outbox")
-    typer.echo(json.dumps({"shipped": total, "backlog": outbox.backlog()}))
+    with wiring() as services:
+        outbox = services.outbox
+        total = 0
+        try:
+            while (shipped := services.shipper.ship_once()) > 0:
+                total += shipped
+        except AuditSinkUnavailable as exc:
+            fail(f"the audit repository is unavailable: {exc}; {outbox.backlog()} events wait in the outbox")
+        typer.echo(json.dumps({"shipped": total, "backlog": outbox.backlog()}))
 
 
 @app.command("verify")
@@ -167,31 +131,33 @@ def audit_verify(
     Exit status 0 when intact, 1 when anything was modified, deleted, inserted or reordered, or a
     signed checkpoint does not match. The check is itself recorded as a 110101 Audit Log Used event.
     """
+    with wiring() as services:
+        _verify(services, from_seq, to_seq, public_key)
+
+
+def _verify(services: Wiring, from_seq: int, to_seq: int | None, public_key: Path | None) -> None:
     from compliance.audit.checkpoints import load_public_key
-    from compliance.audit.elasticsearch import ElasticsearchAuditSink
-    from compliance.audit.events import Outcome, audit_log_used_event
+    from compliance.audit.codes import Outcome
+    from compliance.audit.events import audit_log_used_event
     from compliance.audit.interfaces import AuditSinkUnavailable
-    from compliance.audit.outbox import SqlAuditOutbox
     from compliance.audit.verify import verify_repository
 
-    settings = get_settings()
-    engine = cli_engine(settings)
-    outbox = SqlAuditOutbox(engine)
+    settings = services.settings
     try:
-        sink = ElasticsearchAuditSink.from_settings(settings)
+        client = services.elasticsearch
     except ConfigurationError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     key_path = public_key or settings.effective_checkpoint_key_file
     key = load_public_key(key_path) if key_path.is_file() else None
     if key is None:
         typer.echo(f"warning: no checkpoint key at {key_path}: signed checkpoints are not checked", err=True)
     try:
-        result = verify_repository(sink.client, settings.audit_index_prefix, outbox, from_seq=from_seq,
-                                   to_seq=to_seq, public_key=key, engine=engine)
+        result = verify_repository(client, settings.audit_index_prefix, services.outbox, from_seq=from_seq,
+                                   to_seq=to_seq, public_key=key, engine=services.engine)
     except AuditSinkUnavailable as exc:
-        _fail(str(exc))
-    cli_recorder(settings, engine).record_now(audit_log_used_event(
-        user=cli_operator(),
+        fail(str(exc))
+    services.recorder.record_now(audit_log_used_event(
+        user=operator(),
         gateway_id=settings.audit_source_id,
         outcome=Outcome.SUCCESS if result.intact else Outcome.MINOR_FAILURE,
         audit_log_uri=f"{settings.elasticsearch_url}/{settings.audit_index_prefix}-*",
@@ -209,20 +175,17 @@ def audit_verify(
 @app.command("checkpoint")
 def audit_checkpoint() -> None:
     """Sign checkpoints over every recorded event not yet covered, and publish them to Elasticsearch."""
-    from compliance.audit.checkpoints import build_checkpointer
-    from compliance.audit.fanout import build_audit_sink
-
-    settings = get_settings()
-    engine = cli_engine(settings)
-    checkpointer = build_checkpointer(settings, engine, build_audit_sink(settings, engine))
-    if checkpointer is None:
-        _fail(f"no checkpoint key at {settings.effective_checkpoint_key_file}: run compliance audit keygen")
-    checkpointer.tick(force=True)
-    if checkpointer.last_error:
-        _fail(f"checkpoint failed: {checkpointer.last_error}")
     from compliance.audit.checkpoints import SqlCheckpointStore
 
-    last = SqlCheckpointStore(engine).last()
+    with wiring() as services:
+        checkpointer = services.checkpointer
+        if checkpointer is None:
+            fail(f"no checkpoint key at {services.settings.effective_checkpoint_key_file}: "
+                 "run compliance audit keygen")
+        checkpointer.tick(force=True)
+        if checkpointer.last_error:
+            fail(f"checkpoint failed: {checkpointer.last_error}")
+        last = SqlCheckpointStore(services.engine).last()
     typer.echo(json.dumps(None if last is None else {"seq_from": last.seq_from, "seq_to": last.seq_to,
                                                      "merkle_root": last.merkle_root, "key_id": last.key_id}))
 
@@ -236,7 +199,7 @@ def audit_keygen(
 
     target = path or get_settings().effective_checkpoint_key_file
     if target.exists():
-        _fail(f"{target} exists; a checkpoint key is never overwritten")
+        fail(f"{target} exists; a checkpoint key is never overwritten")
     generate_key_file(target)
     typer.echo(f"checkpoint key {key_id_of(load_public_key(target))} written to {target}")
 
@@ -251,23 +214,31 @@ def audit_prune(
     Exit 0 when everything asked for was deleted; 1 when some indices were kept (legal hold), naming
     them; 2 when ``--before`` reaches into the retention period (nothing is deleted then).
     """
-    from datetime import UTC, datetime
-
-    from elasticsearch import ApiError, TransportError
-
-    from compliance.audit.es_client import elasticsearch_client
-    from compliance.audit.events import Action, Outcome, audit_log_used_event
-    from compliance.audit.retention import RetentionPolicy, plan_prune
+    from compliance.audit.retention import RetentionPolicy
 
     settings = get_settings()
     policy = RetentionPolicy.from_file(settings.retention_policy_file)
     if before is not None and not (len(before) == 7 and before[4] == "." and before.replace(".", "").isdigit()):
-        _fail(f"--before must be YYYY.MM, got {before!r}", 2)
+        fail(f"--before must be YYYY.MM, got {before!r}", 2)
+    with wiring() as services:
+        _prune(services, policy, before, dry_run)
+
+
+def _prune(services: Wiring, policy: RetentionPolicy, before: str | None, dry_run: bool) -> None:
+    from datetime import UTC, datetime
+
+    from elasticsearch import ApiError, TransportError
+
+    from compliance.audit.codes import Action, Outcome
+    from compliance.audit.events import audit_log_used_event
+    from compliance.audit.retention import plan_prune
+
+    settings = services.settings
     prefix = settings.audit_index_prefix
     try:
-        client = elasticsearch_client(settings)
+        client = services.elasticsearch
     except ConfigurationError as exc:
-        _fail(exc.message)
+        fail(exc.message)
     try:
         indices = list(client.indices.get(index=f"{prefix}-*", allow_no_indices=True, ignore_unavailable=True))
 
@@ -285,12 +256,12 @@ def audit_prune(
 
         plan = plan_prune(indices, prefix, policy, now=datetime.now(UTC), before=before, patients_in=patients_in)
     except (ApiError, TransportError) as exc:
-        _fail(f"cannot read the audit repository: {exc}")
+        fail(f"cannot read the audit repository: {exc}")
     within = {i: r for i, r in plan.refused.items() if r.startswith("within retention")}
     if within:
         for index, reason in within.items():
             typer.echo(f"refused {index}: {reason}", err=True)
-        _fail(f"refusing to prune before {before}: it reaches into the {policy.years}-year retention period; "
+        fail(f"refusing to prune before {before}: it reaches into the {policy.years}-year retention period; "
               "nothing was deleted", 2)
     for index, reason in plan.refused.items():
         typer.echo(f"kept {index}: {reason}", err=True)
@@ -299,19 +270,18 @@ def audit_prune(
         raise typer.Exit(1 if plan.refused else 0)
     if plan.deletable:
         # Recorded (durably, fail closed) before anything is deleted.
-        engine = cli_engine(settings)
         event = audit_log_used_event(
-            user=cli_operator(), gateway_id=settings.audit_source_id, outcome=Outcome.SUCCESS,
+            user=operator(), gateway_id=settings.audit_source_id, outcome=Outcome.SUCCESS,
             audit_log_uri=f"{settings.elasticsearch_url}/{prefix}-*",
             query=("prune " + ",".join(plan.deletable)).encode(),
             outcome_description=f"deleted {len(plan.deletable)} monthly audit indices past the "
                                 f"{policy.years}-year retention")
-        cli_recorder(settings, engine).record_now(dataclasses.replace(event, action=Action.DELETE))
+        services.recorder.record_now(dataclasses.replace(event, action=Action.DELETE))
         try:
             for index in plan.deletable:
                 client.indices.delete(index=index)
         except (ApiError, TransportError) as exc:
-            _fail(f"deleting {index} failed: {exc}")
+            fail(f"deleting {index} failed: {exc}")
     typer.echo(json.dumps({"deleted": plan.deletable, "kept": plan.refused}))
     if plan.refused:
         raise typer.Exit(1)

@@ -19,16 +19,18 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from compliance.cli.common import fail, operator
 from compliance.config import get_settings
+from compliance.wiring import Role, Wiring
 
 if TYPE_CHECKING:
     from compliance.archive.operations import KeyOperations
     from compliance.archive.shred import ShredRequests
-    from compliance.audit.events import UserRef
+    from compliance.audit.message import UserRef
 
 app = typer.Typer(help="The archive's encryption keys (KEK rotation, rewrap, destruction).", no_args_is_help=True)
 shred_app = typer.Typer(help="Crypto-shred requests: one administrator asks, a different one approves.",
@@ -42,39 +44,21 @@ class _Operator:
     user: UserRef
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _run(call: Callable[[_Operator], Awaitable[dict[str, Any]]]) -> None:
-    from compliance.archive.client import ArchiveKeyClient
-    from compliance.archive.operations import KeyOperations
-    from compliance.archive.shred import build_shred_requests
-    from compliance.audit.cli import cli_engine, cli_operator, cli_recorder
     from compliance.errors import ComplianceError
 
-    settings = get_settings()
-    engine = cli_engine(settings)
-    client = ArchiveKeyClient(settings.archive_url, username=settings.archive_username,
-                              password=settings.archive_password.get_secret_value(),
-                              dicomweb_path=settings.archive_dicomweb_path)
-    recorder = cli_recorder(settings, engine)
-    ops = KeyOperations(client, recorder, gateway_id=settings.audit_source_id)
-    operator = _Operator(ops, build_shred_requests(settings, engine, ops, recorder), cli_operator())
+    services = Wiring(get_settings(), Role.CLI)
 
-    async def go() -> dict[str, Any]:
+    async def run_and_close() -> dict[str, Any]:
         try:
-            return await call(operator)
+            return await call(_Operator(services.key_operations, services.shred_requests, operator()))
         finally:
-            await client.aclose()
+            await services.aclose()
 
     try:
-        result = asyncio.run(go())
+        result = asyncio.run(run_and_close())
     except ComplianceError as exc:
-        _fail(f"{exc.code}: {exc.message}")
-    finally:
-        engine.dispose()
+        fail(f"{exc.code}: {exc.message}")
     typer.echo(json.dumps(result, indent=1, default=str))
 
 
