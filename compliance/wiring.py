@@ -36,7 +36,7 @@ from compliance.policy.interfaces import PolicyDecisionPoint
 if TYPE_CHECKING:
     import httpx
     from elasticsearch import Elasticsearch
-    from sqlalchemy import Engine
+    from sqlalchemy import Engine, MetaData
 
     from compliance.archive.client import ArchiveKeyClient
     from compliance.audit.atna import AuditSource
@@ -48,6 +48,19 @@ if TYPE_CHECKING:
     from compliance.dicomweb.orthanc import OrthancArchive
 
 log = logging.getLogger(__name__)
+
+
+def metadata() -> MetaData:
+    """Every domain's tables on the one declarative base (Alembic autogenerate, the migrations test)."""
+    from compliance.archive import models as archive_models
+    from compliance.audit import models as audit_models
+    from compliance.audit import review_models
+    from compliance.crypto import models as crypto_models
+    from compliance.db.base import Base
+    from compliance.exports import models as export_models
+
+    del archive_models, audit_models, review_models, crypto_models, export_models  # imported for their tables
+    return Base.metadata
 
 
 class Role(Enum):

@@ -1,16 +1,19 @@
-"""Alembic environment: one metadata (compliance.db.base.Base), URL from settings or the caller."""
+"""Alembic environment: URL from settings or the caller.
+
+The migrations are plain scripts and need no models. Autogenerate compares against every domain's tables,
+which only the composition root knows (:func:`compliance.wiring.metadata`): pass it in the config's
+attributes, ``alembic_config(url).attributes["target_metadata"] = compliance.wiring.metadata()``.
+"""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import pool
 
-from compliance.db import models  # noqa: F401  (imports every domain's tables)
-from compliance.db.base import Base
 from compliance.db.session import make_engine
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = config.attributes.get("target_metadata")
 
 
 def run_migrations_online() -> None:

@@ -7,9 +7,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from compliance.db import models  # noqa: F401
-from compliance.db.base import Base
 from compliance.db.migrate import alembic_config, upgrade
+from compliance.wiring import metadata
 
 
 def test_migrations_match_models(tmp_path):
@@ -17,7 +16,7 @@ def test_migrations_match_models(tmp_path):
     upgrade(url)
     engine = create_engine(url)
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), metadata())
     assert diff == []
     assert {"audit_outbox", "crypto_kek", "crypto_data_key"} <= set(inspect(engine).get_table_names())
 
