@@ -57,9 +57,11 @@ from compliance.audit.checkpoints import (  # noqa: E402
     SqlCheckpointStore,
     generate_key_file,
 )
+from compliance.audit.codes import Outcome  # noqa: E402
 from compliance.audit.documents import index_name, to_document  # noqa: E402
 from compliance.audit.elasticsearch import ElasticsearchAuditSink  # noqa: E402
-from compliance.audit.events import Outcome, PatientRef, UserRef, query_event  # noqa: E402
+from compliance.audit.events import query_event  # noqa: E402
+from compliance.audit.message import PatientRef, UserRef  # noqa: E402
 from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox  # noqa: E402
 from compliance.audit.shipper import AuditShipper  # noqa: E402
 from compliance.audit.verify import verify_repository  # noqa: E402

@@ -41,21 +41,17 @@ from elasticsearch import Elasticsearch  # noqa: E402
 from elasticsearch.helpers import bulk  # noqa: E402
 
 from compliance.audit.atna import AuditSource  # noqa: E402
+from compliance.audit.codes import Action, EventTypeCode, Outcome
 from compliance.audit.documents import index_name, to_document  # noqa: E402
 from compliance.audit.elasticsearch import ElasticsearchAuditSink  # noqa: E402
-from compliance.audit.events import (  # noqa: E402
-    Action,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
+from compliance.audit.events import (
     export_event,
     instances_accessed_event,
     instances_transferred_event,
     query_event,
     security_alert_event,
 )
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.audit.queries import AuditQueryService  # noqa: E402
 from compliance.audit.reports import ReportService, render  # noqa: E402
 from compliance.config import load_settings  # noqa: E402

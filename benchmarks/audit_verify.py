@@ -93,9 +93,11 @@ def prepare(es: str, events: int, tmp: Path) -> tuple[str, str, str]:
         SqlCheckpointStore,
         generate_key_file,
     )
+    from compliance.audit.codes import Outcome
     from compliance.audit.documents import to_document
     from compliance.audit.elasticsearch import ElasticsearchAuditSink
-    from compliance.audit.events import Outcome, PatientRef, UserRef, query_event
+    from compliance.audit.events import query_event
+    from compliance.audit.message import PatientRef, UserRef
     from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
     from compliance.audit.shipper import AuditShipper
     from compliance.db.migrate import upgrade

@@ -40,16 +40,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from compliance.archive.client import ArchiveKeyClient
-from compliance.audit.events import (
-    DataLifeCycle,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    security_alert_event,
-    study_deleted_event,
-)
+from compliance.audit.codes import DataLifeCycle, EventTypeCode, Outcome
+from compliance.audit.events import security_alert_event, study_deleted_event
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.errors import ComplianceError, InvalidRequest, UpstreamError, UpstreamUnavailable
 

@@ -65,7 +65,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.archive.models import SHRED_STATES, ShredRequest
 from compliance.archive.operations import SHRED_REQUEST_URN, ApprovedShred, KeyOperations
-from compliance.audit.events import EventTypeCode, Outcome, PatientRef, UserRef, security_alert_event
+from compliance.audit.codes import EventTypeCode, Outcome
+from compliance.audit.events import security_alert_event
+from compliance.audit.message import PatientRef, UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.retention import RetentionPolicy
 from compliance.config import Settings

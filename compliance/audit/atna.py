@@ -22,14 +22,14 @@ from pathlib import Path
 
 from lxml import etree
 
-from compliance.audit.events import ActiveParticipant, AuditEvent, Code, ParticipantObject
+from compliance.audit.codes import AuditSourceType, Code
 from compliance.audit.interfaces import AuditMessageInvalid
+from compliance.audit.message import ActiveParticipant, AuditEvent, ParticipantObject
 from compliance.config import PROJECT_ROOT
 
 __all__ = [
     "SCHEMA_PATH",
     "AuditSource",
-    "AuditSourceType",
     "event_datetime",
     "to_atna_xml",
     "validate_atna_xml",
@@ -37,20 +37,6 @@ __all__ = [
 
 #: The project's own schema, written from PS3.15 A.5.1 (see audit/schema/README.md).
 SCHEMA_PATH = PROJECT_ROOT / "audit" / "schema" / "dicom-audit-message.xsd"
-
-
-class AuditSourceType:
-    """PS3.15 A.5.1.2.1 Audit Source Type Code (the RFC 3881 values)."""
-
-    END_USER_DISPLAY_DEVICE = Code("1", "DCM", "End-user display device, diagnostic device")
-    DATA_ACQUISITION_DEVICE = Code("2", "DCM", "Data acquisition device or instrument")
-    WEB_SERVER = Code("3", "DCM", "Web Server process or thread")
-    APPLICATION_SERVER = Code("4", "DCM", "Application Server process or thread")
-    DATABASE_SERVER = Code("5", "DCM", "Database Server process or thread")
-    SECURITY_SERVER = Code("6", "DCM", "Security server, e.g., a domain controller")
-    NETWORK_COMPONENT = Code("7", "DCM", "ISO level 1-3 network component")
-    OPERATING_SOFTWARE = Code("8", "DCM", "ISO level 4-6 operating software")
-    OTHER = Code("9", "DCM", "other")
 
 
 @dataclass(frozen=True)

@@ -73,15 +73,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from sqlalchemy import Engine, func, select
 
-from compliance.audit.events import (
-    Code,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    UserRef,
-    audit_log_used_event,
-    security_alert_event,
-)
+from compliance.audit.codes import Code, EventTypeCode, Outcome
+from compliance.audit.events import audit_log_used_event, security_alert_event
+from compliance.audit.message import PatientRef, UserRef
 from compliance.audit.models import AuditOutboxRow
 from compliance.audit.queries import AuditQueryService, AuditSearch
 from compliance.audit.recorder import AuditRecorder

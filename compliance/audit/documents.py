@@ -14,15 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from compliance.audit.atna import AuditSource, event_datetime, to_atna_xml
-from compliance.audit.events import (
-    REALM_ROLE_SCHEME,
-    UNVERIFIED_PREFIX,
-    AuditEvent,
-    ObjectIDTypeCode,
-    ObjectRole,
-    ObjectType,
-    ParticipantKind,
-)
+from compliance.audit.codes import REALM_ROLE_SCHEME, ObjectIDTypeCode, ObjectRole, ObjectType
+from compliance.audit.message import UNVERIFIED_PREFIX, AuditEvent, ParticipantKind
 
 __all__ = ["event_indices", "index_name", "to_document"]
 

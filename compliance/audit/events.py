@@ -1,15 +1,9 @@
-"""The audit event model (DICOM PS3.15 A.5, IHE ATNA) and the builders callers use.
+"""The builders of audit events: one function for each table of PS3.15 A.5.3 (2024d edition).
 
-The dataclasses mirror the audit message of PS3.15 A.5.1 one to one (``AuditEvent`` is
-EventIdentification plus its participants and objects; the audit source is added at rendering time,
-see :mod:`compliance.audit.atna`). Callers should not assemble them by hand: each builder below
-follows one table of PS3.15 A.5.3 (2024d edition), so the participants, role codes and object type
-codes the standard requires are always present.
-
-Code values come from PS3.16 (DCM: CID 400 Audit Event ID, CID 401 Audit Event Type Code,
-CID 402 Audit Active Participant Role ID Code, CID 403 Security Alert Type Code, CID 404 Audit
-Participant Object ID Type Code, CID 405 Media Type Code) and RFC 3881 (object ID type codes
-"2 Patient Number" and "12 URI", as PS3.15 A.5.1.2.4 lists them).
+Callers should not assemble the message model (:mod:`compliance.audit.message`) by hand: each
+builder below follows one table, so the participants, role codes and object type codes the standard
+requires are always present. Code values: :mod:`compliance.audit.codes` (PS3.16 CID 400-405 and
+RFC 3881 object ID type codes "2 Patient Number" and "12 URI", as PS3.15 A.5.1.2.4 lists them).
 
 How a gateway request maps onto participants (PS3.15 A.5.2: "if both are known, then two active
 participants shall be included (both the person and the process)"):
@@ -29,39 +23,40 @@ it and the person is listed as an "other participant"; without a client id, the 
 
 from __future__ import annotations
 
-import enum
-import functools
-import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Literal
 
-from uuid6 import uuid7
+from compliance.audit.codes import (
+    PURPOSE_OF_USE_SCHEME,
+    REALM_ROLE_SCHEME,
+    Action,
+    Code,
+    DataLifeCycle,
+    EventID,
+    EventTypeCode,
+    MediaTypeCode,
+    ObjectIDTypeCode,
+    ObjectRole,
+    ObjectType,
+    Outcome,
+    RoleIDCode,
+)
+from compliance.audit.message import (
+    UNAUTHENTICATED_USER_ID,
+    UNVERIFIED_PREFIX,
+    ActiveParticipant,
+    AuditEvent,
+    ObjectDescription,
+    ParticipantKind,
+    ParticipantObject,
+    PatientRef,
+    SOPClassRef,
+    StudyRef,
+    UserRef,
+)
 
 __all__ = [
-    "REALM_ROLE_SCHEME",
-    "Action",
-    "ActiveParticipant",
-    "AuditEvent",
-    "Code",
-    "DataLifeCycle",
-    "EventID",
-    "EventTypeCode",
-    "MediaTypeCode",
-    "NetworkAccessPointType",
-    "ObjectDescription",
-    "ObjectIDTypeCode",
-    "ObjectRole",
-    "ObjectType",
-    "Outcome",
-    "ParticipantKind",
-    "ParticipantObject",
-    "PatientRef",
-    "RoleIDCode",
-    "SOPClassRef",
-    "StudyRef",
-    "UserRef",
     "application_activity_event",
     "audit_log_used_event",
     "authentication_event",
@@ -69,357 +64,13 @@ __all__ = [
     "import_event",
     "instances_accessed_event",
     "instances_transferred_event",
+    "patient_object",
     "query_event",
     "security_alert_event",
     "study_deleted_event",
+    "study_object",
+    "workflow_participants",
 ]
-
-#: codeSystemName of the RoleIDCode elements that carry the user's realm roles.
-REALM_ROLE_SCHEME = "imaging-realm-role"
-#: codeSystemName for purposes of use given as plain strings (HL7 v3 ActReason, as IHE XUA uses).
-PURPOSE_OF_USE_SCHEME = "2.16.840.1.113883.5.8"
-#: UserID recorded for a performing participant whose identity could not be verified.
-UNAUTHENTICATED_USER_ID = "unauthenticated"
-#: Prefix marking an AlternativeUserID that is a caller's unverified claim, not a verified identity.
-UNVERIFIED_PREFIX = "unverified:"
-
-
-@dataclass(frozen=True)
-class Code:
-    """A coded value; rendered as ``csd-code`` / ``codeSystemName`` / ``originalText``."""
-
-    code: str
-    scheme: str
-    display: str
-
-
-def _dcm(code: str, display: str) -> Code:
-    return Code(code, "DCM", display)
-
-
-class EventID(enum.Enum):
-    """PS3.16 CID 400 "Audit Event ID"."""
-
-    APPLICATION_ACTIVITY = _dcm("110100", "Application Activity")
-    AUDIT_LOG_USED = _dcm("110101", "Audit Log Used")
-    BEGIN_TRANSFERRING_DICOM_INSTANCES = _dcm("110102", "Begin Transferring DICOM Instances")
-    DICOM_INSTANCES_ACCESSED = _dcm("110103", "DICOM Instances Accessed")
-    DICOM_INSTANCES_TRANSFERRED = _dcm("110104", "DICOM Instances Transferred")
-    DICOM_STUDY_DELETED = _dcm("110105", "DICOM Study Deleted")
-    EXPORT = _dcm("110106", "Export")
-    IMPORT = _dcm("110107", "Import")
-    NETWORK_ENTRY = _dcm("110108", "Network Entry")
-    ORDER_RECORD = _dcm("110109", "Order Record")
-    PATIENT_RECORD = _dcm("110110", "Patient Record")
-    PROCEDURE_RECORD = _dcm("110111", "Procedure Record")
-    QUERY = _dcm("110112", "Query")
-    SECURITY_ALERT = _dcm("110113", "Security Alert")
-    USER_AUTHENTICATION = _dcm("110114", "User Authentication")
-
-    @property
-    def code(self) -> Code:
-        return self.value
-
-
-class EventTypeCode:
-    """PS3.16 CID 401 "Audit Event Type Code" (CID 403 "Security Alert Type Code" is the same list)."""
-
-    APPLICATION_START = _dcm("110120", "Application Start")
-    APPLICATION_STOP = _dcm("110121", "Application Stop")
-    LOGIN = _dcm("110122", "Login")
-    LOGOUT = _dcm("110123", "Logout")
-    ATTACH = _dcm("110124", "Attach")
-    DETACH = _dcm("110125", "Detach")
-    NODE_AUTHENTICATION = _dcm("110126", "Node Authentication")
-    EMERGENCY_OVERRIDE_STARTED = _dcm("110127", "Emergency Override Started")
-    NETWORK_CONFIGURATION = _dcm("110128", "Network Configuration")
-    SECURITY_CONFIGURATION = _dcm("110129", "Security Configuration")
-    HARDWARE_CONFIGURATION = _dcm("110130", "Hardware Configuration")
-    SOFTWARE_CONFIGURATION = _dcm("110131", "Software Configuration")
-    USE_OF_RESTRICTED_FUNCTION = _dcm("110132", "Use of Restricted Function")
-    AUDIT_RECORDING_STOPPED = _dcm("110133", "Audit Recording Stopped")
-    AUDIT_RECORDING_STARTED = _dcm("110134", "Audit Recording Started")
-    OBJECT_SECURITY_ATTRIBUTES_CHANGED = _dcm("110135", "Object Security Attributes Changed")
-    SECURITY_ROLES_CHANGED = _dcm("110136", "Security Roles Changed")
-    USER_SECURITY_ATTRIBUTES_CHANGED = _dcm("110137", "User Security Attributes Changed")
-    EMERGENCY_OVERRIDE_STOPPED = _dcm("110138", "Emergency Override Stopped")
-    REMOTE_SERVICE_OPERATION_STARTED = _dcm("110139", "Remote Service Operation Started")
-    REMOTE_SERVICE_OPERATION_STOPPED = _dcm("110140", "Remote Service Operation Stopped")
-    LOCAL_SERVICE_OPERATION_STARTED = _dcm("110141", "Local Service Operation Started")
-    LOCAL_SERVICE_OPERATION_STOPPED = _dcm("110142", "Local Service Operation Stopped")
-    AUTHENTICATION_DECISION = _dcm("110143", "Authentication Decision")
-    AUTHORIZATION_DECISION = _dcm("110144", "Authorization Decision")
-    SESSION_START = _dcm("110145", "Session start")
-    SESSION_STOP = _dcm("110146", "Session stop")
-    ACCESS_CONTROL_DECISION = _dcm("110147", "Access Control Decision")
-
-    @classmethod
-    def all(cls) -> tuple[Code, ...]:
-        return tuple(v for v in vars(cls).values() if isinstance(v, Code))
-
-
-class RoleIDCode:
-    """PS3.16 CID 402 "Audit Active Participant Role ID Code"."""
-
-    APPLICATION = _dcm("110150", "Application")
-    APPLICATION_LAUNCHER = _dcm("110151", "Application Launcher")
-    DESTINATION_ROLE_ID = _dcm("110152", "Destination Role ID")
-    SOURCE_ROLE_ID = _dcm("110153", "Source Role ID")
-    DESTINATION_MEDIA = _dcm("110154", "Destination Media")
-    SOURCE_MEDIA = _dcm("110155", "Source Media")
-
-
-class ObjectIDTypeCode:
-    """PS3.15 A.5.1.2.4 (RFC 3881 values) and PS3.16 CID 404 "Audit Participant Object ID Type Code"."""
-
-    PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
-    URI = Code("12", "RFC-3881", "URI")
-    STUDY_INSTANCE_UID = _dcm("110180", "Study Instance UID")
-    SOP_CLASS_UID = _dcm("110181", "SOP Class UID")
-    NODE_ID = _dcm("110182", "Node ID")
-
-
-class MediaTypeCode:
-    """PS3.16 CID 405 "Media Type Code" (the ones a network gateway uses)."""
-
-    USB_DISK_EMULATION = _dcm("110030", "USB Disk Emulation")
-    EMAIL = _dcm("110031", "Email")
-    CD = _dcm("110032", "CD")
-    DVD = _dcm("110033", "DVD")
-    URI = _dcm("110037", "URI")
-
-
-class Action(enum.StrEnum):
-    """EventActionCode."""
-
-    CREATE = "C"
-    READ = "R"
-    UPDATE = "U"
-    DELETE = "D"
-    EXECUTE = "E"
-
-
-class Outcome(enum.IntEnum):
-    """EventOutcomeIndicator."""
-
-    SUCCESS = 0
-    MINOR_FAILURE = 4
-    SERIOUS_FAILURE = 8
-    MAJOR_FAILURE = 12
-
-
-class NetworkAccessPointType(enum.IntEnum):
-    MACHINE_NAME = 1
-    IP_ADDRESS = 2
-    TELEPHONE_NUMBER = 3
-    EMAIL_ADDRESS = 4
-    URI = 5
-
-
-class ObjectType(enum.IntEnum):
-    """ParticipantObjectTypeCode."""
-
-    PERSON = 1
-    SYSTEM_OBJECT = 2
-    ORGANIZATION = 3
-    OTHER = 4
-
-
-class ObjectRole(enum.IntEnum):
-    """ParticipantObjectTypeCodeRole (PS3.15 A.5.1.2.2)."""
-
-    PATIENT = 1
-    LOCATION = 2
-    REPORT = 3
-    RESOURCE = 4
-    MASTER_FILE = 5
-    USER = 6
-    LIST = 7
-    DOCTOR = 8
-    SUBSCRIBER = 9
-    GUARANTOR = 10
-    SECURITY_USER_ENTITY = 11
-    SECURITY_USER_GROUP = 12
-    SECURITY_RESOURCE = 13
-    SECURITY_GRANULARITY_DEFINITION = 14
-    PROVIDER = 15
-    DATA_DESTINATION = 16
-    DATA_ARCHIVE = 17
-    SCHEDULE = 18
-    CUSTOMER = 19
-    JOB = 20
-    JOB_STREAM = 21
-    TABLE = 22
-    ROUTING_CRITERIA = 23
-    QUERY = 24
-    DATA_SOURCE = 25
-    PROCESSING_ELEMENT = 26
-
-
-class DataLifeCycle(enum.IntEnum):
-    """ParticipantObjectDataLifeCycle (PS3.15 A.5.1.2.3, from RFC 3881)."""
-
-    ORIGINATION = 1
-    IMPORT = 2
-    AMENDMENT = 3
-    VERIFICATION = 4
-    TRANSLATION = 5
-    ACCESS = 6
-    DEIDENTIFICATION = 7
-    AGGREGATION = 8
-    REPORT = 9
-    EXPORT = 10
-    DISCLOSURE = 11
-    RECEIPT_OF_DISCLOSURE = 12
-    ARCHIVING = 13
-    LOGICAL_DELETION = 14
-    PERMANENT_ERASURE = 15
-
-
-class ParticipantKind(enum.StrEnum):
-    """What a participant is to the gateway. Not rendered in XML; drives the Elasticsearch document."""
-
-    UNSPECIFIED = "unspecified"
-    PERSON = "person"
-    CLIENT = "client"
-    GATEWAY = "gateway"
-    SOURCE = "source"
-    DESTINATION = "destination"
-    RECIPIENT = "recipient"
-    MEDIA = "media"
-    UNVERIFIED = "unverified"
-
-
-@dataclass(frozen=True)
-class ActiveParticipant:
-    user_id: str
-    user_name: str | None = None
-    alternative_user_id: str | None = None
-    is_requestor: bool = False
-    network_access_point_id: str | None = None
-    network_access_point_type: NetworkAccessPointType | None = None
-    role_id_codes: tuple[Code, ...] = ()
-    #: MediaIdentifier/MediaType, for Destination/Source Media participants (PS3.15 A.5.3.4/A.5.3.5).
-    media_type: Code | None = None
-    kind: ParticipantKind = ParticipantKind.UNSPECIFIED
-
-    def __post_init__(self) -> None:
-        if not self.user_id:
-            raise ValueError("ActiveParticipant.user_id is required (PS3.15 A.5.2.1)")
-        if self.network_access_point_id and self.network_access_point_type is None:
-            object.__setattr__(
-                self, "network_access_point_type", network_access_point_type(self.network_access_point_id)
-            )
-
-
-@dataclass(frozen=True)
-class SOPClassRef:
-    uid: str
-    number_of_instances: int
-    instance_uids: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ObjectDescription:
-    """ParticipantObjectDescription (PS3.15 A.5.1, DICOMObjectDescriptionContents)."""
-
-    mpps_uids: tuple[str, ...] = ()
-    accession_numbers: tuple[str, ...] = ()
-    sop_classes: tuple[SOPClassRef, ...] = ()
-    contains_studies: tuple[str, ...] = ()
-    encrypted: bool | None = None
-    anonymized: bool | None = None
-
-
-@dataclass(frozen=True)
-class ParticipantObject:
-    """ParticipantObjectIdentification. Exactly one of ``name`` and ``query`` (PS3.15 CP-2399)."""
-
-    id: str
-    type_code: ObjectType
-    type_code_role: ObjectRole
-    id_type_code: Code
-    name: str | None = None
-    query: bytes | None = None
-    data_life_cycle: DataLifeCycle | None = None
-    sensitivity: str | None = None
-    #: ParticipantObjectDetail ``(type, value)`` pairs; values are raw bytes, base64 in the XML.
-    details: tuple[tuple[str, bytes], ...] = ()
-    description: ObjectDescription | None = None
-
-    def __post_init__(self) -> None:
-        if (self.name is None) == (self.query is None):
-            raise ValueError("ParticipantObject needs exactly one of name and query (PS3.15 A.5.1)")
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    event_id: EventID
-    action: Action
-    outcome: Outcome
-    occurred_at: datetime
-    event_type_codes: tuple[Code, ...] = ()
-    participants: tuple[ActiveParticipant, ...] = ()
-    objects: tuple[ParticipantObject, ...] = ()
-    outcome_description: str | None = None
-    purpose_of_use: tuple[Code, ...] = ()
-    #: The idempotent document id in the audit repository: a time-ordered UUID (RFC 9562 version 7),
-    #: so that the outbox's unique index and Elasticsearch's ``_id`` lookups take new ids at their end
-    #: instead of at random places (random version 4 ids cost the outbox a fifth of its CPU per event).
-    uuid: str = field(default_factory=lambda: str(uuid7()))
-
-    def __post_init__(self) -> None:
-        if self.occurred_at.tzinfo is None or self.occurred_at.utcoffset() is None:
-            raise ValueError("AuditEvent.occurred_at must be timezone-aware (PS3.15 A.5.2.5)")
-        object.__setattr__(self, "occurred_at", self.occurred_at.astimezone(UTC))
-        object.__setattr__(self, "action", Action(self.action))
-        object.__setattr__(self, "outcome", Outcome(self.outcome))
-        if not self.participants:
-            raise ValueError("an audit message needs at least one ActiveParticipant (PS3.15 A.5.1)")
-
-
-# --------------------------------------------------------------------------- caller-facing refs
-
-
-@dataclass(frozen=True)
-class UserRef:
-    """The verified caller, as the gateway knows it from the token (see ``auth.Principal``)."""
-
-    user_id: str
-    username: str | None = None
-    client_id: str | None = None
-    roles: tuple[str, ...] = ()
-    source_address: str | None = None
-
-
-@dataclass(frozen=True)
-class PatientRef:
-    patient_id: str
-    name: str | None = None
-
-
-@dataclass(frozen=True)
-class StudyRef:
-    study_uid: str
-    #: SOP Class UID -> number of instances of that class touched by the event.
-    sop_classes: Mapping[str, int] = field(default_factory=dict)
-    accession: str | None = None
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-@functools.lru_cache(maxsize=4096)
-def network_access_point_type(value: str) -> NetworkAccessPointType:
-    """PS3.15 A.5.2.4: 2 for an IP address, 5 for a URI, 1 (machine name) otherwise."""
-    try:
-        ipaddress.ip_address(value.split("%", 1)[0])
-        return NetworkAccessPointType.IP_ADDRESS
-    except ValueError:
-        pass
-    if "://" in value:
-        return NetworkAccessPointType.URI
-    return NetworkAccessPointType.MACHINE_NAME
 
 
 def _now() -> datetime:
@@ -544,6 +195,33 @@ def _purposes(purposes: Iterable[str | Code]) -> tuple[Code, ...]:
     return tuple(p if isinstance(p, Code) else Code(p, PURPOSE_OF_USE_SCHEME, p) for p in purposes)
 
 
+def _event(
+    event_id: EventID,
+    action: Action,
+    outcome: Outcome,
+    occurred_at: datetime | None,
+    participants: Iterable[ActiveParticipant],
+    *,
+    objects: Iterable[ParticipantObject] = (),
+    event_type_codes: Iterable[Code] = (),
+    outcome_description: str | None = None,
+    purpose_of_use: Iterable[str | Code] = (),
+) -> AuditEvent:
+    """The ending every builder shares: the event at ``occurred_at`` (default now), purposes of use
+    given as plain strings coded in :data:`~compliance.audit.codes.PURPOSE_OF_USE_SCHEME`."""
+    return AuditEvent(
+        event_id=event_id,
+        action=action,
+        outcome=outcome,
+        occurred_at=occurred_at or _now(),
+        event_type_codes=tuple(event_type_codes),
+        participants=tuple(participants),
+        objects=tuple(objects),
+        outcome_description=outcome_description,
+        purpose_of_use=_purposes(purpose_of_use),
+    )
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -598,15 +276,15 @@ def query_event(
         *(patient_object(p) for p in patients),
         *(study_object(s) for s in studies),
     )
-    return AuditEvent(
-        event_id=EventID.QUERY,
-        action=Action.EXECUTE,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        participants=participants,
+    return _event(
+        EventID.QUERY,
+        Action.EXECUTE,
+        outcome,
+        occurred_at,
+        participants,
         objects=objects,
         outcome_description=outcome_description,
-        purpose_of_use=_purposes(purpose_of_use),
+        purpose_of_use=purpose_of_use,
     )
 
 
@@ -638,16 +316,16 @@ def instances_accessed_event(
     action = Action(action)
     if action not in (Action.CREATE, Action.READ, Action.UPDATE, Action.DELETE):
         raise ValueError("PS3.15 A.5.3.6: EventActionCode is one of C, R, U, D")
-    return AuditEvent(
-        event_id=EventID.DICOM_INSTANCES_ACCESSED,
-        action=action,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        event_type_codes=tuple(event_type_codes),
-        participants=_person_and_client(user),
+    return _event(
+        EventID.DICOM_INSTANCES_ACCESSED,
+        action,
+        outcome,
+        occurred_at,
+        _person_and_client(user),
         objects=(*(study_object(s) for s in studies), *(patient_object(p) for p in patients)),
+        event_type_codes=event_type_codes,
         outcome_description=outcome_description,
-        purpose_of_use=_purposes(purpose_of_use),
+        purpose_of_use=purpose_of_use,
     )
 
 
@@ -700,16 +378,16 @@ def instances_transferred_event(
             participants.extend((client, _person(user)))
     if gateway_id not in (source_id, destination_id):
         participants.append(_gateway(gateway_id))
-    return AuditEvent(
-        event_id=EventID.DICOM_INSTANCES_TRANSFERRED,
-        action=action,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        event_type_codes=tuple(event_type_codes),
-        participants=tuple(participants),
+    return _event(
+        EventID.DICOM_INSTANCES_TRANSFERRED,
+        action,
+        outcome,
+        occurred_at,
+        participants,
         objects=(*(study_object(s) for s in studies), *(patient_object(p) for p in patients)),
+        event_type_codes=event_type_codes,
         outcome_description=outcome_description,
-        purpose_of_use=_purposes(purpose_of_use),
+        purpose_of_use=purpose_of_use,
     )
 
 
@@ -742,12 +420,12 @@ def import_event(
             kind=ParticipantKind.MEDIA,
         ),
     )
-    return AuditEvent(
-        event_id=EventID.IMPORT,
-        action=Action.CREATE,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        participants=participants,
+    return _event(
+        EventID.IMPORT,
+        Action.CREATE,
+        outcome,
+        occurred_at,
+        participants,
         objects=(
             *(study_object(s, life_cycle=DataLifeCycle.IMPORT) for s in studies),
             *(patient_object(p) for p in patients),
@@ -796,18 +474,18 @@ def export_event(
             kind=ParticipantKind.MEDIA,
         ),
     )
-    return AuditEvent(
-        event_id=EventID.EXPORT,
-        action=Action.READ,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        participants=participants,
+    return _event(
+        EventID.EXPORT,
+        Action.READ,
+        outcome,
+        occurred_at,
+        participants,
         objects=(
             *(study_object(s, life_cycle=DataLifeCycle.EXPORT, anonymized=anonymized) for s in studies),
             *(patient_object(p) for p in patients),
         ),
         outcome_description=outcome_description,
-        purpose_of_use=_purposes(purposes),
+        purpose_of_use=purposes,
     )
 
 
@@ -831,12 +509,12 @@ def study_deleted_event(
     del gateway_id
     patients = _single_patient(patients, "A.5.3.8")
     studies = _need_studies(studies, "A.5.3.8")
-    return AuditEvent(
-        event_id=EventID.DICOM_STUDY_DELETED,
-        action=Action.DELETE,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        participants=_person_and_client(user),
+    return _event(
+        EventID.DICOM_STUDY_DELETED,
+        Action.DELETE,
+        outcome,
+        occurred_at,
+        _person_and_client(user),
         objects=(
             *(study_object(s, life_cycle=life_cycle) for s in studies),
             *(patient_object(p, life_cycle=life_cycle) for p in patients),
@@ -896,14 +574,14 @@ def security_alert_event(
         name=resource,
         details=(("Alert Description", description.encode("utf-8", "replace")),),
     )
-    return AuditEvent(
-        event_id=EventID.SECURITY_ALERT,
-        action=Action.EXECUTE,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        event_type_codes=(alert_type,),
-        participants=tuple(participants),
+    return _event(
+        EventID.SECURITY_ALERT,
+        Action.EXECUTE,
+        outcome,
+        occurred_at,
+        participants,
         objects=(subject, *(patient_object(p) for p in patients), *(study_object(s) for s in studies)),
+        event_type_codes=(alert_type,),
         outcome_description=description,
     )
 
@@ -928,13 +606,13 @@ def authentication_event(
     if event_type not in (EventTypeCode.LOGIN, EventTypeCode.LOGOUT):
         raise ValueError("PS3.15 A.5.3.12: EventTypeCode is Login (110122) or Logout (110123)")
     participants = (_person(user), _gateway(authenticator_id or gateway_id))
-    return AuditEvent(
-        event_id=EventID.USER_AUTHENTICATION,
-        action=Action.EXECUTE,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
+    return _event(
+        EventID.USER_AUTHENTICATION,
+        Action.EXECUTE,
+        outcome,
+        occurred_at,
+        participants,
         event_type_codes=(event_type,),
-        participants=participants,
         outcome_description=outcome_description,
     )
 
@@ -969,13 +647,13 @@ def application_activity_event(
     participants: tuple[ActiveParticipant, ...] = (application,)
     if launcher is not None:
         participants += (_person(launcher, extra_roles=(RoleIDCode.APPLICATION_LAUNCHER,)),)
-    return AuditEvent(
-        event_id=EventID.APPLICATION_ACTIVITY,
-        action=Action.EXECUTE,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
+    return _event(
+        EventID.APPLICATION_ACTIVITY,
+        Action.EXECUTE,
+        outcome,
+        occurred_at,
+        participants,
         event_type_codes=(type_code,),
-        participants=participants,
         outcome_description=outcome_description,
     )
 
@@ -1006,12 +684,12 @@ def audit_log_used_event(
         name="Security Audit Log",
         details=(("Query", bytes(query)),) if query else (),
     )
-    return AuditEvent(
-        event_id=EventID.AUDIT_LOG_USED,
-        action=Action.READ,
-        outcome=outcome,
-        occurred_at=occurred_at or _now(),
-        participants=_person_and_client(user),
+    return _event(
+        EventID.AUDIT_LOG_USED,
+        Action.READ,
+        outcome,
+        occurred_at,
+        _person_and_client(user),
         objects=(log,),
         outcome_description=outcome_description,
     )

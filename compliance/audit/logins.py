@@ -48,7 +48,9 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
-from compliance.audit.events import AuditEvent, EventTypeCode, Outcome, UserRef, authentication_event
+from compliance.audit.codes import EventTypeCode, Outcome
+from compliance.audit.events import authentication_event
+from compliance.audit.message import AuditEvent, UserRef
 from compliance.audit.models import AuditImportCursor, AuditOutboxRow
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.writes import audit_transaction

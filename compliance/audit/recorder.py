@@ -12,7 +12,7 @@ import logging
 
 from compliance.audit.atna import AuditSource
 from compliance.audit.documents import to_document
-from compliance.audit.events import AuditEvent
+from compliance.audit.message import AuditEvent
 from compliance.audit.outbox import OutboxEntry, SqlAuditOutbox
 from compliance.errors import AuditFailure
 

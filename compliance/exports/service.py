@@ -41,16 +41,9 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, CursorResult, and_, delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from compliance.audit.events import (
-    Action,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    export_event,
-    security_alert_event,
-)
+from compliance.audit.codes import Action, EventTypeCode, Outcome
+from compliance.audit.events import export_event, security_alert_event
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.crypto.aead import open_sealed, seal
 from compliance.crypto.streaming import iter_decrypt

@@ -6,7 +6,9 @@ raised, so no refusal goes unaudited, and the refused request never reaches what
 
 from __future__ import annotations
 
-from compliance.audit.events import EventTypeCode, Outcome, UserRef, security_alert_event
+from compliance.audit.codes import EventTypeCode, Outcome
+from compliance.audit.events import security_alert_event
+from compliance.audit.message import UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
 from compliance.errors import PermissionDenied

@@ -27,15 +27,9 @@ import pytest
 from keycloak import KeycloakAdmin
 
 from compliance.audit.atna import AuditSource
-from compliance.audit.events import (
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    instances_transferred_event,
-    security_alert_event,
-)
+from compliance.audit.codes import EventTypeCode, Outcome
+from compliance.audit.events import instances_transferred_event, security_alert_event
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.review import SqlReviewQueue

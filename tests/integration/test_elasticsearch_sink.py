@@ -11,20 +11,12 @@ from datetime import UTC, datetime
 import pytest
 
 from compliance.audit.atna import AuditSource, validate_atna_xml
+from compliance.audit.codes import Action, EventTypeCode, Outcome
 from compliance.audit.documents import index_name, to_document
 from compliance.audit.elasticsearch import ElasticsearchAuditSink
-from compliance.audit.events import (
-    Action,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    instances_accessed_event,
-    query_event,
-    security_alert_event,
-)
+from compliance.audit.events import instances_accessed_event, query_event, security_alert_event
 from compliance.audit.interfaces import AuditSinkUnavailable
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 
 pytestmark = pytest.mark.integration
 

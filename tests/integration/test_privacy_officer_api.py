@@ -26,15 +26,10 @@ from elasticsearch.helpers import bulk
 from lxml import etree
 
 from compliance.audit.atna import AuditSource
+from compliance.audit.codes import Action, EventTypeCode, Outcome
 from compliance.audit.documents import index_name, to_document
 from compliance.audit.elasticsearch import ElasticsearchAuditSink
 from compliance.audit.events import (
-    Action,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
     authentication_event,
     export_event,
     instances_accessed_event,
@@ -43,6 +38,7 @@ from compliance.audit.events import (
     security_alert_event,
 )
 from compliance.audit.logins import event_from_keycloak
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.config import PROJECT_ROOT
 from compliance.exports.audit import reidentification_event
 

@@ -20,7 +20,9 @@ import pytest
 from compliance.audit.atna import AuditSource
 from compliance.audit.chain import GENESIS, HASH, PREV, link_hash, verify_chain
 from compliance.audit.checkpoints import generate_key_file
-from compliance.audit.events import Outcome, PatientRef, UserRef, query_event
+from compliance.audit.codes import Outcome
+from compliance.audit.events import query_event
+from compliance.audit.message import PatientRef, UserRef
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.config import PROJECT_ROOT

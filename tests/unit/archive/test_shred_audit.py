@@ -6,7 +6,7 @@ import pytest
 
 from compliance.archive.operations import ApprovedShred, KeyOperations
 from compliance.audit.atna import AuditSource
-from compliance.audit.events import UserRef
+from compliance.audit.message import UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.errors import UpstreamUnavailable
 

@@ -19,7 +19,7 @@ from compliance.archive.shred import (
     ShredStateConflict,
 )
 from compliance.audit.atna import AuditSource
-from compliance.audit.events import UserRef
+from compliance.audit.message import UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.db.session import make_engine, make_session_factory
 from compliance.errors import AuditFailure, ConfigurationError, InvalidRequest, UpstreamUnavailable

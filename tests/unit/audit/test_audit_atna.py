@@ -10,14 +10,8 @@ import pytest
 from lxml import etree
 
 from compliance.audit.atna import AuditSource, load_schema, to_atna_xml, validate_atna_xml
+from compliance.audit.codes import Action, DataLifeCycle, EventTypeCode, Outcome
 from compliance.audit.events import (
-    Action,
-    DataLifeCycle,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
     application_activity_event,
     audit_log_used_event,
     authentication_event,
@@ -30,6 +24,7 @@ from compliance.audit.events import (
     study_deleted_event,
 )
 from compliance.audit.interfaces import AuditMessageInvalid
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.config import PROJECT_ROOT
 
 SHARED_XSD = PROJECT_ROOT.parent / "shared" / "standards" / "dicom-audit-message-2024d.xsd"

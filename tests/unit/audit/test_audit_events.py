@@ -6,24 +6,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from compliance.audit.events import (
-    Action,
-    ActiveParticipant,
-    AuditEvent,
-    EventID,
-    EventTypeCode,
-    ObjectIDTypeCode,
-    ObjectRole,
-    ObjectType,
-    Outcome,
-    ParticipantObject,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    instances_accessed_event,
-    instances_transferred_event,
-    study_deleted_event,
-)
+from compliance.audit.codes import Action, EventID, EventTypeCode, ObjectIDTypeCode, ObjectRole, ObjectType, Outcome
+from compliance.audit.events import instances_accessed_event, instances_transferred_event, study_deleted_event
+from compliance.audit.message import ActiveParticipant, AuditEvent, ParticipantObject, PatientRef, StudyRef, UserRef
 
 USER = UserRef("sub", "alice", None, ("radiologist",), "host.example")
 

@@ -132,8 +132,10 @@ def test_canonical_form_of_real_audit_documents_is_the_standard_librarys():
 
     from compliance.audit.atna import AuditSource
     from compliance.audit.chain import canonical
+    from compliance.audit.codes import Outcome
     from compliance.audit.documents import to_document
-    from compliance.audit.events import Outcome, PatientRef, UserRef, query_event
+    from compliance.audit.events import query_event
+    from compliance.audit.message import PatientRef, UserRef
 
     source = AuditSource(source_id="gw", enterprise_site_id="site")
     user = UserRef(user_id="s", username="\u00e9l\u00e8ve", client_id="c", roles=("r",), source_address="::1")

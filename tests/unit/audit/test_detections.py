@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from compliance.audit.atna import AuditSource
+from compliance.audit.codes import EventTypeCode, Outcome
 from compliance.audit.detections import (
     DEFAULT_POLICY_FILE,
     Backlog,
@@ -20,15 +21,8 @@ from compliance.audit.detections import (
     family_name,
 )
 from compliance.audit.documents import to_document
-from compliance.audit.events import (
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    instances_transferred_event,
-    security_alert_event,
-)
+from compliance.audit.events import instances_transferred_event, security_alert_event
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.audit.models import AuditOutboxRow
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from compliance.audit.atna import AuditSource
+from compliance.audit.codes import EventTypeCode, Outcome
 from compliance.audit.detections import (
     DEFAULT_POLICY_FILE,
     Backlog,
@@ -32,15 +33,8 @@ from compliance.audit.detections import (
     detection_window,
 )
 from compliance.audit.documents import to_document
-from compliance.audit.events import (
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    instances_transferred_event,
-    security_alert_event,
-)
+from compliance.audit.events import instances_transferred_event, security_alert_event
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.audit.models import AuditOutboxRow
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.queries import AuditQueryService, AuditSearch

@@ -11,19 +11,10 @@ from datetime import UTC, datetime
 import pytest
 
 from compliance.audit.atna import AuditSource
+from compliance.audit.codes import Action, EventTypeCode, Outcome
 from compliance.audit.documents import to_document
-from compliance.audit.events import (
-    Action,
-    EventTypeCode,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    export_event,
-    instances_accessed_event,
-    query_event,
-    security_alert_event,
-)
+from compliance.audit.events import export_event, instances_accessed_event, query_event, security_alert_event
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.audit.reports import (
     AccessRow,
     DisclosureRow,

@@ -6,8 +6,10 @@ import re
 from datetime import UTC, datetime
 
 from compliance.audit.atna import AuditSource
+from compliance.audit.codes import Outcome
 from compliance.audit.documents import to_document
-from compliance.audit.events import Outcome, UserRef, application_activity_event, authentication_event
+from compliance.audit.events import application_activity_event, authentication_event
+from compliance.audit.message import UserRef
 from compliance.audit.syslog import BOM, MSGID, frame, rfc5424_message
 
 SOURCE = AuditSource(source_id="compliance-gateway", enterprise_site_id="demo-hospital")

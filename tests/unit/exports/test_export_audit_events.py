@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from compliance.audit.atna import AuditSource, to_atna_xml, validate_atna_xml
+from compliance.audit.codes import Action
 from compliance.audit.documents import to_document
-from compliance.audit.events import Action, PatientRef, StudyRef, UserRef
+from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.exports.audit import export_request_event, reidentification_event
 
 SOURCE = AuditSource(source_id="gw-1")
