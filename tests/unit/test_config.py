@@ -32,7 +32,9 @@ def test_production_refuses_a_plain_http_issuer():
 def test_production_accepts_a_complete_configuration():
     s = Settings(environment="production", archive_password="x7Vq2LrT9mKp4WzN8sYb3HcD",
                  oidc_issuer="https://idp.example/realms/imaging", **SECURE_ES)
-    assert s.environment == "production"
+    # what production derives from it: the realm's keys from the issuer, audit failing closed
+    assert s.effective_jwks_url == "https://idp.example/realms/imaging/protocol/openid-connect/certs"
+    assert s.audit_fail_closed is True
 
 
 def test_environment_variables_are_read(monkeypatch, tmp_path):
@@ -84,9 +86,12 @@ def test_production_accepts_generated_secrets():
     s = Settings(**PRODUCTION, front_secret="9f2c4e7a1b3d5f60718293a4b5c6d7e8f9a0b1c2d3e4f506",
                  oidc_client_secret="Zq3v8LmN2pR7sT1wX4yB6cD9fG0hJ5kA", archive_patient_index_key="c1" * 32,
                  archive_pkcs11_pin="483920")
-    assert s.environment == "production"
+    assert bytes.fromhex(s.archive_patient_index_key.get_secret_value()) == b"\xc1" * 32
 
 
 def test_development_allows_the_demo_values():
-    assert Settings(environment="development", archive_password="", front_secret="changeme").environment == \
-        "development"
+    """The same values production refuses above are let through in development (the demo stack's)."""
+    with pytest.raises(ConfigurationError):
+        Settings(**{**PRODUCTION, "front_secret": "changeme"})
+    s = Settings(environment="development", archive_password="", front_secret="changeme")
+    assert s.front_secret.get_secret_value() == "changeme"
