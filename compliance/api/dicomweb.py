@@ -14,9 +14,9 @@ from starlette.types import Message, Receive, Scope, Send
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, authenticate, client_address
 from compliance.api.errors import error_response
 from compliance.dicomweb.front import FRONT_HEADER, RELEASED_EVENT_HEADER, is_front, released_event
-from compliance.dicomweb.interfaces import UpstreamResponse
+from compliance.dicomweb.interfaces import RequestContext, UpstreamResponse
 from compliance.dicomweb.routing import Transaction, classify
-from compliance.dicomweb.service import RequestContext, response_headers
+from compliance.dicomweb.service import response_headers
 from compliance.errors import NotFound, PayloadTooLarge, UpstreamError
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,40 @@
-"""Contracts of the DICOMweb proxy: the archive behind the gateway, and what it tells the audit."""
+"""Contracts of the DICOMweb proxy: the request it serves, the archive behind the gateway and what it
+tells the audit, and the encrypted archive's key custodian."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from compliance.audit.message import UserRef
+from compliance.auth.interfaces import Principal
+from compliance.policy.enforce import user_ref
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """A DICOMweb request as the proxy sees it, once the API has authenticated its caller."""
+
+    principal: Principal
+    source_address: str | None
+    method: str
+    #: Path relative to the DICOMweb root, e.g. ``/studies/1.2.3/metadata``.
+    path: str
+    query: list[tuple[str, str]]
+    raw_query: str
+    headers: Mapping[str, str]
+    #: A retrieve the nginx front released and the archive then refused: the release's event uuid
+    #: (set by the API only for requests carrying the front's secret).
+    released_event: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.path + (f"?{self.raw_query}" if self.raw_query else "")
+
+    @property
+    def user(self) -> UserRef:
+        return user_ref(self.principal, self.source_address)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ For every request, in this order:
 5. the archive's response is streamed back unchanged (content type, multipart boundary), so
    DICOMweb clients work against the gateway as they do against the archive.
 
-Event mapping (PS3.15 A.5.3): QIDO -> 110112 Query; WADO of whole instances -> 110104 Instances
-Transferred (archive to the requesting application); WADO of metadata, frames, bulk data, rendered
-or thumbnails -> 110103 Instances Accessed (Read); STOW -> 110107 Import; denial -> 110113.
+Which event each request records: :mod:`compliance.dicomweb.audit_mapping`. Why an encrypted
+archive refused a read (erased: 410, or a file that does not authenticate: 500 and an alert):
+:mod:`compliance.dicomweb.diagnosis`.
 """
 
 from __future__ import annotations
@@ -22,57 +22,25 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from compliance import dicom_json
-from compliance.audit.events import (
-    Action,
-    AuditEvent,
-    Outcome,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    import_event,
-    instances_accessed_event,
-    instances_transferred_event,
-    query_event,
-)
+from compliance.audit.codes import Outcome
+from compliance.audit.message import PatientRef, StudyRef
 from compliance.audit.recorder import AuditRecorder
-from compliance.auth.interfaces import Principal
-from compliance.dicomweb.interfaces import ArchiveBackend, StudySummary, UpstreamResponse
-from compliance.dicomweb.routing import Route, Transaction
+from compliance.dicomweb.audit_mapping import DicomwebEvents, outcome_of
+from compliance.dicomweb.diagnosis import ArchiveDiagnosis
+from compliance.dicomweb.interfaces import ArchiveBackend, KeyCustodian, RequestContext, UpstreamResponse
+from compliance.dicomweb.routing import Route
 from compliance.dicomweb.stow import StowInstance, StowStreamValidator, reconcile_stow, unvalidated_uids
 from compliance.errors import ComplianceError, UpstreamError, status_of
-from compliance.policy.enforce import enforce, user_ref
+from compliance.policy.enforce import enforce
 from compliance.policy.interfaces import PolicyDecisionPoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RequestContext:
-    principal: Principal
-    source_address: str | None
-    method: str
-    #: Path relative to the DICOMweb root, e.g. ``/studies/1.2.3/metadata``.
-    path: str
-    query: list[tuple[str, str]]
-    raw_query: str
-    headers: Mapping[str, str]
-    #: A retrieve the nginx front released and the archive then refused: the release's event uuid
-    #: (set by the API only for requests carrying the front's secret).
-    released_event: str | None = None
-
-    @property
-    def target(self) -> str:
-        return self.path + (f"?{self.raw_query}" if self.raw_query else "")
-
-    @property
-    def user(self) -> UserRef:
-        return user_ref(self.principal, self.source_address)
 
 
 @dataclass
@@ -80,38 +48,6 @@ class BufferedResponse:
     status_code: int
     headers: dict[str, str]
     body: bytes
-
-
-#: Seconds added to a failed search's duration when asking the archive which files failed in it.
-FAILURE_WINDOW_MARGIN = 2.0
-
-
-def _failure_reason(report: Mapping[str, Any]) -> str | None:
-    """What the archive's verification of a study says: "integrity" (a file does not authenticate or
-    is missing), "erased" (its key was destroyed), or None (its files are fine)."""
-    results = {f.get("result") for f in report.get("failures", [])}
-    if "decryption_failed" in results or "missing" in results:
-        return "integrity"
-    if "key_destroyed" in results:
-        return "erased"
-    return None
-
-
-def _study_patient(summary: StudySummary | None) -> tuple[PatientRef, ...]:
-    """The patient of a study, as the archive's index names it (none when it does not)."""
-    if summary is None or not summary.patient_id:
-        return ()
-    return (PatientRef(patient_id=summary.patient_id, name=summary.patient_name),)
-
-
-def outcome_of(status: int) -> Outcome:
-    if status == 202:  # PS3.18: accepted with warnings or failures (a STOW that stored only some)
-        return Outcome.MINOR_FAILURE
-    if status < 300:
-        return Outcome.SUCCESS
-    if status < 500:
-        return Outcome.MINOR_FAILURE
-    return Outcome.SERIOUS_FAILURE
 
 
 #: Response headers passed back to the client from the archive.
@@ -133,17 +69,17 @@ class DicomwebService:
         archive_id: str = "archive",
         qido_max_response_bytes: int = 64 * 1024 * 1024,
         stow_max_sequence_depth: int = 32,
-        erasure: Any = None,
+        erasure: KeyCustodian | None = None,
         archive_dicomweb_path: str = "/dicom-web",
     ) -> None:
-        #: ``compliance.archive.client.ArchiveKeyClient`` when the archive is encrypted: WADO checks
-        #: the study's erasure state and explains archive read failures (410 / integrity alert).
-        self._erasure = erasure
         self._archive = archive
         self._policy = policy
         self._auditor = auditor
         self._gateway_id = gateway_id
-        self._archive_id = archive_id
+        self._events = DicomwebEvents(gateway_id=gateway_id, archive_id=archive_id)
+        #: ``erasure`` (``compliance.archive.client.ArchiveKeyClient``) when the archive is encrypted: WADO
+        #: checks the study's erasure state and archive read failures are explained (410 / integrity alert).
+        self._diagnosis = None if erasure is None else ArchiveDiagnosis(erasure, archive, auditor, self._events)
         self._qido_max = qido_max_response_bytes
         self._stow_max_depth = stow_max_sequence_depth
         #: cleanups of refused STOW requests whose task was cancelled (kept until they finish)
@@ -173,12 +109,13 @@ class DicomwebService:
                 await upstream.aclose()
         except Exception as exc:
             await self._fail_search(ctx, route, exc)
-        if upstream.status_code >= 500 and self._erasure is not None:
+        if upstream.status_code >= 500 and self._diagnosis is not None:
             if route.study_uid:
                 # A study-scoped search reads the study's files: say why the archive failed, as WADO does.
-                await self._explain_failed_search(ctx, route, upstream.status_code)
+                await self._diagnosis.explain_failed_search(ctx, route, upstream.status_code)
             else:
-                await self._explain_failed_broad_search(ctx, upstream.status_code, time.monotonic() - started)
+                await self._diagnosis.explain_failed_broad_search(ctx, upstream.status_code,
+                                                                  time.monotonic() - started)
         patients: dict[tuple[str | None, str | None], PatientRef] = {}
         studies: dict[str, StudyRef] = {}
         if upstream.status_code == 200 and body:
@@ -207,7 +144,7 @@ class DicomwebService:
                     PatientRef(patient_id=summary.patient_id, name=summary.patient_name),
                 )
                 studies.setdefault(route.study_uid, StudyRef(study_uid=route.study_uid, accession=summary.accession))
-        await self._auditor.record(self._search_event(
+        await self._auditor.record(self._events.search(
             ctx, upstream.status_code,
             None if upstream.status_code < 300 else f"archive status {upstream.status_code}",
             tuple(patients.values()), tuple(studies.values())))
@@ -217,7 +154,7 @@ class DicomwebService:
         """Record the failed 110112 of a search the archive did not answer usably, then raise (502/503)."""
         error = exc if isinstance(exc, ComplianceError) else UpstreamError("the archive's answer could not be read")
         studies = (StudyRef(study_uid=route.study_uid),) if route.study_uid else ()
-        await self._auditor.record(self._search_event(
+        await self._auditor.record(self._events.search(
             ctx, status_of(error), f"the archive's answer was not passed on: {error.message}"[:1024], (), studies))
         if error is exc:
             raise exc
@@ -233,33 +170,33 @@ class DicomwebService:
             self._archive.send("GET", ctx.path, query=ctx.query, headers=ctx.headers), summary_task,
             return_exceptions=True)
         upstream, summary = results[0], results[1]
-        if self._erasure is not None and not isinstance(upstream, BaseException) and upstream.status_code >= 300:
+        if self._diagnosis is not None and not isinstance(upstream, BaseException) and upstream.status_code >= 300:
             # Only a refused retrieve needs the key custodian: a 2xx means Orthanc just decrypted the
             # study's files with a live key (the plugin refuses to run with Orthanc's storage cache,
             # so nothing is served from memory). Erased studies answer 404 (they left the index) or 5xx.
             known = None if isinstance(summary, BaseException) else summary
             try:
-                state = await self._study_state(route.study_uid, summary_task)
+                state = await self._diagnosis.study_state(route.study_uid, summary_task)
             except BaseException as exc:
                 await upstream.aclose()
-                await self._auditor.record(self._retrieve_event(ctx, route, 502, known))
+                await self._auditor.record(self._events.retrieve(ctx, route, 502, known))
                 if isinstance(exc, ComplianceError):
                     raise
                 raise UpstreamError("the archive's key custodian could not be asked") from exc
             # Before the lookup's error: a study lookup may itself fail on a shredded or corrupted file.
-            await self._check_stored_objects(ctx, route, upstream, known, state)
+            await self._diagnosis.check_stored_objects(ctx, route, upstream, known, state)
         if isinstance(upstream, BaseException) or isinstance(summary, BaseException):  # results holds just these two
             if not isinstance(upstream, BaseException):
                 await upstream.aclose()
             err = next(r for r in results if isinstance(r, BaseException))
             # nothing was sent, but the attempt on the patient's images is audited like any other
-            await self._auditor.record(self._retrieve_event(
+            await self._auditor.record(self._events.retrieve(
                 ctx, route, 502, None if isinstance(summary, BaseException) else summary))
             if isinstance(err, ComplianceError):
                 raise err
             raise UpstreamError("the archive request failed") from err
         try:
-            await self._auditor.record(self._retrieve_event(ctx, route, upstream.status_code, summary))
+            await self._auditor.record(self._events.retrieve(ctx, route, upstream.status_code, summary))
         except BaseException:
             await upstream.aclose()
             raise
@@ -281,169 +218,11 @@ class DicomwebService:
             return None
         if summary is None or not summary.patient_id:
             return None
-        event = self._retrieve_event(ctx, route, 200, summary)
+        event = self._events.retrieve(ctx, route, 200, summary)
         await self._auditor.record(event)
         from compliance.dicomweb.front import accel_redirect
 
         return accel_redirect(str(event.uuid), self._archive_root + ctx.path, ctx.raw_query)
-
-    async def _study_state(self, study_uid: str, summary_task: asyncio.Future[Any]) -> str:
-        """The study's erasure state: one request to the key custodian once the patient is known.
-
-        The patient comes from the study lookup the audit event needs anyway (usually cached), so the
-        state costs a single call; without it (an erased study has left the index) the custodian
-        client resolves the study itself, down to its tombstone.
-        """
-        try:
-            summary = await asyncio.shield(summary_task)
-        except Exception:  # noqa: BLE001 - the lookup's own error is reported by the caller
-            summary = None
-        if summary is not None and summary.patient_id:
-            return str(await self._erasure.patient_state(summary.patient_id))
-        return str(await self._erasure.study_state(study_uid))
-
-    async def _check_stored_objects(self, ctx: RequestContext, route: Route, upstream: UpstreamResponse,
-                                    summary: Any, state: Any) -> None:
-        """Encrypted archive: 410 for a shredded patient's study; an integrity alert for a bad file.
-
-        Orthanc answers 5xx when the storage plugin refuses a file (it reads a study's files before
-        answering), so only then does the gateway ask the archive to verify the study's files and
-        tell erasure (410) from corruption (500 + 110113). Nothing of the upstream body is sent.
-        """
-        reason: str | None = None
-        if state == "shredded":
-            reason = "erased"
-        elif upstream.status_code >= 500:
-            try:
-                report = await self._erasure.verify_study(route.study_uid or "")
-            except BaseException:
-                await upstream.aclose()
-                await self._auditor.record(self._retrieve_event(ctx, route, upstream.status_code, summary))
-                raise
-            reason = _failure_reason(report)
-        if reason is None:
-            return
-        await upstream.aclose()
-        from compliance.archive.interfaces import ArchiveIntegrityError
-        from compliance.crypto.interfaces import KeyDestroyed
-
-        study = route.study_uid or ""
-        if reason == "erased":
-            await self._auditor.record(self._retrieve_event(ctx, route, 410, summary))
-            raise KeyDestroyed("the study was permanently erased: its patient's data key was destroyed",
-                               detail={"study_uid": study, "reason": "crypto-shredded"})
-        await self._integrity_alert(ctx, study, summary)
-        await self._auditor.record(self._retrieve_event(ctx, route, 500, summary))
-        raise ArchiveIntegrityError("a stored object of the study failed its integrity check and was not returned",
-                                    detail={"study_uid": study})
-
-    async def _integrity_alert(self, ctx: RequestContext, study: str, summary: StudySummary | None) -> None:
-        from compliance.audit.events import EventTypeCode, security_alert_event
-
-        patients = _study_patient(summary)
-        await self._auditor.record(security_alert_event(
-            user=ctx.user, gateway_id=self._gateway_id, alert_type=EventTypeCode.OBJECT_SECURITY_ATTRIBUTES_CHANGED,
-            description=f"integrity failure: a stored file of study {study} does not authenticate; not returned",
-            resource=f"dicomweb:{ctx.target}", outcome=Outcome.SERIOUS_FAILURE, source_address=ctx.source_address,
-            patients=patients, studies=(StudyRef(study_uid=study),)))
-
-    async def _explain_failed_search(self, ctx: RequestContext, route: Route, status: int) -> None:
-        """A study-scoped QIDO the encrypted archive failed: 410 for an erased study, 500 and a 110113
-        alert for a file that does not authenticate; otherwise return (the caller answers 502)."""
-        from compliance.archive.interfaces import ArchiveIntegrityError
-        from compliance.crypto.interfaces import KeyDestroyed
-
-        study = route.study_uid or ""
-        try:
-            report = await self._erasure.verify_study(study)
-        except Exception:  # noqa: BLE001 - the search's own failure is reported and audited by the caller
-            log.warning("could not ask the archive why a search of study %s failed", study, exc_info=True)
-            return
-        reason = _failure_reason(report)
-        if reason is None:
-            return
-        answer = 500 if reason == "integrity" else 410
-        try:
-            summary = await self._archive.study_summary(study)
-        except Exception:  # noqa: BLE001 - the patient is named when the index still knows it
-            summary = None
-        patients = _study_patient(summary)
-        if reason == "integrity":
-            await self._integrity_alert(ctx, study, summary)
-        await self._auditor.record(self._search_event(
-            ctx, answer, f"archive status {status}: {reason}", patients, (StudyRef(study_uid=study),)))
-        if reason == "erased":
-            raise KeyDestroyed("the study was permanently erased: its patient's data key was destroyed",
-                               detail={"study_uid": study, "reason": "crypto-shredded"})
-        raise ArchiveIntegrityError("a stored object of the study failed its integrity check and was not returned",
-                                    detail={"study_uid": study})
-
-    async def _explain_failed_broad_search(self, ctx: RequestContext, status: int, elapsed: float) -> None:
-        """A search across studies the encrypted archive failed: if the custodian failed to
-        authenticate a stored file while the search ran, answer 500 with a 110113 alert naming the
-        file(s); otherwise return (the caller answers 502).
-
-        The study is unknown here (the archive's read callback sees only the file's uuid), so the
-        alert names the files; a request scoped to the study (WADO, or QIDO of its series) names the
-        study. A failure of another request in the same seconds is attributed here too: the search
-        read the archive while it was failing integrity checks, which is what the alert says.
-        """
-        from compliance.archive.interfaces import MAX_FAILURE_WINDOW, ArchiveIntegrityError
-        from compliance.audit.events import EventTypeCode, security_alert_event
-
-        try:
-            window = min(round(elapsed + FAILURE_WINDOW_MARGIN, 3), MAX_FAILURE_WINDOW)
-            failures = await self._erasure.recent_failures(window)
-        except Exception:  # noqa: BLE001 - the search's own failure is reported and audited by the caller
-            log.warning("could not ask the archive why a search failed", exc_info=True)
-            return
-        files = sorted({str(f.get("uuid")) for f in failures})
-        if not files:
-            return
-        shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
-        await self._auditor.record(security_alert_event(
-            user=ctx.user, gateway_id=self._gateway_id, alert_type=EventTypeCode.OBJECT_SECURITY_ATTRIBUTES_CHANGED,
-            description=f"integrity failure: stored file(s) {shown} did not authenticate while the archive "
-                        f"answered a search; nothing was returned",
-            resource=f"dicomweb:{ctx.target}", outcome=Outcome.SERIOUS_FAILURE, source_address=ctx.source_address))
-        await self._auditor.record(self._search_event(ctx, 500, f"archive status {status}: integrity", (), ()))
-        raise ArchiveIntegrityError("a stored object failed its integrity check while the archive answered the "
-                                    "search; nothing was returned", detail={"files": len(files)})
-
-    def _search_event(self, ctx: RequestContext, status: int, description: str | None,
-                      patients: tuple[PatientRef, ...], studies: tuple[StudyRef, ...]) -> AuditEvent:
-        """The 110112 Query event of a search, with the outcome of the status it is answered with."""
-        return query_event(user=ctx.user, gateway_id=self._gateway_id, outcome=outcome_of(status),
-                           outcome_description=description, query=f"{ctx.method} {ctx.target}".encode(),
-                           sop_class_uid=None, patients=patients, studies=studies)
-
-    def _retrieve_event(self, ctx: RequestContext, route: Route, status: int, summary: StudySummary | None):
-        patients = _study_patient(summary)
-        studies = (
-            StudyRef(study_uid=route.study_uid or "", accession=summary.accession if summary else None),
-        )
-        description = None if status < 300 else f"archive status {status}"
-        if ctx.released_event and description:
-            description += f"; the transfer released by event {ctx.released_event} was not delivered"
-        if route.transaction is Transaction.RETRIEVE:
-            return instances_transferred_event(
-                user=ctx.user,
-                gateway_id=self._gateway_id,
-                source_id=self._archive_id,
-                outcome=outcome_of(status),
-                outcome_description=description,
-                patients=patients,
-                studies=studies,
-            )
-        return instances_accessed_event(
-            user=ctx.user,
-            gateway_id=self._gateway_id,
-            action=Action.READ,
-            outcome=outcome_of(status),
-            outcome_description=description,
-            patients=patients,
-            studies=studies,
-        )
 
     # -- STOW-RS ------------------------------------------------------------------------------
     async def store(self, ctx: RequestContext, route: Route, body: AsyncIterator[bytes]) -> BufferedResponse:
@@ -528,16 +307,7 @@ class DicomwebService:
             # UIDs identify a patient's images: they go to the audit trail, not to the application log
             log.warning("STOW-RS: the archive stored %d of %d instances", len(instances) - len(not_stored),
                         len(instances))
-        await self._auditor.record(
-            import_event(
-                user=ctx.user,
-                gateway_id=self._gateway_id,
-                outcome=outcome,
-                outcome_description=description,
-                patients=_patients_of(instances),
-                studies=_studies_of(instances),
-            )
-        )
+        await self._auditor.record(self._events.store(ctx, outcome, description, instances))
         return BufferedResponse(status, headers, payload)
 
     async def _remove(self, uids: list[str], started: datetime) -> dict[str, str]:
@@ -580,52 +350,21 @@ class DicomwebService:
         stored, failed = unvalidated_uids(payload, instances)
         if not stored and not failed:
             return
-        from compliance.audit.events import EventTypeCode, security_alert_event
-
         results = await self._remove(stored, started) if stored else {}
         left = [uid for uid, r in results.items() if r.startswith("error")]
         shown = "; ".join(f"{uid}: {results.get(uid, 'reported failed')}" for uid in [*stored, *failed][:10])
-        await self._auditor.record(security_alert_event(
-            user=ctx.user, gateway_id=self._gateway_id, alert_type=EventTypeCode.USE_OF_RESTRICTED_FUNCTION,
-            description=(f"STOW-RS: the archive reported {len(stored) + len(failed)} instance(s) the gateway did "
-                         f"not validate ({len(stored)} as stored); removal: {shown}")[:1024],
-            resource=f"dicomweb:{ctx.target}",
-            outcome=Outcome.MAJOR_FAILURE if left else Outcome.SERIOUS_FAILURE,
-            source_address=ctx.source_address))
+        await self._auditor.record(self._events.unvalidated_alert(
+            ctx, (f"STOW-RS: the archive reported {len(stored) + len(failed)} instance(s) the gateway did "
+                  f"not validate ({len(stored)} as stored); removal: {shown}")[:1024],
+            Outcome.MAJOR_FAILURE if left else Outcome.SERIOUS_FAILURE))
         log.error("STOW-RS: the archive reported %d instances the gateway did not validate (%d not removed)",
                   len(stored) + len(failed), len(left))
 
     async def audit_rejected_store(self, ctx: RequestContext, reason: str, instances: list[StowInstance] | None = None,
                                    outcome: Outcome = Outcome.SERIOUS_FAILURE) -> None:
         """The failed 110107 of a refused STOW; ``instances``: those the archive had received before."""
-        await self._auditor.record(
-            import_event(
-                user=ctx.user,
-                gateway_id=self._gateway_id,
-                outcome=outcome,
-                outcome_description=f"refused by the gateway: {reason}"[:1024],
-                patients=_patients_of(instances or []),
-                studies=_studies_of(instances or []),
-            )
-        )
-
-
-def _patients_of(instances: list[StowInstance]) -> tuple[PatientRef, ...]:
-    seen: dict[tuple[str | None, str | None], PatientRef] = {}
-    for i in instances:
-        if i.patient_id:
-            seen.setdefault((i.patient_id, i.patient_name), PatientRef(patient_id=i.patient_id, name=i.patient_name))
-    return tuple(seen.values())
-
-
-def _studies_of(instances: list[StowInstance]) -> tuple[StudyRef, ...]:
-    counts: dict[str, dict[str, int]] = {}
-    accession: dict[str, str | None] = {}
-    for i in instances:
-        per = counts.setdefault(i.study_uid, {})
-        per[i.sop_class_uid] = per.get(i.sop_class_uid, 0) + 1
-        accession.setdefault(i.study_uid, i.accession)
-    return tuple(StudyRef(study_uid=s, sop_classes=c, accession=accession[s]) for s, c in counts.items())
+        await self._auditor.record(self._events.store(
+            ctx, outcome, f"refused by the gateway: {reason}"[:1024], instances or []))
 
 
 def _dicom_json_array(body: bytes) -> list[dict[str, Any]]:

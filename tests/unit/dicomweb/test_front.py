@@ -21,6 +21,7 @@ from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
 from compliance.db.session import make_engine
+from compliance.dicomweb.audit_mapping import DicomwebEvents
 from compliance.dicomweb.front import (
     INTERNAL_PREFIX,
     accel_redirect,
@@ -30,9 +31,9 @@ from compliance.dicomweb.front import (
     render_nginx_config,
     write_config,
 )
-from compliance.dicomweb.interfaces import StudySummary
+from compliance.dicomweb.interfaces import RequestContext, StudySummary
 from compliance.dicomweb.routing import classify
-from compliance.dicomweb.service import DicomwebService, RequestContext
+from compliance.dicomweb.service import DicomwebService
 from compliance.errors import AuditFailure, PermissionDenied
 from compliance.policy.rbac import RbacPolicy
 
@@ -154,12 +155,12 @@ async def test_unknown_study_is_not_released(outbox):
 
 async def test_refused_release_is_audited_with_the_released_event(outbox):
     released = "0f8fad5b-d9cb-469f-a165-70867728950e"
-    svc = service(outbox, FakeArchive())
+    events = DicomwebEvents(gateway_id="gw", archive_id="archive")
     handed_back = dataclasses.replace(ctx("clinician"), released_event=released)
-    event = svc._retrieve_event(handed_back, classify("GET", PATH), 404, SUMMARY)
+    event = events.retrieve(handed_back, classify("GET", PATH), 404, SUMMARY)
     assert event.outcome_description == (f"archive status 404; the transfer released by event {released} "
                                          "was not delivered")
-    assert svc._retrieve_event(ctx("clinician"), classify("GET", PATH), 404, None).outcome_description == (
+    assert events.retrieve(ctx("clinician"), classify("GET", PATH), 404, None).outcome_description == (
         "archive status 404")
 
 

@@ -41,9 +41,7 @@ class FakeCustodian:
 
 
 def _with_custodian(outbox, archive, custodian):
-    svc = service(outbox, archive)
-    svc._erasure = custodian
-    return svc
+    return service(outbox, archive, custodian)
 
 
 class StatusArchive(FakeArchive):
@@ -215,7 +213,7 @@ BAD_FILE = "0b6c4f3e-6a53-4f43-9b7c-1d2e3f405162"
 
 async def test_a_broad_search_failing_on_a_corrupted_file_is_an_integrity_alert_naming_the_file(outbox):
     from compliance.archive.interfaces import ArchiveIntegrityError
-    from compliance.dicomweb.service import FAILURE_WINDOW_MARGIN
+    from compliance.dicomweb.diagnosis import FAILURE_WINDOW_MARGIN
 
     custodian = JournalCustodian([BAD_FILE, BAD_FILE])
     with pytest.raises(ArchiveIntegrityError) as raised:

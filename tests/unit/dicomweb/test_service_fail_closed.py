@@ -11,9 +11,9 @@ from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
-from compliance.dicomweb.interfaces import StudySummary
+from compliance.dicomweb.interfaces import KeyCustodian, RequestContext, StudySummary
 from compliance.dicomweb.routing import classify
-from compliance.dicomweb.service import DicomwebService, RequestContext
+from compliance.dicomweb.service import DicomwebService
 from compliance.errors import AuditFailure, PermissionDenied
 from compliance.policy.rbac import RbacPolicy
 
@@ -52,10 +52,10 @@ def ctx(*roles: str, path: str = f"/studies/{STUDY}") -> RequestContext:
                           path, [], "", {"accept": "application/dicom"})
 
 
-def service(outbox: SqlAuditOutbox, archive: FakeArchive) -> DicomwebService:
+def service(outbox: SqlAuditOutbox, archive: FakeArchive, erasure: KeyCustodian | None = None) -> DicomwebService:
     policy = RbacPolicy.from_mapping({"version": 1, "roles": {"clinician": ["dicomweb:study:read"]}})
     auditor = AuditRecorder(outbox, AuditSource(source_id="gw", enterprise_site_id="site"), fail_closed=True)
-    return DicomwebService(archive, policy, auditor, gateway_id="gw")
+    return DicomwebService(archive, policy, auditor, gateway_id="gw", erasure=erasure)
 
 
 async def test_retrieve_is_refused_and_upstream_closed_when_audit_fails(tmp_path):

@@ -16,12 +16,14 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from compliance.audit.atna import AuditSource
-from compliance.audit.events import Outcome
+from compliance.audit.codes import Outcome
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
+from compliance.dicomweb.audit_mapping import outcome_of
+from compliance.dicomweb.interfaces import RequestContext
 from compliance.dicomweb.routing import PERMISSIONS, Transaction, classify
-from compliance.dicomweb.service import DicomwebService, RequestContext, outcome_of
+from compliance.dicomweb.service import DicomwebService
 from compliance.dicomweb.stow import multipart_related, split_parts
 from compliance.policy.rbac import RbacPolicy
 

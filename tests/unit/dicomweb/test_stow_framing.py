@@ -23,14 +23,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from compliance.audit.atna import AuditSource
-from compliance.audit.events import Outcome
+from compliance.audit.codes import Outcome
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.auth.interfaces import Principal
 from compliance.dicomweb.dicom_structure import DicomStructure, NestingTooDeep, StructureError
+from compliance.dicomweb.interfaces import RequestContext
 from compliance.dicomweb.orthanc import OrthancArchive
 from compliance.dicomweb.routing import PERMISSIONS, Transaction, classify
-from compliance.dicomweb.service import DicomwebService, RequestContext
+from compliance.dicomweb.service import DicomwebService
 from compliance.dicomweb.stow import (
     StowPartRejected,
     StowStreamValidator,
