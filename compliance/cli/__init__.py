@@ -10,7 +10,7 @@ import typer
 from compliance.cli.audit import app as audit_app
 from compliance.cli.audit import record_cli_authentication
 from compliance.cli.audit_reports import register as register_audit_reports
-from compliance.cli.common import fail
+from compliance.cli.common import fail, login_password, password_grant
 from compliance.cli.deid import app as deid_app
 from compliance.cli.exports import app as exports_app
 from compliance.cli.keys import app as keys_app
@@ -132,19 +132,11 @@ def token(
                                  "demo-USERNAME in development."),
 ) -> None:
     """Print an access token for USERNAME from Keycloak (public client compliance-cli)."""
-    from keycloak import KeycloakOpenID
     from keycloak.exceptions import KeycloakError
 
     settings = get_settings()
-    if password is None:
-        if settings.environment != "development":
-            password = typer.prompt("password", hide_input=True)
-        else:
-            password = f"demo-{username}"
-    oidc = KeycloakOpenID(server_url=settings.keycloak_url.rstrip("/") + "/", realm_name=settings.keycloak_realm,
-                          client_id=settings.keycloak_cli_client_id)
     try:
-        tokens = oidc.token(username=username, password=password)
+        access_token = password_grant(username, login_password(username, password))
     except KeycloakError as exc:
         # 110114 User Authentication, failed (only when Keycloak answered: an unreachable server
         # authenticated no one).
@@ -154,10 +146,10 @@ def token(
         fail(f"cannot reach Keycloak at {settings.keycloak_url}: {type(exc).__name__}")
     import jwt
 
-    subject = jwt.decode(tokens["access_token"], options={"verify_signature": False}).get("sub")
+    subject = jwt.decode(access_token, options={"verify_signature": False}).get("sub")
     record_cli_authentication(username, success=True, detail="access token issued by Keycloak (password grant)",
                               user_id=subject)
-    typer.echo(tokens["access_token"])
+    typer.echo(access_token)
 
 
 @db_app.command("upgrade")
@@ -186,22 +178,13 @@ def demo_load(
 
     files = demo_files(get_testdata_file)
     body, content_type = multipart_related([Path(f).read_bytes() for f in files])
-    access_token = _token_for(user)
+    access_token = password_grant(user, f"demo-{user}")
     resp = httpx.post(f"{gateway}/dicom-web/studies", content=body,
                       headers={"Content-Type": content_type, "Authorization": f"Bearer {access_token}",
                                "Accept": "application/dicom+json"}, timeout=60)
     if resp.status_code != 200:
         fail(f"STOW answered {resp.status_code}: {resp.text[:500]}")
     typer.echo(f"stored {len(files)} demo instances through {gateway} as {user}")
-
-
-def _token_for(username: str) -> str:
-    from keycloak import KeycloakOpenID
-
-    settings = get_settings()
-    oidc = KeycloakOpenID(server_url=settings.keycloak_url.rstrip("/") + "/", realm_name=settings.keycloak_realm,
-                          client_id=settings.keycloak_cli_client_id)
-    return oidc.token(username=username, password=f"demo-{username}")["access_token"]
 
 
 app.add_typer(shred_app, name="shred")

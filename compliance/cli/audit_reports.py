@@ -8,7 +8,7 @@
   operating-system user, through the outbox like every event.
 
 ``detect`` runs the detections once (``policies/detections.yaml``) over the events since the last
-run; schedule it with cron or a systemd timer (see :mod:`compliance.audit.detections`). It reads
+run; schedule it with cron or a systemd timer (see :mod:`compliance.audit.detection`). It reads
 Elasticsearch directly as the local operator, and that read is audited too: one 110101 event per run,
 naming the operating-system user.
 
@@ -238,17 +238,14 @@ def audit_detect(
     """
     from elasticsearch import ApiError, TransportError
 
-    from compliance.audit.detections import (
-        DetectionEngine,
-        DetectionJob,
-        DetectionPolicy,
-        KeycloakDirectory,
-        OutboxBacklog,
-        StaticDirectory,
-    )
+    from compliance.audit.detection.job import DetectionJob
+    from compliance.audit.detection.policy import DetectionPolicy
+    from compliance.audit.detection.rules import DetectionEngine
+    from compliance.audit.detection.window import OutboxBacklog
     from compliance.audit.documents import event_indices
     from compliance.audit.queries import AuditQueryService
     from compliance.audit.review import SqlReviewQueue
+    from compliance.auth.directory import KeycloakDirectory, StaticDirectory
     from compliance.config import get_settings
     from compliance.errors import ComplianceError, UpstreamUnavailable
 

@@ -41,3 +41,24 @@ def wiring() -> Iterator[Wiring]:
         yield services
     finally:
         services.close()
+
+
+def login_password(username: str, password: str | None) -> str:
+    """The password of a CLI login: the one given (``COMPLIANCE_TOKEN_PASSWORD``), else the demo
+    password ``demo-USERNAME`` in development, else a prompt."""
+    if password is not None:
+        return password
+    if get_settings().environment == "development":
+        return f"demo-{username}"
+    return str(typer.prompt("password", hide_input=True))
+
+
+def password_grant(username: str, password: str) -> str:
+    """An access token for ``username`` from Keycloak (resource-owner password grant on the public CLI
+    client). Raises :class:`keycloak.exceptions.KeycloakError` when Keycloak refuses."""
+    from keycloak import KeycloakOpenID
+
+    settings = get_settings()
+    oidc = KeycloakOpenID(server_url=settings.keycloak_url.rstrip("/") + "/", realm_name=settings.keycloak_realm,
+                          client_id=settings.keycloak_cli_client_id)
+    return str(oidc.token(username=username, password=password)["access_token"])

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from compliance.cli.common import fail, login_password, password_grant
 from compliance.config import get_settings
 
 app = typer.Typer(help="Research exports (projects, request, list, approve, reject, status, download, destinations).",
@@ -41,17 +42,12 @@ def _token(user: str | None, token: str | None) -> str:
     if not user:
         typer.echo("error: give --user or --token (or COMPLIANCE_TOKEN)", err=True)
         raise typer.Exit(2)
-    s = get_settings()
-    password = os.environ.get("COMPLIANCE_TOKEN_PASSWORD")
-    if password is None:
-        password = f"demo-{user}" if s.environment == "development" else typer.prompt("password", hide_input=True)
-    resp = httpx.post(f"{s.keycloak_realm_url}/protocol/openid-connect/token",
-                      data={"grant_type": "password", "client_id": s.keycloak_cli_client_id, "username": user,
-                            "password": password}, timeout=30)
-    if resp.status_code != 200:
-        typer.echo(f"error: Keycloak refused the login for {user!r} ({resp.status_code})", err=True)
-        raise typer.Exit(1)
-    return str(resp.json()["access_token"])
+    from keycloak.exceptions import KeycloakError
+
+    try:
+        return password_grant(user, login_password(user, os.environ.get("COMPLIANCE_TOKEN_PASSWORD")))
+    except KeycloakError as exc:
+        fail(f"Keycloak refused the login for {user!r} ({exc.response_code})")
 
 
 def _call(method: str, url: str, token: str, **kw: Any) -> dict[str, Any]:
