@@ -57,7 +57,7 @@ EMERGENCY_OVERRIDE = "110127"
 USE_OF_RESTRICTED_FUNCTION = "110132"
 PATIENT_RECORD = "110110"
 ACCESS_CONTROL_DECISION = "110147"
-#: Subjects of the alerts raised by detections (compliance/audit/detections.py): internal review
+#: Subjects of the alerts raised by detections (compliance/audit/detection/): internal review
 #: material, never an access or a disclosure, so the patient-facing reports leave them out.
 DETECTION_RESOURCE_PREFIX = "urn:compliance:detection:"
 _NOT_A_DETECTION = {"bool": {"must_not": {"prefix": {"object.ids": DETECTION_RESOURCE_PREFIX}}}}

@@ -1,6 +1,6 @@
 """The review queue of detection findings (table ``audit_review_item``) and the detection watermark.
 
-A finding (:class:`compliance.audit.detections.Finding`) enters the queue as ``open`` together with
+A finding (:class:`compliance.audit.detection.rules.Finding`) enters the queue as ``open`` together with
 the uuid of the 110113 alert raised for it; a privacy officer acknowledges it (who, when, a note).
 Items are never deleted: the queue is part of the evidence of the activity review
 (45 CFR 164.308(a)(1)(ii)(D)).
@@ -106,7 +106,7 @@ class SqlReviewQueue:
 
     def last_window_end(self) -> datetime | None:
         """The watermark: where the next run starts. A run's end is never past an unshipped event
-        (:func:`compliance.audit.detections.detection_window`), so nothing before it is still to come."""
+        (:func:`compliance.audit.detection.window.detection_window`), so nothing before it is still to come."""
         with self._engine.connect() as conn:
             return _aware(conn.execute(select(func.max(_RUNS.c.window_end))).scalar())
 

@@ -1,4 +1,4 @@
-"""Tables of the anomaly review queue (``compliance/audit/review.py``, ``compliance/audit/detections.py``).
+"""Tables of the anomaly review queue (``compliance/audit/review.py``, ``compliance/audit/detection/``).
 
 ``audit_review_item``: one row per detection hit, the 110113 alert it raised (``alert_uuid``), open until
 a privacy officer acknowledges it. ``(rule, dedup_key)`` is unique, so running the detections twice over
@@ -6,7 +6,7 @@ the same events never queues the same finding twice.
 
 ``audit_detection_run``: one row per detection run and the window of events it covered; the next run
 starts where the last one ended (the watermark), and a window never ends past an event still waiting
-in the outbox to be shipped (``compliance/audit/detections.py``).
+in the outbox to be shipped (``compliance/audit/detection/``).
 """
 
 from __future__ import annotations

@@ -271,7 +271,7 @@ def test_the_account_directory_reads_with_the_gateways_service_account_and_canno
     """Least privilege: the detections see accounts, and that login can change nothing in Keycloak."""
     from keycloak.exceptions import KeycloakPostError
 
-    from compliance.audit.detections import KeycloakDirectory
+    from compliance.auth.directory import KeycloakDirectory
 
     directory = KeycloakDirectory(stack.keycloak_url, "imaging", client_id="compliance-gateway",
                                   client_secret=stack.settings_env["COMPLIANCE_OIDC_CLIENT_SECRET"])

@@ -10,16 +10,10 @@ from sqlalchemy import create_engine, select
 
 from compliance.audit.atna import AuditSource
 from compliance.audit.codes import EventTypeCode, Outcome
-from compliance.audit.detections import (
-    DEFAULT_POLICY_FILE,
-    Backlog,
-    DetectionEngine,
-    DetectionJob,
-    DetectionPolicy,
-    DirectoryUser,
-    StaticDirectory,
-    family_name,
-)
+from compliance.audit.detection.job import DetectionJob
+from compliance.audit.detection.policy import DEFAULT_POLICY_FILE, DetectionPolicy
+from compliance.audit.detection.rules import DetectionEngine, family_name
+from compliance.audit.detection.window import Backlog
 from compliance.audit.documents import to_document
 from compliance.audit.events import instances_transferred_event, security_alert_event
 from compliance.audit.message import PatientRef, StudyRef, UserRef
@@ -27,6 +21,7 @@ from compliance.audit.models import AuditOutboxRow
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.review import SqlReviewQueue
+from compliance.auth.directory import DirectoryUser, StaticDirectory
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
 from compliance.errors import AuditFailure, ConfigurationError, Conflict, NotFound

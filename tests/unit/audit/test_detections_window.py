@@ -20,18 +20,10 @@ from sqlalchemy import select
 
 from compliance.audit.atna import AuditSource
 from compliance.audit.codes import EventTypeCode, Outcome
-from compliance.audit.detections import (
-    DEFAULT_POLICY_FILE,
-    Backlog,
-    DetectionEngine,
-    DetectionJob,
-    DetectionPolicy,
-    DetectionRun,
-    DirectoryUser,
-    OutboxBacklog,
-    StaticDirectory,
-    detection_window,
-)
+from compliance.audit.detection.job import DetectionJob, DetectionRun
+from compliance.audit.detection.policy import DEFAULT_POLICY_FILE, DetectionPolicy
+from compliance.audit.detection.rules import DetectionEngine
+from compliance.audit.detection.window import Backlog, OutboxBacklog, detection_window
 from compliance.audit.documents import to_document
 from compliance.audit.events import instances_transferred_event, security_alert_event
 from compliance.audit.message import PatientRef, StudyRef, UserRef
@@ -40,6 +32,7 @@ from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.queries import AuditQueryService, AuditSearch
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.review import SqlReviewQueue
+from compliance.auth.directory import DirectoryUser, StaticDirectory
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
 from compliance.errors import UpstreamUnavailable
