@@ -34,11 +34,11 @@ def keys_volume_password(
     name: str = typer.Argument("phi", help="The volume (the local stack's is 'phi')."),
     create: bool = typer.Option(False, "--create", help="Set up the key store and the volume's key if missing."),
 ) -> None:
-    """Print an encrypted volume's password, unwrapped by the archive's KEK (compliance/crypto/volume.py).
+    """Print an encrypted volume's password, unwrapped by the archive's KEK (compliance/archive/volume.py).
 
     Run as the owner of the archive's key store; the output is a secret: pipe it (into gocryptfs), never store it.
     """
-    from compliance.crypto.volume import main as volume_main
+    from compliance.archive.volume import main as volume_main
 
     raise typer.Exit(volume_main(["password", name, *(["--create"] if create else [])]))
 

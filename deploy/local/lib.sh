@@ -450,7 +450,7 @@ stack_permissions_repair() {
 # its only writer never switches. The stack user mounts through fusermount3, which opens /dev/fuse as
 # that user: as root, `up` gives /dev/fuse to the stack user's group (0660; Debian's default is 0666)
 # and enables user_allow_other in /etc/fuse.conf.
-# Passwords: data keys of the archive's key store (compliance/crypto/volume.py), wrapped by the active
+# Passwords: data keys of the archive's key store (compliance/archive/volume.py), wrapped by the active
 # KEK of the archive's provider (local keyring or PKCS#11), rewrapped by `keys rewrap`, gone with that
 # KEK. An unmounted mountpoint is root's, mode 0000 and immutable (chattr +i): nothing can write
 # plaintext into it by mistake. `down` (the whole stack) unmounts both; `up` mounts them when they are not.
@@ -511,7 +511,7 @@ volume_password() {
   ( orthanc_keys_env
     cd "$STACK/home"
     run_as env "PYTHONPATH=$CHECKOUT:$CHECKOUT/.venv/lib/python3.11/site-packages" \
-      /usr/bin/python3 -m compliance.crypto.volume password "$name" "$@" 2>>"$(volume_logs)" 9>&- )
+      /usr/bin/python3 -m compliance.archive.volume password "$name" "$@" 2>>"$(volume_logs)" 9>&- )
 }
 
 # fuse_for_stack_user : /dev/fuse for the stack user's group, user_allow_other (root only; logged when changed)

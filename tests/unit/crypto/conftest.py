@@ -18,11 +18,16 @@ from compliance.crypto.interfaces import KeyProvider
 from compliance.crypto.keys import KeyService
 from compliance.crypto.models import CryptoDataKey, CryptoKek
 from compliance.crypto.providers.local import LocalKeyProvider
-from compliance.db.base import Base
+from compliance.db.base import Base, table_of
 from compliance.db.session import make_engine, make_session_factory
 
 SO_PIN = "87654321"
 USER_PIN = "12345678"
+
+#: The SoftHSM2 configuration and token of the test session. SoftHSM2 reads ``SOFTHSM2_CONF`` once per
+#: process, so the session fixtures below make them once even where another conftest registers them too.
+_SOFTHSM2_DIR: dict[str, Path] = {}
+_SOFTHSM2_TOKEN: dict[str, str] = {}
 
 
 class FakeClock:
@@ -47,26 +52,30 @@ def softhsm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     if shutil.which("softhsm2-util") is None or find_softhsm2_module() is None:
         pytest.skip("SoftHSM2 is not installed (Debian package softhsm2)")
-    base = tmp_path_factory.mktemp("softhsm2")
-    (base / "tokens").mkdir()
-    conf = base / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    return base
+    if "dir" not in _SOFTHSM2_DIR:  # once, though tests/unit/archive/conftest.py registers this fixture too
+        base = tmp_path_factory.mktemp("softhsm2")
+        (base / "tokens").mkdir()
+        conf = base / "softhsm2.conf"
+        conf.write_text(
+            f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+        )
+        os.environ["SOFTHSM2_CONF"] = str(conf)
+        _SOFTHSM2_DIR["dir"] = base
+    return _SOFTHSM2_DIR["dir"]
 
 
 @pytest.fixture(scope="session")
 def _softhsm2_session_token(softhsm2_dir: Path) -> str:
-    label = f"t-{uuid.uuid4().hex[:12]}"
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "SOFTHSM2_CONF": str(softhsm2_dir / "softhsm2.conf")},
-    )
-    return label
+    if "token" not in _SOFTHSM2_TOKEN:
+        label = f"t-{uuid.uuid4().hex[:12]}"
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", USER_PIN, "--so-pin", SO_PIN],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "SOFTHSM2_CONF": str(softhsm2_dir / "softhsm2.conf")},
+        )
+        _SOFTHSM2_TOKEN["token"] = label
+    return _SOFTHSM2_TOKEN["token"]
 
 
 @pytest.fixture
@@ -119,7 +128,7 @@ def clock() -> FakeClock:
 @pytest.fixture
 def session_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(f"sqlite:///{tmp_path / 'keys.db'}")
-    Base.metadata.create_all(engine, tables=[CryptoKek.__table__, CryptoDataKey.__table__])  # type: ignore[list-item]
+    Base.metadata.create_all(engine, tables=[table_of(CryptoKek), table_of(CryptoDataKey)])
     yield make_session_factory(engine)
     engine.dispose()
 

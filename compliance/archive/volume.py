@@ -15,7 +15,7 @@ The row's ``patient_key`` is ``volume:<name>``, which is not 64 hex digits and s
 HMAC: no patient shred or lookup ever reaches it. The wrapping context is the key service's own
 (``b"data key " + row id``), which is what lets :meth:`KeyService.rewrap` rewrap it.
 
-The password never goes to disk: ``python -m compliance.crypto.volume password NAME`` (run by ``up`` as the
+The password never goes to disk: ``python -m compliance.archive.volume password NAME`` (run by ``up`` as the
 key store's owner) prints it to a pipe into gocryptfs. It is needed only to mount; gocryptfs keeps its own
 master key (in ``gocryptfs.conf``, encrypted under this password) in the mounting process's memory.
 """
@@ -29,14 +29,17 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.archive.keystore import build_provider, open_key_store
+from compliance.config import Settings
+from compliance.crypto.aead import new_key
 from compliance.crypto.interfaces import KeyDestroyed, KeyProvider, KeyProviderError, KeyStateConflict
 from compliance.crypto.keys import KeyService
 from compliance.crypto.models import CryptoDataKey, CryptoKek
+from compliance.db.session import make_engine, make_session_factory
 
 __all__ = ["VolumeKeys", "volume_key_ref"]
 
@@ -84,7 +87,7 @@ class VolumeKeys:
                 if kek is None:
                     raise KeyProviderError("no active key-encryption key; run the key set-up")
                 key_id = str(uuid.uuid4())
-                key = AESGCM.generate_key(bit_length=256)
+                key = new_key()
                 wrapped = self._provider.wrap(kek.id, key, context=KeyService._context(key_id))
                 session.add(CryptoDataKey(id=key_id, patient_key=ref, wrapped_key=wrapped, kek_id=kek.id,
                                           created_at=self._clock()))
@@ -98,12 +101,12 @@ class VolumeKeys:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m compliance.crypto.volume password NAME [--create]``: print the volume's password.
+    """``python -m compliance.archive.volume password NAME [--create]``: print the volume's password.
 
     Run as the owner of the archive's key store (the stack user), with the archive key settings in the
     environment (``COMPLIANCE_STACK_DIR``, ``COMPLIANCE_ARCHIVE_PATIENT_INDEX_KEY``, the provider's).
     """
-    parser = argparse.ArgumentParser(prog="python -m compliance.crypto.volume")
+    parser = argparse.ArgumentParser(prog="python -m compliance.archive.volume")
     sub = parser.add_subparsers(dest="command", required=True)
     pw = sub.add_parser("password", help="print the volume's password (a secret: pipe it, never store it)")
     pw.add_argument("name")
@@ -119,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def volume_password(name: str, *, create: bool = False) -> str:
     """The volume's password from the archive's key store named by the environment's settings."""
-    from compliance.archive.keystore import build_provider, open_key_store
-    from compliance.config import Settings
-    from compliance.db.session import make_engine, make_session_factory
 
     settings = Settings()
     if create:

@@ -1,4 +1,4 @@
-"""Volume passwords (compliance/crypto/volume.py): data keys of the archive's key store, so rotation,
+"""Volume passwords (compliance/archive/volume.py): data keys of the archive's key store, so rotation,
 rewrap and KEK destruction govern the encrypted volume like every patient's key (local keyring and a
 real SoftHSM2 token)."""
 
@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
+from compliance.archive.volume import VolumeKeys, volume_key_ref
 from compliance.crypto.interfaces import KeyDestroyed, KeyProvider, KeyProviderError, KeyStateConflict
 from compliance.crypto.keys import KeyService
 from compliance.crypto.models import CryptoDataKey
-from compliance.crypto.volume import VolumeKeys, volume_key_ref
 
 
 def _row(session_factory: Any, name: str) -> CryptoDataKey:
