@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from compliance.errors import ConfigurationError
@@ -286,12 +286,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _name_the_environment(cls, data: Any, handler: Any) -> Settings:
+    def _name_the_environment(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
         """A refusal outside development says which environment refused it: production is the default,
         so a deployment that forgot to say ``development`` learns why it is held to production.
         Declared last, so it wraps every validator above."""
         try:
-            return handler(data)  # type: ignore[no-any-return]
+            return handler(data)
         except ConfigurationError as exc:
             configured = data.get("environment") if isinstance(data, dict) else None
             if configured == "development" or "COMPLIANCE_ENVIRONMENT" in exc.message:

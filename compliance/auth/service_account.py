@@ -10,7 +10,10 @@ identity provider.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from keycloak import KeycloakAdmin
 
 __all__ = ["ServiceAccountAdmin"]
 
@@ -23,10 +26,10 @@ class ServiceAccountAdmin:
         self._args: dict[str, Any] = dict(
             server_url=server_url.rstrip("/") + "/", client_id=client_id, client_secret_key=client_secret,
             realm_name=realm, user_realm_name=realm, timeout=timeout)
-        self._admin: Any = None
+        self._admin: KeycloakAdmin | None = None
         self._lock = threading.Lock()
 
-    def client(self) -> Any:
+    def client(self) -> KeycloakAdmin:
         """The admin client (raises python-keycloak's or requests' errors when Keycloak refuses or is down)."""
         with self._lock:
             if self._admin is None:

@@ -18,9 +18,10 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -83,13 +84,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _load_syncfs() -> Any:
+def _load_syncfs() -> Callable[[int], int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).syncfs
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int]
-    return fn
+    return cast(Callable[[int], int], fn)
 
 
 _SYNCFS = _load_syncfs()

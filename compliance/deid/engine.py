@@ -45,6 +45,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from compliance.deid import pixels as pixel_mod
@@ -81,7 +82,7 @@ class Result:
 
 
 @lru_cache(maxsize=8192)
-def _dictionary_vr(tag: int) -> str | None:
+def _dictionary_vr(tag: BaseTag) -> str | None:
     try:
         return str(get_entry(tag)[0]).split(" or ")[0]
     except KeyError:
@@ -186,7 +187,7 @@ class _Walk:
             if (group, block) not in private_kept_blocks and (group << 16 | block) in ds:
                 del ds[group << 16 | block]
 
-    def light(self, ds: Dataset, tag: Any) -> _Light | None:
+    def light(self, ds: Dataset, tag: BaseTag) -> _Light | None:
         """The element at ``tag`` read without conversion, or None (then the general path applies)."""
         if not self.light_ok:
             return None
@@ -200,13 +201,13 @@ class _Walk:
         return _Light(cast(str, raw.VR), keyword(int(tag)), value, raw)  # a VR of LIGHT_VRS: raw_value checked
 
     @staticmethod
-    def set_raw(ds: Dataset, tag: Any, light: _Light, data: bytes) -> None:
+    def set_raw(ds: Dataset, tag: BaseTag, light: _Light, data: bytes) -> None:
         """Replace a (public, non-pixel) element's value with already encoded bytes."""
         raw = light.raw
         ds._dict[tag] = RawDataElement(raw.tag, raw.VR, len(data), data, raw.value_tell, raw.is_implicit_VR,
                                        raw.is_little_endian)
 
-    def element(self, ds: Dataset, tag: Any) -> DataElement | None:
+    def element(self, ds: Dataset, tag: BaseTag) -> DataElement | None:
         try:
             return ds[tag]
         except Exception:  # an element pydicom cannot decode cannot be inspected: remove it
@@ -214,7 +215,7 @@ class _Walk:
             del ds[tag]
             return None
 
-    def remove(self, ds: Dataset, tag: Any) -> None:
+    def remove(self, ds: Dataset, tag: BaseTag) -> None:
         light = self.light(ds, tag)
         if light is not None:
             self.collect_removed(light)
@@ -237,7 +238,7 @@ class _Walk:
             self.collector.removed(el.VR, el.keyword, el.value)
 
     # ------------------------------------------------------------------------------------------
-    def private(self, ds: Dataset, tag: Any, group: int, elem_no: int,
+    def private(self, ds: Dataset, tag: BaseTag, group: int, elem_no: int,
                 creators: dict[tuple[int, int], str], kept: set[tuple[int, int]]) -> None:
         raw = ds.get_item(tag)
         if 0x0010 <= elem_no <= 0x00FF:
@@ -264,7 +265,7 @@ class _Walk:
             kept.add((group, block))
             self.keep(ds, el, _CLEAN, 0)
 
-    def unlisted(self, ds: Dataset, tag: Any, t: int, mode: int, depth: int) -> None:
+    def unlisted(self, ds: Dataset, tag: BaseTag, t: int, mode: int, depth: int) -> None:
         dict_vr = _dictionary_vr(t)
         if dict_vr is None and t not in self.profile.keep:
             self.remove(ds, tag)  # a newer edition's or unknown public attribute
@@ -310,7 +311,7 @@ class _Walk:
         elif not (vr in BYTES_VRS or isinstance(el.value, (bytes, bytearray))):
             self.collector.kept(el.value)
 
-    def listed(self, ds: Dataset, tag: Any, t: int, action: str, depth: int) -> None:
+    def listed(self, ds: Dataset, tag: BaseTag, t: int, action: str, depth: int) -> None:
         light = self.light(ds, tag)
         if light is not None and self.listed_light(ds, tag, t, action, light):
             return
@@ -352,7 +353,7 @@ class _Walk:
         else:  # K
             self.keep(ds, el, _KEEP, depth)
 
-    def listed_light(self, ds: Dataset, tag: Any, t: int, action: str, light: _Light) -> bool:
+    def listed_light(self, ds: Dataset, tag: BaseTag, t: int, action: str, light: _Light) -> bool:
         """``listed`` for an unconverted (never a sequence) element; False: use the general path."""
         row = self.profile.table.rows[t]
         action = resolve_compound(action, row.std_comp_iod, light.is_empty)
@@ -397,7 +398,7 @@ class _Walk:
         else:
             el.value = DUMMY[vr]
 
-    def dummy_light(self, ds: Dataset, tag: Any, light: _Light) -> None:
+    def dummy_light(self, ds: Dataset, tag: BaseTag, light: _Light) -> None:
         self.collect_removed(light)
         vr = light.VR
         data = b"" if vr in BYTES_VRS or vr not in DUMMY else _encoded(vr, DUMMY[vr], light.raw.is_little_endian)
@@ -422,7 +423,7 @@ class _Walk:
             out.append(self.pz.uid(s))
         return out if len(out) > 1 else out[0]
 
-    def remap_light(self, ds: Dataset, tag: Any, light: _Light) -> None:
+    def remap_light(self, ds: Dataset, tag: BaseTag, light: _Light) -> None:
         if self.profile.has("retain_uids") or light.is_empty:
             el = self.element(ds, tag)  # left as the general path leaves it
             if el is not None:

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from functools import cache
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deid.config import DeidRecipe
 
 import numpy as np
 import yaml
@@ -76,7 +79,7 @@ def load_pixel_policy(directory: Path | None = None) -> PixelPolicy:
 
 
 @cache
-def _recipe(path: Path) -> Any:
+def _recipe(path: Path) -> DeidRecipe:
     from deid.config import DeidRecipe
 
     return DeidRecipe(str(path))

@@ -22,7 +22,7 @@ from pydicom import hooks as pydicom_hooks
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import PIXEL_KEYWORDS, Dataset
-from pydicom.tag import _LUT_DESCRIPTOR_TAGS
+from pydicom.tag import _LUT_DESCRIPTOR_TAGS, BaseTag
 from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, PersonName
 from pydicom.values import convert_value, converters
 
@@ -51,7 +51,7 @@ def default_conversion() -> bool:
 
 
 @lru_cache(maxsize=8192)
-def keyword(tag: int) -> str:
+def keyword(tag: BaseTag) -> str:
     """``DataElement.keyword`` of a tag, without building the element."""
     return dictionary_keyword(tag) if dictionary_has_tag(tag) else ""
 
@@ -76,7 +76,7 @@ def charset_of(ds: Dataset) -> Any:
     return enc if len(names) == 1 and names[0] in ASCII_TRANSPARENT else False
 
 
-def raw_value(ds: Dataset, tag: Any, charset: Any, *, pixels: bool = False) -> tuple[RawDataElement, Any] | None:
+def raw_value(ds: Dataset, tag: BaseTag, charset: Any, *, pixels: bool = False) -> tuple[RawDataElement, Any] | None:
     """(raw element, decoded value) of an unconverted element, or None (then convert it as usual)."""
     raw = ds._dict.get(tag)
     if type(raw) is not RawDataElement:
@@ -100,8 +100,9 @@ def raw_value(ds: Dataset, tag: Any, charset: Any, *, pixels: bool = False) -> t
 
 
 @lru_cache(maxsize=256)
-def _tag(kw: str) -> int | None:
-    return tag_for_keyword(kw)
+def _tag(kw: str) -> BaseTag | None:
+    tag = tag_for_keyword(kw)
+    return None if tag is None else BaseTag(tag)
 
 
 def peek(ds: Dataset, kw: str, default: Any = None) -> Any:
