@@ -104,10 +104,10 @@ def shred_list(state: str = typer.Option("requested", "--state",
                                          help="requested, approved, rejected, shredded or all.")) -> None:
     """Shred requests in a state, the newest first (pending ones by default)."""
 
-    async def go(a: _Operator) -> dict[str, Any]:
+    async def list_in_state(a: _Operator) -> dict[str, Any]:
         return {"requests": await a.shreds.list_requests(None if state == "all" else state)}
 
-    _run(go)
+    _run(list_in_state)
 
 
 @shred_app.command("show")
