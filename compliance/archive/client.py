@@ -63,7 +63,7 @@ class ArchiveKeyClient:
     async def rewrap(self) -> dict[str, Any]:
         return await self._call("POST", "/compliance/keys/rewrap", {})
 
-    async def retire(self, kek_id: str) -> dict[str, Any]:
+    async def confirm_kek_retired(self, kek_id: str) -> dict[str, Any]:
         return await self._call("POST", "/compliance/keys/retire", {"kek_id": kek_id})
 
     async def destroy(self, kek_id: str) -> dict[str, Any]:

@@ -107,7 +107,7 @@ class KeyControl:
             return Response(200, {"rewrapped": r.rewrapped, "already_current": r.already_current,
                                   "active_kek_id": r.active_kek_id})
         if route[1] == "/compliance/keys/retire":
-            self._keys.retire_kek(_required(p, "kek_id"))
+            self._keys.confirm_kek_retired(_required(p, "kek_id"))
             return Response(200, {"kek_id": p["kek_id"], "state": "retired"})
         if route[1] == "/compliance/keys/destroy":
             self._keys.destroy_kek(_required(p, "kek_id"))

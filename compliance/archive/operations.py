@@ -112,7 +112,7 @@ class KeyOperations:
             elif op == "rewrap":
                 result = await self.client.rewrap()
             elif op == "retire":
-                result = await self.client.retire(kek_id or "")
+                result = await self.client.confirm_kek_retired(kek_id or "")
             else:
                 try:
                     result = await self.client.destroy(kek_id or "")

@@ -264,7 +264,10 @@ class KeyService:
                 rewrapped += len(rows)
         return RewrapResult(rewrapped=rewrapped, already_current=current or 0, active_kek_id=active)
 
-    def retire_kek(self, kek_id: str) -> None:
+    def confirm_kek_retired(self, kek_id: str) -> None:
+        """Confirm that ``kek_id`` is retired; change nothing. A KEK is retired only by :meth:`rotate`
+        (the previous active one), so this raises for the active KEK (409), a destroyed one (409) or
+        an unknown id (404). Serves the operator's ``keys retire`` (CLI and API)."""
         with self._sessions() as session, session.begin():
             kek = session.get(CryptoKek, kek_id)
             if kek is None:

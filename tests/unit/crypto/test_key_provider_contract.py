@@ -254,14 +254,14 @@ def test_no_active_kek_refuses_new_data_keys(session_factory: Any, provider: Key
     assert service.data_key_for_patient("P").key_id
 
 
-def test_retire_kek_rules(key_service: KeyService) -> None:
+def test_confirm_kek_retired_rules(key_service: KeyService) -> None:
     first = _active(key_service)
     with pytest.raises(KeyStateConflict):
-        key_service.retire_kek(first)
+        key_service.confirm_kek_retired(first)
     key_service.rotate()
-    key_service.retire_kek(first)  # already retired by the rotation: a no-op
+    key_service.confirm_kek_retired(first)  # already retired by the rotation: a no-op
     key_service.destroy_kek(first)
     with pytest.raises(KeyStateConflict):
-        key_service.retire_kek(first)
+        key_service.confirm_kek_retired(first)
     with pytest.raises(DataKeyNotFound):
-        key_service.retire_kek("no-such-kek")
+        key_service.confirm_kek_retired("no-such-kek")
