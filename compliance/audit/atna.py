@@ -70,14 +70,15 @@ _XML_DECLARATION = "<?xml version='1.0' encoding='UTF-8'?>\n"
 _PLAIN = re.compile(r'[ !#-%\'-;=?-~]*').fullmatch
 
 
-def _x(value: str) -> str:
+def _xml_chars(value: str) -> str:
+    """``value`` with the characters XML 1.0 cannot carry replaced by U+FFFD."""
     if value.isascii() and value.isprintable():
         return value
     return _NOT_XML.sub("\ufffd", value)
 
 
 def _attr(value: str) -> str:
-    return value if _PLAIN(value) else _x(value).translate(_ATTR_ESCAPES)
+    return value if _PLAIN(value) else _xml_chars(value).translate(_ATTR_ESCAPES)
 
 
 def _attrs(attrs: dict[str, str]) -> str:
@@ -85,7 +86,7 @@ def _attrs(attrs: dict[str, str]) -> str:
 
 
 def _text_element(tag: str, value: str) -> str:
-    text = value if _PLAIN(value) else _x(value).translate(_TEXT_ESCAPES)
+    text = value if _PLAIN(value) else _xml_chars(value).translate(_TEXT_ESCAPES)
     return f"<{tag}>{text}</{tag}>" if text else f"<{tag}/>"
 
 

@@ -40,12 +40,15 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import Engine, func, insert, select, update
+from elasticsearch import Elasticsearch
+from sqlalchemy import Engine, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from compliance.audit.chain import canonical
+from compliance.audit.interfaces import AuditSink
 from compliance.audit.models import AuditChainHead, AuditCheckpoint, AuditOutboxRow
-from compliance.audit.writes import audit_transaction
+from compliance.audit.transactions import audit_transaction
+from compliance.config import Settings
 from compliance.db.base import table_of
 from compliance.errors import ConfigurationError
 
@@ -206,7 +209,7 @@ class CheckpointSigner:
 
 # ------------------------------------------------------------------ where checkpoints are kept
 
-def _row_to_checkpoint(r: Any) -> Checkpoint:
+def _row_to_checkpoint(r: Row[Any]) -> Checkpoint:
     created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
     return Checkpoint(seq_from=int(r.seq_from), seq_to=int(r.seq_to), merkle_root=r.merkle_root,
                       head_hash=r.head_hash, key_id=r.key_id, created_at=created.astimezone(UTC).isoformat(),
@@ -288,7 +291,7 @@ CHECKPOINT_MAPPING: dict[str, Any] = {
 class ElasticsearchCheckpoints:
     """Checkpoints in the repository: index ``{prefix}.checkpoints``, ``_id`` = ``seq_from-seq_to``."""
 
-    def __init__(self, client: Any, index_prefix: str) -> None:
+    def __init__(self, client: Elasticsearch, index_prefix: str) -> None:
         self._client = client
         self.index = f"{index_prefix}.checkpoints"
         self._index_seen = False
@@ -397,7 +400,7 @@ class AuditCheckpointer:
             log.warning("audit checkpoint failed: %s", self.last_error)
 
 
-def build_checkpointer(settings: Any, engine: Engine, sink: Any) -> AuditCheckpointer | None:
+def build_checkpointer(settings: Settings, engine: Engine, sink: AuditSink) -> AuditCheckpointer | None:
     """The shipper's checkpointer from settings; None (with a warning) without a key in development."""
     key_file = settings.effective_checkpoint_key_file
     if not key_file.is_file():

@@ -41,7 +41,7 @@ from elasticsearch import ApiError, Elasticsearch
 from compliance.audit.documents import event_indices, index_name
 from compliance.audit.es_client import connect, elasticsearch_client
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
-from compliance.config import PROJECT_ROOT
+from compliance.config import PROJECT_ROOT, Settings
 from compliance.errors import ConfigurationError
 
 __all__ = ["TEMPLATE_PATH", "ElasticsearchAuditSink", "document_timestamp"]
@@ -119,7 +119,7 @@ class ElasticsearchAuditSink:
         self._month_index: dict[tuple[int, int], str] = {}
 
     @classmethod
-    def from_settings(cls, settings: Any, *, client: Elasticsearch | None = None) -> ElasticsearchAuditSink:
+    def from_settings(cls, settings: Settings, *, client: Elasticsearch | None = None) -> ElasticsearchAuditSink:
         """The sink the settings describe; ``client`` (built by es_client from the same settings) is shared."""
         return cls(settings.elasticsearch_url, settings.audit_index_prefix,
                    client=client if client is not None else elasticsearch_client(settings))

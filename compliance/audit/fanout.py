@@ -28,7 +28,7 @@ from sqlalchemy import Engine, insert, select
 
 from compliance.audit.interfaces import AuditSink, AuditSinkUnavailable, ShipResult
 from compliance.audit.models import AuditOutboxDelivery
-from compliance.audit.writes import audit_transaction
+from compliance.audit.transactions import audit_transaction
 from compliance.db.base import table_of
 from compliance.errors import ConfigurationError
 
@@ -79,7 +79,7 @@ class FanOutAuditSink:
         the others get it parsed (once per batch)."""
         return self._ship(batch)
 
-    def _ship(self, batch: Sequence[tuple[str, Any]]) -> ShipResult:
+    def _ship(self, batch: Sequence[tuple[str, str | dict[str, Any]]]) -> ShipResult:
         uuids = [u for u, _ in batch]
         parsed: dict[str, dict[str, Any]] = {}
         have_all = set(uuids)
@@ -116,7 +116,8 @@ class FanOutAuditSink:
                           retryable=bool(retryable), retryable_ids=tuple(retryable))
 
     @staticmethod
-    def _ship_to(sink: AuditSink, todo: list[tuple[str, Any]], parsed: dict[str, dict[str, Any]]) -> ShipResult:
+    def _ship_to(sink: AuditSink, todo: list[tuple[str, str | dict[str, Any]]],
+                 parsed: dict[str, dict[str, Any]]) -> ShipResult:
         ship_serialized = getattr(sink, "ship_serialized", None)
         if ship_serialized is not None and all(isinstance(d, str) for _, d in todo):
             result: ShipResult = ship_serialized(todo)

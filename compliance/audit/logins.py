@@ -48,12 +48,12 @@ from typing import Any, Protocol
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 
-from compliance.audit.codes import EventTypeCode, Outcome
+from compliance.audit.codes import Code, EventTypeCode, Outcome
 from compliance.audit.events import authentication_event
 from compliance.audit.message import AuditEvent, UserRef
 from compliance.audit.models import AuditImportCursor, AuditOutboxRow
 from compliance.audit.recorder import AuditRecorder
-from compliance.audit.writes import audit_transaction
+from compliance.audit.transactions import audit_transaction
 from compliance.auth.service_account import ServiceAccountAdmin
 from compliance.db.base import table_of
 from compliance.errors import AuditFailure, UpstreamUnavailable
@@ -62,7 +62,7 @@ __all__ = ["IMPORTED_TYPES", "KeycloakEvents", "LoginImport", "LoginImportResult
            "refused_logins_query"]
 
 #: Keycloak event type -> (EventTypeCode, outcome).
-IMPORTED_TYPES: Mapping[str, tuple[Any, Outcome]] = {
+IMPORTED_TYPES: Mapping[str, tuple[Code, Outcome]] = {
     "LOGIN": (EventTypeCode.LOGIN, Outcome.SUCCESS),
     "CLIENT_LOGIN": (EventTypeCode.LOGIN, Outcome.SUCCESS),
     "LOGIN_ERROR": (EventTypeCode.LOGIN, Outcome.MINOR_FAILURE),

@@ -28,11 +28,13 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import Engine, bindparam, func, select, update
+from sqlalchemy import Dialect, Engine, bindparam, func, select, update
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql.dml import UpdateBase
 
 from compliance.audit.chain import HASH, PREV, SEQ, extend_serialized
 from compliance.audit.models import AuditChainHead, AuditOutboxRow
-from compliance.audit.writes import audit_transaction, sqlite_writes
+from compliance.audit.transactions import audit_transaction, sqlite_writes
 from compliance.db.base import table_of
 from compliance.db.compiled import CompiledInsert
 from compliance.errors import AuditFailure
@@ -113,7 +115,7 @@ class _HeadStatements:
         self.mark = self._compile(_MARK_SHIPPED, dialect)
 
     @staticmethod
-    def _compile(statement: Any, dialect: Any) -> tuple[str, tuple[str, ...] | None]:
+    def _compile(statement: UpdateBase, dialect: Dialect) -> tuple[str, tuple[str, ...] | None]:
         compiled = statement.compile(dialect=dialect)
         return str(compiled), (tuple(compiled.positiontup or ()) if compiled.positional else None)
 
@@ -159,7 +161,7 @@ class SqlAuditOutbox:
         #: would mostly be done twice.
         self._head_kept = 1.0
         #: SQLite: the pooled connection the group-commit writer thread keeps between commits.
-        self._writer_conn: Any = None
+        self._writer_conn: PoolProxiedConnection | None = None
 
     # -- writing -----------------------------------------------------------------------------
     def _prepare(self, entries: Sequence[OutboxEntry], head_seq: int, head_hash: str, now: datetime) -> _Prepared:

@@ -116,13 +116,14 @@ class AuditSearch:
 
     def describe(self) -> str:
         """A compact, stable rendering for the 110101 event's query detail."""
-        parts = {k: list(v) for k, v in (("user", self.users), ("patient", self.patients), ("study", self.studies),
-                                         ("event_type", self.event_types), ("outcome", self.outcomes),
-                                         ("source_address", self.source_addresses)) if v}
+        parts: dict[str, object] = {
+            k: list(v) for k, v in (("user", self.users), ("patient", self.patients), ("study", self.studies),
+                                    ("event_type", self.event_types), ("outcome", self.outcomes),
+                                    ("source_address", self.source_addresses)) if v}
         if self.start is not None:
-            parts["from"] = _iso(self.start)  # type: ignore[assignment]
+            parts["from"] = _iso(self.start)
         if self.end is not None:
-            parts["to"] = _iso(self.end)  # type: ignore[assignment]
+            parts["to"] = _iso(self.end)
         return json.dumps(parts, sort_keys=True, separators=(",", ":"))
 
 

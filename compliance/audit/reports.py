@@ -34,7 +34,12 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from elasticsearch import Elasticsearch
+from sqlalchemy import Engine
+
 from compliance.audit.queries import AuditQueryService, AuditSearch
+from compliance.audit.review import SqlReviewQueue
+from compliance.config import Settings
 from compliance.errors import InvalidRequest
 
 __all__ = [
@@ -553,19 +558,20 @@ class AuditReadServices:
 
     queries: AuditQueryService
     reports: ReportService
-    review: Any  # compliance.audit.review.SqlReviewQueue
+    review: SqlReviewQueue
     #: The audit log as named in 110101 Audit Log Used events (ParticipantObjectID, a URI).
     audit_log_uri: str
-    _client: Any = None
+    _client: Elasticsearch | None = None
 
     @classmethod
-    def from_settings(cls, settings: Any, *, engine: Any, client: Any = None) -> AuditReadServices:
+    def from_settings(cls, settings: Settings, *, engine: Engine,
+                      client: Elasticsearch | None = None) -> AuditReadServices:
         """``client``: the app's shared Elasticsearch client (closed by the app); else one of its own."""
         from compliance.audit.es_client import elasticsearch_client
-        from compliance.audit.review import SqlReviewQueue
 
         owned = client is None
-        client = elasticsearch_client(settings, request_timeout=30) if owned else client
+        if client is None:
+            client = elasticsearch_client(settings, request_timeout=30)
         queries = AuditQueryService(client, settings.audit_index_prefix)
         return cls(queries=queries, reports=ReportService(queries, organization=settings.organization_name),
                    review=SqlReviewQueue(engine),

@@ -12,10 +12,10 @@ deleted one by one, so the hash chain of what is kept stays verifiable from its 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -90,7 +90,7 @@ class PruneDecision:
 
 
 def plan_prune(indices: list[str], prefix: str, policy: RetentionPolicy, *, now: datetime,
-               before: str | None, patients_in: Any) -> PruneDecision:
+               before: str | None, patients_in: Callable[[str, list[str]], int]) -> PruneDecision:
     """Decide for each monthly index of ``prefix`` (``before``: only months before YYYY.MM).
 
     ``patients_in(index, patient_ids) -> int`` counts the index's events naming any of those patients

@@ -12,8 +12,9 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from compliance.audit.review_models import AuditDetectionRun, AuditReviewItem
@@ -66,8 +67,8 @@ class ReviewItem:
                 "acknowledged_at": iso(self.acknowledged_at), "note": self.note}
 
 
-def _item(row: object) -> ReviewItem:
-    r = row._mapping  # type: ignore[attr-defined]
+def _item(row: Row[Any]) -> ReviewItem:
+    r = row._mapping
     return ReviewItem(id=int(r["id"]), rule=r["rule"], dedup_key=r["dedup_key"], alert_uuid=r["alert_uuid"],
                       detected_at=_aware(r["detected_at"]), user_name=r["user_name"],  # type: ignore[arg-type]
                       patient_id=r["patient_id"], summary=r["summary"], evidence=tuple(json.loads(r["evidence"])),

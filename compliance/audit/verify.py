@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from elasticsearch import Elasticsearch
 from elasticsearch import TransportError as EsTransportError
 from elasticsearch.exceptions import ApiError
@@ -187,7 +188,7 @@ class CheckpointTap:
     Holds the leaves of one checkpoint at a time, so memory is bounded by the checkpoint size.
     """
 
-    def __init__(self, checkpoints: list[Checkpoint], public_key: Any | None) -> None:
+    def __init__(self, checkpoints: list[Checkpoint], public_key: Ed25519PublicKey | None) -> None:
         self._pending = sorted(checkpoints, key=lambda c: c.seq_from)
         self._public_key = public_key
         self._leaves: list[bytes] = []
@@ -228,7 +229,7 @@ class CheckpointTap:
             self.verified += 1
 
 
-def _checkpoints(client: Elasticsearch, prefix: str, engine: Any | None, from_seq: int,
+def _checkpoints(client: Elasticsearch, prefix: str, engine: Engine | None, from_seq: int,
                  to_seq: int | None) -> tuple[list[Checkpoint], list[Finding]]:
     try:
         in_repository = ElasticsearchCheckpoints(client, prefix).read(from_seq=from_seq, to_seq=to_seq)
@@ -248,8 +249,8 @@ def _checkpoints(client: Elasticsearch, prefix: str, engine: Any | None, from_se
 
 
 def verify_repository(client: Elasticsearch, prefix: str, outbox: SqlAuditOutbox | None, *,
-                      from_seq: int = 1, to_seq: int | None = None, public_key: Any | None = None,
-                      engine: Any | None = None) -> Verification:
+                      from_seq: int = 1, to_seq: int | None = None, public_key: Ed25519PublicKey | None = None,
+                      engine: Engine | None = None) -> Verification:
     """Verify the chain, compare it with the outbox (``outbox`` and its database ``engine``) at every
     position both hold and, when ``public_key`` is given, check the signed checkpoints in the range."""
     if outbox is not None and engine is None:

@@ -84,31 +84,31 @@ class DetectionJob:
                                 last_end=None if since is not None else self._queue.last_window_end())
 
     def run(self, *, since: datetime | None = None, until: datetime | None = None) -> DetectionRun:
-        w = self.window(since=since, until=until)
-        if w.held_back is not None:
+        window = self.window(since=since, until=until)
+        if window.held_back is not None:
             log.warning("audit detections held back at %s (asked for %s): %d audit event(s) wait to be shipped, "
-                        "the oldest from %s; they are examined once shipped", _iso(w.end), _iso(w.requested_end),
-                        w.held_back.pending, _iso(w.held_back.oldest))
-        if w.empty:
-            return DetectionRun(w.start, w.end, (), (), w.requested_end, w.held_back)
+                        "the oldest from %s; they are examined once shipped", _iso(window.end),
+                        _iso(window.requested_end), window.held_back.pending, _iso(window.held_back.oldest))
+        if window.empty:
+            return DetectionRun(window.start, window.end, (), (), window.requested_end, window.held_back)
         self._refresh()
         try:
-            findings = self._engine.detect(w.start, w.end)
+            findings = self._engine.detect(window.start, window.end)
         except Exception as exc:
             reason = exc.message if isinstance(exc, ComplianceError) else type(exc).__name__
-            self._record_read(w, Outcome.SERIOUS_FAILURE, f"detection run failed: {reason}"[:1024])
+            self._record_read(window, Outcome.SERIOUS_FAILURE, f"detection run failed: {reason}"[:1024])
             raise
         examined = dict(self._engine.examined)
-        read = self._record_read(w, Outcome.SUCCESS, f"examined {sum(examined.values())} event(s) in "
+        read = self._record_read(window, Outcome.SUCCESS, f"examined {sum(examined.values())} event(s) in "
                                                      f"{len(examined)} rule(s): {len(findings)} finding(s)")
         opened = [item for f in findings if (item := self._raise(f)) is not None]
-        self._queue.record_run(w.start, w.end, len(opened))
-        return DetectionRun(w.start, w.end, tuple(findings), tuple(opened), w.requested_end, w.held_back,
-                            examined, read)
+        self._queue.record_run(window.start, window.end, len(opened))
+        return DetectionRun(window.start, window.end, tuple(findings), tuple(opened), window.requested_end,
+                            window.held_back, examined, read)
 
-    def _record_read(self, w: DetectionWindow, outcome: Outcome, description: str) -> str:
+    def _record_read(self, window: DetectionWindow, outcome: Outcome, description: str) -> str:
         """One 110101 Audit Log Used per run, durable before any finding is raised (fail closed)."""
-        query = {"command": "audit detect", "from": _iso(w.start), "to": _iso(w.end),
+        query = {"command": "audit detect", "from": _iso(window.start), "to": _iso(window.end),
                  "rules": [name for name in RULES if self._policy.rule(name) is not None]}
         event = audit_log_used_event(
             user=self._reader, gateway_id=self._gateway_id, outcome=outcome, audit_log_uri=self._audit_log_uri,

@@ -30,9 +30,9 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.pool import PoolProxiedConnection
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class _SqliteWrites:
     def prepare(self, conn: Connection) -> None:
         self.prepare_dbapi(conn.connection)
 
-    def prepare_dbapi(self, pooled: Any) -> None:
+    def prepare_dbapi(self, pooled: PoolProxiedConnection) -> None:
         """``pooled``: SQLAlchemy's pooled DBAPI connection (its ``info`` lives as long as the connection)."""
         info = pooled.info
         if info.get("audit_wal_autocheckpoint") != SAFETY_PAGES:

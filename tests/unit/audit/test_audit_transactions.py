@@ -8,8 +8,8 @@ import time
 import pytest
 from sqlalchemy import text
 
-from compliance.audit import writes
-from compliance.audit.writes import SAFETY_PAGES, audit_transaction
+from compliance.audit import transactions
+from compliance.audit.transactions import SAFETY_PAGES, audit_transaction
 from compliance.db.migrate import upgrade
 from compliance.db.session import make_engine
 
@@ -29,10 +29,10 @@ def test_the_commit_itself_never_copies_the_log_below_the_safety_net(engine):
 
 
 def test_a_background_checkpoint_follows_enough_written_rows(engine, monkeypatch):
-    monkeypatch.setattr(writes, "CHECKPOINT_EVERY_ROWS", 10)
+    monkeypatch.setattr(transactions, "CHECKPOINT_EVERY_ROWS", 10)
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE t (x TEXT)")
-    state = writes.sqlite_writes(engine)
+    state = transactions.sqlite_writes(engine)
     before = state.checkpoints
     for _ in range(3):
         with audit_transaction(engine, rows=4) as conn:
