@@ -129,7 +129,7 @@ def start_orthanc(base: Path, *, encrypted: bool, plugin_baseline: bool = False)
             shutil.chown(p, USER, USER)
     if encrypted:
         subprocess.run([*_run_as(), "env", f"PYTHONPATH={ROOT}:{ROOT}/.venv/lib/python3.11/site-packages",
-                        "/usr/bin/python3", "-m", "compliance.archive.setup"], env=env, cwd=base, check=True,
+                        "/usr/bin/python3", "-m", "compliance.archive.keystore_setup"], env=env, cwd=base, check=True,
                        capture_output=True)
     log = open(base / "orthanc.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen([*_run_as(), "/usr/sbin/Orthanc", str(base / "orthanc.json")], env=env, stdout=log,

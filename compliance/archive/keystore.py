@@ -20,7 +20,7 @@ the key database itself, as the archive's operating-system user:
   into the stack's ``secrets.env``, mode 0600, and passed to Orthanc by environment).
 
 No plaintext data key is ever written anywhere. The key service is
-:class:`compliance.archive.keycache.ArchiveKeyService`: unwrapped data keys are kept in this
+:class:`compliance.archive.key_service.ArchiveKeyService`: unwrapped data keys are kept in this
 process's memory in a bounded LRU (each use still checks the key is live, so a shred takes effect
 at once), and new data keys are group-committed, durably, before any object under them is
 acknowledged.
@@ -29,16 +29,16 @@ acknowledged.
 from __future__ import annotations
 
 import binascii
+import os
 from dataclasses import dataclass
-from typing import cast
 
-from sqlalchemy import Engine, Table
+from sqlalchemy import Engine
 
-from compliance.archive.keycache import ArchiveKeyService
+from compliance.archive.key_service import ArchiveKeyService
 from compliance.config import Settings
 from compliance.crypto.interfaces import KeyProvider
 from compliance.crypto.models import CryptoDataKey, CryptoErasedStudy, CryptoKek
-from compliance.db.base import Base
+from compliance.db.base import Base, table_of
 from compliance.db.session import make_engine, make_session_factory
 from compliance.errors import ConfigurationError
 
@@ -104,15 +104,13 @@ def open_key_store(settings: Settings, *, create: bool = False) -> ArchiveKeySto
     provider = build_provider(settings, create_if_missing=create)
     engine = make_engine(url)
     if create:
-        Base.metadata.create_all(engine, tables=cast(list[Table], [CryptoKek.__table__, CryptoDataKey.__table__,
-                                                                   CryptoErasedStudy.__table__]))
+        Base.metadata.create_all(engine, tables=[table_of(CryptoKek), table_of(CryptoDataKey),
+                                                 table_of(CryptoErasedStudy)])
     else:
         # Key stores set up before shreds left tombstones gain the table on first open.
-        Base.metadata.create_all(engine, tables=cast(list[Table], [CryptoErasedStudy.__table__]))
+        Base.metadata.create_all(engine, tables=[table_of(CryptoErasedStudy)])
         if url.startswith("sqlite:///"):
             db = url.removeprefix("sqlite:///")
-            import os
-
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(db + suffix):
                     os.chmod(db + suffix, 0o600)

@@ -26,7 +26,7 @@ archive's operating-system user (the ``local`` keyring is 0600 in a 0700 directo
 user, outside the storage directory) or with the token's user PIN (``pkcs11``); it reads the patient
 index key and any PIN from its environment (set by ``deploy/local/up`` from ``secrets.env``),
 never from a file beside the data. Unwrapped data keys exist only in this process's memory (a
-bounded cache, :mod:`compliance.archive.keycache`, emptied by shred, rewrap, rotate and destroy).
+bounded cache, :mod:`compliance.archive.key_service`, emptied by shred, rewrap, rotate and destroy).
 
 Fail closed: if the key store cannot be opened the plugin stops Orthanc (exit status 78) rather
 than let Orthanc fall back to its built-in plaintext storage.

@@ -28,7 +28,7 @@ not reach them. Orthanc 1.10 with this plugin writes types 1 and 3 for each inst
 data: a plugin storage area without range reads (orthanc-python 4.0's ``RegisterStorageArea``)
 makes Orthanc keep the header apart as ``dicom-until-pixel-data``.
 
-Keys and durability (:class:`compliance.archive.keycache.ArchiveKeyService`): the data key of a new
+Keys and durability (:class:`compliance.archive.key_service.ArchiveKeyService`): the data key of a new
 patient is committed to the key database while the object is encrypted and written; ``create``
 returns only after both the object's ``fdatasync`` and the key's commit, so Orthanc never records an
 object whose data key could be lost. If another process committed the patient's key first, the
@@ -60,7 +60,7 @@ import pydicom
 
 from compliance import dicom_json
 from compliance.archive import dicom_header
-from compliance.archive.keycache import PendingKey
+from compliance.archive.key_service import PendingKey
 from compliance.crypto.interfaces import DecryptionError, KeyDestroyed
 from compliance.crypto.keys import DataKey, KeyService
 from compliance.crypto.streaming import SEGMENT_SIZE, TAG_SIZE, StreamEncryptor, iter_decrypt

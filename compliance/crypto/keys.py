@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.crypto.aead import new_key
 from compliance.crypto.interfaces import (
     DataKeyNotFound,
     KeyDestroyed,
@@ -150,7 +150,7 @@ class KeyService:
                     return DataKey(row.id, key, row.wrapped_key)
                 kek = self._active_kek(session)
                 key_id = str(uuid.uuid4())
-                data_key = AESGCM.generate_key(bit_length=256)
+                data_key = new_key()
                 wrapped = self._provider.wrap(kek.id, data_key, context=self._context(key_id))
                 session.add(
                     CryptoDataKey(

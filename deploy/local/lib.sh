@@ -714,7 +714,7 @@ orthanc_key_store_up() {
   ( orthanc_keys_env
     cd "$STACK/orthanc"
     run_as env "PYTHONPATH=$CHECKOUT:$CHECKOUT/.venv/lib/python3.11/site-packages" \
-      /usr/bin/python3 -m compliance.archive.setup ) >>"$(orthanc_logs)" 2>&1 \
+      /usr/bin/python3 -m compliance.archive.keystore_setup ) >>"$(orthanc_logs)" 2>&1 \
     || { show_logs "$(orthanc_logs)"; die "orthanc: cannot set up the archive key store in $keys"; }
   log "orthanc: archive key store ready in $keys"
 }

@@ -93,7 +93,7 @@ class Pkcs11Archive:
         # the key store, as deploy/local/up creates it: as the archive's user, with Debian's Python
         setup = subprocess.run(
             [*_run_as(), "env", f"PYTHONPATH={PROJECT_ROOT}:{PROJECT_ROOT}/.venv/lib/python3.11/site-packages",
-             "/usr/bin/python3", "-m", "compliance.archive.setup"],
+             "/usr/bin/python3", "-m", "compliance.archive.keystore_setup"],
             env=self.env, cwd=base, capture_output=True, text=True, timeout=120)
         assert setup.returncode == 0, f"key store set-up failed:\n{setup.stdout}\n{setup.stderr}"
         self.setup_report = json.loads(setup.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""``python -m compliance.archive.setup``: create the archive's key store (idempotent).
+"""``python -m compliance.archive.keystore_setup``: create the archive's key store (idempotent).
 
 Run by ``deploy/local/up`` as the archive's user before Orthanc starts: creates
 ``{stack_dir}/archive-keys/`` (0700), the keyring (0600, ``local`` provider) or checks the token

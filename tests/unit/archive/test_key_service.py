@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from compliance.archive.keycache import ArchiveKeyService, PendingKey
+from compliance.archive.key_service import ArchiveKeyService, PendingKey
 from compliance.archive.keystore import open_key_store
 from compliance.archive.storage import EncryptedFilesystemStorage
 from compliance.config import Settings

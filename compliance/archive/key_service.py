@@ -35,16 +35,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, Table, bindparam, insert, select
+from sqlalchemy import Engine, bindparam, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.crypto.aead import new_key
 from compliance.crypto.interfaces import DataKeyNotFound, KeyDestroyed, KeyProvider, KeyProviderError
 from compliance.crypto.keys import DataKey, KeyService, RewrapResult
 from compliance.crypto.models import CryptoDataKey, CryptoKek
+from compliance.db.base import table_of
 from compliance.db.compiled import CompiledInsert
 
 __all__ = ["ArchiveKeyService", "PendingKey"]
@@ -202,7 +203,7 @@ class ArchiveKeyService(KeyService):
         self._q_live = _Query(engine, _LIVE)
         self._q_by_id = _Query(engine, _BY_ID)
         self._q_live_of_patient = _Query(engine, _LIVE_OF_PATIENT)
-        self._insert_rows = CompiledInsert(engine, cast(Table, CryptoDataKey.__table__), _INSERT_COLUMNS)
+        self._insert_rows = CompiledInsert(engine, table_of(CryptoDataKey), _INSERT_COLUMNS)
         self._q_active_kek = _Query(engine, _ACTIVE_KEK)
         self._lock = threading.Lock()
         self._cache = _Cache(max_cached_keys)
@@ -345,7 +346,7 @@ class ArchiveKeyService(KeyService):
         if kek_id is None:
             raise KeyProviderError("no active key-encryption key; run the key set-up (rotate)")
         key_id = str(uuid.uuid4())
-        data_key = AESGCM.generate_key(bit_length=256)
+        data_key = new_key()
         wrapped = self._provider.wrap(kek_id, data_key, context=self._context(key_id))
         pending = PendingKey(DataKey(key_id, data_key, wrapped), patient_key=patient_key, kek_id=kek_id,
                              generation=generation)
