@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import typer
@@ -189,6 +188,3 @@ def demo_load(
 
 app.add_typer(shred_app, name="shred")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

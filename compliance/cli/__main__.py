@@ -1,0 +1,7 @@
+"""``python -m compliance.cli``: the ``compliance`` command."""
+
+import sys
+
+from compliance.cli import app
+
+sys.exit(app())
