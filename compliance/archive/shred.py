@@ -59,7 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import CursorResult, Engine, delete, select, update
+from sqlalchemy import CursorResult, Engine, Result, delete, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -143,7 +143,7 @@ def _text(value: str | None, what: str, *, required: bool) -> str:
     return value
 
 
-def _rowcount(result: Any) -> int:
+def _rowcount(result: Result[Any]) -> int:
     return int(result.rowcount) if isinstance(result, CursorResult) else 0
 
 
@@ -162,7 +162,8 @@ class ShredRequests:
 
     # ------------------------------------------------------------------ reading
     @staticmethod
-    def view(row: ShredRequest) -> dict[str, Any]:
+    def as_json(row: ShredRequest) -> dict[str, Any]:
+        """The request as the API and the CLI show it."""
         return {"id": row.id, "state": row.state, "patient_id": row.patient_id, "reason": row.reason,
                 "requested_by": {"id": row.requested_by, "username": row.requested_by_name},
                 "requested_at": _iso(row.requested_at),
@@ -177,7 +178,7 @@ class ShredRequests:
         return row
 
     async def get(self, request_id: str) -> dict[str, Any]:
-        return self.view(await asyncio.to_thread(self._row, request_id))
+        return self.as_json(await asyncio.to_thread(self._row, request_id))
 
     async def list_requests(self, state: str | None = "requested", *, limit: int = 500) -> list[dict[str, Any]]:
         """Requests in ``state`` (``None``: every state), the newest first."""
@@ -191,7 +192,7 @@ class ShredRequests:
             with self._sessions() as session:
                 return list(session.scalars(query))
 
-        return [self.view(r) for r in await asyncio.to_thread(read)]
+        return [self.as_json(r) for r in await asyncio.to_thread(read)]
 
     # ------------------------------------------------------------------ audit
     async def _alert(self, user: UserRef, description: str, *, resource: str, patient_id: str,
@@ -252,7 +253,7 @@ class ShredRequests:
         except BaseException:
             await asyncio.to_thread(self._delete_unaudited, row.id)
             raise
-        return self.view(row)
+        return self.as_json(row)
 
     def _delete_unaudited(self, request_id: str) -> None:
         with self._sessions() as session, session.begin():
@@ -310,7 +311,7 @@ class ShredRequests:
 
     async def reject(self, request_id: str, user: UserRef, comment: str) -> dict[str, Any]:
         row = await self._decide(request_id, user, approve=False, comment=_text(comment, "comment", required=True))
-        return self.view(row)
+        return self.as_json(row)
 
     async def execute(self, request_id: str, user: UserRef) -> dict[str, Any]:
         """Run the shred of an approved request again (its first run failed or its outcome is unknown)."""
@@ -338,7 +339,7 @@ class ShredRequests:
                                 .values(state="shredded", executed_at=self._clock()))
             return self._row(row.id)
 
-        return {**self.view(await asyncio.to_thread(done)), "shred": result}
+        return {**self.as_json(await asyncio.to_thread(done)), "shred": result}
 
 
 def build_shred_requests(settings: Settings, engine: Engine, operations: KeyOperations,

@@ -60,7 +60,7 @@ import pydicom
 
 from compliance import dicom_json
 from compliance.archive import dicom_header
-from compliance.archive.key_service import PendingKey
+from compliance.archive.key_service import ArchiveKeyService, PendingKey
 from compliance.crypto.interfaces import DecryptionError, KeyDestroyed
 from compliance.crypto.keys import DataKey, KeyService
 from compliance.crypto.streaming import SEGMENT_SIZE, TAG_SIZE, StreamEncryptor, iter_decrypt
@@ -181,9 +181,8 @@ class EncryptedFilesystemStorage:
             raise
 
     def _key_for(self, patient_id: str) -> PendingKey:
-        key_for_patient = getattr(self._keys, "key_for_patient", None)
-        if key_for_patient is not None:
-            return key_for_patient(patient_id)  # type: ignore[no-any-return]
+        if isinstance(self._keys, ArchiveKeyService):  # group-committed new keys (the plugin's)
+            return self._keys.key_for_patient(patient_id)
         return PendingKey.committed(self._keys.data_key_for_patient(patient_id))
 
     @staticmethod
