@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.crypto.aead import new_key
 from compliance.crypto.interfaces import DataKeyNotFound, KeyDestroyed, KeyProvider, KeyProviderError
-from compliance.crypto.keys import DataKey, KeyService, RewrapResult
+from compliance.crypto.keys import DataKey, KeyService, RewrapResult, data_key_context
 from compliance.crypto.models import CryptoDataKey, CryptoKek
 from compliance.db.base import table_of
 from compliance.db.compiled import CompiledInsert
@@ -255,7 +255,7 @@ class ArchiveKeyService(KeyService):
         if destroyed_at is not None or wrapped is None:
             raise KeyDestroyed("the data was permanently erased")
         wrapped = bytes(wrapped)
-        key = DataKey(key_id, self._provider.unwrap(kek_id, wrapped, context=self._context(key_id)), wrapped)
+        key = DataKey(key_id, self._provider.unwrap(kek_id, wrapped, context=data_key_context(key_id)), wrapped)
         self._remember(key, patient_key, generation)
         return key.data_key
 
@@ -337,7 +337,7 @@ class ArchiveKeyService(KeyService):
         if row is None:
             return None
         key_id, kek_id, wrapped = row[0], row[1], bytes(row[2])
-        data_key = self._provider.unwrap(kek_id, wrapped, context=self._context(key_id))
+        data_key = self._provider.unwrap(kek_id, wrapped, context=data_key_context(key_id))
         return DataKey(key_id, data_key, wrapped)
 
     def _new_key(self, patient_key: str, generation: int) -> PendingKey:
@@ -347,7 +347,7 @@ class ArchiveKeyService(KeyService):
             raise KeyProviderError("no active key-encryption key; run the key set-up (rotate)")
         key_id = str(uuid.uuid4())
         data_key = new_key()
-        wrapped = self._provider.wrap(kek_id, data_key, context=self._context(key_id))
+        wrapped = self._provider.wrap(kek_id, data_key, context=data_key_context(key_id))
         pending = PendingKey(DataKey(key_id, data_key, wrapped), patient_key=patient_key, kek_id=kek_id,
                              generation=generation)
         with self._lock:

@@ -38,7 +38,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import cast
+from typing import Protocol, SupportsInt, cast
 
 _CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +54,14 @@ def _prepare_path() -> None:
     for entry in (site, str(_CHECKOUT)):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+
+
+class RestOutput(Protocol):
+    """The ``output`` Orthanc's Python plugin hands a REST callback (orthanc-python 4.0)."""
+
+    def AnswerBuffer(self, buffer: bytes, mime_type: str) -> None: ...
+
+    def SendHttpStatus(self, status: int, body: str, size: int) -> None: ...
 
 
 def _install() -> None:
@@ -76,28 +84,28 @@ def _install() -> None:
 
     control = KeyControl(store.keys, storage)
 
-    def on_rest(output: object, uri: str, **request: object) -> None:
+    def on_rest(output: RestOutput, uri: str, **request: object) -> None:
         response = control.handle(str(request.get("method", "GET")), uri,
                                   bytes(cast(bytes, request.get("body") or b"")))
         if response.status == 200:
-            output.AnswerBuffer(response.encode(), "application/json")  # type: ignore[attr-defined]
+            output.AnswerBuffer(response.encode(), "application/json")
         else:
             body = response.encode()
             # orthanc-python 4.0 takes the body as str plus its size
-            output.SendHttpStatus(response.status, body.decode(), len(body))  # type: ignore[attr-defined]
+            output.SendHttpStatus(response.status, body.decode(), len(body))
 
-    def on_create(uuid: str, content_type: object, data: bytes) -> None:
-        storage.create(uuid, int(content_type), data)  # type: ignore[call-overload]
+    def on_create(uuid: str, content_type: SupportsInt, data: bytes) -> None:
+        storage.create(uuid, int(content_type), data)
 
-    def on_read(uuid: str, content_type: object) -> bytes:
+    def on_read(uuid: str, content_type: SupportsInt) -> bytes:
         try:
-            return storage.read(uuid, int(content_type))  # type: ignore[call-overload]
+            return storage.read(uuid, int(content_type))
         except Exception as exc:
             orthanc.LogError(f"compliance storage: cannot read attachment {uuid}: {type(exc).__name__}")
             raise
 
-    def on_remove(uuid: str, content_type: object) -> None:
-        storage.remove(uuid, int(content_type))  # type: ignore[call-overload]
+    def on_remove(uuid: str, content_type: SupportsInt) -> None:
+        storage.remove(uuid, int(content_type))
 
     if os.environ.get("COMPLIANCE_STORAGE_SHIM") == "registered":
         # The C shim (loaded before this plugin) registered a storage area with range reads and

@@ -13,7 +13,7 @@ PKCS#11 token). So the provider that governs the archive governs the volume too:
 
 The row's ``patient_key`` is ``volume:<name>``, which is not 64 hex digits and so can never equal a patient's
 HMAC: no patient shred or lookup ever reaches it. The wrapping context is the key service's own
-(``b"data key " + row id``), which is what lets :meth:`KeyService.rewrap` rewrap it.
+(:func:`~compliance.crypto.keys.data_key_context`), which is what lets :meth:`KeyService.rewrap` rewrap it.
 
 The password never goes to disk: ``python -m compliance.archive.volume password NAME`` (run by ``up`` as the
 key store's owner) prints it to a pipe into gocryptfs. It is needed only to mount; gocryptfs keeps its own
@@ -37,7 +37,7 @@ from compliance.archive.keystore import build_provider, open_key_store
 from compliance.config import Settings
 from compliance.crypto.aead import new_key
 from compliance.crypto.interfaces import KeyDestroyed, KeyProvider, KeyProviderError, KeyStateConflict
-from compliance.crypto.keys import KeyService
+from compliance.crypto.keys import data_key_context
 from compliance.crypto.models import CryptoDataKey, CryptoKek
 from compliance.db.session import make_engine, make_session_factory
 
@@ -77,7 +77,7 @@ class VolumeKeys:
                 live = next((r for r in rows if r.destroyed_at is None), None)
                 if live is not None:
                     assert live.wrapped_key is not None
-                    key = self._provider.unwrap(live.kek_id, live.wrapped_key, context=KeyService._context(live.id))
+                    key = self._provider.unwrap(live.kek_id, live.wrapped_key, context=data_key_context(live.id))
                     return key.hex()
                 if not create:
                     if rows:
@@ -88,7 +88,7 @@ class VolumeKeys:
                     raise KeyProviderError("no active key-encryption key; run the key set-up")
                 key_id = str(uuid.uuid4())
                 key = new_key()
-                wrapped = self._provider.wrap(kek.id, key, context=KeyService._context(key_id))
+                wrapped = self._provider.wrap(kek.id, key, context=data_key_context(key_id))
                 session.add(CryptoDataKey(id=key_id, patient_key=ref, wrapped_key=wrapped, kek_id=kek.id,
                                           created_at=self._clock()))
                 try:

@@ -41,7 +41,7 @@ from compliance.crypto.interfaces import (
 from compliance.crypto.models import CryptoDataKey, CryptoErasedStudy, CryptoKek
 from compliance.crypto.streaming import Header
 
-__all__ = ["DataKey", "KekStatus", "KeyService", "KeyStatus", "RewrapResult"]
+__all__ = ["DataKey", "KekStatus", "KeyService", "KeyStatus", "RewrapResult", "data_key_context"]
 
 _REWRAP_BATCH = 500
 
@@ -89,6 +89,12 @@ class RewrapResult:
     active_kek_id: str
 
 
+def data_key_context(key_id: str) -> bytes:
+    """The context a data key is wrapped under by its KEK: bound to the key's row id, so a wrapped key
+    moved to another row does not unwrap. Every row of ``crypto_data_key`` uses it (rewrap relies on it)."""
+    return b"data key " + key_id.encode()
+
+
 class KeyService:
     def __init__(
         self,
@@ -109,10 +115,6 @@ class KeyService:
         self._provider = provider
         self._clock = clock
         self._index_key = patient_index_key
-
-    @staticmethod
-    def _context(key_id: str) -> bytes:
-        return b"data key " + key_id.encode()
 
     def patient_key(self, patient_id: str) -> str:
         return hmac.new(self._index_key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
@@ -146,12 +148,12 @@ class KeyService:
                 ).one_or_none()
                 if row is not None:
                     assert row.wrapped_key is not None
-                    key = self._provider.unwrap(row.kek_id, row.wrapped_key, context=self._context(row.id))
+                    key = self._provider.unwrap(row.kek_id, row.wrapped_key, context=data_key_context(row.id))
                     return DataKey(row.id, key, row.wrapped_key)
                 kek = self._active_kek(session)
                 key_id = str(uuid.uuid4())
                 data_key = new_key()
-                wrapped = self._provider.wrap(kek.id, data_key, context=self._context(key_id))
+                wrapped = self._provider.wrap(kek.id, data_key, context=data_key_context(key_id))
                 session.add(
                     CryptoDataKey(
                         id=key_id,
@@ -179,7 +181,7 @@ class KeyService:
             if row.destroyed_at is not None or row.wrapped_key is None:
                 raise KeyDestroyed("the data was permanently erased")
             kek_id, wrapped = row.kek_id, row.wrapped_key
-        return self._provider.unwrap(kek_id, wrapped, context=self._context(key_id))
+        return self._provider.unwrap(kek_id, wrapped, context=data_key_context(key_id))
 
     def unwrap_for_header(self, header: Header) -> bytes:
         """The ``unwrap`` callback for :func:`compliance.crypto.streaming.decrypt_stream`."""
@@ -256,7 +258,7 @@ class KeyService:
                 now = self._clock()
                 for row in rows:
                     assert row.wrapped_key is not None
-                    context = self._context(row.id)
+                    context = data_key_context(row.id)
                     data_key = self._provider.unwrap(row.kek_id, row.wrapped_key, context=context)
                     row.wrapped_key = self._provider.wrap(active, data_key, context=context)
                     row.kek_id = active
