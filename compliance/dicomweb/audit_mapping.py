@@ -85,35 +85,18 @@ class DicomwebEvents:
             description += f"; the transfer released by event {ctx.released_event} was not delivered"
         if route.transaction is Transaction.RETRIEVE:
             return instances_transferred_event(
-                user=ctx.user,
-                gateway_id=self._gateway_id,
-                source_id=self._archive_id,
-                outcome=outcome_of(status),
-                outcome_description=description,
-                patients=patients,
-                studies=studies,
-            )
+                user=ctx.user, gateway_id=self._gateway_id, source_id=self._archive_id, outcome=outcome_of(status),
+                outcome_description=description, patients=patients, studies=studies)
         return instances_accessed_event(
-            user=ctx.user,
-            gateway_id=self._gateway_id,
-            action=Action.READ,
-            outcome=outcome_of(status),
-            outcome_description=description,
-            patients=patients,
-            studies=studies,
-        )
+            user=ctx.user, gateway_id=self._gateway_id, action=Action.READ, outcome=outcome_of(status),
+            outcome_description=description, patients=patients, studies=studies)
 
     def store(self, ctx: RequestContext, outcome: Outcome, description: str | None,
               instances: Sequence[StowInstance]) -> AuditEvent:
         """The 110107 Import event of a STOW, naming the patients and studies of ``instances``."""
-        return import_event(
-            user=ctx.user,
-            gateway_id=self._gateway_id,
-            outcome=outcome,
-            outcome_description=description,
-            patients=patients_of(instances),
-            studies=studies_of(instances),
-        )
+        return import_event(user=ctx.user, gateway_id=self._gateway_id, outcome=outcome,
+                            outcome_description=description, patients=patients_of(instances),
+                            studies=studies_of(instances))
 
     def integrity_alert(self, ctx: RequestContext, description: str, patients: tuple[PatientRef, ...] = (),
                         studies: tuple[StudyRef, ...] = ()) -> AuditEvent:
