@@ -277,7 +277,8 @@ class Wiring:
         from compliance.exports.keys import ProjectKeyStore, PseudonymMap
         from compliance.exports.projects import load_projects
         from compliance.exports.recovery import RecoveryPolicy
-        from compliance.exports.service import ExportService, ReidentificationService
+        from compliance.exports.reidentification import ReidentificationService
+        from compliance.exports.service import ExportService
 
         s = self.settings
         sessions = make_session_factory(self.engine)

@@ -23,28 +23,21 @@ Which PS3.15 A.5.3 message each step is, and why:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from compliance.audit.events import (
-    Action,
-    AuditEvent,
-    EventID,
-    ObjectIDTypeCode,
-    ObjectRole,
-    ObjectType,
-    Outcome,
-    ParticipantObject,
-    PatientRef,
-    StudyRef,
-    UserRef,
-    patient_object,
-    study_object,
-    workflow_participants,
-)
+from compliance.audit.codes import Action, EventID, EventTypeCode, ObjectIDTypeCode, ObjectRole, ObjectType, Outcome
+from compliance.audit.events import patient_object, security_alert_event, study_object, workflow_participants
+from compliance.audit.message import AuditEvent, ParticipantObject, PatientRef, StudyRef, UserRef
+from compliance.audit.recorder import AuditRecorder
+from compliance.exports.destinations import BUNDLE, DICOMWEB
+from compliance.exports.models import ExportRequest
 
 EXPORT_REQUEST_URN = "urn:compliance:export-request:"
 REID_REQUEST_URN = "urn:compliance:reidentification:"
+#: The resource of a refused project in a 110113 (the name the caller gave, registered or not).
+PROJECT_URN = "urn:compliance:research-project:"
 
 
 def _details(details: dict[str, str | None]) -> tuple[tuple[str, bytes], ...]:
@@ -83,6 +76,41 @@ def reidentification_event(*, user: UserRef, gateway_id: str, request_id: str, a
                       participants=workflow_participants(user, gateway_id),
                       objects=(obj, *(patient_object(p) for p in patients)),
                       outcome_description=description or f"re-identification {step}")
+
+
+def destination_label(row: ExportRequest) -> str:
+    """``bundle``, or ``dicomweb:<name>``: the destination of a request as its audit events name it."""
+    dest = json.loads(row.destination)
+    return f"{DICOMWEB}:{dest.get('name')}" if dest.get("kind") == DICOMWEB else BUNDLE
+
+
+class ExportAudit:
+    """Records the export domain's own events: the steps of export requests (110109 Order Record) and its
+    denials (110113 Security Alert, Access Control Decision)."""
+
+    def __init__(self, auditor: AuditRecorder, gateway_id: str) -> None:
+        self.auditor = auditor
+        self.gateway_id = gateway_id
+
+    def step(self, user: UserRef | None, row: ExportRequest, action: Action, step: str,
+             outcome: Outcome = Outcome.SUCCESS, description: str | None = None) -> None:
+        """The 110109 of a step of ``row`` (``user`` None: the gateway's own step, e.g. a job's)."""
+        self.auditor.record_now(export_request_event(
+            user=user, gateway_id=self.gateway_id, request_id=row.id, action=action, step=step, outcome=outcome,
+            description=description,
+            details={"Project": row.project, "Protocol": row.protocol, "Purpose": row.purpose, "Profile": row.profile,
+                     "Destination": destination_label(row), "State": row.state, "Requester": row.requester_name,
+                     "Membership": row.requester_membership, "Comment": row.decision_comment}))
+
+    def denied(self, user: UserRef, resource: str, description: str) -> None:
+        """A refused access decision about ``resource`` (a URN): 110113, as every denial of the domain."""
+        self.auditor.record_now(security_alert_event(
+            user=user, gateway_id=self.gateway_id, alert_type=EventTypeCode.ACCESS_CONTROL_DECISION,
+            description=description, resource=resource, outcome=Outcome.MINOR_FAILURE))
+
+    def refused(self, user: UserRef, project: str, description: str) -> None:
+        """A refused access decision about a project (the name the caller gave, registered or not)."""
+        self.denied(user, PROJECT_URN + project, description)
 
 
 def _now() -> datetime:

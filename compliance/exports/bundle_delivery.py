@@ -35,6 +35,7 @@ from typing import Any
 from compliance.audit.message import UserRef
 from compliance.crypto.files import EncryptingFile
 from compliance.crypto.streaming import StreamEncryptor
+from compliance.exports.bundles import bundle_aad
 from compliance.exports.keys import PseudonymMap, bundle_key_id
 from compliance.exports.models import ExportRequest
 from compliance.exports.pipeline import (
@@ -49,7 +50,6 @@ from compliance.exports.pipeline import (
     report_json,
 )
 from compliance.exports.recovery import LeaseLost, bundle_file_name, partial_file_name
-from compliance.exports.service import bundle_aad
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class BundleDelivery:
         return removed
 
     def run(self, row: ExportRequest, counters: Counters, attempt: int, lease: Lease) -> None:
-        steps, service = self._steps, self._steps.service
+        steps, ledger = self._steps, self._steps.ledger
         request_id = row.id
         engine = steps.engine(row)
         requester = UserRef(user_id=row.requester_id, username=row.requester_name)
@@ -91,7 +91,7 @@ class BundleDelivery:
         transferred: Transferred = {}  # what was read from the archive: audited however the job ends
         try:
             plan = steps.plan(row, archive, counters, attempt)
-            encryptor = StreamEncryptor(data_key=service.keys.key(row.project, "bundle"),
+            encryptor = StreamEncryptor(data_key=steps.keys.key(row.project, "bundle"),
                                         key_id=bundle_key_id(row.project), associated_data=bundle_aad(request_id))
             cohort = Cohort()
             report: list[dict[str, Any]] = []
@@ -134,7 +134,7 @@ class BundleDelivery:
                 os.fsync(out.fileno())
             # complete: it takes the bundle's name only while this attempt still owns the request
             lease.check()
-            if not service.owns(request_id, attempt):
+            if not ledger.owns(request_id, attempt):
                 raise LeaseLost("the request was handed to another attempt before the bundle was complete")
             os.replace(partial, final)
             _fsync_dir(self._dir)
@@ -146,8 +146,8 @@ class BundleDelivery:
             steps.audit_transfers(requester, row.purpose, transferred)
         self._pseudonyms.record(row.project, cohort.pseudonyms)
         patients, studies = cohort.disclosure()
-        if not service.finish(request_id, bundle_path=final, bundle_size=size, checksum=checksum,
-                              patients=patients, studies=studies, counters=counters.as_dict(), attempt=attempt):
+        if not ledger.finish(request_id, bundle_path=final, bundle_size=size, checksum=checksum,
+                             patients=patients, studies=studies, counters=counters.as_dict(), attempt=attempt):
             final.unlink(missing_ok=True)  # this attempt's own name: never the file the request points to
             raise LeaseLost("the request was handed to another attempt before the bundle was recorded")
 

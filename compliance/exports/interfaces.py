@@ -38,7 +38,7 @@ Errors (subclasses of ``compliance.errors``)::
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 from compliance.errors import Conflict, Gone, InvalidRequest, NotFound, PermissionDenied
 
@@ -72,6 +72,27 @@ class DestinationNotAllowed(InvalidExportRequest):
     """The destination exists but its ``projects:`` restriction does not name the request's project."""
 
     code = "destination_not_allowed"
+
+
+class DisclosedPatient(TypedDict):
+    """A source patient whose data an export disclosed (sealed on the request, for the 110106 Export)."""
+
+    id: str
+    name: str | None
+
+
+class DisclosedStudy(TypedDict):
+    """A source study an export disclosed, with its instances counted by SOP class."""
+
+    uid: str
+    sop_classes: dict[str, int]
+
+
+class Disclosure(TypedDict):
+    """What an export disclosed, sealed on its request (``export_request.disclosure_sealed``)."""
+
+    patients: list[DisclosedPatient]
+    studies: list[DisclosedStudy]
 
 
 class ArchiveReader(Protocol):

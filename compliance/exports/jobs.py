@@ -36,25 +36,26 @@ class ExportJob:
                  progress_every_seconds: float = 0.5, destinations: DestinationRegistry | None = None,
                  stow_client_factory: Callable[[DicomwebDestination], StowClient] = DicomwebStowClient,
                  stow_batch_instances: int = 16, stow_batch_max_bytes: int = 64 << 20) -> None:
-        self._service = service
-        steps = JobSteps(service, auditor, archive_factory, archive_id=archive_id,
-                         progress_every_seconds=progress_every_seconds)
+        self._ledger = service.ledger
+        self._requests = service.requests
+        steps = JobSteps(service.ledger, service.keys, auditor, archive_factory, gateway_id=service.gateway_id,
+                         archive_id=archive_id, progress_every_seconds=progress_every_seconds)
         self._bundle = BundleDelivery(steps, pseudonyms, bundles_dir=bundles_dir)
-        self._push = PushDelivery(steps, pseudonyms, destinations or DestinationRegistry(),
+        self._push = PushDelivery(steps, service.delivery_log, pseudonyms, destinations or DestinationRegistry(),
                                   stow_client_factory=stow_client_factory, batch_instances=stow_batch_instances,
                                   batch_max_bytes=stow_batch_max_bytes)
 
     def run(self, request_id: str, attempt: int | None = None, lease: Lease | None = None) -> str:
         """Run a claimed (running) request to ready or failed; return the final state.
 
-        ``attempt`` is what :meth:`ExportService.claim` returned (the fencing token; the row's by
+        ``attempt`` is what :meth:`~compliance.exports.ledger.JobLedger.claim` returned (the fencing token; the row's by
         default), ``lease`` the claim's :class:`~compliance.exports.recovery.LeaseKeeper`. Returns
         ``"lost"`` when the request was handed to another attempt meanwhile: this one wrote nothing more.
         """
         counters = Counters()
         lease = lease or NoLease()
         if attempt is None:
-            attempt = self._service.load(request_id).attempts
+            attempt = self._ledger.load(request_id).attempts
         try:
             return self._run(request_id, attempt, lease, counters)
         except LeaseLost as exc:
@@ -64,17 +65,16 @@ class ExportJob:
             log.exception("export job %s failed", request_id)
             message = exc.message if hasattr(exc, "message") else f"{type(exc).__name__}"
             delivery = exc.delivery if isinstance(exc, JobError) else None
-            if not self._service.fail(request_id, str(message), counters.as_dict(), delivery=delivery,
-                                      attempt=attempt):
+            if not self._ledger.fail(request_id, str(message), counters.as_dict(), delivery=delivery, attempt=attempt):
                 return "lost"
             return "failed"
 
     def _run(self, request_id: str, attempt: int, lease: Lease, counters: Counters) -> str:
-        row = self._service.load(request_id)
+        row = self._ledger.load(request_id)
         if row.state != "running" or row.attempts != attempt:
             raise LeaseLost(f"request {request_id} is {row.state} (attempt {row.attempts}), not this attempt's")
         # the project registry may have changed since the approval (closed, a membership removed)
-        if why := self._service.projects.still_grants(row.project, row.requester_membership):
+        if why := self._requests.still_grants(row):
             raise JobError(f"the export was not run: {why}")
         destination = json.loads(row.destination)
         if destination.get("kind") == DICOMWEB:

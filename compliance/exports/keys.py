@@ -1,4 +1,5 @@
-"""Per-project secrets of the export domain, wrapped by the key provider's KEK, and the pseudonym map.
+"""Per-project secrets of the export domain, wrapped by the key provider's KEK, the pseudonym map, and
+the sealed disclosure lists of export requests (:func:`seal_disclosure`, :func:`open_disclosure`).
 
 Each project has three independent 256-bit secrets, created on first use and stored only wrapped
 (``export_project_key``) by the active KEK of the crypto domain's key provider
@@ -24,6 +25,7 @@ stay under the KEK that wrapped them, so that KEK must not be destroyed while a 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -35,6 +37,7 @@ from compliance.crypto.aead import new_key, open_sealed, seal
 from compliance.crypto.interfaces import DecryptionError, KeyProvider, KeyProviderError, KeyStateConflict
 from compliance.crypto.models import CryptoKek
 from compliance.crypto.streaming import Header
+from compliance.exports.interfaces import DisclosedPatient, DisclosedStudy, Disclosure
 from compliance.exports.models import ExportProjectKey, ExportPseudonym
 
 PURPOSES = ("pseudonym", "map", "bundle")
@@ -195,3 +198,19 @@ class PseudonymMap:
             sealed = row.original_sealed
         return open_sealed(self._keys.key(project, "map"), sealed,
                            _map_aad(project, kind, pseudonym)).decode("utf-8")
+
+
+def disclosure_aad(request_id: str) -> bytes:
+    return b"export disclosure v1\x00" + request_id.encode()
+
+
+def seal_disclosure(keys: ProjectKeyStore, project: str, request_id: str, patients: list[DisclosedPatient],
+                    studies: list[DisclosedStudy]) -> bytes:
+    """What a request disclosed, sealed under its project's map key (``export_request.disclosure_sealed``)."""
+    disclosure = json.dumps({"patients": patients, "studies": studies}, sort_keys=True).encode()
+    return seal(keys.key(project, "map"), disclosure, disclosure_aad(request_id))
+
+
+def open_disclosure(keys: ProjectKeyStore, project: str, request_id: str, sealed: bytes) -> Disclosure:
+    disclosure: Disclosure = json.loads(open_sealed(keys.key(project, "map"), sealed, disclosure_aad(request_id)))
+    return disclosure

@@ -26,11 +26,11 @@ from compliance.deid.engine import Deidentifier
 from compliance.deid.profiles import load_profile
 from compliance.deid.writer import encode
 from compliance.errors import UpstreamError, UpstreamUnavailable
-from compliance.exports.interfaces import ArchiveReader
-from compliance.exports.keys import ProviderPseudonymSecretSource
+from compliance.exports.interfaces import ArchiveReader, DisclosedPatient, DisclosedStudy
+from compliance.exports.keys import ProjectKeyStore, ProviderPseudonymSecretSource
+from compliance.exports.ledger import JobLedger
 from compliance.exports.models import ExportRequest
 from compliance.exports.recovery import LeaseKeeper, LeaseLost, NoLease
-from compliance.exports.service import ExportService
 
 Lease = LeaseKeeper | NoLease
 #: study UID -> (patient ID, patient name, {SOP class UID: instances}) read from the archive
@@ -88,9 +88,9 @@ class Cohort:
         classes = self.studies.setdefault(p.study, {})
         classes[p.sop_class] = classes.get(p.sop_class, 0) + 1
 
-    def disclosure(self) -> tuple[list[dict[str, str | None]], list[dict[str, Any]]]:
-        return ([{"id": pid, "name": name} for pid, name in sorted(self.patients.items())],
-                [{"uid": uid, "sop_classes": classes} for uid, classes in sorted(self.studies.items())])
+    def disclosure(self) -> tuple[list[DisclosedPatient], list[DisclosedStudy]]:
+        return ([DisclosedPatient(id=pid, name=name) for pid, name in sorted(self.patients.items())],
+                [DisclosedStudy(uid=uid, sop_classes=classes) for uid, classes in sorted(self.studies.items())])
 
 
 class JobError(Exception):
@@ -173,11 +173,13 @@ def deidentify_instance(engine: Deidentifier, archive: ArchiveReader, n: int, st
 class JobSteps:
     """The steps of a job that talk to the request and the audit trail, the same for both deliveries."""
 
-    def __init__(self, service: ExportService, auditor: AuditRecorder,
-                 archive_factory: Callable[[], ArchiveReader], *, archive_id: str,
+    def __init__(self, ledger: JobLedger, keys: ProjectKeyStore, auditor: AuditRecorder,
+                 archive_factory: Callable[[], ArchiveReader], *, gateway_id: str, archive_id: str,
                  progress_every_seconds: float) -> None:
-        self.service = service
+        self.ledger = ledger
+        self.keys = keys
         self.auditor = auditor
+        self.gateway_id = gateway_id
         self.archive_factory = archive_factory
         self.archive_id = archive_id
         self.progress_every_seconds = progress_every_seconds
@@ -195,17 +197,17 @@ class JobSteps:
         return plan
 
     def progress(self, request_id: str, attempt: int, counters: Counters) -> None:
-        if not self.service.progress(request_id, attempt=attempt, **counters.as_dict()):
+        if not self.ledger.progress(request_id, attempt=attempt, **counters.as_dict()):
             raise LeaseLost("the request is no longer this attempt's")
 
     def engine(self, row: ExportRequest) -> Deidentifier:
-        return Deidentifier(load_profile(row.profile), row.project, ProviderPseudonymSecretSource(self.service.keys))
+        return Deidentifier(load_profile(row.profile), row.project, ProviderPseudonymSecretSource(self.keys))
 
     def audit_transfers(self, requester: UserRef, purpose: str, transferred: Transferred) -> None:
         for study, (pid, name, classes) in transferred.items():
             self.auditor.record_now(instances_transferred_event(
-                user=requester, gateway_id=self.service.gateway_id, source_id=self.archive_id,
-                destination_id=f"{self.service.gateway_id}/export-job", outcome=Outcome.SUCCESS,
+                user=requester, gateway_id=self.gateway_id, source_id=self.archive_id,
+                destination_id=f"{self.gateway_id}/export-job", outcome=Outcome.SUCCESS,
                 patients=[PatientRef(pid, name)] if pid else [], studies=[StudyRef(study, sop_classes=classes)],
                 purpose_of_use=[purpose],
                 outcome_description="read from the archive for an approved research export (de-identified in memory)"))

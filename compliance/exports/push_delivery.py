@@ -20,6 +20,7 @@ from typing import Any
 from compliance.audit.codes import Outcome
 from compliance.audit.events import export_event
 from compliance.audit.message import PatientRef, StudyRef, UserRef
+from compliance.exports.delivery_log import DeliveryLog
 from compliance.exports.destinations import (
     FAILED,
     STORED,
@@ -46,10 +47,12 @@ from compliance.exports.recovery import LeaseLost
 
 
 class PushDelivery:
-    def __init__(self, steps: JobSteps, pseudonyms: PseudonymMap, destinations: DestinationRegistry, *,
+    def __init__(self, steps: JobSteps, delivery_log: DeliveryLog, pseudonyms: PseudonymMap,
+                 destinations: DestinationRegistry, *,
                  stow_client_factory: Callable[[DicomwebDestination], StowClient],
                  batch_instances: int, batch_max_bytes: int) -> None:
         self._steps = steps
+        self._delivery_log = delivery_log
         self._pseudonyms = pseudonyms
         self._destinations = destinations
         self._stow_client_factory = stow_client_factory
@@ -74,7 +77,7 @@ class PushDelivery:
         under-report. A re-run skips the files an earlier attempt stored: they are neither sent nor
         disclosed again.
         """
-        steps, service = self._steps, self._steps.service
+        steps, ledger, delivery_log = self._steps, self._steps.ledger, self._delivery_log
         request_id = row.id
         try:
             dest = self._destinations.get(name)
@@ -84,7 +87,7 @@ class PushDelivery:
             raise JobError(f"project {row.project!r} may no longer export to {name!r}")
         engine = steps.engine(row)
         requester = UserRef(user_id=row.requester_id, username=row.requester_name)
-        earlier = service.delivered_files(request_id)  # what earlier attempts sent (a re-run)
+        earlier = delivery_log.delivered_files(request_id)  # what earlier attempts sent (a re-run)
         seen: set[str] = set()
         archive = steps.archive_factory()
         client: StowClient | None = None
@@ -122,8 +125,8 @@ class PushDelivery:
             self._pseudonyms.record(row.project, pseudonyms)
             steps.auditor.record_now(disclosure_event(sent, Outcome.SUCCESS, f"{len(sent)} instances sent"))
             # the files are on their way (fenced: an attempt that lost the request sends nothing)
-            if not service.record_sending(request_id, attempt, batches,
-                                          [(p.sop_instance_uid, p.entry["instance"]) for p in sent]):
+            if not delivery_log.record_sending(request_id, attempt, batches,
+                                               [(p.sop_instance_uid, p.entry["instance"]) for p in sent]):
                 raise LeaseLost("the request was handed to another attempt; the batch was not sent")
             for p in sent:
                 p.entry.update(status="sending", attempt=attempt)
@@ -136,7 +139,7 @@ class PushDelivery:
                     UNCONFIRMED, f"the push stopped while the batch was being sent ({type(exc).__name__})"))
             results = {p.sop_instance_uid: outcomes.get(p.sop_instance_uid,
                                                         (UNCONFIRMED, "no outcome for the instance")) for p in sent}
-            recorded = service.record_outcomes(request_id, attempt, results)
+            recorded = delivery_log.record_outcomes(request_id, attempt, results)
             not_stored: list[Processed] = []
             for p in sent:
                 status, reason = results[p.sop_instance_uid]
@@ -231,14 +234,14 @@ class PushDelivery:
         self._pseudonyms.record(row.project, cohort.pseudonyms)
         patients, studies = cohort.disclosure()
         if not delivery["stored"]:
-            if not service.fail(
+            if not ledger.fail(
                     request_id, f"no instance was stored at {dest.name}: "
                     + "; ".join(sorted({str(f.get("reason")) for f in delivery["files"] if f.get("reason")}))[:1500],
                     counters.as_dict(), delivery=delivery, attempt=attempt):
                 raise LeaseLost("the request was handed to another attempt")
             return "failed"
-        if not service.finish_delivery(request_id, delivery=delivery, patients=patients, studies=studies,
-                                       counters=counters.as_dict(), attempt=attempt):
+        if not ledger.finish_delivery(request_id, delivery=delivery, patients=patients, studies=studies,
+                                      counters=counters.as_dict(), attempt=attempt):
             raise LeaseLost("the request was handed to another attempt")
         return "ready"
 

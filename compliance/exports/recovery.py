@@ -40,10 +40,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import Literal
 
+from compliance.config import Settings
 from compliance.errors import ConfigurationError
+from compliance.exports.rows import aware
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class RecoveryPolicy:
         return now + timedelta(seconds=self.lease_seconds)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> RecoveryPolicy:
+    def from_settings(cls, settings: Settings) -> RecoveryPolicy:
         """From :class:`compliance.config.Settings` (``COMPLIANCE_EXPORTS_LEASE_SECONDS`` ...)."""
         return cls(lease_seconds=settings.exports_lease_seconds, max_attempts=settings.exports_max_attempts,
                    sweep_interval_seconds=settings.exports_sweep_interval_seconds,
@@ -84,20 +86,13 @@ class RecoveryPolicy:
                    redispatch_after_seconds=settings.exports_redispatch_after_seconds)
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes for timezone-aware columns; they were written in UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def lease_expiry(*, lease_expires_at: datetime | None, started_at: datetime | None,
                  policy: RecoveryPolicy) -> datetime | None:
     """When a running job's lease ends; None when nothing tells (no lease, no start: never expires)."""
-    lease = _aware(lease_expires_at)
+    lease = aware(lease_expires_at)
     if lease is not None:
         return lease
-    started = _aware(started_at)
+    started = aware(started_at)
     if started is not None:
         return started + timedelta(seconds=policy.legacy_running_seconds)
     return None
@@ -125,9 +120,9 @@ def dispatch_due(*, decided_at: datetime | None, dispatched_at: datetime | None,
     dispatches it itself right after its commit; the grace keeps the sweep from racing it).
     Dispatched: when no worker claimed it within ``redispatch_after_seconds`` (the message was lost).
     """
-    dispatched = _aware(dispatched_at)
+    dispatched = aware(dispatched_at)
     if dispatched is None:
-        decided = _aware(decided_at)
+        decided = aware(decided_at)
         return decided is None or decided <= now - timedelta(seconds=policy.dispatch_grace_seconds)
     return dispatched <= now - timedelta(seconds=policy.redispatch_after_seconds)
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from compliance.exports.jobs import ExportJob
 from compliance.exports.keys import ProjectKeyStore
 from compliance.exports.recovery import LeaseKeeper, RecoveryPolicy
-from compliance.exports.service import ExportService, ReidentificationService
+from compliance.exports.reidentification import ReidentificationService
+from compliance.exports.service import ExportService
 
 log = logging.getLogger(__name__)
 

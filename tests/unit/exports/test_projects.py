@@ -175,7 +175,7 @@ def test_a_non_member_is_refused_audited_and_nothing_is_stored(world, project): 
 
 
 def test_a_member_by_group_is_accepted_and_the_steward_sees_the_membership(world):  # type: ignore[no-untyped-def]
-    world.service.projects = projects_from_mapping({"version": 1, "projects": {
+    world.service.requests.projects = projects_from_mapping({"version": 1, "projects": {
         "lung-study": {"title": "Lung study", "members": {"groups": ["/research"]}}}})
     created = world.service.create(replace(ROB, username="robert"), _new(), groups=("research",))
     assert created["requester"]["membership"] == "group /research"
@@ -194,7 +194,7 @@ def test_a_member_must_cite_the_projects_protocol(world):  # type: ignore[no-unt
 
 
 def test_a_destination_for_another_project_is_refused_and_audited(world):  # type: ignore[no-untyped-def]
-    world.service.destinations = DestinationRegistry([DicomwebDestination(
+    world.service.requests.destinations = DestinationRegistry([DicomwebDestination(
         name="cardio-pacs", url="http://127.0.0.1:9/dw", projects=frozenset({"other-study"}))])
     with pytest.raises(DestinationNotAllowed):
         world.service.create(ROB, _new(purpose="other-study", destination={"kind": "dicomweb", "name": "cardio-pacs"}))
@@ -205,7 +205,7 @@ def test_a_destination_for_another_project_is_refused_and_audited(world):  # typ
 
 def test_an_approval_needs_the_membership_still_registered(world):  # type: ignore[no-untyped-def]
     req = world.service.create(ROB, _new())
-    world.service.projects = projects_from_mapping({"version": 1, "projects": {
+    world.service.requests.projects = projects_from_mapping({"version": 1, "projects": {
         "lung-study": {"title": "Lung study", "members": {"users": ["someone-else"]}}}})
     with pytest.raises(ExportStateConflict, match=r"membership \(user rob\) is no longer registered"):
         world.service.decide(req["id"], DANA, approve=True, comment="ok")
@@ -229,7 +229,7 @@ def test_a_request_from_before_the_registry_cannot_be_approved(world):  # type: 
 def test_a_job_of_a_project_closed_since_the_approval_fails_without_running(world):  # type: ignore[no-untyped-def]
     req = world.service.create(ROB, _new())
     world.service.decide(req["id"], DANA, approve=True, comment="ok")
-    world.service.projects = projects_from_mapping({"version": 1, "projects": {
+    world.service.requests.projects = projects_from_mapping({"version": 1, "projects": {
         "lung-study": {"title": "Lung study", "closed": True, "members": {"users": ["rob"]}}}})
     InProcessWorker(world.comps).run_once()
     row = world.service.load(req["id"])
@@ -238,7 +238,7 @@ def test_a_job_of_a_project_closed_since_the_approval_fails_without_running(worl
 
 
 def test_a_closed_project_tells_its_member_so(world):  # type: ignore[no-untyped-def]
-    world.service.projects = projects_from_mapping({"version": 1, "projects": {
+    world.service.requests.projects = projects_from_mapping({"version": 1, "projects": {
         "lung-study": {"title": "Lung study", "closed": True, "members": {"users": ["rob"]}}}})
     with pytest.raises(ProjectAccessDenied, match="is closed"):
         world.service.create(ROB, _new())

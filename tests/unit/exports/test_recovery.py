@@ -140,7 +140,7 @@ class Queue:
 def world(tmp_path):  # type: ignore[no-untyped-def]
     built, engine = build_world(tmp_path)
     built.queue = Queue()
-    built.service.queue = built.queue
+    built.service.requests.queue = built.queue
     yield built
     engine.dispose()
 
@@ -258,7 +258,7 @@ def test_the_in_process_worker_recovers_and_completes_a_job_left_running(world):
 
 def test_a_running_job_renews_its_lease(world):  # type: ignore[no-untyped-def]
     """run_claimed keeps the lease alive from its own thread, however long one step of the job takes."""
-    world.service.recovery = RecoveryPolicy(lease_seconds=0.2)
+    world.service.ledger.recovery = RecoveryPolicy(lease_seconds=0.2)
     renew, renewals, twice = world.service.renew_lease, [], threading.Event()
 
     def counted(request_id: str, attempt: int) -> bool:
@@ -430,7 +430,7 @@ def test_a_push_failing_mid_way_keeps_the_delivery_and_the_map(pushworld):  # ty
 
 
 def test_a_push_abandoned_after_the_last_attempt_marks_the_batch_in_flight_unconfirmed(pushworld):  # type: ignore[no-untyped-def]
-    pushworld.comps.service.recovery = RecoveryPolicy(max_attempts=1)
+    pushworld.comps.service.ledger.recovery = RecoveryPolicy(max_attempts=1)
     store = pushworld.stow.store
 
     def dies_on_the_second_batch(items):  # type: ignore[no-untyped-def]

@@ -38,7 +38,9 @@ from compliance.exports.interfaces import (
 from compliance.exports.jobs import ExportJob
 from compliance.exports.keys import ProjectKeyStore, ProviderPseudonymSecretSource, PseudonymMap
 from compliance.exports.projects import ProjectRegistry, projects_from_mapping
-from compliance.exports.service import ExportService, NewExport, ReidentificationService
+from compliance.exports.reidentification import ReidentificationService
+from compliance.exports.requests import NewExport
+from compliance.exports.service import ExportService
 from compliance.exports.workers import ExportComponents, InProcessWorker, run_claimed
 
 ROB = UserRef(user_id="sub-rob", username="rob", roles=("researcher",))
