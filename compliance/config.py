@@ -340,13 +340,12 @@ class Settings(BaseSettings):
         return self.archive_url.rstrip("/") + self.archive_dicomweb_path
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Build settings, reading the stack's generated ``gateway.env`` when it exists."""
-    stack_dir = Path(str(overrides.get("stack_dir") or default_stack_dir()))
-    env_file = stack_dir / "gateway.env"
+def load_settings() -> Settings:
+    """Build settings, reading the stack's generated ``gateway.env`` when it exists (the environment wins)."""
+    env_file = default_stack_dir() / "gateway.env"
     if env_file.is_file():
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type,call-arg]
-    return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(_env_file=env_file)
+    return Settings()
 
 
 @lru_cache(maxsize=1)

@@ -55,7 +55,8 @@ def _call(method: str, url: str, token: str, **kw: Any) -> dict[str, Any]:
     if resp.status_code >= 400:
         typer.echo(f"error: {resp.status_code} {resp.text[:1000]}", err=True)
         raise typer.Exit(1)
-    return resp.json()  # type: ignore[no-any-return]
+    body: dict[str, Any] = resp.json()
+    return body
 
 
 @app.command()

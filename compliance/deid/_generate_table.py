@@ -106,7 +106,9 @@ def main(argv: list[str]) -> int:
     rows = json.loads(raw)
     table = generate(rows, hashlib.sha256(raw).hexdigest())
     dst.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    print(f"{dst}: {len(table['attributes'])} attributes, {len(table['patterns'])} patterns")  # type: ignore[arg-type]
+    attributes, patterns = table["attributes"], table["patterns"]
+    assert isinstance(attributes, dict) and isinstance(patterns, list)
+    print(f"{dst}: {len(attributes)} attributes, {len(patterns)} patterns")
     return 0
 
 

@@ -17,6 +17,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+from collections.abc import Callable
 from functools import lru_cache
 
 STANDARD_UID_ROOT = "1.2.840.10008."
@@ -24,9 +25,12 @@ MAX_SHIFT_DAYS = 365
 
 
 class Pseudonymizer:
+    #: The pseudonym of a UID, cached: a study repeats its UIDs in every instance.
+    uid: Callable[[str], str]
+
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
-        self.uid = lru_cache(maxsize=65536)(self._uid)  # type: ignore[method-assign]
+        self.uid = lru_cache(maxsize=65536)(self._uid)
 
     def _mac(self, domain: str, value: str) -> bytes:
         return hmac.new(self._secret, domain.encode() + b"\x00" + value.encode("utf-8"),
@@ -37,9 +41,6 @@ class Pseudonymizer:
 
     def _uid(self, uid: str) -> str:
         return "2.25." + str(int.from_bytes(self._mac("uid", uid.strip())[:16], "big"))
-
-    def uid(self, uid: str) -> str:  # replaced by a cached bound function in __init__
-        return self._uid(uid)
 
     def patient_id(self, patient_key: str) -> str:
         return "PX" + self._token("patient-id", patient_key, 20)
