@@ -138,13 +138,15 @@ def test_failed_rows_count_attempts_with_their_own_reason(outbox, tmp_path):
 def test_rows_store_the_same_values_as_the_orm_would(outbox, url):
     """The INSERT goes to the driver directly: values must still go through the column types."""
     e = entry(1)
+    before = datetime.now(UTC)
     outbox.append_now([e])
+    after = datetime.now(UTC)
     engine = make_engine(url)
     with engine.connect() as conn:
         row = conn.execute(select(AuditOutboxRow.__table__)).one()
     assert row.uuid == e.uuid and row.event_code == "110112" and row.attempts == 0
     assert row.occurred_at.replace(tzinfo=UTC) == e.occurred_at  # SQLite keeps naive UTC, as before
-    assert row.recorded_at is not None and row.shipped_at is None
+    assert before <= row.recorded_at.replace(tzinfo=UTC) <= after and row.shipped_at is None
     con = sqlite3.connect(url.removeprefix("sqlite:///"))
     raw = con.execute("select occurred_at, typeof(seq) from audit_outbox").fetchone()
     con.close()
