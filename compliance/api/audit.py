@@ -10,16 +10,16 @@ leaves. A read that fails (bad cursor, Elasticsearch down) is recorded too, with
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from compliance.api.deps import RequirePermission, Services, ServicesDep, client_address
+from compliance.api.models import AuditEventPage, ReviewItem, ReviewQueuePage
 from compliance.audit.codes import Outcome
 from compliance.audit.events import audit_log_used_event
 from compliance.audit.queries import MAX_PAGE_SIZE, AuditSearch
@@ -34,7 +34,8 @@ SEARCH = "audit:events:search"
 REPORTS = "audit:reports:run"
 REVIEW = "audit:alerts:review"
 
-T = TypeVar("T")
+#: What a read returns (a page, a report), handed back by :func:`_audited` once the read is audited.
+ReadResult = TypeVar("ReadResult")
 
 #: The principal, once the policy grants the permission (else 403 and a 110113 alert "denied <action>").
 Searcher = Annotated[Principal, Depends(RequirePermission(SEARCH, "search the audit trail"))]
@@ -49,8 +50,8 @@ def _reader(services: Services) -> AuditReadServices:
     return services.audit_read
 
 
-async def _audited(request: Request, principal: Principal, services: Services, query: dict[str, Any],
-                   read: Callable[[], T], *, log_uri: str | None = None) -> T:
+async def _audited(request: Request, principal: Principal, services: Services, query: Mapping[str, object],
+                   read: Callable[[], ReadResult], *, log_uri: str | None = None) -> ReadResult:
     """Run ``read`` in a worker thread; record the 110101 event (success or failure) before returning."""
     reader = _reader(services)
     outcome, description = Outcome.SUCCESS, None
@@ -72,7 +73,7 @@ def _failure_outcome(exc: ComplianceError) -> Outcome:
     return Outcome.MINOR_FAILURE if isinstance(exc, InvalidRequest | NotFound | Conflict) else Outcome.SERIOUS_FAILURE
 
 
-async def _record_read(request: Request, principal: Principal, services: Services, query: dict[str, Any],
+async def _record_read(request: Request, principal: Principal, services: Services, query: Mapping[str, object],
                        log_uri: str, outcome: Outcome, description: str | None) -> None:
     text = json.dumps({"request": f"{request.method} {request.url.path}", **query}, sort_keys=True,
                       separators=(",", ":"), default=str)
@@ -108,18 +109,19 @@ async def search_events(
     size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 100,
     cursor: Annotated[str | None, Query(max_length=2000)] = None,
     include_xml: bool = False,
-) -> dict[str, Any]:
+) -> AuditEventPage:
     """Search the audit trail; page with ``cursor`` = the previous page's ``next_cursor``."""
     reader = _reader(services)
     query = {"params": sorted(request.query_params.multi_items())}
 
-    def read() -> dict[str, Any]:
+    def read() -> AuditEventPage:
         search = AuditSearch(users=tuple(user or ()), patients=tuple(patient or ()), studies=tuple(study or ()),
                              event_types=tuple(event_type or ()), outcomes=tuple(outcome or ()),
                              source_addresses=tuple(source_address or ()), start=start, end=end)
         page = reader.queries.search(search, size=size, order=sort, cursor=cursor, include_xml=include_xml)
-        return {"events": page.events, "count": len(page.events), "total": page.total,
-                "total_is_exact": page.total_is_exact, "next_cursor": page.next_cursor}
+        return AuditEventPage.model_validate({
+            "events": page.events, "count": len(page.events), "total": page.total,
+            "total_is_exact": page.total_is_exact, "next_cursor": page.next_cursor})
 
     return await _audited(request, principal, services, query, read)
 
@@ -172,14 +174,14 @@ async def list_alerts(
     status: Literal["open", "acknowledged"] | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[int | None, Query(ge=0)] = None,
-) -> dict[str, Any]:
+) -> ReviewQueuePage:
     """The detection findings awaiting (or past) review, oldest first; page with ``after`` = the last id."""
     reader = _reader(services)
 
-    def read() -> dict[str, Any]:
+    def read() -> ReviewQueuePage:
         items = reader.review.list(status=status, limit=limit, after_id=after)
-        return {"alerts": [i.to_json_obj() for i in items], "count": len(items),
-                "next_after": items[-1].id if len(items) == limit else None}
+        return ReviewQueuePage.model_validate({"alerts": [item.to_json_obj() for item in items], "count": len(items),
+                                               "next_after": items[-1].id if len(items) == limit else None})
 
     return await _audited(request, principal, services, {"review_queue": {"status": status, "after": after}},
                           read, log_uri=reader.audit_log_uri + "#review-queue")
@@ -192,7 +194,7 @@ async def update_alert(
     request: Request,
     principal: Reviewer,
     services: ServicesDep,
-) -> JSONResponse:
+) -> ReviewItem:
     """Acknowledge a finding (``{"status": "acknowledged", "note": "..."}``); 409 when already acknowledged."""
     reader = _reader(services)
     log_uri = reader.audit_log_uri + "#review-queue"
@@ -201,8 +203,9 @@ async def update_alert(
     await _record_read(request, principal, services, {"acknowledge": item_id, "step": "requested"}, log_uri,
                        Outcome.SUCCESS, None)
 
-    def write() -> dict[str, Any]:
-        return reader.review.acknowledge(item_id, by=principal.username, note=update.note).to_json_obj()
+    def write() -> ReviewItem:
+        return ReviewItem.model_validate(
+            reader.review.acknowledge(item_id, by=principal.username, note=update.note).to_json_obj())
 
     try:
         item = await run_in_threadpool(write)
@@ -210,4 +213,4 @@ async def update_alert(
         await _record_read(request, principal, services, {"acknowledge": item_id, "step": "refused"}, log_uri,
                            _failure_outcome(exc), exc.message[:1000])
         raise
-    return JSONResponse(item)
+    return item

@@ -20,9 +20,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from compliance.api.deps import CurrentPrincipal, RequirePermission, Services, ServicesDep, client_address
+from compliance.api.models import (
+    ApprovedExport,
+    DestinationList,
+    ExportRequestList,
+    ExportRequestView,
+    ProjectList,
+    ReidentificationView,
+    RevealedReidentification,
+)
 from compliance.auth.interfaces import Principal
 from compliance.errors import ConfigurationError
-from compliance.exports.service import NewExport
+from compliance.exports.requests import NewExport
 from compliance.exports.workers import ExportComponents
 from compliance.policy.enforce import user_ref
 
@@ -102,22 +111,22 @@ MayReadAll = Annotated[bool, Depends(_may_read_all)]
 
 @router.post("", status_code=201)
 async def create_export(body: ExportRequestBody, request: Request, principal: Requester,
-                        services: ServicesDep) -> dict[str, Any]:
+                        services: ServicesDep) -> ExportRequestView:
     destination: str | dict[str, Any] = (body.destination if isinstance(body.destination, str)
                                          else body.destination.model_dump(exclude_none=True))
     new = NewExport(project=body.project, protocol=body.protocol, purpose=body.purpose, profile=body.profile,
                     study_uids=tuple(body.cohort.study_uids), filters=body.cohort.filters,
                     destination=destination)
-    return await run_in_threadpool(lambda: _exports(services).service.create(
-        user_ref(principal, client_address(request)), new, groups=principal.groups))
+    return ExportRequestView.model_validate(await run_in_threadpool(lambda: _exports(services).service.create(
+        user_ref(principal, client_address(request)), new, groups=principal.groups)))
 
 
 @router.get("")
 async def list_exports(principal: CurrentPrincipal, may_read_all: MayReadAll, services: ServicesDep,
-                       state: Annotated[str | None, Query(max_length=16)] = None) -> dict[str, Any]:
+                       state: Annotated[str | None, Query(max_length=16)] = None) -> ExportRequestList:
     items = await run_in_threadpool(_exports(services).service.list, reader_id=principal.subject,
                                     may_read_all=may_read_all, state=state)
-    return {"items": items}
+    return ExportRequestList.model_validate({"items": items})
 
 
 # --------------------------------------------------------------------------- destinations, re-identification
@@ -125,75 +134,77 @@ async def list_exports(principal: CurrentPrincipal, may_read_all: MayReadAll, se
 
 @router.get("/destinations")
 async def list_destinations(principal: CurrentPrincipal, may_read_all: MayReadAll,
-                            services: ServicesDep) -> dict[str, Any]:
+                            services: ServicesDep) -> DestinationList:
     """Where an export may go: the bundle, and the research archives of the server's allow-list (for a
     researcher, those their projects may use)."""
     service = _exports(services).service
     mine = None if may_read_all else [p.id for p in service.projects.of_member(principal.username, principal.groups)]
     bundle = {"name": "bundle", "kind": "bundle", "description": "encrypted zip, downloaded by the requester"}
-    return {"items": [bundle, *service.destinations.public(mine)]}
+    return DestinationList.model_validate({"items": [bundle, *service.destinations.public(mine)]})
 
 
 @router.get("/projects")
 async def list_projects(principal: CurrentPrincipal, may_read_all: MayReadAll,
-                        services: ServicesDep) -> dict[str, Any]:
+                        services: ServicesDep) -> ProjectList:
     """The registered projects: for a researcher, the open ones they may request for; for a steward, all."""
     registry = _exports(services).service.projects
     projects = registry.all() if may_read_all else registry.of_member(principal.username, principal.groups)
-    return {"items": [p.public() for p in projects]}
+    return ProjectList.model_validate({"items": [p.public() for p in projects]})
 
 
 @router.post("/reidentifications", status_code=201)
 async def request_reidentification(body: ReidentificationBody, request: Request,
-                                   principal: ReidentificationRequester, services: ServicesDep) -> dict[str, Any]:
-    return await run_in_threadpool(
+                                   principal: ReidentificationRequester, services: ServicesDep) -> ReidentificationView:
+    return ReidentificationView.model_validate(await run_in_threadpool(
         lambda: _exports(services).reidentification.request(
             user_ref(principal, client_address(request)), project=body.project, kind=body.kind,
-            pseudonym=body.pseudonym, reason=body.reason))
+            pseudonym=body.pseudonym, reason=body.reason)))
 
 
 @router.post("/reidentifications/{request_id}/approve")
 async def approve_reidentification(request_id: str, body: Decision, request: Request,
-                                   principal: ReidentificationApprover, services: ServicesDep) -> dict[str, Any]:
-    return await run_in_threadpool(lambda: _exports(services).reidentification.decide(
-        request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment))
+                                   principal: ReidentificationApprover, services: ServicesDep) -> ReidentificationView:
+    return ReidentificationView.model_validate(await run_in_threadpool(
+        lambda: _exports(services).reidentification.decide(
+            request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment)))
 
 
 @router.post("/reidentifications/{request_id}/reject")
 async def reject_reidentification(request_id: str, body: Decision, request: Request,
-                                  principal: ReidentificationRejecter, services: ServicesDep) -> dict[str, Any]:
-    return await run_in_threadpool(lambda: _exports(services).reidentification.decide(
-        request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment))
+                                  principal: ReidentificationRejecter, services: ServicesDep) -> ReidentificationView:
+    return ReidentificationView.model_validate(await run_in_threadpool(
+        lambda: _exports(services).reidentification.decide(
+            request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment)))
 
 
 @router.post("/reidentifications/{request_id}/reveal")
 async def reveal_reidentification(request_id: str, request: Request, principal: ReidentificationRevealer,
-                                  services: ServicesDep) -> dict[str, Any]:
-    return await run_in_threadpool(lambda: _exports(services).reidentification.reveal(
-        request_id, user_ref(principal, client_address(request))))
+                                  services: ServicesDep) -> RevealedReidentification:
+    return RevealedReidentification.model_validate(await run_in_threadpool(
+        lambda: _exports(services).reidentification.reveal(request_id, user_ref(principal, client_address(request)))))
 
 
 # --------------------------------------------------------------------------- one export request
 
 @router.get("/{request_id}")
 async def get_export(request_id: str, principal: CurrentPrincipal, may_read_all: MayReadAll,
-                     services: ServicesDep) -> dict[str, Any]:
-    return await run_in_threadpool(lambda: _exports(services).service.get(
-        request_id, reader_id=principal.subject, may_read_all=may_read_all))
+                     services: ServicesDep) -> ExportRequestView:
+    return ExportRequestView.model_validate(await run_in_threadpool(lambda: _exports(services).service.get(
+        request_id, reader_id=principal.subject, may_read_all=may_read_all)))
 
 
 @router.post("/{request_id}/approve")
 async def approve_export(request_id: str, body: Decision, request: Request, principal: Approver,
-                         services: ServicesDep) -> dict[str, Any]:
-    return await run_in_threadpool(lambda: _exports(services).service.decide(
-        request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment))
+                         services: ServicesDep) -> ApprovedExport:
+    return ApprovedExport.model_validate(await run_in_threadpool(lambda: _exports(services).service.decide(
+        request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment)))
 
 
 @router.post("/{request_id}/reject")
 async def reject_export(request_id: str, body: Decision, request: Request, principal: Rejecter,
-                        services: ServicesDep) -> dict[str, Any]:
-    return await run_in_threadpool(lambda: _exports(services).service.decide(
-        request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment))
+                        services: ServicesDep) -> ExportRequestView:
+    return ExportRequestView.model_validate(await run_in_threadpool(lambda: _exports(services).service.decide(
+        request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment)))
 
 
 @router.get("/{request_id}/bundle")

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from compliance.api.models import Liveness, Readiness
+
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Liveness:
+    return Liveness(status="ok")
 
 
 @router.get("/readyz")
-async def readyz(request: Request) -> dict[str, object]:
-    state = request.app.state
-    shipper = getattr(state, "shipper", None)
-    return {
-        "status": "ok",
-        "audit_shipper": None if shipper is None else ("degraded" if shipper.last_error else "ok"),
-    }
+async def readyz(request: Request) -> Readiness:
+    shipper = getattr(request.app.state, "shipper", None)
+    if shipper is None:
+        return Readiness(status="ok", audit_shipper=None)
+    return Readiness(status="ok", audit_shipper="degraded" if shipper.last_error else "ok")

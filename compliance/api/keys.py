@@ -29,6 +29,15 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from compliance.api.deps import RequirePermission, Services, ServicesDep, client_address
+from compliance.api.models import (
+    ExecutedShred,
+    KekStateChange,
+    KeyRewrap,
+    KeyRotation,
+    KeyStatus,
+    ShredRequestList,
+    ShredRequestView,
+)
 from compliance.archive.operations import KeyOperations
 from compliance.archive.shred import ShredRequests
 from compliance.auth.interfaces import Principal
@@ -79,28 +88,28 @@ async def _key_operation(request: Request, principal: Principal, services: Servi
 
 
 @router.get("/api/v1/keys/status")
-async def keys_status(request: Request, principal: KeyStatusReader, services: ServicesDep) -> dict[str, Any]:
-    return await _key_operation(request, principal, services, "status")
+async def keys_status(request: Request, principal: KeyStatusReader, services: ServicesDep) -> KeyStatus:
+    return KeyStatus.model_validate(await _key_operation(request, principal, services, "status"))
 
 
 @router.post("/api/v1/keys/rotate")
-async def keys_rotate(request: Request, principal: Rotator, services: ServicesDep) -> dict[str, Any]:
-    return await _key_operation(request, principal, services, "rotate")
+async def keys_rotate(request: Request, principal: Rotator, services: ServicesDep) -> KeyRotation:
+    return KeyRotation.model_validate(await _key_operation(request, principal, services, "rotate"))
 
 
 @router.post("/api/v1/keys/rewrap")
-async def keys_rewrap(request: Request, principal: Rewrapper, services: ServicesDep) -> dict[str, Any]:
-    return await _key_operation(request, principal, services, "rewrap")
+async def keys_rewrap(request: Request, principal: Rewrapper, services: ServicesDep) -> KeyRewrap:
+    return KeyRewrap.model_validate(await _key_operation(request, principal, services, "rewrap"))
 
 
 @router.post("/api/v1/keys/{kek_id}/retire")
-async def keys_retire(kek_id: str, request: Request, principal: Retirer, services: ServicesDep) -> dict[str, Any]:
-    return await _key_operation(request, principal, services, "retire", kek_id)
+async def keys_retire(kek_id: str, request: Request, principal: Retirer, services: ServicesDep) -> KekStateChange:
+    return KekStateChange.model_validate(await _key_operation(request, principal, services, "retire", kek_id))
 
 
 @router.post("/api/v1/keys/{kek_id}/destroy")
-async def keys_destroy(kek_id: str, request: Request, principal: Destroyer, services: ServicesDep) -> dict[str, Any]:
-    return await _key_operation(request, principal, services, "destroy", kek_id)
+async def keys_destroy(kek_id: str, request: Request, principal: Destroyer, services: ServicesDep) -> KekStateChange:
+    return KekStateChange.model_validate(await _key_operation(request, principal, services, "destroy", kek_id))
 
 
 class ShredRequestBody(BaseModel):
@@ -118,38 +127,41 @@ class ShredDecision(BaseModel):
 
 @router.post("/api/v1/keys/shred-requests", status_code=201)
 async def request_shred(body: ShredRequestBody, request: Request, principal: ShredAsker,
-                        services: ServicesDep) -> dict[str, Any]:
-    return await _shred_requests(services).request(user_ref(principal, client_address(request)), body.patient_id,
-                                                   body.reason)
+                        services: ServicesDep) -> ShredRequestView:
+    return ShredRequestView.model_validate(await _shred_requests(services).request(
+        user_ref(principal, client_address(request)), body.patient_id, body.reason))
 
 
 @router.get("/api/v1/keys/shred-requests")
 async def list_shred_requests(
         principal: ShredLister, services: ServicesDep,
-        state: Literal["requested", "approved", "rejected", "shredded", "all"] = Query("requested")) -> dict[str, Any]:
-    return {"requests": await _shred_requests(services).list_requests(None if state == "all" else state)}
+        state: Literal["requested", "approved", "rejected", "shredded", "all"] = Query("requested"),
+) -> ShredRequestList:
+    requests = await _shred_requests(services).list_requests(None if state == "all" else state)
+    return ShredRequestList.model_validate({"requests": requests})
 
 
 @router.get("/api/v1/keys/shred-requests/{request_id}")
-async def get_shred_request(request_id: str, principal: ShredReader, services: ServicesDep) -> dict[str, Any]:
-    return await _shred_requests(services).get(request_id)
+async def get_shred_request(request_id: str, principal: ShredReader, services: ServicesDep) -> ShredRequestView:
+    return ShredRequestView.model_validate(await _shred_requests(services).get(request_id))
 
 
 @router.post("/api/v1/keys/shred-requests/{request_id}/approve")
 async def approve_shred(request_id: str, body: ShredDecision, request: Request, principal: ShredApprover,
-                        services: ServicesDep) -> dict[str, Any]:
-    return await _shred_requests(services).approve(request_id, user_ref(principal, client_address(request)),
-                                                   body.comment)
+                        services: ServicesDep) -> ExecutedShred:
+    return ExecutedShred.model_validate(await _shred_requests(services).approve(
+        request_id, user_ref(principal, client_address(request)), body.comment))
 
 
 @router.post("/api/v1/keys/shred-requests/{request_id}/reject")
 async def reject_shred(request_id: str, body: ShredDecision, request: Request, principal: ShredRejecter,
-                       services: ServicesDep) -> dict[str, Any]:
-    return await _shred_requests(services).reject(request_id, user_ref(principal, client_address(request)),
-                                                  body.comment)
+                       services: ServicesDep) -> ShredRequestView:
+    return ShredRequestView.model_validate(await _shred_requests(services).reject(
+        request_id, user_ref(principal, client_address(request)), body.comment))
 
 
 @router.post("/api/v1/keys/shred-requests/{request_id}/execute")
 async def execute_shred(request_id: str, request: Request, principal: ShredExecutor,
-                        services: ServicesDep) -> dict[str, Any]:
-    return await _shred_requests(services).execute(request_id, user_ref(principal, client_address(request)))
+                        services: ServicesDep) -> ExecutedShred:
+    return ExecutedShred.model_validate(await _shred_requests(services).execute(
+        request_id, user_ref(principal, client_address(request))))
