@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Message, Receive, Scope, Send
 
 from compliance.api.deps import CurrentPrincipal, Services, ServicesDep, authenticate, client_address
 from compliance.api.errors import error_response
+from compliance.auth.interfaces import Principal
 from compliance.dicomweb.front import FRONT_HEADER, RELEASED_EVENT_HEADER, is_front, released_event
 from compliance.dicomweb.interfaces import RequestContext, UpstreamResponse
 from compliance.dicomweb.routing import Transaction, classify
 from compliance.dicomweb.service import response_headers
-from compliance.errors import NotFound, PayloadTooLarge, UpstreamError
+from compliance.errors import InvalidRequest, NotFound, PayloadTooLarge, UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ router = APIRouter(prefix="/dicom-web", tags=["dicomweb"])
 BUFFERED_RESPONSE_MAX = 1024 * 1024
 
 
-def _context(request: Request, principal, path: str, *, front: bool = False) -> RequestContext:
+def _context(request: Request, principal: Principal, path: str, *, front: bool = False) -> RequestContext:
     return RequestContext(
         principal=principal,
         source_address=client_address(request),
@@ -43,7 +44,7 @@ def _context(request: Request, principal, path: str, *, front: bool = False) -> 
 async def dicomweb_get(request: Request) -> Response:
     """QIDO-RS and WADO-RS. A plain Starlette route (registered below), not a FastAPI one: the hot
     path does its two look-ups itself rather than through dependency injection, which cost more CPU
-    than the rest of a released retrieve's routing (README "Gateway overhead")."""
+    than the rest of a released retrieve's routing (docs/benchmarks/gateway-overhead.md)."""
     if request.method != "GET":
         # Starlette answers HEAD on a GET route; DICOMweb does not need it, and it would be audited as
         # a query or a transfer that sent nothing. Refused as the FastAPI route refused it.
@@ -94,10 +95,10 @@ router.add_route(router.prefix + "/{path:path}", dicomweb_get, methods=["GET"], 
 FAST_LANE_PREFIX = router.prefix + "/"
 
 
-async def serve_get(app: Any, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve_get(app: Starlette, scope: Scope, receive: Receive, send: Send) -> None:
     """GET /dicom-web/...: :func:`dicomweb_get` called straight from the app (``GatewayApp``), past
     FastAPI's middleware stack and router, which matched every route of every router in turn and
-    cost about a quarter of a released retrieve's CPU in the gateway (README "Gateway overhead").
+    cost about a quarter of a released retrieve's CPU in the gateway (docs/benchmarks/gateway-overhead.md).
 
     What the stack did for this route is done here: the app's exception handlers answer the
     ComplianceError tree and HTTP errors exactly as before (same statuses, bodies and headers); any
@@ -176,7 +177,5 @@ def _raise_for_upstream(status: int, path: str) -> None:
     if status in (400, 406, 415):
         # The request was understood by the gateway but refused by the archive as asked
         # (for example an Accept it cannot produce): keep the client-side status.
-        from compliance.errors import InvalidRequest
-
         raise InvalidRequest(f"the archive refused the request ({status})", detail={"archive_status": status})
     raise UpstreamError(f"the archive answered {status}", detail={"archive_status": status})

@@ -25,8 +25,8 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
@@ -64,7 +64,7 @@ class Edge:
             return InvalidRequest("the request path contains a control character")
         return None
 
-    async def refuse(self, app: Any, scope: Scope, receive: Receive, send: Send, error: Exception) -> None:
+    async def refuse(self, app: Starlette, scope: Scope, receive: Receive, send: Send, error: Exception) -> None:
         """Answer ``error`` as the app's handlers do (JSON), without reading the body."""
         await _answer(app, Request(scope, receive), error, scope, receive, send)
 
@@ -94,7 +94,7 @@ class Edge:
             return
         scope["client"] = (str(address), 0)
 
-    async def admit(self, app: Any, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+    async def admit(self, app: Starlette, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """Authenticate, then read a capped body. Returns the ``receive`` the app must use, or None
         when the request was answered here (401, 413, or the client went away)."""
         if scope["path"] in PUBLIC_PATHS:
@@ -155,6 +155,6 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _answer(app: Any, request: Request, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+async def _answer(app: Starlette, request: Request, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
     response = await error_response(app, request, exc)
     await response(scope, receive, send)

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from compliance import errors as e
@@ -32,7 +32,7 @@ def www_authenticate(realm: str, exc: e.AuthenticationError | None) -> str:
     return f'Bearer realm="{realm}", error="{exc.reason}", error_description="{description}"'
 
 
-async def error_response(app: Any, request: Request, exc: Exception) -> Response:
+async def error_response(app: Starlette, request: Request, exc: Exception) -> Response:
     """The app's answer to ``exc`` outside FastAPI's middleware stack (the DICOMweb fast lane and the
     edge, compliance/api/edge.py): its exception handlers (same statuses, bodies and headers), or a
     JSON 500 for anything unexpected."""
