@@ -30,12 +30,13 @@ import time
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from compliance.audit.message import UserRef
 from compliance.crypto.files import EncryptingFile
 from compliance.crypto.streaming import StreamEncryptor
 from compliance.exports.bundles import bundle_aad
+from compliance.exports.interfaces import InstanceReport
 from compliance.exports.keys import PseudonymMap, bundle_key_id
 from compliance.exports.models import ExportRequest
 from compliance.exports.pipeline import (
@@ -52,6 +53,15 @@ from compliance.exports.pipeline import (
 from compliance.exports.recovery import LeaseLost, bundle_file_name, partial_file_name
 
 log = logging.getLogger(__name__)
+
+
+class ManifestFile(TypedDict):
+    """A released file in the bundle's ``manifest.json``."""
+
+    path: str
+    sha256: str
+    size: int
+    sop_class_uid: str
 
 
 class BundleDelivery:
@@ -94,22 +104,23 @@ class BundleDelivery:
             encryptor = StreamEncryptor(data_key=steps.keys.key(row.project, "bundle"),
                                         key_id=bundle_key_id(row.project), associated_data=bundle_aad(request_id))
             cohort = Cohort()
-            report: list[dict[str, Any]] = []
-            files: list[dict[str, Any]] = []
+            report: list[InstanceReport] = []
+            files: list[ManifestFile] = []
             last = time.monotonic()
             with partial.open("wb") as out:
                 sink = EncryptingFile(out, encryptor)
                 with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED) as zf:
                     for n, (study, series, sop) in enumerate(plan, start=1):
                         lease.check()
-                        p = deidentify_instance(engine, archive, n, study, series, sop, cohort, transferred)
-                        if p.data is not None:
-                            zf.writestr(p.path, p.data)
-                            cohort.disclosed(p)
-                            files.append({"path": p.path, "sha256": hashlib.sha256(p.data).hexdigest(),
-                                          "size": len(p.data), "sop_class_uid": p.sop_class})
-                        report.append(p.entry)
-                        counters.count(p.entry)
+                        instance = deidentify_instance(engine, archive, n, study, series, sop, cohort, transferred)
+                        if instance.data is not None:
+                            zf.writestr(instance.path, instance.data)
+                            cohort.disclosed(instance)
+                            files.append(ManifestFile(
+                                path=instance.path, sha256=hashlib.sha256(instance.data).hexdigest(),
+                                size=len(instance.data), sop_class_uid=instance.sop_class))
+                        report.append(instance.entry)
+                        counters.count(instance.entry)
                         if time.monotonic() - last >= steps.progress_every_seconds:
                             steps.progress(request_id, attempt, counters)
                             last = time.monotonic()

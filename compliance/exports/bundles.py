@@ -67,8 +67,9 @@ class BundleStore:
         fh = path.open("rb")  # opened before the audit: a missing file fails before a disclosure is recorded
         self._audit.auditor.record_now(export_event(
             user=user, recipient=user.username or user.user_id, purpose=row.purpose,
-            patients=[PatientRef(p["id"], p.get("name")) for p in disclosure["patients"]],
-            studies=[StudyRef(s["uid"], sop_classes=s.get("sop_classes", {})) for s in disclosure["studies"]],
+            patients=[PatientRef(patient["id"], patient.get("name")) for patient in disclosure["patients"]],
+            studies=[StudyRef(study["uid"], sop_classes=study.get("sop_classes", {}))
+                     for study in disclosure["studies"]],
             destination_uri=destination_uri, anonymized=True,
             outcome_description=f"research export {row.id} (project {row.project}, protocol {row.protocol}, "
                                 f"profile {row.profile}) downloaded by its requester"))

@@ -1,9 +1,7 @@
 """The delivery log of a push: per file, what a DICOMweb destination was sent and what it answered
-(``export_delivery_file``), recorded as each batch leaves and as it is answered.
-
-What a request shows while its job runs, and after a job that was killed: which files the
-destination stored, refused, or has not answered for (``sending``: the batch was on its way). A
-re-run reads it to skip what an earlier attempt stored.
+(``export_delivery_file``), recorded as each batch leaves and as it is answered. A request shows it
+while its job runs and after a job that was killed (:func:`live_delivery`); a re-run reads it to skip
+what an earlier attempt stored.
 """
 
 from __future__ import annotations
@@ -11,18 +9,38 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TypedDict
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.exports.interfaces import InstanceReport
 from compliance.exports.ledger import fence
 from compliance.exports.models import ExportDeliveryFile, ExportRequest
 from compliance.exports.recovery import RecoveryPolicy
 from compliance.exports.rows import rowcount
 
 
-def live_delivery(row: ExportRequest, files: list[ExportDeliveryFile]) -> dict[str, Any]:
+class DestinationRef(TypedDict):
+    name: str | None
+    kind: str | None
+
+
+class LiveDelivery(TypedDict):
+    """A push's delivery as its log holds it, shown until the job ends (then its
+    :class:`~compliance.exports.interfaces.DeliveryReport`)."""
+
+    destination: DestinationRef
+    recorded: str
+    in_progress: bool
+    stored: int
+    failed: int
+    unconfirmed: int
+    sending: int
+    files: list[InstanceReport]
+
+
+def live_delivery(row: ExportRequest, files: list[ExportDeliveryFile]) -> LiveDelivery:
     """A push's delivery as recorded batch by batch (``export_delivery_file``), before (or without) its end.
 
     What a request shows while its job runs, and after a job that was killed: which files the
@@ -32,14 +50,16 @@ def live_delivery(row: ExportRequest, files: list[ExportDeliveryFile]) -> dict[s
     out_files = []
     for f in sorted(files, key=lambda f: (f.instance, f.sop_instance_uid)):
         counts[f.status] += 1
-        entry: dict[str, Any] = {"instance": f.instance, "sop_instance_uid": f.sop_instance_uid, "status": f.status,
-                                 "attempt": f.attempt}
+        entry = InstanceReport(instance=f.instance, sop_instance_uid=f.sop_instance_uid, status=f.status,
+                               attempt=f.attempt)
         if f.reason:
             entry["reason"] = f.reason
         out_files.append(entry)
     dest = json.loads(row.destination)
-    return {"destination": {"name": dest.get("name"), "kind": dest.get("kind")}, "recorded": "per batch",
-            "in_progress": row.state == "running", **counts, "files": out_files}
+    return LiveDelivery(destination=DestinationRef(name=dest.get("name"), kind=dest.get("kind")),
+                        recorded="per batch", in_progress=row.state == "running", stored=counts["stored"],
+                        failed=counts["failed"], unconfirmed=counts["unconfirmed"], sending=counts["sending"],
+                        files=out_files)
 
 
 class DeliveryLog:
@@ -54,7 +74,7 @@ class DeliveryLog:
             return {f.sop_instance_uid: f for f in session.scalars(
                 select(ExportDeliveryFile).where(ExportDeliveryFile.request_id == request_id))}
 
-    def live(self, session: Session, row: ExportRequest) -> dict[str, Any] | None:
+    def live(self, session: Session, row: ExportRequest) -> LiveDelivery | None:
         """The push's delivery as recorded so far (:func:`live_delivery`), read in ``session``; None
         when no file was recorded."""
         files = list(session.scalars(select(ExportDeliveryFile).where(ExportDeliveryFile.request_id == row.id)))

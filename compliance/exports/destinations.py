@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import yaml
 
 from compliance.dicomweb.stow import multipart_related, parse_stow_answer
 from compliance.errors import ConfigurationError
-from compliance.exports.interfaces import DestinationNotAllowed, InvalidExportRequest
+from compliance.exports.interfaces import DestinationNotAllowed, InvalidExportRequest, PublicDestination
 from compliance.exports.projects import ProjectRegistry
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,10 @@ class DicomwebDestination:
     def allows(self, project: str) -> bool:
         return self.projects is None or project in self.projects
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> PublicDestination:
         """What researchers and stewards see: never a credential, nor the name of its variable."""
-        return {"name": self.name, "kind": self.kind, "description": self.description, "url": self.url,
-                "projects": sorted(self.projects) if self.projects is not None else None}
+        return PublicDestination(name=self.name, kind=self.kind, description=self.description, url=self.url,
+                                 projects=sorted(self.projects) if self.projects is not None else None)
 
     def credentials(self) -> httpx.Auth | None:
         if self.auth == "none":
@@ -89,7 +89,7 @@ class _Bearer(httpx.Auth):
     def __init__(self, token: str) -> None:
         self._token = token
 
-    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self._token}"
         yield request
 
@@ -106,7 +106,7 @@ class DestinationRegistry:
     def names(self) -> list[str]:
         return sorted(self._by_name)
 
-    def public(self, projects: Collection[str] | None = None) -> list[dict[str, Any]]:
+    def public(self, projects: Collection[str] | None = None) -> list[PublicDestination]:
         """The allow-list as shown; with ``projects`` (a researcher's), only the destinations those projects
         may use, naming no other project (a restriction would otherwise tell which projects exist)."""
         out = []
@@ -125,15 +125,16 @@ class DestinationRegistry:
         except KeyError:
             raise InvalidExportRequest(f"no export destination named {name!r}; configured: {self.names()}") from None
 
-    def resolve(self, destination: str | dict[str, Any], project: str) -> dict[str, str]:
+    def resolve(self, destination: str | Mapping[str, object], project: str) -> dict[str, str]:
         """The destination JSON stored on the request: ``{"kind": "bundle"}`` or ``{"kind": "dicomweb", "name": N}``."""
         if destination == BUNDLE or destination == {"kind": BUNDLE}:
             return {"kind": BUNDLE}
+        name = destination.get("name") if isinstance(destination, dict) else None
         if not isinstance(destination, dict) or set(destination) != {"kind", "name"} \
-                or destination.get("kind") != DICOMWEB or not isinstance(destination.get("name"), str):
+                or destination.get("kind") != DICOMWEB or not isinstance(name, str):
             raise InvalidExportRequest('the destination is "bundle" or {"kind": "dicomweb", "name": <a configured '
                                        'research archive>} (a URL is never accepted)')
-        dest = self.get(destination["name"])
+        dest = self.get(name)
         if not dest.allows(project):
             raise DestinationNotAllowed(f"project {project!r} may not export to {dest.name!r}")
         return {"kind": DICOMWEB, "name": dest.name}

@@ -38,7 +38,7 @@ Errors (subclasses of ``compliance.errors``)::
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Protocol, TypedDict
+from typing import Protocol, Required, TypedDict
 
 from compliance.errors import Conflict, Gone, InvalidRequest, NotFound, PermissionDenied
 
@@ -93,6 +93,57 @@ class Disclosure(TypedDict):
 
     patients: list[DisclosedPatient]
     studies: list[DisclosedStudy]
+
+
+class PublicDestination(TypedDict):
+    """A research archive of the allow-list as researchers and stewards see it: never a credential."""
+
+    name: str
+    kind: str
+    description: str
+    url: str
+    #: the projects that may use it; None: any project
+    projects: list[str] | None
+
+
+class LeakFinding(TypedDict):
+    """Where the leak gate found an identifying value, and what kind: never the value nor its digest."""
+
+    path: str
+    kind: str
+
+
+class InstanceReport(TypedDict, total=False):
+    """One instance of a job: its entry in a bundle's ``deid-report.json``, or in a push's
+    ``delivery.files`` (without ``findings`` and ``output``). Instances are numbered, never named by
+    their source UIDs."""
+
+    instance: Required[int]
+    #: released | held_back | error; in a push: sending | stored | failed | unconfirmed | not_sent
+    status: str
+    reasons: list[str]
+    notes: list[str]
+    pixels: str
+    findings: list[LeakFinding]
+    #: the file's path in the bundle
+    output: str
+    #: in a push: the pseudonymised SOP Instance UID, the attempt that sent it, why it was not stored
+    sop_instance_uid: str
+    attempt: int
+    reason: str
+
+
+class DeliveryReport(TypedDict):
+    """A push's delivery, kept on its request (``export_request.delivery``) when the job ends."""
+
+    destination: PublicDestination
+    stow_url: str
+    instances: int
+    released: int
+    stored: int
+    failed: int
+    unconfirmed: int
+    files: list[InstanceReport]
 
 
 class ArchiveReader(Protocol):

@@ -180,9 +180,9 @@ class PseudonymMap:
                 session.rollback()
                 for kind, pseudonym, original in new:
                     try:
-                        with self._sessions() as one, one.begin():
-                            if one.get(ExportPseudonym, (project, kind, pseudonym)) is None:
-                                one.add(ExportPseudonym(
+                        with self._sessions() as row_session, row_session.begin():
+                            if row_session.get(ExportPseudonym, (project, kind, pseudonym)) is None:
+                                row_session.add(ExportPseudonym(
                                     project=project, kind=kind, pseudonym=pseudonym, created_at=now,
                                     original_sealed=seal(key, original.encode("utf-8"),
                                                          _map_aad(project, kind, pseudonym))))

@@ -13,14 +13,13 @@ import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit.codes import Action, Outcome
 from compliance.exports.audit import ExportAudit
-from compliance.exports.interfaces import DisclosedPatient, DisclosedStudy
+from compliance.exports.interfaces import DeliveryReport, DisclosedPatient, DisclosedStudy
 from compliance.exports.keys import ProjectKeyStore, seal_disclosure
 from compliance.exports.models import ExportDeliveryFile, ExportRequest
 from compliance.exports.recovery import RecoveryPolicy, interrupted_reason, running_decision
@@ -109,7 +108,7 @@ class JobLedger:
             self._audit.step(None, self.load(request_id), Action.UPDATE, "ready")
         return bool(done)
 
-    def finish_delivery(self, request_id: str, *, delivery: dict[str, Any],
+    def finish_delivery(self, request_id: str, *, delivery: DeliveryReport,
                         patients: list[DisclosedPatient], studies: list[DisclosedStudy],
                         counters: dict[str, int], attempt: int | None = None) -> bool:
         """A push to a DICOMweb destination ended with at least one instance stored: ready, no bundle."""
@@ -131,7 +130,7 @@ class JobLedger:
         return bool(done)
 
     def fail(self, request_id: str, error: str, counters: dict[str, int] | None = None,
-             delivery: dict[str, Any] | None = None, *, attempt: int | None = None) -> bool:
+             delivery: DeliveryReport | None = None, *, attempt: int | None = None) -> bool:
         extra = {"delivery": json.dumps(delivery, sort_keys=True)} if delivery is not None else {}
         with self._sessions() as session, session.begin():
             done = rowcount(session.execute(update(ExportRequest).where(*fence(request_id, attempt)).values(

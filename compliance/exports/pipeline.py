@@ -14,7 +14,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import pydicom
 
@@ -26,7 +25,14 @@ from compliance.deid.engine import Deidentifier
 from compliance.deid.profiles import load_profile
 from compliance.deid.writer import encode
 from compliance.errors import UpstreamError, UpstreamUnavailable
-from compliance.exports.interfaces import ArchiveReader, DisclosedPatient, DisclosedStudy
+from compliance.exports.interfaces import (
+    ArchiveReader,
+    DeliveryReport,
+    DisclosedPatient,
+    DisclosedStudy,
+    InstanceReport,
+    LeakFinding,
+)
 from compliance.exports.keys import ProjectKeyStore, ProviderPseudonymSecretSource
 from compliance.exports.ledger import JobLedger
 from compliance.exports.models import ExportRequest
@@ -51,7 +57,7 @@ class Counters:
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
-    def count(self, entry: dict[str, Any]) -> None:
+    def count(self, entry: InstanceReport) -> None:
         """One more instance processed, counted by the status of its report entry."""
         self.processed += 1
         name = entry["status"] if entry["status"] != "error" else "errors"
@@ -62,7 +68,7 @@ class Counters:
 class Processed:
     """One instance of the plan after de-identification: its report entry, and the file if released."""
 
-    entry: dict[str, Any]
+    entry: InstanceReport
     study: str
     patient_id: str | None = None
     patient_name: str | None = None
@@ -81,12 +87,12 @@ class Cohort:
     identifiers: set[str] = field(default_factory=set)
     pseudonyms: set[tuple[str, str, str]] = field(default_factory=set)
 
-    def disclosed(self, p: Processed) -> None:
+    def disclosed(self, instance: Processed) -> None:
         """Count an instance that left (in the bundle, or stored at a destination) for the disclosure."""
-        if p.patient_id:
-            self.patients.setdefault(p.patient_id, p.patient_name)
-        classes = self.studies.setdefault(p.study, {})
-        classes[p.sop_class] = classes.get(p.sop_class, 0) + 1
+        if instance.patient_id:
+            self.patients.setdefault(instance.patient_id, instance.patient_name)
+        classes = self.studies.setdefault(instance.study, {})
+        classes[instance.sop_class] = classes.get(instance.sop_class, 0) + 1
 
     def disclosure(self) -> tuple[list[DisclosedPatient], list[DisclosedStudy]]:
         return ([DisclosedPatient(id=pid, name=name) for pid, name in sorted(self.patients.items())],
@@ -94,14 +100,14 @@ class Cohort:
 
 
 class JobError(Exception):
-    def __init__(self, message: str, *, delivery: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, *, delivery: DeliveryReport | None = None) -> None:
         super().__init__(message)
         self.message = message
         #: a push's delivery report as far as it went (kept on the failed request)
         self.delivery = delivery
 
 
-def report_json(obj: Any) -> bytes:
+def report_json(obj: object) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
@@ -126,48 +132,51 @@ def deidentify_instance(engine: Deidentifier, archive: ArchiveReader, n: int, st
                         cohort: Cohort, transferred: Transferred) -> Processed:
     """Instance ``n`` of the plan, read from the archive and de-identified in memory: released (with
     its file and pseudonyms), held back, or an error, as its report entry says."""
-    p = Processed(entry={"instance": n}, study=study)
+    instance = Processed(entry={"instance": n}, study=study)
     cohort.identifiers.update((study, series, sop))
     try:
         ds = pydicom.dcmread(io.BytesIO(archive.retrieve_instance(study, series, sop)))
     except (UpstreamError, UpstreamUnavailable):
         raise
     except Exception as exc:
-        p.entry.update(status="error", reasons=[f"unreadable: {type(exc).__name__}"])
-        return p
+        instance.entry.update({"status": "error", "reasons": [f"unreadable: {type(exc).__name__}"]})
+        return instance
     source = {kind: str(ds.get(attr, "") or "").strip() for kind, attr in _SOURCE_ATTRS}
     patient_name = str(ds.get("PatientName", "") or "") or None
     sop_class = str(ds.get("SOPClassUID", "") or "")
-    p.patient_id, p.patient_name, p.sop_class = source["patient_id"] or None, patient_name, sop_class
+    instance.patient_id, instance.patient_name = source["patient_id"] or None, patient_name
+    instance.sop_class = sop_class
     cohort.identifiers.update(v for v in (*source.values(), patient_name) if v and len(v) >= 3)
     pid_name_classes = transferred.setdefault(study, (source["patient_id"] or None, patient_name, {}))
     pid_name_classes[2][sop_class] = pid_name_classes[2].get(sop_class, 0) + 1
     if not source["patient_id"]:
         # a disclosure must name whose data left (the 110106 Export needs the patient): held back
-        p.entry.update(status="held_back", reasons=["no PatientID: the disclosure could not name the patient"])
-        return p
+        instance.entry.update({"status": "held_back",
+                               "reasons": ["no PatientID: the disclosure could not name the patient"]})
+        return instance
     try:
         result = engine.deidentify(ds)
     except Exception as exc:
-        p.entry.update(status="error", reasons=[f"could not de-identify: {type(exc).__name__}"])
-        return p
+        instance.entry.update({"status": "error", "reasons": [f"could not de-identify: {type(exc).__name__}"]})
+        return instance
     if not result.released or result.dataset is None:
         # where and what kind, never a digest of the value: an unsalted hash of a patient ID or a
         # birth date is reversed by brute force, and this report goes to the researcher
-        p.entry.update(status="held_back", reasons=result.reasons, pixels=result.pixels,
-                       findings=[{"path": f.path, "kind": f.kind} for f in result.findings])
-        return p
+        instance.entry.update({"status": "held_back", "reasons": result.reasons, "pixels": result.pixels,
+                        "findings": [LeakFinding(path=f.path, kind=f.kind) for f in result.findings]})
+        return instance
     out = result.dataset
     data = encode(out)
     target = {kind: str(out.get(attr, "") or "").strip() for kind, attr in _SOURCE_ATTRS}
     for kind, original in source.items():
         if original and target[kind] and target[kind] != original:
-            p.pseudonyms.add((kind, original, target[kind]))
-    cohort.pseudonyms |= p.pseudonyms
-    p.path = f"dicom/{target['study_uid']}/{target['series_uid']}/{target['sop_uid']}.dcm"
-    p.data, p.sop_instance_uid = data, target["sop_uid"]
-    p.entry.update(status="released", output=p.path, pixels=result.pixels, notes=result.reasons)
-    return p
+            instance.pseudonyms.add((kind, original, target[kind]))
+    cohort.pseudonyms |= instance.pseudonyms
+    instance.path = f"dicom/{target['study_uid']}/{target['series_uid']}/{target['sop_uid']}.dcm"
+    instance.data, instance.sop_instance_uid = data, target["sop_uid"]
+    instance.entry.update({"status": "released", "output": instance.path, "pixels": result.pixels,
+                           "notes": result.reasons})
+    return instance
 
 
 class JobSteps:

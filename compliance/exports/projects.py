@@ -78,7 +78,7 @@ class Project:
         kind, _, who = membership.partition(" ")
         return (kind == "user" and who in self.users) or (kind == "group" and who in self.groups)
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> dict[str, object]:
         """What a data steward (and a member) sees: the project and its membership."""
         return {"id": self.id, "registered": True, "title": self.title, "description": self.description,
                 "protocols": list(self.protocols), "closed": self.closed,
@@ -147,7 +147,7 @@ class ProjectRegistry:
             return f"the requester's membership ({membership}) is no longer registered for project {project_id!r}"
         return None
 
-    def describe(self, project_id: str) -> dict[str, Any]:
+    def describe(self, project_id: str) -> dict[str, object]:
         """A request's project as a steward sees it (an unregistered one says so)."""
         project = self._by_id.get(project_id)
         return project.public() if project is not None else {"id": project_id, "registered": False}

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from compliance.audit.codes import Outcome
 from compliance.audit.events import export_event
-from compliance.audit.message import PatientRef, StudyRef, UserRef
+from compliance.audit.message import AuditEvent, PatientRef, StudyRef, UserRef
 from compliance.exports.delivery_log import DeliveryLog
 from compliance.exports.destinations import (
     FAILED,
@@ -28,7 +27,7 @@ from compliance.exports.destinations import (
     DestinationRegistry,
     DicomwebDestination,
 )
-from compliance.exports.interfaces import InvalidExportRequest, StowClient
+from compliance.exports.interfaces import DeliveryReport, InstanceReport, InvalidExportRequest, StowClient
 from compliance.exports.keys import PseudonymMap
 from compliance.exports.models import ExportDeliveryFile, ExportRequest
 from compliance.exports.pipeline import (
@@ -92,20 +91,20 @@ class PushDelivery:
         archive = steps.archive_factory()
         client: StowClient | None = None
         cohort = Cohort()
-        files: list[dict[str, Any]] = []
+        files: list[InstanceReport] = []
         tally = {STORED: 0, FAILED: 0, UNCONFIRMED: 0}
         batch: list[Processed] = []
         batches = 0
 
-        def disclosure_event(sent: list[Processed], outcome: Outcome, description: str) -> Any:
+        def disclosure_event(sent: list[Processed], outcome: Outcome, description: str) -> AuditEvent:
             part = Cohort()
-            for p in sent:
-                part.disclosed(p)
+            for instance in sent:
+                part.disclosed(instance)
             patients, studies = part.disclosure()
             return export_event(
                 user=requester, recipient=dest.name, purpose=row.purpose,
-                patients=[PatientRef(p["id"], p.get("name")) for p in patients if p["id"]],
-                studies=[StudyRef(s["uid"], sop_classes=s["sop_classes"]) for s in studies],
+                patients=[PatientRef(patient["id"], patient.get("name")) for patient in patients if patient["id"]],
+                studies=[StudyRef(study["uid"], sop_classes=study["sop_classes"]) for study in studies],
                 destination_uri=dest.stow_url, anonymized=True, outcome=outcome,
                 outcome_description=(f"research export {row.id} (project {row.project}, protocol {row.protocol}, "
                                      f"profile {row.profile}) to {dest.name} ({dest.stow_url}): {description}"))
@@ -118,41 +117,41 @@ class PushDelivery:
             batch.clear()
             batches += 1
             pseudonyms: set[tuple[str, str, str]] = set()
-            for p in sent:
-                pseudonyms |= p.pseudonyms
+            for instance in sent:
+                pseudonyms |= instance.pseudonyms
             # the map of what is about to be disclosed, then the disclosure itself, durable before a
             # byte leaves (raises, and nothing is sent, if either cannot be recorded)
             self._pseudonyms.record(row.project, pseudonyms)
             steps.auditor.record_now(disclosure_event(sent, Outcome.SUCCESS, f"{len(sent)} instances sent"))
             # the files are on their way (fenced: an attempt that lost the request sends nothing)
             if not delivery_log.record_sending(request_id, attempt, batches,
-                                               [(p.sop_instance_uid, p.entry["instance"]) for p in sent]):
+                                               [(item.sop_instance_uid, item.entry["instance"]) for item in sent]):
                 raise LeaseLost("the request was handed to another attempt; the batch was not sent")
-            for p in sent:
-                p.entry.update(status="sending", attempt=attempt)
+            for instance in sent:
+                instance.entry.update({"status": "sending", "attempt": attempt})
             failure: Exception | None = None
             try:
-                outcomes = client.store([(p.sop_instance_uid, p.data or b"") for p in sent])
+                outcomes = client.store([(instance.sop_instance_uid, instance.data or b"") for instance in sent])
             except Exception as exc:  # sent perhaps: the destination may hold it
                 failure = exc
-                outcomes = dict.fromkeys((p.sop_instance_uid for p in sent), (
+                outcomes = dict.fromkeys((instance.sop_instance_uid for instance in sent), (
                     UNCONFIRMED, f"the push stopped while the batch was being sent ({type(exc).__name__})"))
-            results = {p.sop_instance_uid: outcomes.get(p.sop_instance_uid,
-                                                        (UNCONFIRMED, "no outcome for the instance")) for p in sent}
+            missing = (UNCONFIRMED, "no outcome for the instance")
+            results = {item.sop_instance_uid: outcomes.get(item.sop_instance_uid, missing) for item in sent}
             recorded = delivery_log.record_outcomes(request_id, attempt, results)
             not_stored: list[Processed] = []
-            for p in sent:
-                status, reason = results[p.sop_instance_uid]
+            for instance in sent:
+                status, reason = results[instance.sop_instance_uid]
                 tally[status] += 1
-                p.entry["status"] = status
+                instance.entry["status"] = status
                 if reason:
-                    p.entry["reason"] = reason
+                    instance.entry["reason"] = reason
                 if status != FAILED:  # stored, or may have been: a disclosure either way
-                    cohort.disclosed(p)
+                    cohort.disclosed(instance)
                 if status != STORED:
-                    not_stored.append(p)
+                    not_stored.append(instance)
             if not_stored:
-                reasons = "; ".join(sorted({str(p.entry.get("reason")) for p in not_stored}))[:500]
+                reasons = "; ".join(sorted({str(instance.entry.get("reason")) for instance in not_stored}))[:500]
                 steps.auditor.record_now(disclosure_event(
                     not_stored, Outcome.SERIOUS_FAILURE if len(not_stored) == len(sent) else Outcome.MINOR_FAILURE,
                     f"{len(not_stored)} of {len(sent)} instances sent were not confirmed stored ({reasons})"))
@@ -168,23 +167,25 @@ class PushDelivery:
             last = time.monotonic()
             for n, (study, series, sop) in enumerate(plan, start=1):
                 lease.check()
-                p = deidentify_instance(engine, archive, n, study, series, sop, cohort, transferred)
-                counters.count(p.entry)
+                instance = deidentify_instance(engine, archive, n, study, series, sop, cohort, transferred)
+                counters.count(instance.entry)
                 # digests of identifying values stay out of the status (a bundle's report has them); no bundle path
-                entry = {k: v for k, v in p.entry.items() if k not in ("findings", "output")}
-                p.entry = entry
+                entry = instance.entry.copy()
+                entry.pop("findings", None)
+                entry.pop("output", None)
+                instance.entry = entry
                 files.append(entry)
-                if p.data is not None:
-                    entry["sop_instance_uid"] = p.sop_instance_uid
-                    seen.add(p.sop_instance_uid)
-                    prior = earlier.get(p.sop_instance_uid)
+                if instance.data is not None:
+                    entry["sop_instance_uid"] = instance.sop_instance_uid
+                    seen.add(instance.sop_instance_uid)
+                    prior = earlier.get(instance.sop_instance_uid)
                     if prior is not None and prior.status == STORED:
                         # stored by an earlier attempt (before its worker died): neither sent nor disclosed again
-                        entry.update(status=STORED, attempt=prior.attempt)
+                        entry.update({"status": STORED, "attempt": prior.attempt})
                         tally[STORED] += 1
-                        cohort.disclosed(p)
+                        cohort.disclosed(instance)
                     else:
-                        batch.append(p)
+                        batch.append(instance)
                         if len(batch) >= self._batch_instances or \
                                 sum(len(b.data or b"") for b in batch) >= self._batch_max_bytes:
                             flush()
@@ -203,18 +204,18 @@ class PushDelivery:
                 prior = earlier.get(entry.get("sop_instance_uid", ""))
                 if entry["status"] == "released" and prior is not None and prior.status in ("sending", UNCONFIRMED):
                     # an earlier attempt sent it without an answer: it may be at the destination
-                    entry.update(status=UNCONFIRMED, attempt=prior.attempt,
-                                 reason=prior.reason or "sent by an earlier attempt that was interrupted; the "
-                                                        "destination's answer is unknown")
+                    entry.update({"status": UNCONFIRMED, "attempt": prior.attempt,
+                                  "reason": prior.reason or "sent by an earlier attempt that was interrupted; the "
+                                                            "destination's answer is unknown"})
                     tally[UNCONFIRMED] += 1
                 elif entry["status"] == "released":
-                    entry.update(status="not_sent", reason="the job stopped before this file was sent")
+                    entry.update({"status": "not_sent", "reason": "the job stopped before this file was sent"})
                 elif entry["status"] == "sending":  # sent, the answer not recorded
-                    entry.update(status=UNCONFIRMED, reason="the job stopped before the destination's answer "
-                                                            "was recorded")
+                    entry.update({"status": UNCONFIRMED,
+                                  "reason": "the job stopped before the destination's answer was recorded"})
                     tally[UNCONFIRMED] += 1
             message = exc.message if hasattr(exc, "message") else type(exc).__name__
-            delivery: dict[str, Any] | None  # None when the report itself cannot be kept
+            delivery: DeliveryReport | None  # None when the report itself cannot be kept
             delivery = _delivery_report(dest, counters, tally, files, earlier, seen)
             if delivery["stored"] or delivery["unconfirmed"]:
                 message = (f"{message} (before the job stopped: {delivery['stored']} instances stored at {dest.name}, "
@@ -247,8 +248,8 @@ class PushDelivery:
 
 
 def _delivery_report(dest: DicomwebDestination, counters: Counters, tally: dict[str, int],
-                     files: list[dict[str, Any]], earlier: dict[str, ExportDeliveryFile],
-                     seen: set[str]) -> dict[str, Any]:
+                     files: list[InstanceReport], earlier: dict[str, ExportDeliveryFile],
+                     seen: set[str]) -> DeliveryReport:
     """The delivery report; files an earlier attempt sent that this one did not reach are listed too."""
     tally = dict(tally)
     files = list(files)
@@ -256,14 +257,13 @@ def _delivery_report(dest: DicomwebDestination, counters: Counters, tally: dict[
         if uid in seen:
             continue
         status = UNCONFIRMED if f.status == "sending" else f.status
-        entry: dict[str, Any] = {"instance": f.instance, "sop_instance_uid": uid, "status": status,
-                                 "attempt": f.attempt}
+        entry = InstanceReport(instance=f.instance, sop_instance_uid=uid, status=status, attempt=f.attempt)
         reason = f.reason or ("the job was interrupted while this file was being sent"
                               if f.status == "sending" else None)
         if reason:
             entry["reason"] = reason
         tally[status] += 1
         files.append(entry)
-    return {"destination": dest.public(), "stow_url": dest.stow_url, "instances": counters.total,
-            "released": counters.released + sum(1 for uid in earlier if uid not in seen),
-            "stored": tally[STORED], "failed": tally[FAILED], "unconfirmed": tally[UNCONFIRMED], "files": files}
+    return DeliveryReport(destination=dest.public(), stow_url=dest.stow_url, instances=counters.total,
+                          released=counters.released + sum(1 for uid in earlier if uid not in seen),
+                          stored=tally[STORED], failed=tally[FAILED], unconfirmed=tally[UNCONFIRMED], files=files)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,7 +31,7 @@ from compliance.exports.models import ExportPseudonym, ExportReidentification
 from compliance.exports.rows import iso, rowcount, utcnow
 
 
-def reidentification_status(row: ExportReidentification) -> dict[str, Any]:
+def reidentification_status(row: ExportReidentification) -> dict[str, object]:
     """A re-identification request as the API shows it (never the original: :meth:`reveal` adds it once)."""
     return {"id": row.id, "state": row.state, "project": row.project, "kind": row.kind,
             "pseudonym": row.pseudonym, "reason": row.reason,
@@ -62,7 +61,7 @@ class ReidentificationService:
                      "Requester": row.requester_name, "Approver": row.approver_name,
                      "Comment": row.decision_comment}))
 
-    def request(self, user: UserRef, *, project: str, kind: str, pseudonym: str, reason: str) -> dict[str, Any]:
+    def request(self, user: UserRef, *, project: str, kind: str, pseudonym: str, reason: str) -> dict[str, object]:
         if kind not in PSEUDONYM_KINDS:
             raise InvalidExportRequest(f"kind must be one of {list(PSEUDONYM_KINDS)}")
         if not reason.strip():
@@ -85,7 +84,7 @@ class ReidentificationService:
                 raise ExportNotFound("no such re-identification request")
             return row
 
-    def decide(self, request_id: str, steward: UserRef, *, approve: bool, comment: str) -> dict[str, Any]:
+    def decide(self, request_id: str, steward: UserRef, *, approve: bool, comment: str) -> dict[str, object]:
         if not comment.strip():
             raise InvalidExportRequest("a comment is required")
         row = self._load(request_id)
@@ -107,7 +106,7 @@ class ReidentificationService:
         self._record_step(steward, row, Action.UPDATE, new_state)
         return reidentification_status(row)
 
-    def reveal(self, request_id: str, user: UserRef) -> dict[str, Any]:
+    def reveal(self, request_id: str, user: UserRef) -> dict[str, object]:
         row = self._load(request_id)
         if row.requester_id != user.user_id:
             raise ExportNotFound("no such re-identification request")

@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -65,10 +64,10 @@ class NewExport:
     study_uids: tuple[str, ...] = ()
     filters: dict[str, str] | None = None
     #: "bundle", or {"kind": "dicomweb", "name": <a destination of the allow-list>}
-    destination: str | dict[str, Any] = BUNDLE
+    destination: str | Mapping[str, object] = BUNDLE
 
 
-def request_status(row: ExportRequest) -> dict[str, Any]:
+def request_status(row: ExportRequest) -> dict[str, object]:
     """A request as its row holds it: state, cohort, destination, decision, progress, bundle or delivery."""
     percent = 100.0 if row.state == "ready" else (
         round(100.0 * row.processed / row.total, 1) if row.total else 0.0)
@@ -104,7 +103,7 @@ class ExportRequests:
         self.recovery = recovery
         self._clock = clock
 
-    def present(self, row: ExportRequest) -> dict[str, Any]:
+    def present(self, row: ExportRequest) -> dict[str, object]:
         """A request as the API shows it: with its project as registered (title, protocols, members)."""
         return {**request_status(row), "project_registration": self.projects.describe(row.project)}
 
@@ -113,7 +112,7 @@ class ExportRequests:
         return self.projects.still_grants(row.project, row.requester_membership)
 
     # -- researcher ----------------------------------------------------------------------------
-    def create(self, user: UserRef, new: NewExport, *, groups: Collection[str] = ()) -> dict[str, Any]:
+    def create(self, user: UserRef, new: NewExport, *, groups: Collection[str] = ()) -> dict[str, object]:
         """A new request of ``user``, whose token's ``groups`` (and username) must make them a member of
         the registered project named; nothing is stored otherwise."""
         for name, value, limit in (("project", new.project, 64), ("protocol", new.protocol, 128),
@@ -160,7 +159,7 @@ class ExportRequests:
         self._audit.step(user, row, Action.CREATE, "requested")
         return self.present(row)
 
-    def get(self, request_id: str, *, reader_id: str, may_read_all: bool) -> dict[str, Any]:
+    def get(self, request_id: str, *, reader_id: str, may_read_all: bool) -> dict[str, object]:
         with self._sessions() as session:
             row = session.get(ExportRequest, request_id)
             # Another researcher's request is "not found", not "forbidden": ids are not disclosed.
@@ -168,14 +167,15 @@ class ExportRequests:
                 raise ExportNotFound("no such export request")
             return self._shown(session, row)
 
-    def _shown(self, session: Session, row: ExportRequest) -> dict[str, Any]:
+    def _shown(self, session: Session, row: ExportRequest) -> dict[str, object]:
         """:meth:`present`, with a running or stopped push's delivery as its log holds it so far."""
         shown = self.present(row)
-        if shown["delivery"] is None and shown["destination"].get("kind") == DICOMWEB and row.state != "requested":
+        if shown["delivery"] is None and json.loads(row.destination).get("kind") == DICOMWEB \
+                and row.state != "requested":
             shown["delivery"] = self._delivery_log.live(session, row)
         return shown
 
-    def list(self, *, reader_id: str, may_read_all: bool, state: str | None = None) -> list[dict[str, Any]]:
+    def list(self, *, reader_id: str, may_read_all: bool, state: str | None = None) -> list[dict[str, object]]:
         with self._sessions() as session:
             q = select(ExportRequest).order_by(ExportRequest.created_at.desc()).limit(500)
             if not may_read_all:
@@ -185,7 +185,7 @@ class ExportRequests:
             return [self._shown(session, r) for r in session.scalars(q)]
 
     # -- data steward --------------------------------------------------------------------------
-    def decide(self, request_id: str, steward: UserRef, *, approve: bool, comment: str) -> dict[str, Any]:
+    def decide(self, request_id: str, steward: UserRef, *, approve: bool, comment: str) -> dict[str, object]:
         if not comment.strip():
             raise InvalidExportRequest("a comment is required")
         with self._sessions() as session:
