@@ -10,6 +10,7 @@ fields are derived from it at write time and never edited afterwards. Field list
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -105,3 +106,16 @@ def to_document(event: AuditEvent, source: AuditSource) -> dict[str, Any]:
         "audit_source.site_id": source.enterprise_site_id,
         "atna.xml": to_atna_xml(event, source).decode("utf-8"),
     }
+
+
+def document_time(document: Mapping[str, Any]) -> datetime:
+    """A document's ``@timestamp`` as an aware UTC datetime."""
+    return datetime.fromisoformat(str(document["@timestamp"]).replace("Z", "+00:00")).astimezone(UTC)
+
+
+def document_values(document: Mapping[str, Any], key: str) -> list[str]:
+    """A field of a document as strings: its list, its single value, or nothing."""
+    value = document.get(key)
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]

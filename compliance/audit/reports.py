@@ -37,6 +37,7 @@ from typing import Any
 from elasticsearch import Elasticsearch
 from sqlalchemy import Engine
 
+from compliance.audit.documents import document_time, document_values
 from compliance.audit.queries import AuditQueryService, AuditSearch
 from compliance.audit.review import SqlReviewQueue
 from compliance.config import Settings
@@ -103,21 +104,12 @@ def six_years_before(moment: datetime) -> datetime:
         return moment.replace(year=moment.year - 6, day=28)
 
 
-def _ts(doc: dict[str, Any]) -> datetime:
-    return datetime.fromisoformat(str(doc["@timestamp"]).replace("Z", "+00:00")).astimezone(UTC)
-
-
-def _list(doc: dict[str, Any], key: str) -> list[str]:
-    value = doc.get(key)
-    if value is None:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def describe_access(doc: dict[str, Any]) -> str:
     """What happened, in plain words (the patient reads this in the PDF)."""
     event_id = str(doc.get("event.id"))
-    types = _list(doc, "event.type_codes")
+    types = document_values(doc, "event.type_codes")
     emergency = " (emergency access)" if EMERGENCY_OVERRIDE in types else ""
     if event_id == "110112":
         return "Searched the image archive" + emergency
@@ -136,7 +128,7 @@ def describe_access(doc: dict[str, Any]) -> str:
             return "Emergency access started (break-the-glass)"
         if ACCESS_CONTROL_DECISION in types:
             return "Attempted access, refused"
-        return "Security alert: " + ", ".join(_list(doc, "event.type_names"))
+        return "Security alert: " + ", ".join(document_values(doc, "event.type_names"))
     return str(doc.get("event.name") or event_id)
 
 
@@ -166,30 +158,30 @@ class AccessRow:
 
     @classmethod
     def from_document(cls, doc: dict[str, Any], *, only_patient: str | None = None) -> AccessRow:
-        patients = _list(doc, "patient.ids")
-        studies = _list(doc, "study.uids")
+        patients = document_values(doc, "patient.ids")
+        studies = document_values(doc, "study.uids")
         if only_patient is not None:
             # Other patients named by the same event (a query matching several) are not this
             # patient's data: keep the fact of the access, drop their identifiers and studies.
             studies = studies if patients == [only_patient] else []
             patients = [only_patient]
         return cls(
-            time=_ts(doc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            time=document_time(doc).isoformat(timespec="seconds").replace("+00:00", "Z"),
             event_uuid=str(doc.get("event.uuid") or ""),
             event_id=str(doc.get("event.id") or ""),
             event_name=str(doc.get("event.name") or ""),
             what=describe_access(doc),
             user_id=str(doc.get("user.id") or ""),
             user_name=str(doc.get("user.name") or doc.get("user.id") or doc.get("user.unverified_claim") or ""),
-            roles=" ".join(_list(doc, "user.roles")),
+            roles=" ".join(document_values(doc, "user.roles")),
             client_id=str(doc.get("client.id") or ""),
             source_address=str(doc.get("source.address") or ""),
             outcome=int(doc.get("event.outcome") or 0),
             outcome_text=_OUTCOME_TEXT.get(int(doc.get("event.outcome") or 0), str(doc.get("event.outcome"))),
             patients=" ".join(patients),
             studies=" ".join(studies),
-            purpose_of_use=" ".join(_list(doc, "purpose_of_use")),
-            emergency=EMERGENCY_OVERRIDE in _list(doc, "event.type_codes"),
+            purpose_of_use=" ".join(document_values(doc, "purpose_of_use")),
+            emergency=EMERGENCY_OVERRIDE in document_values(doc, "event.type_codes"),
         )
 
 
@@ -208,12 +200,12 @@ class DisclosureRow:
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> DisclosureRow:
         event_id = str(doc.get("event.id"))
-        types = _list(doc, "event.type_codes")
+        types = document_values(doc, "event.type_codes")
         user = str(doc.get("user.name") or doc.get("user.id") or "")
-        purposes = ", ".join(_list(doc, "purpose_of_use"))
+        purposes = ", ".join(document_values(doc, "purpose_of_use"))
         note = str(doc.get("event.outcome_description") or "")
         if event_id == EXPORT:
-            n = len(_list(doc, "study.uids"))
+            n = len(document_values(doc, "study.uids"))
             kind = "export"
             recipient = str(doc.get("recipient") or "")
             description = f"Copy of {n} imaging stud{'y' if n == 1 else 'ies'} exported"
@@ -230,7 +222,7 @@ class DisclosureRow:
             purpose = purposes or "not stated"
         if note and kind != "export":
             description = f"{description}: {note}"
-        return cls(date=_ts(doc).isoformat(timespec="seconds").replace("+00:00", "Z"), kind=kind,
+        return cls(date=document_time(doc).isoformat(timespec="seconds").replace("+00:00", "Z"), kind=kind,
                    recipient=recipient, description=description, purpose=purpose, disclosed_by=user,
                    event_uuid=str(doc.get("event.uuid") or ""))
 
@@ -252,14 +244,14 @@ class SecurityRow:
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> SecurityRow:
-        objects = _list(doc, "object.ids")
-        patients = _list(doc, "patient.ids")
-        studies = set(_list(doc, "study.uids"))
+        objects = document_values(doc, "object.ids")
+        patients = document_values(doc, "patient.ids")
+        studies = set(document_values(doc, "study.uids"))
         resource = next((o for o in objects if o not in patients and o not in studies), "")
         return cls(
-            time=_ts(doc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            time=document_time(doc).isoformat(timespec="seconds").replace("+00:00", "Z"),
             event_uuid=str(doc.get("event.uuid") or ""),
-            alert_type=", ".join(_list(doc, "event.type_names")),
+            alert_type=", ".join(document_values(doc, "event.type_names")),
             user_name=str(doc.get("user.name") or doc.get("user.id") or ""),
             unverified_claim=str(doc.get("user.unverified_claim") or ""),
             source_address=str(doc.get("source.address") or ""),

@@ -16,6 +16,7 @@ from typing import Any
 
 from compliance.audit.codes import EventTypeCode
 from compliance.audit.detection.policy import RULES, DetectionPolicy
+from compliance.audit.documents import document_time, document_values
 from compliance.audit.queries import AuditQueryService, AuditSearch
 from compliance.audit.reports import DETECTION_RESOURCE_PREFIX
 from compliance.auth.directory import UserDirectory
@@ -43,15 +44,6 @@ class Finding:
     evidence: tuple[str, ...] = ()
 
 
-def _ts(doc: Mapping[str, Any]) -> datetime:
-    return datetime.fromisoformat(str(doc["@timestamp"]).replace("Z", "+00:00")).astimezone(UTC)
-
-
-def _ids(doc: Mapping[str, Any], key: str) -> list[str]:
-    value = doc.get(key)
-    if value is None:
-        return []
-    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
 def family_name(person_name: str) -> str:
@@ -165,13 +157,13 @@ class DetectionEngine:
         p = self._policy
         groups: dict[tuple[str, str], _Group] = defaultdict(_Group)
         for doc in self._access_events("after_hours", start, end):
-            local = _ts(doc).astimezone(p.timezone)
+            local = document_time(doc).astimezone(p.timezone)
             inside = local.weekday() in p.business_days and p.business_start <= local.time() < p.business_end
             if not inside:
-                groups[(str(doc["user.name"]), local.date().isoformat())].add(doc, _ids(doc, "patient.ids"))
+                groups[(str(doc["user.name"]), local.date().isoformat())].add(doc, document_values(doc, "patient.ids"))
         out = []
         for (user, day), group in sorted(groups.items()):
-            first = _ts(group.first).astimezone(p.timezone)
+            first = document_time(group.first).astimezone(p.timezone)
             out.append(Finding(
                 rule="after_hours", dedup_key=f"{user}|{day}",
                 summary=f"{user} accessed images outside business hours on {day}: {group.count} event(s), "
@@ -232,11 +224,11 @@ class DetectionEngine:
             mine = families[user]
             if not mine:
                 continue
-            ids = _ids(doc, "patient.ids")
-            for name in _ids(doc, "patient.names"):
+            ids = document_values(doc, "patient.ids")
+            for name in document_values(doc, "patient.names"):
                 if family_name(name).casefold() == mine:
                     patient = ids[0] if len(ids) == 1 else "?"
-                    groups[(user, patient, self._local_day(_ts(doc)))].add(doc)
+                    groups[(user, patient, self._local_day(document_time(doc)))].add(doc)
                     break
         return [Finding(rule="same_family_name", dedup_key=f"{user}|{patient}|{day}",
                         summary=f"{user} accessed images of a patient with the same family name "
@@ -259,9 +251,9 @@ class DetectionEngine:
             user = str(doc["user.name"])
             if user in p.vip_exempt_users:
                 continue
-            for pid in _ids(doc, "patient.ids"):
+            for pid in document_values(doc, "patient.ids"):
                 if pid in p.vip_patients:
-                    groups[(user, pid, self._local_day(_ts(doc)))].add(doc)
+                    groups[(user, pid, self._local_day(document_time(doc)))].add(doc)
         return [Finding(rule="vip_access", dedup_key=f"{user}|{pid}|{day}",
                         summary=f"{user} accessed restricted patient {pid} on {day}: {group.count} event(s)",
                         user_name=user, user_id=group.first.get("user.id"), patient_id=pid,
@@ -281,7 +273,7 @@ class DetectionEngine:
             if account is None or account.enabled:
                 continue
             docs = [h["_source"] for h in bucket["sample"]["hits"]["hits"]]
-            day = self._local_day(_ts(docs[0])) if docs else self._local_day(start)
+            day = self._local_day(document_time(docs[0])) if docs else self._local_day(start)
             out.append(Finding(rule="disabled_account", dedup_key=f"{user}|{day}",
                                summary=f"activity by disabled account {user}: {int(bucket['doc_count'])} event(s) "
                                        f"from {day}",
@@ -313,7 +305,7 @@ class DetectionEngine:
         done: list[tuple[str, _Burst]] = []
         for doc in self._events("failed_auth_burst", search, [*_FIELDS, "user.unverified_claim"]):
             source = str(doc.get("source.address") or "unknown")
-            when, uuid = _ts(doc), str(doc["event.uuid"])
+            when, uuid = document_time(doc), str(doc["event.uuid"])
             claimed = doc.get("user.unverified_claim") or (
                 doc.get("user.name") if doc.get("event.id") == "110114" else None)
             claim = str(claimed) if claimed else None
