@@ -12,6 +12,8 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from compliance.api.deps import StatusReader
+from compliance.audit.outbox import SqlAuditOutbox
+from compliance.audit.shipper import AuditShipper
 
 router = APIRouter(tags=["health"])
 
@@ -25,10 +27,9 @@ async def openapi(request: Request, _reader: StatusReader) -> dict[str, Any]:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request, _reader: StatusReader) -> str:
-    outbox = request.app.state.outbox
-    shipper = request.app.state.shipper
-
-    checkpointer = getattr(shipper, "checkpointer", None)
+    outbox: SqlAuditOutbox = request.app.state.outbox
+    shipper: AuditShipper = request.app.state.shipper
+    checkpointer = shipper.checkpointer
 
     def read() -> tuple[int, int, int, int]:
         last = checkpointer.store.last() if checkpointer is not None else None
