@@ -32,14 +32,15 @@ import queue
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, insert, select
+from sqlalchemy import ClauseElement, Engine, bindparam, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from compliance.crypto.aead import new_key
 from compliance.crypto.interfaces import DataKeyNotFound, KeyDestroyed, KeyProvider, KeyProviderError
@@ -75,8 +76,10 @@ class _Query:
     ones whose raw DBAPI values are used as they are (strings, bytes, and NULL checks).
     """
 
-    def __init__(self, engine: Engine, statement: Any) -> None:
+    def __init__(self, engine: Engine, statement: ClauseElement) -> None:
         compiled = statement.compile(dialect=engine.dialect)
+        if not isinstance(compiled, SQLCompiler):  # a select compiles to SQL, never to DDL
+            raise TypeError(f"not a query: {statement}")
         self._engine = engine
         self._sql = compiled.string
         self._compiled = compiled
@@ -84,7 +87,8 @@ class _Query:
 
     def one(self, **params: object) -> tuple[Any, ...] | None:
         bound = self._compiled.construct_params(params)
-        args: Any = tuple(bound[name] for name in self._positional) if self._positional is not None else bound
+        args: Sequence[object] | Mapping[str, object] = (
+            tuple(bound[name] for name in self._positional) if self._positional is not None else bound)
         conn = self._engine.raw_connection()
         try:
             cursor = conn.cursor()

@@ -126,7 +126,7 @@ class KeyOperations:
             error = exc
             raise
         finally:
-            summary: Any = result if op != "status" else {
+            summary: dict[str, Any] | None = result if op != "status" else {
                 "keks": [(k["id"], k["state"], k["data_keys"]) for k in (result or {}).get("keks", [])]}
             description = f"archive keys {op}" + (f" {kek_id}" if kek_id else "") + ": " + (
                 json.dumps(summary, default=str, separators=(",", ":")) + note if error is None
