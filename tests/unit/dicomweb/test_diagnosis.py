@@ -1,4 +1,4 @@
-"""Encrypted archive: a refused WADO asks the key custodian why (pure logic).
+"""Encrypted archive: a refused WADO or search asks the key custodian why (dicomweb/diagnosis.py).
 
 A 2xx from the archive means it has just decrypted the study's files with a live key, so the
 custodian is not asked; a 404 may be a study erased from the index (its tombstone says so), a 5xx a
