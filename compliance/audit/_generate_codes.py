@@ -28,7 +28,7 @@ from lxml import etree
 
 EDITION = "2024d"
 SCHEMA_SOURCE = "Open eHealth Integration Platform dicom2024d.xsd (Apache-2.0)"
-_XS = "{http://www.w3.org/2001/XMLSchema}"
+_XSD_NAMESPACE = "{http://www.w3.org/2001/XMLSchema}"
 
 #: Table name -> (source, scheme, ((code, meaning), ...)). Not in the schema: PS3.16 2024d and
 #: RFC 3881 (as PS3.15 A.5.1.2.4 lists its values), in the order of the standard.
@@ -114,16 +114,16 @@ def schema_enumerations(schema: bytes) -> dict[str, list[dict[str, str]]]:
     """Every attribute of the schema whose values are enumerated: name -> [{value, meaning}]."""
     root = etree.fromstring(schema, etree.XMLParser(resolve_entities=False, no_network=True))
     found: dict[str, list[dict[str, str]]] = {}
-    for attribute in root.iter(f"{_XS}attribute"):
+    for attribute in root.iter(f"{_XSD_NAMESPACE}attribute"):
         values = [
             {"value": str(enumeration.attrib["value"]),
              "meaning": " ".join("".join(enumeration.itertext()).split())}
-            for enumeration in attribute.iter(f"{_XS}enumeration")
+            for enumeration in attribute.iter(f"{_XSD_NAMESPACE}enumeration")
         ]
         if values:
             name = str(attribute.attrib["name"])
             if name == "csd-code":  # AuditSourceTypeCode's code, in attribute group AuditSourceTypeCodeContent
-                group = next(attribute.iterancestors(f"{_XS}attributeGroup"))
+                group = next(attribute.iterancestors(f"{_XSD_NAMESPACE}attributeGroup"))
                 name = str(group.attrib["name"]).removesuffix("Content")
             found[name] = values
     return found

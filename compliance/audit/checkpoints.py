@@ -62,7 +62,7 @@ __all__ = [
 DOMAIN = b"compliance-audit-checkpoint/1\n"
 _EMPTY = hashlib.sha256(b"").digest()
 
-_CP = table_of(AuditCheckpoint)
+_CHECKPOINTS = table_of(AuditCheckpoint)
 _OUTBOX = table_of(AuditOutboxRow)
 _HEAD = table_of(AuditChainHead)
 
@@ -224,18 +224,19 @@ class SqlCheckpointStore:
 
     def last(self) -> Checkpoint | None:
         with self._engine.connect() as conn:
-            r = conn.execute(select(_CP).order_by(_CP.c.seq_to.desc()).limit(1)).first()
+            r = conn.execute(select(_CHECKPOINTS).order_by(_CHECKPOINTS.c.seq_to.desc()).limit(1)).first()
         return None if r is None else _row_to_checkpoint(r)
 
     def all(self, *, from_seq: int = 1, to_seq: int | None = None) -> list[Checkpoint]:
-        stmt = select(_CP).where(_CP.c.seq_from >= from_seq).order_by(_CP.c.seq_from)
+        stmt = select(_CHECKPOINTS).where(_CHECKPOINTS.c.seq_from >= from_seq).order_by(_CHECKPOINTS.c.seq_from)
         if to_seq is not None:
-            stmt = stmt.where(_CP.c.seq_to <= to_seq)
+            stmt = stmt.where(_CHECKPOINTS.c.seq_to <= to_seq)
         with self._engine.connect() as conn:
             return [_row_to_checkpoint(r) for r in conn.execute(stmt)]
 
     def unpublished(self, limit: int = 100) -> list[Checkpoint]:
-        stmt = select(_CP).where(_CP.c.shipped_at.is_(None)).order_by(_CP.c.seq_from).limit(limit)
+        stmt = (select(_CHECKPOINTS).where(_CHECKPOINTS.c.shipped_at.is_(None))
+                .order_by(_CHECKPOINTS.c.seq_from).limit(limit))
         with self._engine.connect() as conn:
             return [_row_to_checkpoint(r) for r in conn.execute(stmt)]
 
@@ -243,7 +244,7 @@ class SqlCheckpointStore:
         if not checkpoints:
             return
         with audit_transaction(self._engine) as conn:
-            conn.execute(update(_CP).where(_CP.c.seq_from.in_([c.seq_from for c in checkpoints]))
+            conn.execute(update(_CHECKPOINTS).where(_CHECKPOINTS.c.seq_from.in_([c.seq_from for c in checkpoints]))
                          .values(shipped_at=datetime.now(UTC)))
 
     def chain_head_seq(self) -> int:
@@ -263,7 +264,7 @@ class SqlCheckpointStore:
         """Store ``cp``; False when another process signed that range first (unique seq_from)."""
         try:
             with audit_transaction(self._engine) as conn:
-                conn.execute(insert(_CP).values(
+                conn.execute(insert(_CHECKPOINTS).values(
                     seq_from=cp.seq_from, seq_to=cp.seq_to, merkle_root=cp.merkle_root, head_hash=cp.head_hash,
                     key_id=cp.key_id, signature=cp.signature, created_at=datetime.fromisoformat(cp.created_at)))
         except SqlIntegrityError:
@@ -272,7 +273,7 @@ class SqlCheckpointStore:
 
     def count(self) -> int:
         with self._engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(_CP)).scalar_one())
+            return int(conn.execute(select(func.count()).select_from(_CHECKPOINTS)).scalar_one())
 
 
 CHECKPOINT_MAPPING: dict[str, Any] = {
