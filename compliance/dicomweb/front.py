@@ -1,9 +1,9 @@
 """The nginx front: nginx listens where clients connect and pushes the retrieved bytes; the gateway decides.
 
 Python relaying a 0.5 MB WADO-RS answer costs more CPU than Orthanc spends serving it
-(README "Gateway overhead"), so the deployed gateway sits behind nginx (Debian ``nginx-light``), as
-DESIGN.md's request path allows: "the byte pushing may be delegated ... while the gateway keeps the
-decision and the audit". The protocol between the two, all on loopback:
+(docs/benchmarks/gateway-overhead.md), so the deployed gateway sits behind nginx (Debian
+``nginx-light``), as the request path of docs/design.md ("Who pushes the bytes") describes: nginx may
+push the bytes, the gateway keeps the decision and the audit. The protocol between the two, all on loopback:
 
 1. nginx passes every request to the gateway (``compliance serve``), adding
    ``X-Compliance-Front: <secret>`` (``COMPLIANCE_FRONT_SECRET``, known to nginx and the gateway

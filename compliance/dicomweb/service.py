@@ -1,4 +1,4 @@
-"""The DICOMweb proxy: decide, forward, audit, stream (DESIGN.md "The request path").
+"""The DICOMweb proxy: decide, forward, audit, stream (docs/design.md, "The request path").
 
 For every request, in this order:
 
