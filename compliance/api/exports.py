@@ -12,7 +12,8 @@ records the audit event of the step (``compliance.exports.audit`` says which) be
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -112,8 +113,8 @@ MayReadAll = Annotated[bool, Depends(_may_read_all)]
 @router.post("", status_code=201)
 async def create_export(body: ExportRequestBody, request: Request, principal: Requester,
                         services: ServicesDep) -> ExportRequestView:
-    destination: str | dict[str, Any] = (body.destination if isinstance(body.destination, str)
-                                         else body.destination.model_dump(exclude_none=True))
+    destination: str | Mapping[str, object] = (body.destination if isinstance(body.destination, str)
+                                               else body.destination.model_dump(exclude_none=True))
     new = NewExport(project=body.project, protocol=body.protocol, purpose=body.purpose, profile=body.profile,
                     study_uids=tuple(body.cohort.study_uids), filters=body.cohort.filters,
                     destination=destination)

@@ -23,7 +23,8 @@ before the answer leaves. 409 when the archive is not encrypted.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -82,7 +83,7 @@ def _shred_requests(services: Services) -> ShredRequests:
 
 
 async def _key_operation(request: Request, principal: Principal, services: Services, operation: str,
-                         kek_id: str | None = None) -> dict[str, Any]:
+                         kek_id: str | None = None) -> Mapping[str, object]:
     return await _key_operations(services).key_operation(operation, user_ref(principal, client_address(request)),
                                                          kek_id)
 
