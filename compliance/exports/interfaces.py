@@ -1,6 +1,6 @@
 """Contracts and errors of the research-export domain.
 
-An export request moves through one state machine (``service.py`` enforces it)::
+An export request moves through one state machine (``requests.py`` and ``ledger.py`` enforce it)::
 
     requested ──approve──> approved ──(a worker claims it)──> running ──> ready ──(expires_at)──> expired
         │                     ^                                  │
@@ -11,7 +11,7 @@ An export request moves through one state machine (``service.py`` enforces it)::
 ``approved`` is "queued": the row is the queue's truth, the task queue only a hint
 (:mod:`compliance.exports.recovery`).
 
-A re-identification request (dual control, ``service.ReidentificationService``)::
+A re-identification request (dual control, ``reidentification.ReidentificationService``)::
 
     requested ──approve (a DIFFERENT data steward)──> approved ──reveal (the requester, once)──> revealed
         └──reject──> rejected
