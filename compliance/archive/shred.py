@@ -59,7 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import CursorResult, Engine, Result, delete, select, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -71,7 +71,7 @@ from compliance.audit.message import PatientRef, UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.retention import RetentionPolicy
 from compliance.config import Settings
-from compliance.db.session import make_session_factory
+from compliance.db.session import make_session_factory, rows_matched
 from compliance.errors import (
     ComplianceError,
     ConfigurationError,
@@ -141,10 +141,6 @@ def _text(value: str | None, what: str, *, required: bool) -> str:
     if len(value) > MAX_TEXT:
         raise InvalidRequest(f"the {what} is longer than {MAX_TEXT} characters")
     return value
-
-
-def _rowcount(result: Result[Any]) -> int:
-    return int(result.rowcount) if isinstance(result, CursorResult) else 0
 
 
 class ShredRequests:
@@ -280,7 +276,7 @@ class ShredRequests:
             if approve:
                 query = query.where(ShredRequest.requested_by != user.user_id)
             with self._sessions() as session, session.begin():
-                return _rowcount(session.execute(query.values(
+                return rows_matched(session.execute(query.values(
                     state=new_state, decided_by=user.user_id, decided_by_name=_name(user), decided_at=self._clock(),
                     comment=comment or None)))
 

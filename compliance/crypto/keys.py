@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, func, select, text, update
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.crypto.aead import new_key
@@ -40,6 +40,7 @@ from compliance.crypto.interfaces import (
 )
 from compliance.crypto.models import CryptoDataKey, CryptoErasedStudy, CryptoKek
 from compliance.crypto.streaming import Header
+from compliance.db.session import rows_matched
 
 __all__ = ["DataKey", "KekStatus", "KeyService", "KeyStatus", "RewrapResult", "data_key_context"]
 
@@ -328,4 +329,4 @@ class KeyService:
             for study_key in {self.study_key(uid) for uid in study_uids}:
                 if session.get(CryptoErasedStudy, study_key) is None:
                     session.add(CryptoErasedStudy(study_key=study_key, patient_key=patient_key, erased_at=now))
-            return result.rowcount if isinstance(result, CursorResult) else 0
+            return rows_matched(result)

@@ -22,12 +22,13 @@ from compliance.audit.codes import Action
 from compliance.audit.events import export_event
 from compliance.audit.message import PatientRef, StudyRef, UserRef
 from compliance.crypto.streaming import iter_decrypt
+from compliance.db.session import rows_matched
 from compliance.exports.audit import ExportAudit, destination_label
 from compliance.exports.destinations import DICOMWEB
 from compliance.exports.interfaces import BundleExpired, ExportNotFound, ExportStateConflict
 from compliance.exports.keys import ProjectKeyStore, open_disclosure
 from compliance.exports.models import ExportRequest
-from compliance.exports.rows import aware, load_request, rowcount
+from compliance.exports.rows import aware, load_request
 
 
 def bundle_aad(request_id: str) -> bytes:
@@ -92,7 +93,7 @@ class BundleStore:
         expired = 0
         for request_id, path in due:
             with self._sessions() as session, session.begin():
-                done = rowcount(session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
+                done = rows_matched(session.execute(update(ExportRequest).where(ExportRequest.id == request_id,
                                                                             ExportRequest.state == "ready")
                                                 .values(state="expired")))
             if done:

@@ -14,11 +14,11 @@ from typing import TypedDict
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.db.session import rows_matched
 from compliance.exports.interfaces import InstanceReport
 from compliance.exports.ledger import fence
 from compliance.exports.models import ExportDeliveryFile, ExportRequest
 from compliance.exports.recovery import RecoveryPolicy
-from compliance.exports.rows import rowcount
 
 
 class DestinationRef(TypedDict):
@@ -87,7 +87,7 @@ class DeliveryLog:
         """
         now = self._clock()
         with self._sessions() as session, session.begin():
-            if not rowcount(session.execute(update(ExportRequest).where(*fence(request_id, attempt))
+            if not rows_matched(session.execute(update(ExportRequest).where(*fence(request_id, attempt))
                                             .values(lease_expires_at=self.recovery.lease_until(now)))):
                 return False
             uids = [uid for uid, _ in files]

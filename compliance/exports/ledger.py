@@ -18,12 +18,13 @@ from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit.codes import Action, Outcome
+from compliance.db.session import rows_matched
 from compliance.exports.audit import ExportAudit
 from compliance.exports.interfaces import DeliveryReport, DisclosedPatient, DisclosedStudy
 from compliance.exports.keys import ProjectKeyStore, seal_disclosure
 from compliance.exports.models import ExportDeliveryFile, ExportRequest
 from compliance.exports.recovery import RecoveryPolicy, interrupted_reason, running_decision
-from compliance.exports.rows import iso, load_request, rowcount
+from compliance.exports.rows import iso, load_request
 
 
 def fence(request_id: str, attempt: int | None) -> list[ColumnElement[bool]]:
@@ -64,7 +65,7 @@ class JobLedger:
         """
         now = self._clock()
         with self._sessions() as session, session.begin():
-            done = rowcount(session.execute(
+            done = rows_matched(session.execute(
                 update(ExportRequest).where(ExportRequest.id == request_id, ExportRequest.state == "approved")
                 .values(state="running", worker=worker[:128], started_at=now, attempts=ExportRequest.attempts + 1,
                         lease_expires_at=self.recovery.lease_until(now))))
@@ -79,7 +80,7 @@ class JobLedger:
     def renew_lease(self, request_id: str, attempt: int) -> bool:
         """Extend the running attempt's lease; False when the request is no longer this attempt's."""
         with self._sessions() as session, session.begin():
-            return bool(rowcount(session.execute(update(ExportRequest).where(*fence(request_id, attempt))
+            return bool(rows_matched(session.execute(update(ExportRequest).where(*fence(request_id, attempt))
                                                  .values(lease_expires_at=self.recovery.lease_until(self._clock())))))
 
     def owns(self, request_id: str, attempt: int) -> bool:
@@ -89,7 +90,7 @@ class JobLedger:
     # -- the job's writes ----------------------------------------------------------------------
     def progress(self, request_id: str, *, attempt: int | None = None, **counters: int) -> bool:
         with self._sessions() as session, session.begin():
-            return bool(rowcount(session.execute(update(ExportRequest).where(*fence(request_id, attempt))
+            return bool(rows_matched(session.execute(update(ExportRequest).where(*fence(request_id, attempt))
                                                  .values(**counters))))
 
     def finish(self, request_id: str, *, bundle_path: Path, bundle_size: int, checksum: str,
@@ -100,7 +101,7 @@ class JobLedger:
         sealed = seal_disclosure(self._keys, row.project, request_id, patients, studies)
         now = self._clock()
         with self._sessions() as session, session.begin():
-            done = rowcount(session.execute(update(ExportRequest).where(*fence(request_id, attempt)).values(
+            done = rows_matched(session.execute(update(ExportRequest).where(*fence(request_id, attempt)).values(
                 state="ready", finished_at=now, expires_at=now + self._bundle_ttl, bundle_path=str(bundle_path),
                 bundle_size=bundle_size, checksum_sha256=checksum, disclosure_sealed=sealed, lease_expires_at=None,
                 **counters)))
@@ -118,7 +119,7 @@ class JobLedger:
         error = (f"partial delivery: {delivery['stored']} of {delivery['released']} released instances stored at "
                  f"{delivery['destination']['name']} (see delivery.files)") if partial else None
         with self._sessions() as session, session.begin():
-            done = rowcount(session.execute(update(ExportRequest).where(*fence(request_id, attempt)).values(
+            done = rows_matched(session.execute(update(ExportRequest).where(*fence(request_id, attempt)).values(
                 state="ready", finished_at=self._clock(), disclosure_sealed=sealed, error=error,
                 delivery=json.dumps(delivery, sort_keys=True), lease_expires_at=None, **counters)))
         if done:
@@ -133,7 +134,7 @@ class JobLedger:
              delivery: DeliveryReport | None = None, *, attempt: int | None = None) -> bool:
         extra = {"delivery": json.dumps(delivery, sort_keys=True)} if delivery is not None else {}
         with self._sessions() as session, session.begin():
-            done = rowcount(session.execute(update(ExportRequest).where(*fence(request_id, attempt)).values(
+            done = rows_matched(session.execute(update(ExportRequest).where(*fence(request_id, attempt)).values(
                 state="failed", finished_at=self._clock(), error=error[:2000], lease_expires_at=None,
                 **(counters or {}), **extra)))
         if done:
@@ -164,7 +165,7 @@ class JobLedger:
                     f"(expired {iso(lease) or 'unknown'})")
             if decision == "requeue":
                 with self._sessions() as session, session.begin():
-                    done = rowcount(session.execute(update(ExportRequest).where(*guard).values(
+                    done = rows_matched(session.execute(update(ExportRequest).where(*guard).values(
                         state="approved", lease_expires_at=None, dispatched_at=None)))
                 if done:
                     out["requeued"].append(request_id)
@@ -175,7 +176,7 @@ class JobLedger:
                 continue
             reason = interrupted_reason(attempts)
             with self._sessions() as session, session.begin():
-                done = rowcount(session.execute(update(ExportRequest).where(*guard).values(
+                done = rows_matched(session.execute(update(ExportRequest).where(*guard).values(
                     state="failed", finished_at=now, lease_expires_at=None, error=reason)))
                 if done:
                     # a batch on its way when the last attempt died: its outcome is unknown (it may be stored)

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from compliance.audit.codes import Action
 from compliance.audit.message import PatientRef, UserRef
 from compliance.audit.recorder import AuditRecorder
+from compliance.db.session import rows_matched
 from compliance.exports.audit import REID_REQUEST_URN, ExportAudit, reidentification_event
 from compliance.exports.interfaces import (
     PSEUDONYM_KINDS,
@@ -28,7 +29,7 @@ from compliance.exports.interfaces import (
 )
 from compliance.exports.keys import PseudonymMap
 from compliance.exports.models import ExportPseudonym, ExportReidentification
-from compliance.exports.rows import iso, rowcount, utcnow
+from compliance.exports.rows import iso, utcnow
 
 
 def reidentification_status(row: ExportReidentification) -> dict[str, object]:
@@ -95,7 +96,7 @@ class ReidentificationService:
             raise SelfApprovalRefused("re-identification needs a second, different data steward")
         new_state = "approved" if approve else "rejected"
         with self._sessions() as session, session.begin():
-            done = rowcount(session.execute(update(ExportReidentification).where(
+            done = rows_matched(session.execute(update(ExportReidentification).where(
                 ExportReidentification.id == request_id, ExportReidentification.state == "requested",
                 ExportReidentification.requester_id != steward.user_id).values(
                 state=new_state, approver_id=steward.user_id, approver_name=steward.username or steward.user_id,
@@ -118,7 +119,7 @@ class ReidentificationService:
         if original is None:
             raise ExportNotFound("no such pseudonym in the project's map")
         with self._sessions() as session, session.begin():
-            done = rowcount(session.execute(update(ExportReidentification).where(
+            done = rows_matched(session.execute(update(ExportReidentification).where(
                 ExportReidentification.id == request_id, ExportReidentification.state == "approved",
                 ExportReidentification.requester_id == user.user_id).values(
                 state="revealed", revealed_at=self._clock())))

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit.codes import Action
 from compliance.audit.message import UserRef
+from compliance.db.session import rows_matched
 from compliance.deid.profiles import load_profile
 from compliance.dicomweb.routing import is_uid
 from compliance.errors import ComplianceError
@@ -46,7 +47,7 @@ from compliance.exports.interfaces import (
 from compliance.exports.models import ExportRequest
 from compliance.exports.projects import ProjectRefused, ProjectRegistry
 from compliance.exports.recovery import RecoveryPolicy, dispatch_due
-from compliance.exports.rows import iso, rowcount
+from compliance.exports.rows import iso
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ class ExportRequests:
         new_state = "approved" if approve else "rejected"
         now = self._clock()
         with self._sessions() as session, session.begin():
-            done = rowcount(session.execute(
+            done = rows_matched(session.execute(
                 update(ExportRequest).where(ExportRequest.id == request_id, ExportRequest.state == "requested",
                                             ExportRequest.requester_id != steward.user_id)
                 .values(state=new_state, approver_id=steward.user_id,
@@ -249,7 +250,7 @@ class ExportRequests:
                                ExportRequest.decided_at <= now - timedelta(seconds=policy.dispatch_grace_seconds))),
                       ExportRequest.dispatched_at <= now - timedelta(seconds=policy.redispatch_after_seconds))
         with self._sessions() as session, session.begin():
-            taken = rowcount(session.execute(update(ExportRequest).where(
+            taken = rows_matched(session.execute(update(ExportRequest).where(
                 ExportRequest.id == request_id, ExportRequest.state == "approved", due)
                 .values(dispatched_at=now)))
         if not taken:  # another gateway or a sweep dispatched it, or a worker already claimed it

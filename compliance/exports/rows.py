@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import CursorResult
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.exports.interfaces import ExportNotFound
@@ -27,14 +26,6 @@ def aware(value: datetime | None) -> datetime | None:
 def iso(value: datetime | None) -> str | None:
     value = aware(value)
     return value.isoformat() if value is not None else None
-
-
-def rowcount(result: object) -> int:
-    """The rows an UPDATE or DELETE matched: ``Session.execute`` returns a CursorResult for it (typed
-    as a plain Result)."""
-    if not isinstance(result, CursorResult):
-        raise TypeError(f"not the result of an UPDATE or DELETE: {type(result).__name__}")
-    return result.rowcount
 
 
 def load_request(sessions: sessionmaker[Session], request_id: str) -> ExportRequest:
