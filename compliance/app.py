@@ -21,7 +21,7 @@ from compliance.api.edge import Edge
 from compliance.audit.events import application_activity_event
 from compliance.config import Settings, get_settings
 from compliance.exports.workers import InProcessWorker
-from compliance.wiring import Overrides, Role, Wiring
+from compliance.wiring import Role, Wiring
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,12 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, overrides: Overrides | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    overrides = overrides or Overrides()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        wiring = Wiring(settings, Role.GATEWAY, overrides)
+        wiring = Wiring(settings, Role.GATEWAY)
         try:
             services = wiring.services()
             export_worker = (InProcessWorker(services.exports, interval_seconds=settings.exports_poll_interval_seconds)

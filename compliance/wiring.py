@@ -29,6 +29,7 @@ from compliance.audit.reports import AuditReadServices
 from compliance.auth.interfaces import TokenVerifier
 from compliance.config import Settings
 from compliance.dicomweb.service import DicomwebService
+from compliance.errors import ConfigurationError
 from compliance.exports.interfaces import ExportQueue
 from compliance.exports.workers import ExportComponents
 from compliance.policy.interfaces import PolicyDecisionPoint
@@ -41,10 +42,10 @@ if TYPE_CHECKING:
     from compliance.archive.client import ArchiveKeyClient
     from compliance.audit.atna import AuditSource
     from compliance.audit.checkpoints import AuditCheckpointer
+    from compliance.audit.elasticsearch import ElasticsearchAuditSink
     from compliance.audit.interfaces import AuditSink
     from compliance.audit.outbox import SqlAuditOutbox
     from compliance.audit.shipper import AuditShipper
-    from compliance.dicomweb.interfaces import ArchiveBackend
     from compliance.dicomweb.orthanc import OrthancArchive
 
 log = logging.getLogger(__name__)
@@ -88,22 +89,12 @@ class Services:
     shred_requests: ShredRequests | None = None
 
 
-@dataclass
-class Overrides:
-    """Backends a test may substitute (a unit test of pure logic only; never an end-to-end test)."""
-
-    verifier: TokenVerifier | None = None
-    archive: ArchiveBackend | None = None
-    sink: AuditSink | None = None
-
-
 class Wiring:
     """Each property builds its service on first use and keeps it for the life of the process."""
 
-    def __init__(self, settings: Settings, role: Role, overrides: Overrides | None = None) -> None:
+    def __init__(self, settings: Settings, role: Role) -> None:
         self.settings = settings
         self.role = role
-        self.overrides = overrides or Overrides()
 
     # -- storage and audit -------------------------------------------------------------------------
 
@@ -141,16 +132,61 @@ class Wiring:
         return elasticsearch_client(self.settings)
 
     @cached_property
-    def sink(self) -> AuditSink:
-        from compliance.audit.fanout import build_audit_sink
+    def elasticsearch_sink(self) -> ElasticsearchAuditSink:
+        from compliance.audit.elasticsearch import ElasticsearchAuditSink
 
-        return self.overrides.sink or build_audit_sink(self.settings, self.engine, es_client=self.elasticsearch)
+        return ElasticsearchAuditSink(self.settings.elasticsearch_url, self.settings.audit_index_prefix,
+                                      client=self.elasticsearch)
+
+    @cached_property
+    def sink(self) -> AuditSink:
+        """The sink, or the fan-out of sinks, that ``COMPLIANCE_AUDIT_SINKS`` names."""
+        from compliance.audit.fanout import FanOutAuditSink, sink_names
+
+        s = self.settings
+        sinks: dict[str, AuditSink] = {}
+        for name in sink_names(s):
+            if name == "elasticsearch":
+                sinks[name] = self.elasticsearch_sink
+            elif name == "syslog":
+                from compliance.audit.syslog import SyslogTlsAuditSink
+
+                if s.audit_syslog_ca_file is None:
+                    raise ConfigurationError("the syslog audit sink needs COMPLIANCE_AUDIT_SYSLOG_CA_FILE (TLS only)")
+                sinks[name] = SyslogTlsAuditSink(
+                    s.audit_syslog_host, s.audit_syslog_port, ca_file=s.audit_syslog_ca_file,
+                    cert_file=s.audit_syslog_cert_file, key_file=s.audit_syslog_key_file,
+                    server_name=s.audit_syslog_server_name or None, app_name=s.audit_source_id)
+        if len(sinks) == 1:
+            return next(iter(sinks.values()))
+        return FanOutAuditSink(sinks, self.engine)
 
     @cached_property
     def checkpointer(self) -> AuditCheckpointer | None:
-        from compliance.audit.checkpoints import build_checkpointer
+        """Signs the hash chain's checkpoints and publishes them beside the events in Elasticsearch (when it
+        is one of the sinks); None, with a warning, without a key in development."""
+        from compliance.audit.checkpoints import (
+            AuditCheckpointer,
+            CheckpointSigner,
+            ElasticsearchCheckpoints,
+            SqlCheckpointStore,
+        )
+        from compliance.audit.fanout import sink_names
 
-        return build_checkpointer(self.settings, self.engine, self.sink)
+        s = self.settings
+        key_file = s.effective_checkpoint_key_file
+        if not key_file.is_file():
+            if s.environment != "development":
+                raise ConfigurationError(f"the audit checkpoint key {key_file} is missing")
+            log.warning("INSECURE: no audit checkpoint key at %s; the hash chain is not signed "
+                        "(generate one: compliance audit keygen)", key_file)
+            return None
+        publish = None
+        if "elasticsearch" in sink_names(s):
+            publish = ElasticsearchCheckpoints(self.elasticsearch, s.audit_index_prefix).publish
+        return AuditCheckpointer(SqlCheckpointStore(self.engine), CheckpointSigner.from_file(key_file),
+                                 publish=publish, every_events=s.audit_checkpoint_every_events,
+                                 every_seconds=s.audit_checkpoint_every_seconds)
 
     @cached_property
     def shipper(self) -> AuditShipper:
@@ -163,8 +199,16 @@ class Wiring:
 
     @cached_property
     def audit_read(self) -> AuditReadServices:
-        return AuditReadServices.from_settings(self.settings, engine=self.engine,
-                                               client=self.elasticsearch.options(request_timeout=30))
+        """The privacy officer's search, reports and review queue."""
+        from compliance.audit.queries import AuditQueryService
+        from compliance.audit.reports import ReportService
+        from compliance.audit.review import SqlReviewQueue
+
+        s = self.settings
+        queries = AuditQueryService(self.elasticsearch.options(request_timeout=30), s.audit_index_prefix)
+        return AuditReadServices(queries=queries, reports=ReportService(queries, organization=s.organization_name),
+                                 review=SqlReviewQueue(self.engine),
+                                 audit_log_uri=f"{s.elasticsearch_url.rstrip('/')}/{s.audit_index_prefix}-*")
 
     # -- identity and policy -----------------------------------------------------------------------
 
@@ -177,8 +221,6 @@ class Wiring:
 
     @cached_property
     def verifier(self) -> TokenVerifier:
-        if self.overrides.verifier is not None:
-            return self.overrides.verifier
         from compliance.auth.tokens import JwksCache, OidcTokenVerifier
 
         s = self.settings
@@ -210,17 +252,13 @@ class Wiring:
                               max_connections=s.archive_max_connections, public_host=s.effective_public_address)
 
     @cached_property
-    def archive(self) -> ArchiveBackend:
-        return self.overrides.archive or self.orthanc
-
-    @cached_property
     def archive_key_client(self) -> ArchiveKeyClient:
         """The archive's key custodian (the Orthanc storage plugin's control routes). In the gateway it
         shares the archive client's connection pool; a CLI command has a client of its own."""
         from compliance.archive.client import ArchiveKeyClient
 
         s = self.settings
-        shared = self.orthanc.http_client if self.role is Role.GATEWAY and self.overrides.archive is None else None
+        shared = self.orthanc.http_client if self.role is Role.GATEWAY else None
         return ArchiveKeyClient(s.archive_url, username=s.archive_username,
                                 password=s.archive_password.get_secret_value(),
                                 dicomweb_path=s.archive_dicomweb_path, client=shared)
@@ -232,9 +270,11 @@ class Wiring:
 
     @cached_property
     def shred_requests(self) -> ShredRequests:
-        from compliance.archive.shred import build_shred_requests
+        from compliance.db.session import make_session_factory
 
-        return build_shred_requests(self.settings, self.engine, self.key_operations, self.recorder)
+        return ShredRequests(make_session_factory(self.engine), self.key_operations, self.recorder,
+                             gateway_id=self.settings.audit_source_id,
+                             retention_policy_file=self.settings.retention_policy_file)
 
     @property
     def archive_encrypted(self) -> bool:
@@ -245,7 +285,7 @@ class Wiring:
     @cached_property
     def dicomweb(self) -> DicomwebService:
         s = self.settings
-        return DicomwebService(self.archive, self.policy, self.recorder, gateway_id=s.audit_source_id,
+        return DicomwebService(self.orthanc, self.policy, self.recorder, gateway_id=s.audit_source_id,
                                qido_max_response_bytes=s.qido_max_response_bytes,
                                stow_max_sequence_depth=s.stow_max_sequence_depth,
                                erasure=self.archive_key_client if self.archive_encrypted else None,
@@ -323,9 +363,7 @@ class Wiring:
     async def aclose(self) -> None:
         """Close the asynchronous clients that were built, then everything else."""
         try:
-            if self._built("archive"):
-                await self.archive.aclose()
-            elif self._built("orthanc"):
+            if self._built("orthanc"):
                 await self.orthanc.aclose()
             if self._built("archive_key_client"):
                 await self.archive_key_client.aclose()
@@ -338,8 +376,6 @@ class Wiring:
         """Release the synchronous resources that were built (outbox, Elasticsearch, database)."""
         if self._built("outbox"):
             self.outbox.close()
-        if self._built("audit_read"):
-            self.audit_read.close()
         if self._built("elasticsearch"):
             self.elasticsearch.close()
         if self._built("engine"):

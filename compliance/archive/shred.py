@@ -59,7 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -70,8 +70,7 @@ from compliance.audit.events import security_alert_event
 from compliance.audit.message import PatientRef, UserRef
 from compliance.audit.recorder import AuditRecorder
 from compliance.audit.retention import RetentionPolicy
-from compliance.config import Settings
-from compliance.db.session import make_session_factory, rows_matched
+from compliance.db.session import rows_matched
 from compliance.errors import (
     ComplianceError,
     ConfigurationError,
@@ -82,7 +81,7 @@ from compliance.errors import (
 )
 
 __all__ = ["LegalHoldRefused", "SelfApprovalRefused", "ShredRequestNotFound", "ShredRequests",
-           "ShredStateConflict", "build_shred_requests"]
+           "ShredStateConflict"]
 
 MAX_TEXT = 1024
 #: PatientID is a DICOM LO: at most 64 characters, no control characters, no backslash.
@@ -336,10 +335,3 @@ class ShredRequests:
             return self._row(row.id)
 
         return {**self.as_json(await asyncio.to_thread(done)), "shred": result}
-
-
-def build_shred_requests(settings: Settings, engine: Engine, operations: KeyOperations,
-                         auditor: AuditRecorder) -> ShredRequests:
-    """The one way the app and the CLI build the service (the same database, policy file and source id)."""
-    return ShredRequests(make_session_factory(engine), operations, auditor, gateway_id=settings.audit_source_id,
-                         retention_policy_file=settings.retention_policy_file)

@@ -45,10 +45,8 @@ from sqlalchemy import Engine, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from compliance.audit.chain import canonical
-from compliance.audit.interfaces import AuditSink
 from compliance.audit.models import AuditChainHead, AuditCheckpoint, AuditOutboxRow
 from compliance.audit.transactions import audit_transaction
-from compliance.config import Settings
 from compliance.db.base import table_of
 from compliance.errors import ConfigurationError
 
@@ -399,21 +397,3 @@ class AuditCheckpointer:
         except Exception as exc:  # the next tick retries; events stay chained and durable meanwhile
             self.last_error = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("audit checkpoint failed: %s", self.last_error)
-
-
-def build_checkpointer(settings: Settings, engine: Engine, sink: AuditSink) -> AuditCheckpointer | None:
-    """The shipper's checkpointer from settings; None (with a warning) without a key in development."""
-    key_file = settings.effective_checkpoint_key_file
-    if not key_file.is_file():
-        if settings.environment != "development":
-            raise ConfigurationError(f"the audit checkpoint key {key_file} is missing")
-        log.warning("INSECURE: no audit checkpoint key at %s; the hash chain is not signed "
-                    "(generate one: compliance audit keygen)", key_file)
-        return None
-    es = getattr(sink, "sinks", {}).get("elasticsearch", sink)
-    publish = None
-    if hasattr(es, "client") and hasattr(es, "index_prefix"):
-        publish = ElasticsearchCheckpoints(es.client, es.index_prefix).publish
-    return AuditCheckpointer(SqlCheckpointStore(engine), CheckpointSigner.from_file(key_file), publish=publish,
-                             every_events=settings.audit_checkpoint_every_events,
-                             every_seconds=settings.audit_checkpoint_every_seconds)

@@ -39,9 +39,9 @@ from elastic_transport import ConnectionTimeout, TransportError
 from elasticsearch import ApiError, Elasticsearch
 
 from compliance.audit.documents import event_indices, index_name
-from compliance.audit.es_client import connect, elasticsearch_client
+from compliance.audit.es_client import connect
 from compliance.audit.interfaces import AuditSinkUnavailable, ShipResult
-from compliance.config import PROJECT_ROOT, Settings
+from compliance.config import PROJECT_ROOT
 from compliance.errors import ConfigurationError
 
 __all__ = ["TEMPLATE_PATH", "ElasticsearchAuditSink", "document_timestamp"]
@@ -100,9 +100,9 @@ def additive_properties(wanted: Mapping[str, Any], existing: Mapping[str, Any]) 
 class ElasticsearchAuditSink:
     """An :class:`~compliance.audit.interfaces.AuditSink` writing to Elasticsearch (client 9.x).
 
-    The gateway and the CLI build it with :meth:`from_settings` (TLS and credentials from the settings,
-    through :mod:`compliance.audit.es_client`), or hand it the client they already built. Given a URL
-    alone it connects without credentials (tools and tests against a lab's plain endpoint).
+    The composition root (:mod:`compliance.wiring`) hands it the client it built from the settings (TLS and
+    credentials, :mod:`compliance.audit.es_client`). Given a URL alone it connects without credentials
+    (tools and tests against a lab's plain endpoint).
     """
 
     def __init__(self, url: str, index_prefix: str, *, client: Elasticsearch | None = None,
@@ -117,12 +117,6 @@ class ElasticsearchAuditSink:
         self._owns_client = client is None
         self._client = client if client is not None else connect(url, request_timeout=request_timeout)
         self._month_index: dict[tuple[int, int], str] = {}
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, client: Elasticsearch | None = None) -> ElasticsearchAuditSink:
-        """The sink the settings describe; ``client`` (built by es_client from the same settings) is shared."""
-        return cls(settings.elasticsearch_url, settings.audit_index_prefix,
-                   client=client if client is not None else elasticsearch_client(settings))
 
     @property
     def client(self) -> Elasticsearch:

@@ -12,8 +12,9 @@ but nothing newer reaches them until the down sink is back. Visible as the outbo
 in ``/metrics`` (from :attr:`FanOutAuditSink.errors`). A crash between a sink's delivery and its
 row being written re-sends that batch to that sink: at least once.
 
-:func:`build_audit_sink` chooses from ``COMPLIANCE_AUDIT_SINKS`` (``elasticsearch``, ``syslog``, or
-both comma-separated); with one sink no fan-out (and no delivery rows) is involved.
+The composition root (:attr:`compliance.wiring.Wiring.sink`) chooses from ``COMPLIANCE_AUDIT_SINKS``
+(``elasticsearch``, ``syslog``, or both comma-separated); with one sink no fan-out (and no delivery rows)
+is involved.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ from compliance.db.base import table_of
 from compliance.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from elasticsearch import Elasticsearch
 
     from compliance.config import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FanOutAuditSink", "build_audit_sink", "SINK_NAMES"]
+__all__ = ["FanOutAuditSink", "SINK_NAMES", "sink_names"]
 
 _DELIVERY = table_of(AuditOutboxDelivery)
 SINK_NAMES = ("elasticsearch", "syslog")
@@ -154,26 +154,3 @@ def sink_names(settings: Settings) -> list[str]:
         raise ConfigurationError(f"COMPLIANCE_AUDIT_SINKS: unknown or empty sink list {settings.audit_sinks!r} "
                                  f"(choose from {', '.join(SINK_NAMES)})")
     return list(dict.fromkeys(names))
-
-
-def build_audit_sink(settings: Settings, engine: Engine, *, es_client: Elasticsearch | None = None) -> AuditSink:
-    """The sink (or fan-out of sinks) the settings name; ``es_client`` is the app's shared client
-    (compliance/audit/es_client.py), else the Elasticsearch sink builds its own from the settings."""
-    from compliance.audit.elasticsearch import ElasticsearchAuditSink
-
-    sinks: dict[str, AuditSink] = {}
-    for name in sink_names(settings):
-        if name == "elasticsearch":
-            sinks[name] = ElasticsearchAuditSink.from_settings(settings, client=es_client)
-        elif name == "syslog":
-            from compliance.audit.syslog import SyslogTlsAuditSink
-
-            if settings.audit_syslog_ca_file is None:
-                raise ConfigurationError("the syslog audit sink needs COMPLIANCE_AUDIT_SYSLOG_CA_FILE (TLS only)")
-            sinks[name] = SyslogTlsAuditSink(
-                settings.audit_syslog_host, settings.audit_syslog_port, ca_file=settings.audit_syslog_ca_file,
-                cert_file=settings.audit_syslog_cert_file, key_file=settings.audit_syslog_key_file,
-                server_name=settings.audit_syslog_server_name or None, app_name=settings.audit_source_id)
-    if len(sinks) == 1:
-        return next(iter(sinks.values()))
-    return FanOutAuditSink(sinks, engine)

@@ -34,13 +34,9 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from elasticsearch import Elasticsearch
-from sqlalchemy import Engine
-
 from compliance.audit.documents import document_time, document_values
 from compliance.audit.queries import AuditQueryService, AuditSearch
 from compliance.audit.review import SqlReviewQueue
-from compliance.config import Settings
 from compliance.errors import InvalidRequest
 
 __all__ = [
@@ -546,30 +542,10 @@ def rows_of(report: Report, keys: Iterable[str]) -> list[tuple[Any, ...]]:
 
 @dataclass
 class AuditReadServices:
-    """What the privacy officer's API needs, built once by the app factory (``from_settings``)."""
+    """What the privacy officer's API needs, built once by the composition root (:mod:`compliance.wiring`)."""
 
     queries: AuditQueryService
     reports: ReportService
     review: SqlReviewQueue
     #: The audit log as named in 110101 Audit Log Used events (ParticipantObjectID, a URI).
     audit_log_uri: str
-    _client: Elasticsearch | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, engine: Engine,
-                      client: Elasticsearch | None = None) -> AuditReadServices:
-        """``client``: the app's shared Elasticsearch client (closed by the app); else one of its own."""
-        from compliance.audit.es_client import elasticsearch_client
-
-        owned = client is None
-        if client is None:
-            client = elasticsearch_client(settings, request_timeout=30)
-        queries = AuditQueryService(client, settings.audit_index_prefix)
-        return cls(queries=queries, reports=ReportService(queries, organization=settings.organization_name),
-                   review=SqlReviewQueue(engine),
-                   audit_log_uri=f"{settings.elasticsearch_url.rstrip('/')}/{settings.audit_index_prefix}-*",
-                   _client=client if owned else None)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()

@@ -4,13 +4,14 @@ workers record fail-closed whatever the gateway's setting; closing releases what
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from compliance.audit.events import application_activity_event
 from compliance.config import Settings
 from compliance.db.migrate import upgrade
-from compliance.errors import AuditFailure
+from compliance.errors import AuditFailure, ConfigurationError
 from compliance.wiring import Role, Wiring, metadata
 
 
@@ -73,3 +74,34 @@ def test_close_releases_the_database(tmp_path):
 def test_metadata_holds_every_domains_tables():
     names = set(metadata().tables)
     assert {"audit_outbox", "audit_review_item", "crypto_kek", "export_request", "archive_shred_request"} <= names
+
+
+def test_the_sinks_are_those_the_settings_name(tmp_path):
+    from compliance.audit.elasticsearch import ElasticsearchAuditSink
+    from compliance.audit.fanout import FanOutAuditSink
+    from compliance.audit.syslog import SyslogTlsAuditSink
+
+    assert isinstance(Wiring(settings(tmp_path), Role.GATEWAY).sink, ElasticsearchAuditSink)
+    with pytest.raises(ConfigurationError, match="AUDIT_SYSLOG_CA_FILE"):
+        _ = Wiring(settings(tmp_path, audit_sinks="syslog"), Role.GATEWAY).sink
+    ca = Path("/etc/ssl/certs/ca-certificates.crt")  # any CA bundle: the sink loads it, nothing connects
+    both = Wiring(settings(tmp_path, audit_sinks="elasticsearch, syslog", audit_syslog_ca_file=ca), Role.GATEWAY)
+    sink = both.sink
+    assert isinstance(sink, FanOutAuditSink)
+    assert isinstance(sink.sinks["elasticsearch"], ElasticsearchAuditSink)
+    assert isinstance(sink.sinks["syslog"], SyslogTlsAuditSink)
+    both.close()
+
+
+def test_checkpoints_are_signed_only_with_a_key_and_published_only_to_elasticsearch(tmp_path):
+    from compliance.audit.checkpoints import generate_key_file
+
+    assert Wiring(settings(tmp_path), Role.GATEWAY).checkpointer is None  # development, no key: a warning
+    key = tmp_path / "checkpoint.pem"
+    generate_key_file(key)
+    signed = Wiring(settings(tmp_path, audit_checkpoint_key_file=key), Role.GATEWAY).checkpointer
+    assert signed is not None and signed._publish is not None
+    ca = Path("/etc/ssl/certs/ca-certificates.crt")
+    syslog_only = Wiring(settings(tmp_path, audit_checkpoint_key_file=key, audit_sinks="syslog",
+                                  audit_syslog_ca_file=ca), Role.GATEWAY).checkpointer
+    assert syslog_only is not None and syslog_only._publish is None

@@ -15,6 +15,7 @@ from compliance.audit.elasticsearch import ElasticsearchAuditSink
 from compliance.audit.es_client import connect, elasticsearch_client, tls_context
 from compliance.config import Settings
 from compliance.errors import ConfigurationError
+from compliance.wiring import Role, Wiring
 
 ES = "COMPLIANCE_ELASTICSEARCH"
 
@@ -229,12 +230,15 @@ def test_the_factory_refuses_what_the_settings_refuse():
         connect("http://es:9200", ca_file=Path("/etc/ssl/certs/ca-certificates.crt"))
 
 
-def test_the_sink_from_settings_uses_the_factory_client_and_a_shared_client_is_not_closed_by_it(pki):
-    settings = dev(elasticsearch_url="https://es:9200", elasticsearch_ca_file=pki["ca"], elasticsearch_api_key="a2V5")
-    sink = ElasticsearchAuditSink.from_settings(settings)
+def test_the_wired_sink_uses_the_factory_client_and_a_shared_client_is_not_closed_by_it(pki, tmp_path):
+    settings = dev(elasticsearch_url="https://es:9200", elasticsearch_ca_file=pki["ca"], elasticsearch_api_key="a2V5",
+                   stack_dir=tmp_path)
+    wiring = Wiring(settings, Role.GATEWAY)
+    sink = wiring.elasticsearch_sink
+    assert sink.client is wiring.elasticsearch  # one client for the sink, the checkpoints and the reads
     assert _headers(sink.client)["authorization"] == "ApiKey a2V5"
     assert _ssl_context(sink.client).verify_mode == ssl.CERT_REQUIRED
-    sink.close()
+    wiring.close()
 
     class Shared:
         closed = 0
@@ -243,7 +247,8 @@ def test_the_sink_from_settings_uses_the_factory_client_and_a_shared_client_is_n
             self.closed += 1
 
     shared = Shared()
-    sink = ElasticsearchAuditSink.from_settings(settings, client=shared)  # type: ignore[arg-type]
+    sink = ElasticsearchAuditSink(settings.elasticsearch_url, settings.audit_index_prefix,
+                                  client=shared)  # type: ignore[arg-type]
     assert sink.client is shared
     sink.close()
     assert shared.closed == 0  # the app that built it closes it, once
