@@ -12,6 +12,8 @@ from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 from compliance.api.deps import StatusReader
+from compliance.audit.fanout import FanOutAuditSink
+from compliance.audit.interfaces import AuditSink
 from compliance.audit.outbox import SqlAuditOutbox
 from compliance.audit.shipper import AuditShipper
 
@@ -56,15 +58,15 @@ async def metrics(request: Request, _reader: StatusReader) -> str:
         "# HELP compliance_audit_checkpoint_up 1 when checkpoints are signed and the last attempt succeeded.\n"
         "# TYPE compliance_audit_checkpoint_up gauge\n"
         f"compliance_audit_checkpoint_up {int(checkpointer is not None and not checkpointer.last_error)}\n"
-        + _sink_lines(getattr(shipper, "_sink", None))
+        + _sink_lines(shipper.sink)
     )
 
 
-def _sink_lines(sink: object) -> str:
+def _sink_lines(sink: AuditSink) -> str:
     """Per-sink health when several sinks are configured (``FanOutAuditSink.errors``)."""
-    errors = getattr(sink, "errors", None)
-    if not isinstance(errors, dict):
+    if not isinstance(sink, FanOutAuditSink):
         return ""
+    errors = sink.errors
     lines = ["# HELP compliance_audit_sink_up 1 when the sink's last delivery attempt succeeded.\n",
              "# TYPE compliance_audit_sink_up gauge\n"]
     lines += [f'compliance_audit_sink_up{{sink="{name}"}} {0 if error else 1}\n' for name, error in errors.items()]

@@ -106,6 +106,11 @@ class AuditShipper:
             return 0
         return self._complete(batch, self._send(batch))
 
+    @property
+    def sink(self) -> AuditSink:
+        """Where the events go (a fan-out reports each sink's health, ``/metrics``)."""
+        return self._sink
+
     def _ensure_sink(self) -> None:
         if not self._sink_ready:
             self._sink.ensure_ready()
