@@ -5,8 +5,9 @@ its own gateway (``compliance serve --workers N``, N = cores by default, its own
 shipped to Elasticsearch under the index prefix ``bench-audit``, retrieve delegation on), its nginx front
 (``compliance front``, as ``deploy/local/gateway`` deploys it) and a plain nginx reverse proxy to Orthanc
 (its configuration written into the run's temporary directory, nginx stopped at the end), stores one
-synthetic 512x512x16-bit instance through the gateway, then for each concurrency runs wrk, one path
-after the other, against
+synthetic 512x512x16-bit instance through the gateway, then for each concurrency runs wrk in rounds
+(``--rounds``, 5 by default, sharing ``--duration`` seconds per path): each round runs every path once,
+one after the other, in an order rotated from round to round, against
 
     direct:   Orthanc's DICOMweb, HTTP Basic (the gateway's own archive credentials)
     plain:    a plain nginx reverse proxy to Orthanc, the same Basic credentials passed through: no token
@@ -16,14 +17,16 @@ after the other, against
     front:    the nginx front, the same token; the gateway decides and audits, nginx pushes the
               bytes (X-Accel-Redirect, compliance/dicomweb/front.py): the deployed configuration
 
-and prints for each p50/p95 latency, throughput, its ratio to direct and to plain, and the CPU per
-request of the gateway's processes (``compliance serve`` and its workers) and of the nginx in the path
-(the plain proxy's or the front's). CPU is read from /proc over each timed run and until the outbox has
-shipped every event of it to Elasticsearch, so the shipping is counted to the path that caused it.
+and prints for each path throughput, p50/p95 latency (medians over the rounds), its ratio to direct and
+to plain (the median and the range of the ratios within each round: on a shared machine the load moves
+between rounds, less within one), and the CPU per request of the gateway's processes (``compliance
+serve`` and its workers) and of the nginx in the path (the plain proxy's or the front's). CPU is read
+from /proc over each wrk run and until the outbox has shipped every event of it to Elasticsearch, so
+the shipping counts to the path that caused it.
 Every gateway and front request is a real audited retrieve: the script checks afterwards that the
 outbox holds one event per request.
 
-    .venv/bin/python benchmarks/gateway_overhead.py [--duration 10] [--concurrency 1 16]
+    .venv/bin/python benchmarks/gateway_overhead.py [--duration 10] [--rounds 5] [--concurrency 1 16]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from urllib.parse import urlsplit
 
 import httpx
@@ -195,36 +199,52 @@ def run_wrk(url: str, header: str, concurrency: int, duration: int, lua: Path) -
             "p50_ms": vals["p50"] / 1000, "p95_ms": vals["p95"] / 1000, "p99_ms": vals["p99"] / 1000}
 
 
-def compare(row: dict[str, dict[str, float]]) -> None:
-    """Adds to each path its throughput ratio and added latency against direct and against plain."""
-    for m in row.values():
+def summarize(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per path over the rounds: the median throughput and latencies, the median (and range) of its ratio and
+    added p50 against direct and plain in the same round, and the CPU per request over all rounds' requests."""
+    row = {}
+    for name in PATHS:
+        runs = [r[name] for r in rounds]
+        requests = sum(m["requests"] for m in runs)
+        m = {key: median(run[key] for run in runs) for key in ("rps", "mbps", "p50_ms", "p95_ms", "p99_ms")}
+        m |= {"concurrency": runs[0]["concurrency"], "requests": requests,
+              "gateway_cpu_ms_per_request": sum(run["gateway_cpu_s"] for run in runs) * 1000 / requests,
+              "nginx_cpu_ms_per_request": sum(run["nginx_cpu_s"] for run in runs) * 1000 / requests}
         for base in ("direct", "plain"):
-            m[f"ratio_{base}"] = m["rps"] / row[base]["rps"]
-            m[f"added_p50_vs_{base}_ms"] = m["p50_ms"] - row[base]["p50_ms"]
-            m[f"added_p95_vs_{base}_ms"] = m["p95_ms"] - row[base]["p95_ms"]
+            ratios = [r[name]["rps"] / r[base]["rps"] for r in rounds]
+            m |= {f"ratio_{base}": median(ratios), f"ratio_{base}_min": min(ratios),
+                  f"ratio_{base}_max": max(ratios),
+                  f"added_p50_vs_{base}_ms": median(r[name]["p50_ms"] - r[base]["p50_ms"] for r in rounds),
+                  f"added_p95_vs_{base}_ms": median(r[name]["p95_ms"] - r[base]["p95_ms"] for r in rounds)}
+        row[name] = m
+    return row
 
 
 def print_table(results: list[dict[str, dict[str, float]]]) -> None:
-    print(f"{'conc':>4} {'path':>8} {'req/s':>8} {'MB/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
-          f"{'x direct':>8} {'x plain':>8} {'+p50 direct':>11} {'+p50 plain':>10} "
+    print(f"{'conc':>4} {'path':>8} {'req/s':>7} {'MB/s':>6} {'p50 ms':>7} {'p95 ms':>7} "
+          f"{'x direct (range)':>19} {'x plain (range)':>19} {'+p50 direct':>11} {'+p50 plain':>10} "
           f"{'gw CPU ms/req':>13} {'nginx CPU ms/req':>16}")
     for row in results:
         for name in PATHS:
             m = row[name]
+            ratios = [f"{m[f'ratio_{base}']:.2f}x ({m[f'ratio_{base}_min']:.2f}-{m[f'ratio_{base}_max']:.2f})"
+                      for base in ("direct", "plain")]
             gateway_cpu = f"{m['gateway_cpu_ms_per_request']:.2f}" if name in ("gateway", "front") else "-"
             nginx_cpu = f"{m['nginx_cpu_ms_per_request']:.2f}" if name in ("plain", "front") else "-"
-            print(f"{int(m['concurrency']):>4} {name:>8} {m['rps']:>8.1f} {m['mbps']:>7.1f} {m['p50_ms']:>7.2f} "
-                  f"{m['p95_ms']:>7.2f} {m['ratio_direct']:>7.2f}x {m['ratio_plain']:>7.2f}x "
+            print(f"{int(m['concurrency']):>4} {name:>8} {m['rps']:>7.1f} {m['mbps']:>6.1f} {m['p50_ms']:>7.2f} "
+                  f"{m['p95_ms']:>7.2f} {ratios[0]:>19} {ratios[1]:>19} "
                   f"{m['added_p50_vs_direct_ms']:>+11.2f} {m['added_p50_vs_plain_ms']:>+10.2f} "
                   f"{gateway_cpu:>13} {nginx_cpu:>16}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--duration", type=int, default=10, help="seconds per path and concurrency, over all rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="each round runs every path once, in a rotated order")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    round_seconds = max(1, args.duration // args.rounds)  # wrk takes whole seconds
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: apt-get install wrk")
     load_before = os.getloadavg()[0]  # other work on a shared machine moves every figure
@@ -291,17 +311,16 @@ def main() -> None:
             m = run_wrk(url, header, concurrency, duration, lua)
             wait_shipped(db)
             gateway_after, nginx_after = cpu()
-            return m | {"concurrency": concurrency,
-                        "gateway_cpu_ms_per_request": (gateway_after - gateway_before) * 1000 / m["requests"],
-                        "nginx_cpu_ms_per_request": (nginx_after - nginx_before) * 1000 / m["requests"]}
+            return m | {"concurrency": concurrency, "gateway_cpu_s": gateway_after - gateway_before,
+                        "nginx_cpu_s": nginx_after - nginx_before}
 
         results = []
         for c in args.concurrency:
             for name in PATHS:  # warm-up every path
                 measure(name, c, 2)
-            row = {name: measure(name, c, args.duration) for name in PATHS}
-            compare(row)
-            results.append(row)
+            rounds = [{name: measure(name, c, round_seconds) for name in PATHS[r % 4:] + PATHS[:r % 4]}
+                      for r in range(args.rounds)]
+            results.append(summarize(rounds))
         gw_requests = sum(row[name]["requests"] for row in results for name in ("gateway", "front"))
         after = sqlite3.connect(db).execute("select count(*) from audit_outbox").fetchone()[0]
         audited = after - before
@@ -329,13 +348,15 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"the run failed; its database and logs are kept in {tmp}", file=sys.stderr)
-    print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, duration {args.duration}s each, "
+    print(f"instance size: {len(data) / 1e6:.2f} MB, gateway workers: {args.workers}, "
+          f"{args.rounds} rounds of {round_seconds}s per path, "
           f"{os.cpu_count()} cores, 1-min load average before the run {load_before:.2f}")
     print_table(results)
     # wrk counts only completed requests; warm-up requests are audited too
     print(f"audit events recorded for gateway requests: {audited} (wrk counted {int(gw_requests)} in the timed runs)")
     print("JSON " + json.dumps({"benchmark": "gateway_overhead", "instance_bytes": len(data),
-                                "workers": args.workers, "load_before": load_before, "results": results,
+                                "workers": args.workers, "rounds": args.rounds, "round_seconds": round_seconds,
+                                "load_before": load_before, "results": results,
                                 "audited": audited}))
 
 
