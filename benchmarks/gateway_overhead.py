@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from compliance.config import load_settings  # noqa: E402
 from compliance.demo import synthetic_instance  # noqa: E402
-from compliance.dicomweb.front import nginx_binary  # noqa: E402
+from compliance.dicomweb.front import nginx_binary, write_config  # noqa: E402
 from compliance.dicomweb.stow import multipart_related  # noqa: E402
 
 PATHS = ("direct", "plain", "gateway", "front")
@@ -138,11 +138,8 @@ def wait_healthy(base: str, log: Path, attempts: int = 120) -> None:
 def start_plain_proxy(archive_url: str, port: int, state: Path) -> subprocess.Popen[bytes]:
     """nginx in the foreground on 127.0.0.1:``port``, passing everything to the archive; its files in ``state``."""
     archive = urlsplit(archive_url)
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
-    config = state / "nginx.conf"
-    config.write_text(PLAIN_PROXY_CONF.format(state=state, listen=f"127.0.0.1:{port}",
-                                              archive=f"{archive.hostname}:{archive.port}"))
+    config = write_config(PLAIN_PROXY_CONF.format(state=state, listen=f"127.0.0.1:{port}",
+                                                  archive=f"{archive.hostname}:{archive.port}"), state)
     command = [nginx_binary(), "-c", str(config), "-p", str(state), "-e", str(state / "error.log")]
     subprocess.run([*command, "-t", "-q"], check=True)
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
