@@ -25,15 +25,16 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
+import httpx
 import typer
 
 from compliance.cli.common import fail, operator, wiring
 from compliance.wiring import Wiring
 
 if TYPE_CHECKING:
-    from compliance.audit.queries import AuditQueryService
+    from compliance.audit.queries import AuditPage, AuditQueryService
 
 __all__ = ["register"]
 
@@ -107,8 +108,7 @@ def _write_output(output: Path, body: bytes) -> None:
         fail(f"cannot write {output}: {exc.strerror or exc}")
 
 
-def _api_get(gateway: str, token: str, path: str, params: list[tuple[str, Any]]) -> Any:
-    import httpx
+def _api_get(gateway: str, token: str, path: str, params: list[tuple[str, Any]]) -> httpx.Response:
 
     try:
         resp = httpx.get(gateway.rstrip("/") + path, params=params, timeout=300,
@@ -164,12 +164,13 @@ def audit_search(
              "from": start, "to": end, "sort": sort, "size": size, "cursor": cursor}
     since, until = _when(start, "--from"), _when(end, "--to")
 
-    def read(queries: Any) -> Any:
+    def read(queries: AuditQueryService) -> AuditPage:
         # the search is validated here, inside the audited read: a refused query is recorded too
         search = AuditSearch(users=tuple(user or ()), patients=tuple(patient or ()), studies=tuple(study or ()),
                              event_types=tuple(event_type or ()), outcomes=tuple(outcome or ()),
                              source_addresses=tuple(source_address or ()), start=since, end=until)
-        return queries.search(search, size=size, order=sort, cursor=cursor)
+        # an order other than asc/desc is refused by the search itself, inside the audited read
+        return queries.search(search, size=size, order=cast(Literal["asc", "desc"], sort), cursor=cursor)
 
     page = _read_directly(query, read, timeout=60)
     typer.echo(json.dumps({"events": page.events, "count": len(page.events), "total": page.total,
@@ -245,7 +246,7 @@ def audit_detect(
     from compliance.audit.documents import event_indices
     from compliance.audit.queries import AuditQueryService
     from compliance.audit.review import SqlReviewQueue
-    from compliance.auth.directory import KeycloakDirectory, StaticDirectory
+    from compliance.auth.directory import KeycloakDirectory, StaticDirectory, UserDirectory
     from compliance.config import get_settings
     from compliance.errors import ComplianceError, UpstreamUnavailable
 
@@ -256,7 +257,7 @@ def audit_detect(
         fail(exc.message, 2)
         raise
     window = (_when(since, "--since"), _when(until, "--until"))
-    directory: Any
+    directory: UserDirectory
     if settings.oidc_client_secret.get_secret_value():
         directory = KeycloakDirectory(settings.keycloak_url, settings.keycloak_realm,
                                       client_id=settings.oidc_client_id,
