@@ -313,6 +313,36 @@ def _fill(reader: Reader, buffer: bytearray) -> int:
     return got
 
 
+def _pump(reader: Reader, writer: Writer, *, chunk: int, out_size: int,
+          transform: Callable[[memoryview, bool, memoryview], int]) -> int:
+    """Pass ``reader`` through ``transform`` (a segment's seal or open) one ``chunk`` at a time into
+    ``writer``; return the bytes written.
+
+    Two reused input buffers (the current chunk and the one read ahead to learn whether the current
+    one is the last): no allocation per segment on the input side. The output buffer is reused too:
+    ``writer.write`` gets a view valid only during the call, the contract of io.RawIOBase.write (files,
+    sockets and BytesIO all copy or write it out at once).
+    """
+    written = 0
+    current, following = bytearray(chunk), bytearray(chunk)
+    output = bytearray(out_size)
+    filled = _fill(reader, current)
+    with memoryview(output) as out:
+        while True:
+            if filled == chunk:
+                ahead = _fill(reader, following)
+                last = ahead == 0
+            else:
+                ahead, last = 0, True
+            with memoryview(current) as view:
+                n = transform(view[:filled], last, out)
+            writer.write(out[:n])
+            written += n
+            if last:
+                return written
+            current, following, filled = following, current, ahead
+
+
 def encrypt_stream(
     reader: Reader,
     writer: Writer,
@@ -332,28 +362,8 @@ def encrypt_stream(
     )
     segments = _Segments(content_key, header, associated_data)
     writer.write(header.raw)
-    written = header.size
-    # Two reused input buffers (the current segment and the one read ahead to learn whether the
-    # current one is the last): no allocation per segment on the input side.
-    # The output buffer is reused too: ``writer.write`` gets a view valid only during the call, the
-    # contract of io.RawIOBase.write (files, sockets and BytesIO all copy or write it out at once).
-    current, following = bytearray(segment_size), bytearray(segment_size)
-    output = bytearray(segment_size + TAG_SIZE)
-    filled = _fill(reader, current)
-    with memoryview(output) as out:
-        while True:
-            if filled == segment_size:
-                ahead = _fill(reader, following)
-                last = ahead == 0
-            else:
-                ahead, last = 0, True
-            with memoryview(current) as view:
-                n = segments.seal_into(view[:filled], last, out)
-            writer.write(out[:n])
-            written += n
-            if last:
-                return written
-            current, following, filled = following, current, ahead
+    return header.size + _pump(reader, writer, chunk=segment_size, out_size=segment_size + TAG_SIZE,
+                               transform=segments.seal_into)
 
 
 def decrypt_stream(reader: Reader, writer: Writer, *, unwrap: UnwrapDataKey, associated_data: bytes) -> int:
@@ -366,26 +376,8 @@ def decrypt_stream(reader: Reader, writer: Writer, *, unwrap: UnwrapDataKey, ass
     size = _parse_fixed(first)
     header = read_header(first + _read_up_to(reader, size - len(first)))
     segments = _Segments(_content_key(header, unwrap, associated_data), header, associated_data)
-    chunk = header.segment_size + TAG_SIZE
-    written = 0
-    # Reused buffers as in encrypt_stream; the writer sees a view valid only during its call.
-    current, following = bytearray(chunk), bytearray(chunk)
-    output = bytearray(header.segment_size)
-    filled = _fill(reader, current)
-    with memoryview(output) as out:
-        while True:
-            if filled == chunk:
-                ahead = _fill(reader, following)
-                last = ahead == 0
-            else:
-                ahead, last = 0, True
-            with memoryview(current) as view:
-                n = segments.open_into(view[:filled], last, out)
-            writer.write(out[:n])
-            written += n
-            if last:
-                return written
-            current, following, filled = following, current, ahead
+    return _pump(reader, writer, chunk=header.segment_size + TAG_SIZE, out_size=header.segment_size,
+                 transform=segments.open_into)
 
 
 class StreamEncryptor:
