@@ -9,8 +9,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
-from compliance.deid.batch import run_batch
 from compliance.cli.deid import app
+from compliance.deid.batch import run_batch
 
 from .conftest import deid_data
 
