@@ -285,12 +285,19 @@ class AuditIndex:
 
     def search(self, **terms: str) -> list[dict]:
         filters = [{"term": {field.replace("__", "."): value}} for field, value in terms.items()]
-        resp = httpx.post(
-            f"{self.es_url}/{self.prefix}-*/_search",
-            json={"query": {"bool": {"filter": filters}}, "size": 1000, "sort": [{"@timestamp": "asc"}]},
-            params={"ignore_unavailable": "true", "allow_no_indices": "true"},
-            timeout=30,
-        )
+        # A monthly index the gateway's shipper has just created answers 503 (no shard available) until
+        # its primary has started: wait for it, briefly; anything else is the test's failure.
+        deadline = time.monotonic() + 30
+        while True:
+            resp = httpx.post(
+                f"{self.es_url}/{self.prefix}-*/_search",
+                json={"query": {"bool": {"filter": filters}}, "size": 1000, "sort": [{"@timestamp": "asc"}]},
+                params={"ignore_unavailable": "true", "allow_no_indices": "true"},
+                timeout=30,
+            )
+            if resp.status_code != 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
         resp.raise_for_status()
         return [hit["_source"] | {"_id": hit["_id"]} for hit in resp.json()["hits"]["hits"]]
 
