@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     elasticsearch_client_cert_file: Path | None = None
     elasticsearch_client_key_file: Path | None = None
     audit_index_prefix: str = "compliance-audit"
-    #: Refuse the request when its audit event cannot be recorded (DESIGN.md: fail closed).
+    #: Refuse the request when its audit event cannot be recorded (docs/design.md: fail closed).
     audit_fail_closed: bool = True
     audit_ship_interval_seconds: float = 0.5
     audit_ship_batch_size: int = 1000

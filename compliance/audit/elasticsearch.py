@@ -1,4 +1,4 @@
-"""ElasticsearchAuditSink: the audit record repository (DESIGN.md "Elasticsearch").
+"""ElasticsearchAuditSink: the audit record repository (docs/design.md "The audit pipeline").
 
 Documents go to monthly indices ``{prefix}-YYYY.MM`` chosen by their ``@timestamp``, through the
 bulk API with ``op_type=create`` and ``_id`` = the event uuid. A second delivery of the same event

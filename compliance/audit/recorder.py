@@ -1,7 +1,7 @@
 """AuditRecorder: turns an AuditEvent into its outbox entry and waits until it is durable.
 
 This is the only way request handlers record audit events. With ``fail_closed`` (the default,
-DESIGN.md "fail closed") a failure to record raises :class:`~compliance.errors.AuditFailure` and the
+docs/design.md "fail closed") a failure to record raises :class:`~compliance.errors.AuditFailure` and the
 request is refused before any PHI leaves the gateway; otherwise the failure is logged loudly and the
 request proceeds (a per-deployment choice, documented in docs/configuration.md).
 """

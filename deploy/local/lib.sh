@@ -851,7 +851,7 @@ orthanc_up() {
   check_port_free orthanc "$ORTHANC_PORT"
   if [[ -n $plugin && ( -d $phi/storage || -d $phi/index ) ]]; then
     # A plaintext archive left from before encryption was enabled: its files are plaintext PHI on
-    # disk (DESIGN.md invariant); the local demo archive is regenerated data, so remove it.
+    # disk (docs/design.md invariant); the local demo archive is regenerated data, so remove it.
     warn "orthanc: removing the plaintext demo archive ($phi/storage, $phi/index); the archive is encrypted now"
     rm -rf "$phi/storage" "$phi/index"
   fi
