@@ -63,8 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             services = wiring.services()
             export_worker = (InProcessWorker(services.exports, interval_seconds=settings.exports_poll_interval_seconds)
-                             if services.exports is not None and settings.exports_worker_backend == "inprocess"
-                             else None)
+                             if settings.exports_worker_backend == "inprocess" else None)
             app.state.services = services
             app.state.outbox = wiring.outbox
             app.state.shipper = wiring.shipper

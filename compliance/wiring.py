@@ -80,9 +80,9 @@ class Services:
     dicomweb: DicomwebService
     policy: PolicyDecisionPoint
     #: The privacy officer's audit search, reports and review queue (compliance/api/audit.py).
-    audit_read: AuditReadServices | None = None
+    audit_read: AuditReadServices
     #: Research exports and re-identification.
-    exports: ExportComponents | None = None
+    exports: ExportComponents
     #: Archive key operations; None when the archive is not encrypted.
     archive_keys: KeyOperations | None = None
     #: Two-person crypto-shred requests; None when the archive is not encrypted.

@@ -23,9 +23,9 @@ from compliance.api.models import AuditEventPage, ReviewItem, ReviewQueuePage
 from compliance.audit.codes import Outcome
 from compliance.audit.events import audit_log_used_event
 from compliance.audit.queries import MAX_PAGE_SIZE, AuditSearch
-from compliance.audit.reports import MEDIA_TYPES, PDF_KINDS, AuditReadServices, ReportFormat, ReportKind, render
+from compliance.audit.reports import MEDIA_TYPES, PDF_KINDS, ReportFormat, ReportKind, render
 from compliance.auth.interfaces import Principal
-from compliance.errors import ComplianceError, ConfigurationError, Conflict, InvalidRequest, NotFound
+from compliance.errors import ComplianceError, Conflict, InvalidRequest, NotFound
 from compliance.policy.enforce import user_ref
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
@@ -44,16 +44,10 @@ QueueReader = Annotated[Principal, Depends(RequirePermission(SEARCH, "read the a
 Reviewer = Annotated[Principal, Depends(RequirePermission(REVIEW, "review audit alerts"))]
 
 
-def _reader(services: Services) -> AuditReadServices:
-    if services.audit_read is None:
-        raise ConfigurationError("the audit read services are not configured")
-    return services.audit_read
-
-
 async def _audited(request: Request, principal: Principal, services: Services, query: Mapping[str, object],
                    read: Callable[[], ReadResult], *, log_uri: str | None = None) -> ReadResult:
     """Run ``read`` in a worker thread; record the 110101 event (success or failure) before returning."""
-    reader = _reader(services)
+    reader = services.audit_read
     outcome, description = Outcome.SUCCESS, None
     try:
         return await run_in_threadpool(read)
@@ -111,7 +105,7 @@ async def search_events(
     include_xml: bool = False,
 ) -> AuditEventPage:
     """Search the audit trail; page with ``cursor`` = the previous page's ``next_cursor``."""
-    reader = _reader(services)
+    reader = services.audit_read
     query = {"params": sorted(request.query_params.multi_items())}
 
     def read() -> AuditEventPage:
@@ -142,7 +136,7 @@ async def run_report(
     format: ReportFormat = ReportFormat.JSON,  # noqa: A002 - the public parameter name
 ) -> Response:
     """One of the four reports as JSON, CSV or (patient access, disclosures) PDF."""
-    reader = _reader(services)
+    reader = services.audit_read
     if format is ReportFormat.PDF and kind not in PDF_KINDS:
         raise InvalidRequest(f"PDF is offered for {', '.join(sorted(k.value for k in PDF_KINDS))} only")
     query = {"report": kind.value, "params": sorted(request.query_params.multi_items())}
@@ -176,7 +170,7 @@ async def list_alerts(
     after: Annotated[int | None, Query(ge=0)] = None,
 ) -> ReviewQueuePage:
     """The detection findings awaiting (or past) review, oldest first; page with ``after`` = the last id."""
-    reader = _reader(services)
+    reader = services.audit_read
 
     def read() -> ReviewQueuePage:
         items = reader.review.list(status=status, limit=limit, after_id=after)
@@ -196,7 +190,7 @@ async def update_alert(
     services: ServicesDep,
 ) -> ReviewItem:
     """Acknowledge a finding (``{"status": "acknowledged", "note": "..."}``); 409 when already acknowledged."""
-    reader = _reader(services)
+    reader = services.audit_read
     log_uri = reader.audit_log_uri + "#review-queue"
     # The item (and the events it cites) is read before it changes: the read is durable first, so an
     # acknowledgement is never committed unaudited; a refused one is then recorded with its reason.

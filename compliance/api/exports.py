@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from compliance.api.deps import CurrentPrincipal, RequirePermission, Services, ServicesDep, client_address
+from compliance.api.deps import CurrentPrincipal, RequirePermission, ServicesDep, client_address
 from compliance.api.models import (
     ApprovedExport,
     DestinationList,
@@ -31,9 +31,7 @@ from compliance.api.models import (
     RevealedReidentification,
 )
 from compliance.auth.interfaces import Principal
-from compliance.errors import ConfigurationError
 from compliance.exports.requests import NewExport
-from compliance.exports.workers import ExportComponents
 from compliance.policy.enforce import user_ref
 
 router = APIRouter(prefix="/api/v1/exports", tags=["exports"])
@@ -71,12 +69,6 @@ class ReidentificationBody(BaseModel):
     kind: str = Field(min_length=1, max_length=32)
     pseudonym: str = Field(min_length=1, max_length=128)
     reason: str = Field(min_length=1, max_length=2000)
-
-
-def _exports(services: Services) -> ExportComponents:
-    if services.exports is None:
-        raise ConfigurationError("research exports are not configured")
-    return services.exports
 
 
 #: Who may do each step: the principal, once the policy grants the permission (else 403 and a 110113
@@ -118,14 +110,14 @@ async def create_export(body: ExportRequestBody, request: Request, principal: Re
     new = NewExport(project=body.project, protocol=body.protocol, purpose=body.purpose, profile=body.profile,
                     study_uids=tuple(body.cohort.study_uids), filters=body.cohort.filters,
                     destination=destination)
-    return ExportRequestView.model_validate(await run_in_threadpool(lambda: _exports(services).service.create(
+    return ExportRequestView.model_validate(await run_in_threadpool(lambda: services.exports.service.create(
         user_ref(principal, client_address(request)), new, groups=principal.groups)))
 
 
 @router.get("")
 async def list_exports(principal: CurrentPrincipal, may_read_all: MayReadAll, services: ServicesDep,
                        state: Annotated[str | None, Query(max_length=16)] = None) -> ExportRequestList:
-    items = await run_in_threadpool(_exports(services).service.list, reader_id=principal.subject,
+    items = await run_in_threadpool(services.exports.service.list, reader_id=principal.subject,
                                     may_read_all=may_read_all, state=state)
     return ExportRequestList.model_validate({"items": items})
 
@@ -138,7 +130,7 @@ async def list_destinations(principal: CurrentPrincipal, may_read_all: MayReadAl
                             services: ServicesDep) -> DestinationList:
     """Where an export may go: the bundle, and the research archives of the server's allow-list (for a
     researcher, those their projects may use)."""
-    service = _exports(services).service
+    service = services.exports.service
     mine = None if may_read_all else [p.id for p in service.projects.of_member(principal.username, principal.groups)]
     bundle = {"name": "bundle", "kind": "bundle", "description": "encrypted zip, downloaded by the requester"}
     return DestinationList.model_validate({"items": [bundle, *service.destinations.public(mine)]})
@@ -148,7 +140,7 @@ async def list_destinations(principal: CurrentPrincipal, may_read_all: MayReadAl
 async def list_projects(principal: CurrentPrincipal, may_read_all: MayReadAll,
                         services: ServicesDep) -> ProjectList:
     """The registered projects: for a researcher, the open ones they may request for; for a steward, all."""
-    registry = _exports(services).service.projects
+    registry = services.exports.service.projects
     projects = registry.all() if may_read_all else registry.of_member(principal.username, principal.groups)
     return ProjectList.model_validate({"items": [p.public() for p in projects]})
 
@@ -157,7 +149,7 @@ async def list_projects(principal: CurrentPrincipal, may_read_all: MayReadAll,
 async def request_reidentification(body: ReidentificationBody, request: Request,
                                    principal: ReidentificationRequester, services: ServicesDep) -> ReidentificationView:
     return ReidentificationView.model_validate(await run_in_threadpool(
-        lambda: _exports(services).reidentification.request(
+        lambda: services.exports.reidentification.request(
             user_ref(principal, client_address(request)), project=body.project, kind=body.kind,
             pseudonym=body.pseudonym, reason=body.reason)))
 
@@ -166,7 +158,7 @@ async def request_reidentification(body: ReidentificationBody, request: Request,
 async def approve_reidentification(request_id: str, body: Decision, request: Request,
                                    principal: ReidentificationApprover, services: ServicesDep) -> ReidentificationView:
     return ReidentificationView.model_validate(await run_in_threadpool(
-        lambda: _exports(services).reidentification.decide(
+        lambda: services.exports.reidentification.decide(
             request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment)))
 
 
@@ -174,7 +166,7 @@ async def approve_reidentification(request_id: str, body: Decision, request: Req
 async def reject_reidentification(request_id: str, body: Decision, request: Request,
                                   principal: ReidentificationRejecter, services: ServicesDep) -> ReidentificationView:
     return ReidentificationView.model_validate(await run_in_threadpool(
-        lambda: _exports(services).reidentification.decide(
+        lambda: services.exports.reidentification.decide(
             request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment)))
 
 
@@ -182,7 +174,7 @@ async def reject_reidentification(request_id: str, body: Decision, request: Requ
 async def reveal_reidentification(request_id: str, request: Request, principal: ReidentificationRevealer,
                                   services: ServicesDep) -> RevealedReidentification:
     return RevealedReidentification.model_validate(await run_in_threadpool(
-        lambda: _exports(services).reidentification.reveal(request_id, user_ref(principal, client_address(request)))))
+        lambda: services.exports.reidentification.reveal(request_id, user_ref(principal, client_address(request)))))
 
 
 # --------------------------------------------------------------------------- one export request
@@ -190,28 +182,28 @@ async def reveal_reidentification(request_id: str, request: Request, principal: 
 @router.get("/{request_id}")
 async def get_export(request_id: str, principal: CurrentPrincipal, may_read_all: MayReadAll,
                      services: ServicesDep) -> ExportRequestView:
-    return ExportRequestView.model_validate(await run_in_threadpool(lambda: _exports(services).service.get(
+    return ExportRequestView.model_validate(await run_in_threadpool(lambda: services.exports.service.get(
         request_id, reader_id=principal.subject, may_read_all=may_read_all)))
 
 
 @router.post("/{request_id}/approve")
 async def approve_export(request_id: str, body: Decision, request: Request, principal: Approver,
                          services: ServicesDep) -> ApprovedExport:
-    return ApprovedExport.model_validate(await run_in_threadpool(lambda: _exports(services).service.decide(
+    return ApprovedExport.model_validate(await run_in_threadpool(lambda: services.exports.service.decide(
         request_id, user_ref(principal, client_address(request)), approve=True, comment=body.comment)))
 
 
 @router.post("/{request_id}/reject")
 async def reject_export(request_id: str, body: Decision, request: Request, principal: Rejecter,
                         services: ServicesDep) -> ExportRequestView:
-    return ExportRequestView.model_validate(await run_in_threadpool(lambda: _exports(services).service.decide(
+    return ExportRequestView.model_validate(await run_in_threadpool(lambda: services.exports.service.decide(
         request_id, user_ref(principal, client_address(request)), approve=False, comment=body.comment)))
 
 
 @router.get("/{request_id}/bundle")
 async def download_bundle(request_id: str, request: Request, principal: Downloader,
                           services: ServicesDep) -> StreamingResponse:
-    bundle = await run_in_threadpool(lambda: _exports(services).service.open_bundle(
+    bundle = await run_in_threadpool(lambda: services.exports.service.open_bundle(
         request_id, user_ref(principal, client_address(request)), destination_uri=str(request.url)))
     return StreamingResponse(bundle.chunks, media_type="application/zip", headers={
         "Content-Length": str(bundle.size),
